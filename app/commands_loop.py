@@ -1,0 +1,8 @@
+"""`mnr` commands of the loop area."""
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to `app`."""

@@ -1,0 +1,79 @@
+"""`mnr ingest`, `mnr export`, `mnr status`: the store's own commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from app.context import console, get_store_path, open_store
+from labelstore.export import export_labels
+from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_mapping
+from labelstore.status import store_status
+
+
+def ingest(
+    path: Path = typer.Argument(..., help="CSV, Parquet or JSONL file of labelled query-product pairs."),
+    fmt: Optional[str] = typer.Option(None, "--format", help=f"One of {', '.join(FORMATS)} (default: from the suffix)."),
+    mapping: List[str] = typer.Option([], "--map", help="column=field, e.g. --map search_term=query (repeatable)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Column layout of a public dataset: {', '.join(PRESETS)}."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Label scheme (default: the preset's, else esci)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name (default: the preset's, else the file stem)."),
+    encoding: Optional[str] = typer.Option(None, "--encoding", help="Text encoding (default: strict UTF-8; presets know theirs)."),
+) -> None:
+    """Validate a file whole and add its pairs and labels. Re-ingesting the same file adds nothing."""
+    store = open_store()
+    with console.status(f"ingesting {path}"):
+        result = ingest_file(store, path, fmt=fmt, preset=preset, mapping=parse_mapping(mapping), scheme=scheme,
+                             dataset=dataset, encoding=encoding)
+    added = ", ".join(f"{n} {table}" for table, n in result.inserted.items())
+    console.print(f"{path}: read {result.rows_read} rows ({result.encoding or 'binary'}), "
+                  f"dataset '{result.dataset}', scheme '{result.scheme}': added {added}")
+
+
+def export(
+    out: Path = typer.Argument(..., help="Output file: .parquet, .csv or .jsonl."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="parquet, csv or jsonl (default: from the suffix)."),
+    history: bool = typer.Option(False, "--history", help="Every label ever written, not just the current ones."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Only this scheme."),
+    source: Optional[str] = typer.Option(None, "--source", help="Only this source: human, llm, audit or import."),
+) -> None:
+    """Write labels with provenance columns (source, author, run, probabilities, raw rating)."""
+    rows = export_labels(open_store(), out, fmt=fmt, history=history, scheme=scheme, source=source)
+    console.print(f"wrote {rows} {'history' if history else 'current'} labels to {out}")
+
+
+def status(
+    runs: int = typer.Option(10, "--runs", help="How many of the latest runs to show."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Counts per table, label distribution by source and scheme, and the latest runs."""
+    info = store_status(open_store(), runs)
+    if as_json:
+        console.print_json(json.dumps({
+            "store": get_store_path(), "schema_version": info.schema_version, "tables": info.table_counts,
+            "current_labels": info.current_distribution.to_dict("records"),
+            "latest_runs": info.latest_runs.astype(str).to_dict("records"),
+        }))
+        return
+    console.print(f"[bold]store[/] {get_store_path()} (schema {info.schema_version})")
+    counts = Table("table", "rows", title="Tables")
+    for table, n in info.table_counts.items():
+        counts.add_row(table, f"{n:,}")
+    console.print(counts)
+    labels = Table("scheme", "source", "label", "current", title="Current labels by scheme and source")
+    for row in info.current_distribution.itertuples():
+        labels.add_row(row.scheme, row.source, row.label, f"{row.n:,}")
+    console.print(labels)
+    recent = Table("run", "kind", "status", "started", "finished", title="Latest runs")
+    for row in info.latest_runs.itertuples():
+        recent.add_row(row.run_id, row.kind, row.status, str(row.started_at)[:19], str(row.finished_at)[:19])
+    console.print(recent)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(ingest)
+    app.command()(export)
+    app.command()(status)

@@ -1,0 +1,306 @@
+"""Ingestion of labelled query-product pairs from CSV, Parquet or JSONL.
+
+A file is validated whole before anything is written: a missing column, undecodable bytes, an
+empty query or title, an unknown label, a bad rating, or one pair given two different labels
+rejects the file with an `IngestError` naming the file, row and field. Valid files are written in
+one transaction, and every row is keyed by content, so re-ingesting a file adds nothing.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from labelstore import ids
+from labelstore.errors import IngestError, SchemeError
+from labelstore.schemes import LabelScheme, load_scheme
+from labelstore.store import (
+    PAIR_COLUMNS, PRODUCT_COLUMNS, QUERY_COLUMNS, LabelRecord, Store, _insert_labels, insert_new, labels_frame,
+)
+
+FIELDS = ("record_id", "query", "query_source_id", "product_id", "title", "description", "brand",
+          "label", "rating", "rating_variance")
+FORMATS = ("csv", "parquet", "jsonl")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How one public dataset's files map onto the store's fields."""
+
+    name: str
+    mapping: dict[str, str]
+    scheme: str
+    rating_source: str | None = None
+    encodings: tuple[str, ...] = ("utf-8",)
+    attribute_columns: tuple[str, ...] = ()
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "homedepot": Preset(
+        "homedepot",
+        {"record_id": "id", "query": "search_term", "product_id": "product_uid", "title": "product_title", "rating": "relevance"},
+        scheme="graded3", rating_source="homedepot",
+        # The Kaggle original is ISO-8859-1; the shared copy is UTF-8. Try strict UTF-8 first.
+        encodings=("utf-8", "iso-8859-1"),
+        description="Kaggle Home Depot train.csv: mean rating 1-3 (kept as raw_rating)",
+    ),
+    "crowdflower": Preset(
+        "crowdflower",
+        {"record_id": "id", "query": "query", "title": "product_title", "description": "product_description",
+         "rating": "median_relevance", "rating_variance": "relevance_variance"},
+        scheme="graded4", rating_source="crowdflower",
+        description="Kaggle CrowdFlower train.csv: median rating 1-4 plus rater variance",
+    ),
+    "esci": Preset(
+        "esci",
+        {"record_id": "example_id", "query": "query", "query_source_id": "query_id", "product_id": "product_id", "title": "product_title",
+         "description": "product_description", "brand": "product_brand", "label": "esci_label"},
+        scheme="esci",
+        attribute_columns=("product_bullet_point", "product_color", "product_locale"),
+        description="Amazon Shopping Queries (ESCI): E/S/C/I labels",
+    ),
+}
+
+
+@dataclass
+class IngestResult:
+    path: str
+    dataset: str
+    scheme: str
+    encoding: str | None
+    rows_read: int
+    inserted: dict[str, int] = field(default_factory=dict)
+
+
+# -- reading --------------------------------------------------------------------------------
+def _decode(path: Path, encodings: Iterable[str]) -> tuple[str, str]:
+    raw = path.read_bytes()
+    failures = []
+    for encoding in encodings:
+        try:
+            text = raw.decode("utf-8-sig" if encoding == "utf-8" else encoding)
+            return text, encoding
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            failures.append(f"bytes at line {line} (offset {exc.start}) are not valid {encoding}")
+    hint = "; pass --encoding iso-8859-1 (or the file's real encoding) if it is not UTF-8"
+    raise IngestError(str(path), [(None, None, "; ".join(failures) + hint)])
+
+
+def read_rows(path: Path, fmt: str, encodings: Iterable[str] = ("utf-8",)) -> tuple[list[str], list[dict[str, Any]], str | None]:
+    """(columns, rows, encoding used) of a CSV, JSONL or Parquet file."""
+    if not path.is_file():
+        raise IngestError(str(path), [(None, None, "no such file")])
+    if fmt == "csv":
+        text, encoding = _decode(path, encodings)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            rows = list(reader)
+        except csv.Error as exc:
+            raise IngestError(str(path), [(reader.line_num, None, f"malformed CSV: {exc}")]) from exc
+        return list(reader.fieldnames or []), rows, encoding
+    if fmt == "jsonl":
+        text, encoding = _decode(path, encodings)
+        rows, columns = [], {}
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise IngestError(str(path), [(number, None, f"not valid JSON: {exc.msg}")]) from exc
+            if not isinstance(row, dict):
+                raise IngestError(str(path), [(number, None, "each line must be a JSON object")])
+            rows.append(row)
+            columns.update(dict.fromkeys(row))
+        return list(columns), rows, encoding
+    if fmt == "parquet":
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise IngestError(str(path), [(None, None, f"not a readable Parquet file: {exc}")]) from exc
+        return list(frame.columns), frame.to_dict("records"), None
+    raise IngestError(str(path), [(None, None, f"unknown format '{fmt}' (use one of {', '.join(FORMATS)})")])
+
+
+def guess_format(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return {"csv": "csv", "parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "ndjson": "jsonl"}.get(suffix, "csv")
+
+
+# -- validation -----------------------------------------------------------------------------
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _number(value: Any) -> float | None:
+    text = _text(value)
+    if text == "":
+        return None
+    return float(text)
+
+
+def _check_columns(path: Path, columns: list[str], mapping: dict[str, str]) -> None:
+    problems = []
+    needed = ["query", "title"]
+    if "label" not in mapping and "rating" not in mapping:
+        problems.append((None, None, "the mapping names neither a label nor a rating column"))
+    needed += [f for f in ("label", "rating") if f in mapping]
+    for name in needed:
+        column = mapping.get(name)
+        if column is None:
+            problems.append((None, name, f"no column is mapped to the required field '{name}'"))
+        elif column not in columns:
+            problems.append((None, column, f"missing column '{column}' (needed for field '{name}'); "
+                                           f"the file has: {', '.join(columns) or 'no columns'}"))
+    if problems:
+        raise IngestError(str(path), problems)
+
+
+def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, str], dataset: str,
+                   scheme: LabelScheme, rating_source: str | None,
+                   attribute_columns: Iterable[str] = ()) -> pd.DataFrame:
+    """Validate every row and return one normalised row per input row; raise on any problem."""
+    problems: list[tuple[int | None, str | None, str]] = []
+    out = []
+    first_seen: dict[str, tuple[int, str]] = {}
+    for number, row in enumerate(rows, start=1):
+        def get(name: str) -> Any:
+            column = mapping.get(name)
+            return row.get(column) if column else None
+
+        query, title = _text(get("query")), _text(get("title"))
+        if not query:
+            problems.append((number, mapping["query"], "empty query"))
+        if not title:
+            problems.append((number, mapping["title"], "empty product title"))
+        rating = variance = None
+        label = None
+        try:
+            rating = _number(get("rating")) if "rating" in mapping else None
+            variance = _number(get("rating_variance")) if "rating_variance" in mapping else None
+        except ValueError:
+            problems.append((number, mapping.get("rating"), f"not a number: '{_text(get('rating'))}'"))
+        try:
+            if "label" in mapping:
+                raw_label = _text(get("label"))
+                if not raw_label:
+                    raise SchemeError("empty label")
+                label = scheme.normalize(raw_label)
+            elif rating is None:
+                raise SchemeError("empty rating")
+            else:
+                label = scheme.map_rating(rating_source or dataset, rating)
+        except SchemeError as exc:
+            problems.append((number, mapping.get("label") or mapping.get("rating"), str(exc)))
+        if not query or not title or label is None:
+            continue
+        description = _text(get("description")) or None
+        source_product = _text(get("product_id")) or ids.stable_hash(title, description or "")
+        qid = ids.query_id(dataset, query)
+        pid = ids.product_id(dataset, source_product)
+        pair = ids.pair_id(qid, pid)
+        # One judgment per record: a pair rated by several rater groups keeps every judgment.
+        record = _text(get("record_id")) or None
+        key = f"record:{record}" if record else pair
+        if key in first_seen and first_seen[key][1] != label:
+            what = f"record id '{record}'" if record else f"pair (query '{query}', product '{source_product}')"
+            problems.append((number, mapping.get("label") or mapping.get("rating"),
+                             f"duplicate {what} with label '{label}'; row {first_seen[key][0]} gave '{first_seen[key][1]}'"))
+            continue
+        first_seen.setdefault(key, (number, label))
+        attributes = {c: _text(row.get(c)) for c in attribute_columns if _text(row.get(c))}
+        out.append({
+            "pair_id": pair, "record_id": record or pair, "dataset": dataset, "query_id": qid, "text": query, "product_id": pid,
+            "source_id": source_product, "title": title, "description": description,
+            "brand": _text(get("brand")) or None, "attributes": json.dumps(attributes) if attributes else None,
+            "label": label, "grade": scheme.grade_of(label), "raw_rating": rating, "rating_variance": variance,
+        })
+    if problems:
+        raise IngestError(str(path), problems)
+    return pd.DataFrame(out)
+
+
+# -- writing --------------------------------------------------------------------------------
+def write_pairs(store: Store, frame: pd.DataFrame, scheme: str, author: str, run_id: str | None,
+                origin: str = "import") -> dict[str, int]:
+    """Write normalised rows (products, queries, pairs, import labels) in one transaction."""
+    # A pair judged several times keeps the mean of its raw ratings; every judgment is a label row.
+    mean_rating = frame.groupby("pair_id")["raw_rating"].transform("mean")
+    frame = frame.assign(synthetic=False, origin=origin, raw_rating=mean_rating)
+    records = [
+        LabelRecord(pair_id=r.pair_id, scheme=scheme, label=r.label, grade=int(r.grade), source="import",
+                    author=author, run_id=run_id,
+                    dedup_key="import:" + ids.stable_hash(r.pair_id, r.record_id, scheme, r.label, length=24))
+        for r in frame.itertuples()
+    ]
+    with store.transaction() as con:
+        return {
+            "products": insert_new(con, "products", frame, PRODUCT_COLUMNS),
+            "queries": insert_new(con, "queries", frame, QUERY_COLUMNS),
+            "pairs": insert_new(con, "pairs", frame, PAIR_COLUMNS),
+            "labels": _insert_labels(con, labels_frame(records)),
+        }
+
+
+def parse_mapping(items: Iterable[str]) -> dict[str, str]:
+    """`--map column=field` options into {field: column}."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise IngestError("--map", [(None, None, f"'{item}' is not column=field")])
+        column, name = (part.strip() for part in item.split("=", 1))
+        if name not in FIELDS:
+            raise IngestError("--map", [(None, None, f"unknown field '{name}' (fields: {', '.join(FIELDS)})")])
+        mapping[name] = column
+    return mapping
+
+
+def resolve_mapping(columns: list[str], preset: Preset | None, overrides: dict[str, str]) -> dict[str, str]:
+    """{field: column}: the preset's mapping (or same-named columns) with `--map` overrides on top."""
+    if preset is not None:
+        base = dict(preset.mapping)
+    else:
+        base = {name: name for name in FIELDS if name in columns}
+    base.update(overrides)
+    if "label" in overrides and "rating" not in overrides and base.get("rating") not in columns:
+        base.pop("rating", None)
+    return base
+
+
+def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, preset: str | None = None,
+                mapping: dict[str, str] | None = None, scheme: str | None = None, dataset: str | None = None,
+                encoding: str | None = None, rating_source: str | None = None) -> IngestResult:
+    """Validate and write one file. Raises `IngestError` (and writes nothing) on any bad row."""
+    path = Path(path)
+    chosen = PRESETS.get(preset) if preset else None
+    if preset and chosen is None:
+        raise IngestError(str(path), [(None, None, f"unknown preset '{preset}' (presets: {', '.join(PRESETS)})")])
+    fmt = fmt or guess_format(path)
+    scheme_obj = load_scheme(scheme or (chosen.scheme if chosen else "esci"))
+    dataset = dataset or (chosen.name if chosen else path.stem)
+    encodings = (encoding,) if encoding else (chosen.encodings if chosen else ("utf-8",))
+    columns, rows, used_encoding = read_rows(path, fmt, encodings)
+    full_mapping = resolve_mapping(columns, chosen, mapping or {})
+    _check_columns(path, columns, full_mapping)
+    if not rows:
+        raise IngestError(str(path), [(None, None, "the file has no data rows")])
+    frame = normalise_rows(path, rows, full_mapping, dataset, scheme_obj,
+                           rating_source or (chosen.rating_source if chosen else None),
+                           chosen.attribute_columns if chosen else ())
+    params = {"path": str(path), "format": fmt, "preset": preset, "scheme": scheme_obj.name,
+              "dataset": dataset, "encoding": used_encoding, "file_sha256": ids.file_hash(str(path))}
+    with store.run("ingest", params) as run:
+        inserted = write_pairs(store, frame, scheme_obj.name, f"import:{path.name}", run.run_id)
+        run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()}})
+    return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted)

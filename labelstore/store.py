@@ -1,0 +1,319 @@
+"""The store: one DuckDB file, the system of record.
+
+Concurrency
+-----------
+DuckDB lets one process at a time open a file read-write. Every access here is a
+*short-lived connection*: `Store.connect()` opens the file, does one unit of work, and closes it.
+When another process holds the file, opening raises a lock error; we retry with jittered
+exponential backoff until `lock_timeout` seconds have passed, then raise `StoreLockedError`.
+Writers therefore take turns at the granularity of one transaction (a chunk of labels, one UI
+decision), and every write is idempotent through `labels.dedup_key`, so a retried or resumed
+write never lands twice. A long batch job and the review UI can both write; neither loses anything.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from labelstore.errors import StoreError, StoreLockedError
+
+SQL_DIR = Path(__file__).parent / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+LABEL_SOURCES = ("human", "llm", "audit", "import")
+
+
+def sql_text(name: str) -> str:
+    """The text of `labelstore/sql/<name>.sql`."""
+    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
+
+
+def new_run_id(kind: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{kind}-{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp, the form DuckDB's TIMESTAMP columns hold."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class LabelRecord:
+    """One row of label history. `probs` maps every scheme label to its probability."""
+
+    pair_id: str
+    scheme: str
+    label: str
+    grade: int
+    source: str
+    author: str
+    probs: dict[str, float] | None = None
+    confidence: float | None = None
+    run_id: str | None = None
+    comment: str | None = None
+    needs_review: bool = False
+    dedup_key: str | None = None
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in LABEL_SOURCES:
+            raise ValueError(f"label source must be one of {LABEL_SOURCES}, not '{self.source}'")
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text or "resource temporarily" in text)
+
+
+def _migrations() -> list[tuple[str, Path]]:
+    return [(p.stem, p) for p in sorted(MIGRATIONS_DIR.glob("*.sql"))]
+
+
+class Store:
+    """A mine-refine store at `path`. Opening it creates the file or brings its schema up to date."""
+
+    def __init__(self, path: str | Path = "mnr.duckdb", *, lock_timeout: float = 120.0, migrate: bool = True):
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        if migrate:
+            self.migrate()
+
+    # -- connections ---------------------------------------------------------------------------
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-write connection, retried while another process holds the lock."""
+        con = self._open_with_retry()
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _open_with_retry(self) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.01
+        while True:
+            try:
+                return duckdb.connect(str(self.path))
+            except duckdb.IOException as exc:
+                if not _is_lock_error(exc):
+                    raise StoreError(f"{self.path}: cannot open the store: {exc}") from exc
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(
+                        f"{self.path}: another process held the store for over {self.lock_timeout:.0f}s; "
+                        "try again when it finishes"
+                    ) from exc
+            except duckdb.Error as exc:
+                raise StoreError(f"{self.path}: not a mine-refine store or not a DuckDB file: {exc}") from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection inside BEGIN ... COMMIT; any exception rolls everything back."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -- schema ------------------------------------------------------------------------------
+    def migrate(self) -> list[str]:
+        """Apply pending migrations; returns the versions applied now."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        known = _migrations()
+        known_versions = {version for version, _ in known}
+        applied_now: list[str] = []
+        with self.connect() as con:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version VARCHAR PRIMARY KEY, "
+                "applied_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
+            )
+            applied = {row[0] for row in con.execute("SELECT version FROM schema_migrations").fetchall()}
+            unknown = sorted(applied - known_versions)
+            if unknown:
+                raise StoreError(
+                    f"{self.path}: made by a newer mine-refine (schema {unknown[-1]}); "
+                    "upgrade mine-refine to open it, or export it with that version"
+                )
+            for version, path in known:
+                if version in applied:
+                    continue
+                con.execute("BEGIN TRANSACTION")
+                try:
+                    con.execute(path.read_text(encoding="utf-8"))
+                    con.execute("INSERT INTO schema_migrations (version) VALUES (?)", [version])
+                except duckdb.Error as exc:
+                    con.execute("ROLLBACK")
+                    raise StoreError(f"{self.path}: migration {version} failed: {exc}") from exc
+                con.execute("COMMIT")
+                applied_now.append(version)
+        return applied_now
+
+    def schema_version(self) -> str:
+        return self.scalar("SELECT max(version) FROM schema_migrations")
+
+    # -- generic access ----------------------------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] | dict | None = None) -> None:
+        with self.connect() as con:
+            con.execute(sql, params or [])
+
+    def fetchall(self, sql: str, params: Sequence[Any] | dict | None = None) -> list[tuple]:
+        with self.connect() as con:
+            return con.execute(sql, params or []).fetchall()
+
+    def scalar(self, sql: str, params: Sequence[Any] | dict | None = None) -> Any:
+        rows = self.fetchall(sql, params)
+        return rows[0][0] if rows else None
+
+    def df(self, sql: str, params: Sequence[Any] | dict | None = None) -> pd.DataFrame:
+        with self.connect() as con:
+            return con.execute(sql, params or []).df()
+
+    # -- labels ------------------------------------------------------------------------------
+    def add_labels(self, records: Sequence[LabelRecord], con: duckdb.DuckDBPyConnection | None = None) -> int:
+        """Append labels to the history; rows whose `dedup_key` exists already are skipped.
+
+        Returns the number of rows inserted. Pass `con` to write inside a caller's transaction.
+        """
+        if not records:
+            return 0
+        frame = labels_frame(records)
+        if con is not None:
+            return _insert_labels(con, frame)
+        with self.transaction() as own:
+            return _insert_labels(own, frame)
+
+    def current_labels(self, scheme: str | None = None) -> pd.DataFrame:
+        """Each pair's current label (see the `current_labels` view for the precedence)."""
+        if scheme is None:
+            return self.df("SELECT * FROM current_labels ORDER BY pair_id")
+        return self.df("SELECT * FROM current_labels WHERE scheme = ? ORDER BY pair_id", [scheme])
+
+    # -- runs --------------------------------------------------------------------------------
+    def start_run(self, kind: str, params: dict | None = None, run_id: str | None = None,
+                  parent_run_id: str | None = None) -> str:
+        run_id = run_id or new_run_id(kind)
+        self.execute(
+            "INSERT INTO runs (run_id, kind, status, params, parent_run_id, started_at) VALUES (?, ?, 'running', ?, ?, ?) "
+            "ON CONFLICT (run_id) DO UPDATE SET status = 'running', finished_at = NULL, error = NULL",
+            [run_id, kind, to_json(params or {}), parent_run_id, utcnow()],
+        )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str = "ok", metrics: dict | None = None, error: str | None = None) -> None:
+        self.execute(
+            "UPDATE runs SET status = ?, metrics = ?, error = ?, finished_at = ? WHERE run_id = ?",
+            [status, to_json(metrics or {}), error, utcnow(), run_id],
+        )
+
+    @contextmanager
+    def run(self, kind: str, params: dict | None = None, run_id: str | None = None,
+            parent_run_id: str | None = None) -> Iterator["RunHandle"]:
+        """Record a run: 'running' now, 'ok' with its metrics at the end, 'failed' with the error."""
+        handle = RunHandle(self.start_run(kind, params, run_id, parent_run_id))
+        try:
+            yield handle
+        except BaseException as exc:
+            self.finish_run(handle.run_id, "failed", handle.metrics, f"{type(exc).__name__}: {exc}")
+            raise
+        self.finish_run(handle.run_id, "ok", handle.metrics)
+
+    # -- models ------------------------------------------------------------------------------
+    def register_model(self, model_id: str, kind: str, path: str | Path, *, stage: str | None = None,
+                       parent_model_id: str | None = None, data_hash: str | None = None,
+                       metrics: dict | None = None, run_id: str | None = None) -> str:
+        self.execute(
+            "INSERT INTO models (model_id, kind, stage, path, parent_model_id, data_hash, metrics, run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (model_id) DO UPDATE SET metrics = excluded.metrics, "
+            "path = excluded.path",
+            [model_id, kind, stage, str(path), parent_model_id, data_hash, to_json(metrics or {}), run_id],
+        )
+        return model_id
+
+
+@dataclass
+class RunHandle:
+    run_id: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+LABEL_COLUMNS = [
+    "pair_id", "scheme", "label", "grade", "probs", "confidence", "source", "author",
+    "run_id", "comment", "needs_review", "dedup_key", "created_at",
+]
+
+
+def labels_frame(records: Sequence[LabelRecord]) -> pd.DataFrame:
+    now = utcnow()
+    rows = []
+    seen: set[str] = set()
+    for record in records:
+        if record.dedup_key is not None:
+            if record.dedup_key in seen:
+                continue
+            seen.add(record.dedup_key)
+        row = asdict(record)
+        row["probs"] = to_json(record.probs) if record.probs is not None else None
+        row["created_at"] = record.created_at or now
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=LABEL_COLUMNS)
+    frame["created_at"] = pd.to_datetime(frame["created_at"])
+    return frame
+
+
+def _insert_labels(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame) -> int:
+    con.register("new_labels_frame", frame)
+    try:
+        columns = ", ".join(LABEL_COLUMNS)
+        inserted = con.execute(
+            f"INSERT INTO labels ({columns}) SELECT {columns} FROM new_labels_frame "
+            "ON CONFLICT (dedup_key) DO NOTHING RETURNING label_id"
+        ).fetchall()
+    finally:
+        con.unregister("new_labels_frame")
+    return len(inserted)
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+# -- catalog writes: insert rows whose key is new, leave existing rows alone -------------------
+PRODUCT_COLUMNS = ["product_id", "dataset", "source_id", "title", "description", "brand", "attributes"]
+QUERY_COLUMNS = ["query_id", "dataset", "text", "synthetic", "origin"]
+PAIR_COLUMNS = ["pair_id", "dataset", "query_id", "product_id", "origin", "raw_rating", "rating_variance"]
+_KEYS = {"products": "product_id", "queries": "query_id", "pairs": "pair_id"}
+
+
+def insert_new(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame, columns: list[str]) -> int:
+    """Insert the rows of `frame` whose primary key is not in `table` yet; returns how many."""
+    if table not in _KEYS:
+        raise ValueError(f"insert_new supports {sorted(_KEYS)}, not {table}")
+    if frame.empty:
+        return 0
+    frame = frame[columns].drop_duplicates(subset=[_KEYS[table]])
+    view = f"new_{table}_frame"
+    con.register(view, frame)
+    try:
+        cols = ", ".join(columns)
+        # table and column names come from the fixed lists above, never from input
+        rows = con.execute(
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {view} ON CONFLICT DO NOTHING RETURNING 1"
+        ).fetchall()
+    finally:
+        con.unregister(view)
+    return len(rows)
