@@ -267,6 +267,8 @@ def labels_frame(records: Sequence[LabelRecord]) -> pd.DataFrame:
                 continue
             seen.add(record.dedup_key)
         row = asdict(record)
+        # DuckDB's ON CONFLICT treats NULL keys in one batch as conflicting, so every row gets a key.
+        row["dedup_key"] = record.dedup_key or f"uuid:{uuid.uuid4().hex}"
         row["probs"] = to_json(record.probs) if record.probs is not None else None
         row["created_at"] = record.created_at or now
         rows.append(row)
