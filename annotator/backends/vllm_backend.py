@@ -1,0 +1,79 @@
+"""The in-process `vllm.LLM` backend: batched, prefix-cached, constrained, with LoRA.
+
+One `generate` call per batch with `max_tokens=1`, `allowed_token_ids` = the label first tokens
+and (by default) `StructuredOutputsParams(choice=options)`. The engine runs with
+`logprobs_mode="processed_logprobs"`, so the returned top-`n_labels` logprobs are taken after
+masking: exactly the label tokens. Build it under `if __name__ == "__main__":` in scripts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CPU_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+LORA_RANK_SLOTS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(adapter: str | Path) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that fits the adapter's rank `r`."""
+    rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 8))
+    return next((slot for slot in LORA_RANK_SLOTS if slot >= rank), rank)
+
+
+class VllmBackend:
+    """Parameters: `model` a local HF folder; `adapter` a PEFT LoRA folder; engine options pass
+    through to `vllm.LLM` (e.g. `max_model_len`, `dtype`, `enforce_eager`, `max_num_seqs`)."""
+
+    def __init__(self, model: str, adapter: str | None = None, *, structured: bool = True,
+                 max_model_len: int = 2048, enforce_eager: bool = True, seed: int = 0, **engine_options: Any):
+        for key, value in CPU_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        from vllm import LLM
+
+        self.structured = structured
+        self.lora_request = None
+        lora_options: dict[str, Any] = {}
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora_options = {"enable_lora": True, "max_loras": 1, "max_lora_rank": adapter_rank(adapter)}
+            self.lora_request = LoRARequest(Path(adapter).name or "adapter", 1, str(adapter))
+        self.llm = LLM(model=model, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+                       max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
+                       **lora_options, **engine_options)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def sampling_params(self, token_ids: list[int], options: list[str]):
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(choice=list(options)) if self.structured else None
+        return SamplingParams(max_tokens=1, temperature=1.0, logprobs=len(token_ids), allowed_token_ids=list(token_ids),
+                              structured_outputs=structured, detokenize=False)
+
+    def label_logprobs(self, prompts: list[str], token_ids: list[int], options: list[str]) -> np.ndarray:
+        params = self.sampling_params(token_ids, options)
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        result = np.full((len(prompts), len(token_ids)), -np.inf)
+        for row, output in enumerate(outputs):
+            step = output.outputs[0].logprobs[0]
+            for col, token in enumerate(token_ids):
+                if token in step:
+                    result[row, col] = step[token].logprob
+        return result
+
+    def close(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) if engine is not None else None
+        if callable(shutdown):
+            shutdown()
+        del self.llm

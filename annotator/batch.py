@@ -1,0 +1,258 @@
+"""The label batch job behind `mnr label`: select pairs, score them, write labels in chunks.
+
+Resumable: a run freezes its selection (`label_run_items`) when it starts. Each chunk is one
+transaction, and every label's `dedup_key` is `<run_id>:<pair_id>`. Started again with the same
+selection, policy, model, adapter and backend, the job finds the unfinished run (status not 'ok')
+and labels only its pairs that have no label from it yet, so after any crash (even SIGKILL) each
+selected pair ends up labelled exactly once for that run.
+
+Nothing half-written: the selection is validated whole (every prompt rendered) and the model is
+loaded before the run is recorded; a failure later keeps the finished chunks and marks the run
+'failed', and the next start resumes it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from annotator import sql
+from annotator.labeler import Labeler, adapter_tag, check_adapter
+from annotator.prompts import EmptyProductTextError, PairText, Policy, load_policy
+from labelstore.config import section
+from labelstore.errors import MnrError
+from labelstore.ids import stable_hash
+from labelstore.store import LabelRecord, Store, new_run_id
+
+SELECTIONS = tuple(sql.SELECTIONS)
+DEFAULT_REVIEW_THRESHOLD = 0.6
+DEFAULT_CHUNK_SIZE = 64
+
+
+class SelectionError(MnrError):
+    """The selection of pairs to label is invalid (unknown kind, missing query file, ...)."""
+
+
+@dataclass
+class LabelJob:
+    """What to label and how. `backend_options` go to the backend (endpoints, dtype, ...)."""
+
+    model: str
+    policy: str = "esci"
+    select: str = "unlabeled"
+    backend: str = "vllm"
+    adapter: str | None = None
+    limit: int | None = None
+    dataset: str | None = None
+    query_file: str | None = None
+    mining_run: str | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    review_threshold: float | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LabelJobResult:
+    run_id: str
+    resumed: bool
+    n_selected: int
+    n_labelled_now: int
+    label_counts: dict[str, int]
+    mean_confidence: float | None
+    needs_review: int
+    pairs_per_s: float
+    author: str
+
+
+def review_threshold(job: LabelJob) -> float:
+    if job.review_threshold is not None:
+        return job.review_threshold
+    return float(section("annotator").get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+
+
+def read_query_file(path: str | None) -> list[str]:
+    """Normalised queries of a text file: one per line, blank lines and '#' comments skipped."""
+    if path is None:
+        raise SelectionError("--select query-file needs --query-file PATH (a text file with one query per line)")
+    file = Path(path)
+    if not file.is_file():
+        raise SelectionError(f"query file {file} does not exist")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SelectionError(f"{file}: not UTF-8 text ({exc})") from exc
+    queries = [" ".join(line.lower().split()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not queries:
+        raise SelectionError(f"{file}: no queries in it (one query per line)")
+    return queries
+
+
+def fingerprint(job: LabelJob, policy: Policy) -> str:
+    """Same selection + policy version + model + adapter weights + backend -> same fingerprint."""
+    adapter = check_adapter(job.adapter) if job.adapter else None
+    queries = read_query_file(job.query_file) if job.select == "query-file" else None
+    key = {"select": job.select, "limit": job.limit, "dataset": job.dataset, "queries": queries,
+           "mining_run": job.mining_run, "policy": policy.name, "policy_version": policy.version,
+           "model": job.model, "adapter": adapter_tag(adapter), "backend": job.backend}
+    return stable_hash(json.dumps(key, sort_keys=True))
+
+
+def select_pairs(store: Store, job: LabelJob, policy: Policy) -> pd.DataFrame:
+    """The pairs `job.select` chooses: columns pair_id, query, title, description, brand."""
+    if job.select not in sql.SELECTIONS:
+        raise SelectionError(f"unknown selection '{job.select}' (use one of: {', '.join(SELECTIONS)})")
+    if job.limit is not None and job.limit < 1:
+        raise SelectionError(f"--limit must be at least 1, not {job.limit}")
+    params: dict[str, Any] = {"dataset": job.dataset, "limit": job.limit if job.limit is not None else 2**62}
+    if job.select == "unlabeled":
+        params["scheme"] = policy.scheme.name
+    elif job.select == "mined":
+        params["mining_run"] = job.mining_run
+    elif job.select == "query-file":
+        params["queries"] = read_query_file(job.query_file)
+    return store.df(sql.SELECTIONS[job.select], params)
+
+
+def pair_texts(frame: pd.DataFrame) -> list[PairText]:
+    def text(value: Any) -> str | None:
+        return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+    return [PairText(query=str(row.query), title=text(row.title) or "", description=text(row.description),
+                     brand=text(row.brand), pair_id=str(row.pair_id)) for row in frame.itertuples()]
+
+
+def validate_pairs(policy: Policy, pairs: list[PairText]) -> None:
+    """Render every prompt once; raise one error naming every pair without usable text."""
+    bad: list[str] = []
+    for pair in pairs:
+        try:
+            policy.pair_part(pair)
+        except EmptyProductTextError:
+            bad.append(str(pair.pair_id))
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise EmptyProductTextError(f"{len(bad)} selected pair(s) have an empty product title or query: {shown}; "
+                                    "nothing was labelled. Fix those products or narrow the selection.")
+
+
+def _records(pairs: list[PairText], probs: np.ndarray, labeler: Labeler, run_id: str,
+             threshold: float) -> list[LabelRecord]:
+    scheme = labeler.policy.scheme
+    names = scheme.label_names
+    records = []
+    for pair, row in zip(pairs, probs):
+        best = int(np.argmax(row))
+        confidence = float(row[best])
+        records.append(LabelRecord(
+            pair_id=str(pair.pair_id), scheme=scheme.name, label=names[best], grade=scheme.grade_of(names[best]),
+            source="llm", author=labeler.author, probs={name: round(float(p), 6) for name, p in zip(names, row)},
+            confidence=confidence, run_id=run_id, needs_review=confidence < threshold,
+            dedup_key=f"{run_id}:{pair.pair_id}",
+        ))
+    return records
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]labelling"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]:.1f} pairs/s"), TimeElapsedColumn(), disable=not enabled)
+
+
+def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None, run_id: str | None = None,
+                  new_run: bool = False, progress: bool = True,
+                  on_chunk: Callable[[str, int], None] | None = None) -> LabelJobResult:
+    """Label the selected pairs; resume the unfinished run of the same job unless `new_run`.
+
+    `labeler` reuses an already built `Labeler` (its policy must be `job.policy`); otherwise one is
+    built from the job. `on_chunk(run_id, n_done)` is called after each written chunk.
+    """
+    policy = labeler.policy if labeler is not None else load_policy(job.policy)
+    threshold = review_threshold(job)
+    job_fingerprint = fingerprint(job, policy)
+    run_id = run_id or (None if new_run else store.scalar(sql.FIND_RESUMABLE_RUN, {"fingerprint": job_fingerprint}))
+    resumed = run_id is not None and bool(store.fetchall(sql.LABEL_RUN_INFO, {"run_id": run_id}))
+    if run_id is not None and not resumed:
+        raise SelectionError(f"no label run '{run_id}' in {store.path} to resume")
+    selection: list[PairText] = []
+    if not resumed:
+        selection = pair_texts(select_pairs(store, job, policy))
+        validate_pairs(policy, selection)
+    if labeler is None:
+        labeler = Labeler(job.model, policy, backend=job.backend, adapter=job.adapter, **job.backend_options)
+    if resumed:
+        info = store.df(sql.LABEL_RUN_INFO, {"run_id": run_id}).iloc[0]
+        if info["author"] != labeler.author:
+            raise SelectionError(f"run {run_id} was labelled by {info['author']}, not {labeler.author}; "
+                                 "start a new run (--new-run)")
+        store.start_run("label", run_id=run_id, params=asdict(job))
+    else:
+        run_id = _start_run(store, job, policy, labeler, job_fingerprint, selection)
+    pending = pair_texts(store.df(sql.PENDING_ITEMS, {"run_id": run_id}))
+    n_selected = int(store.scalar("SELECT n_selected FROM label_runs WHERE run_id = ?", [run_id]))
+    try:
+        labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, threshold, job.chunk_size,
+                                              n_selected, progress, on_chunk)
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", {"labelled_before_failure": n_selected - len(pending)},
+                         f"{type(exc).__name__}: {exc}")
+        raise
+    result = _summarise(store, run_id, resumed, n_selected, labelled_now, seconds, labeler.author)
+    store.finish_run(run_id, "ok", {k: v for k, v in asdict(result).items() if k not in ("run_id", "author")})
+    return result
+
+
+def _start_run(store: Store, job: LabelJob, policy: Policy, labeler: Labeler, job_fingerprint: str,
+               selection: list[PairText]) -> str:
+    run_id = new_run_id("label")
+    params = {**asdict(job), "policy_version": policy.version, "author": labeler.author, "fingerprint": job_fingerprint}
+    store.start_run("label", params, run_id=run_id)
+    items = pd.DataFrame({"ordinal": range(len(selection)), "pair_id": [p.pair_id for p in selection]})
+    with store.transaction() as con:
+        con.execute(sql.INSERT_LABEL_RUN, {
+            "run_id": run_id, "fingerprint": job_fingerprint, "selection": job.select, "policy": policy.name,
+            "policy_version": policy.version, "scheme": policy.scheme.name, "author": labeler.author,
+            "n_selected": len(selection)})
+        con.register("run_items_frame", items)
+        try:
+            con.execute(sql.INSERT_RUN_ITEMS, {"run_id": run_id})
+        finally:
+            con.unregister("run_items_frame")
+    return run_id
+
+
+def _label_chunks(store: Store, labeler: Labeler, pending: list[PairText], run_id: str, threshold: float,
+                  chunk_size: int, n_selected: int, show_progress: bool,
+                  on_chunk: Callable[[str, int], None] | None) -> tuple[int, float]:
+    done_before = n_selected - len(pending)
+    labelled, seconds = 0, 0.0
+    with _progress(show_progress) as bar:
+        task = bar.add_task("label", total=n_selected, completed=done_before, rate=0.0)
+        for start in range(0, len(pending), chunk_size):
+            chunk = pending[start:start + chunk_size]
+            began = time.perf_counter()
+            probs = labeler.score(chunk)
+            seconds += time.perf_counter() - began
+            labelled += store.add_labels(_records(chunk, probs, labeler, run_id, threshold))
+            bar.update(task, completed=done_before + start + len(chunk), rate=labelled / max(seconds, 1e-9))
+            if on_chunk is not None:
+                on_chunk(run_id, done_before + start + len(chunk))
+    return labelled, seconds
+
+
+def _summarise(store: Store, run_id: str, resumed: bool, n_selected: int, labelled_now: int, seconds: float,
+               author: str) -> LabelJobResult:
+    summary = store.df(sql.RUN_LABEL_SUMMARY, {"run_id": run_id})
+    total = int(summary["n"].sum()) if len(summary) else 0
+    mean_conf = float((summary["mean_confidence"] * summary["n"]).sum() / total) if total else None
+    return LabelJobResult(
+        run_id=run_id, resumed=resumed, n_selected=n_selected, n_labelled_now=labelled_now,
+        label_counts={str(r.label): int(r.n) for r in summary.itertuples()}, mean_confidence=mean_conf,
+        needs_review=int(summary["needs_review"].sum()) if total else 0,
+        pairs_per_s=labelled_now / seconds if seconds > 0 else 0.0, author=author,
+    )

@@ -1,0 +1,134 @@
+"""`Labeler`: policy + model (+ LoRA adapter) -> a probability for every label of every pair.
+
+    labeler = Labeler("smollm2", "esci", backend="vllm", adapter="adapters/esci-lora")
+    probs = labeler.score([PairText("cordless drill", "DeWalt 20V drill")])   # shape (1, 4)
+
+Every backend scores one step: the log-probabilities of the label first tokens at the position
+right after the prompt (`Policy.render`, tokenized with the tokenizer's defaults). No text is
+generated or parsed, so every answer is a valid label. If the adapter folder has a `meta.json`
+with a calibration `temperature`, probabilities are softmax(logprobs / temperature).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from annotator.backends import BACKENDS
+from annotator.backends.base import Backend
+from annotator.models import resolve_model
+from annotator.prompts import PairText, Policy, load_policy
+from annotator.scoring import label_token_ids, probs_from_logprobs
+from labelstore.errors import MnrError
+from labelstore.ids import file_hash
+
+
+class AdapterError(MnrError):
+    """A LoRA adapter folder is missing or not a PEFT adapter."""
+
+
+def read_adapter_meta(adapter: str | Path) -> dict[str, Any]:
+    """The adapter's `meta.json` (written by fine-tuning), or {} when it has none."""
+    path = Path(adapter) / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def check_adapter(adapter: str) -> Path:
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise AdapterError(f"adapter {adapter}: no adapter_config.json there; pass a folder written by "
+                           "PEFT save_pretrained (e.g. by `mnr finetune`)")
+    return path.resolve()
+
+
+def adapter_tag(adapter: Path | None) -> str:
+    """`<folder name>-<weights hash>` so a retrained adapter of the same name is told apart."""
+    if adapter is None:
+        return "base"
+    weights = sorted(adapter.glob("adapter_model.*"))
+    digest = file_hash(str(weights[0]))[:8] if weights else "noweights"
+    return f"{adapter.name}-{digest}"
+
+
+def make_backend(name: str, model: str, adapter: str | None, **options: Any) -> Backend:
+    if name == "vllm":
+        from annotator.backends.vllm_backend import VllmBackend
+
+        return VllmBackend(model, adapter, **options)
+    if name == "transformers":
+        from annotator.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(model, adapter, **options)
+    if name == "openai":
+        from annotator.backends.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(model, adapter, **options)
+    raise MnrError(f"unknown backend '{name}' (use one of: {', '.join(BACKENDS)})")
+
+
+class Labeler:
+    """Labels pairs under a policy with one model on one backend.
+
+    Parameters
+    ----------
+    model : pulled model name (`smollm2`), local HF folder, or cached hub id; for the `openai`
+        backend, the name the server serves (`mnr serve` serves the same string you give it).
+    policy : policy name in `prompts/policies/` or a loaded `Policy`.
+    backend : "vllm", "openai" or "transformers".
+    adapter : PEFT LoRA folder (for `openai`: served under its folder name by `mnr serve`).
+    backend_options : passed to the backend (e.g. `endpoints=[...]` for openai, `dtype`, `batch_size`).
+    """
+
+    def __init__(self, model: str, policy: str | Policy = "esci", backend: str = "vllm",
+                 adapter: str | None = None, **backend_options: Any):
+        if backend not in BACKENDS:
+            raise MnrError(f"unknown backend '{backend}' (use one of: {', '.join(BACKENDS)})")
+        self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        self.backend_name = backend
+        self.model = model
+        adapter_path = check_adapter(adapter) if adapter is not None else None
+        self.adapter = str(adapter_path) if adapter_path is not None else None
+        self.temperature = float(read_adapter_meta(adapter_path).get("temperature", 1.0)) if adapter_path else 1.0
+        engine_model = model if backend == "openai" else resolve_model(model)
+        self.backend: Backend = make_backend(backend, engine_model, self.adapter, **backend_options)
+        self.options = self.policy.answer_options()
+        self.token_ids = label_token_ids(self.backend, self.options)
+        self.author = f"{_model_tag(model)}+{adapter_tag(adapter_path)}@{self.policy.name}:{self.policy.version}"
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.policy.scheme.label_names
+
+    def prompts(self, pairs: list[PairText]) -> list[str]:
+        return [self.policy.render(pair) for pair in pairs]
+
+    def logprobs(self, pairs: list[PairText]) -> np.ndarray:
+        """Label-token logprobs, shape (n_pairs, n_labels), before temperature and normalisation."""
+        if not pairs:
+            return np.zeros((0, len(self.options)))
+        return self.backend.label_logprobs(self.prompts(pairs), self.token_ids, self.options)
+
+    def score(self, pairs: list[PairText]) -> np.ndarray:
+        """Label probabilities, shape (n_pairs, n_labels), rows sum to 1, columns in scheme order."""
+        return probs_from_logprobs(self.logprobs(pairs), self.temperature)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Labeler":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _model_tag(model: str) -> str:
+    path = Path(model)
+    return path.name if path.is_dir() else model

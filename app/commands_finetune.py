@@ -1,0 +1,264 @@
+"""`mnr finetune` (LoRA adapter from the store's human labels) and `mnr eval-labeler` (any labeler vs human)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import typer
+from rich.table import Table
+
+from app.context import console, open_store
+from labelstore.errors import MnrError
+from labelstore.schemes import LabelScheme, load_scheme
+
+STORE_SOURCES = ("human", "import", "llm", "audit")
+FILE_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+
+
+def _parse_sources(text: str, option: str) -> list[str]:
+    sources = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [s for s in sources if s not in STORE_SOURCES]
+    if not sources or unknown:
+        raise MnrError(f"{option} '{text}': expected a comma-separated list of {', '.join(STORE_SOURCES)}")
+    return sources
+
+
+def rating_scale_for(frame: pd.DataFrame, scheme: LabelScheme) -> tuple[float, float] | None:
+    """The raw-rating scale of the pairs' dataset, when they come from one dataset the scheme maps."""
+    datasets = frame["dataset"].dropna().unique()
+    if len(datasets) == 1 and datasets[0] in scheme.rating_maps and frame["raw_rating"].notna().any():
+        low, high = scheme.rating_maps[datasets[0]].scale
+        return float(low), float(high)
+    return None
+
+
+# -- mnr finetune -------------------------------------------------------------------------------------
+def finetune_command(
+    policy: str = typer.Option("esci", "--policy", help="Policy name in prompts/policies/ or path of its .toml."),
+    model: str = typer.Option("smollm2", "--model", help="Base model: pulled name, local HF folder or cached hub id."),
+    out: Path = typer.Option(..., "--out", help="Output folder for the adapter, meta.json and split.json."),
+    sources: str = typer.Option("human", "--sources", help="Label sources to train on, e.g. human or human,import."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Wall-clock budget for training."),
+    max_steps: int = typer.Option(2000, "--max-steps", help="Most optimiser steps."),
+    max_epochs: float = typer.Option(3.0, "--max-epochs", help="Most passes over the training pairs."),
+    eval_every: int = typer.Option(25, "--eval-every", help="Score the dev split every this many steps."),
+    patience: int = typer.Option(4, "--patience", help="Stop after this many dev evaluations without improvement."),
+    select_metric: str = typer.Option("qwk", "--select-metric",
+                                      help="Dev metric for early stopping: qwk, kappa, accuracy, macro_f1, log_loss, ..."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    learning_rate: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
+    lora_alpha: int = typer.Option(16, "--lora-alpha"),
+    class_weighting: str = typer.Option("balanced", "--class-weighting", help="balanced, sqrt or none."),
+    dev_fraction: float = typer.Option(0.2, "--dev-fraction", help="Share of queries held out for dev."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most this many training pairs."),
+    max_dev: Optional[int] = typer.Option(1000, "--max-dev", help="Score at most this many dev pairs."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoint."),
+) -> None:
+    """Train a LoRA adapter on the store's human labels under a policy; calibrate it on dev."""
+    import torch
+
+    from annotator.evaluation import labelled_pairs
+    from annotator.finetune import FinetuneArgs, finetune, split_by_query, subsample
+    from annotator.models import resolve_model
+    from annotator.prompts import load_policy
+
+    if threads:
+        torch.set_num_threads(threads)
+    loaded_policy = load_policy(policy)
+    scheme = loaded_policy.scheme
+    source_list = _parse_sources(sources, "--sources")
+    store = open_store()
+    frame = labelled_pairs(store, scheme.name, source_list)
+    if frame.empty:
+        raise MnrError(f"the store has no labels of scheme '{scheme.name}' (policy '{loaded_policy.name}') from "
+                       f"source(s) {', '.join(source_list)}; add human labels in the review app, or pass "
+                       "--sources human,import to train on an ingested human-rated dataset")
+    model_dir = resolve_model(model)
+    args = FinetuneArgs(lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate, batch_size=batch_size,
+                        max_steps=max_steps, max_epochs=max_epochs, eval_every=eval_every, patience=patience,
+                        max_minutes=max_minutes, class_weighting=class_weighting, select_metric=select_metric,
+                        dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed)
+    train, dev = split_by_query(frame, dev_fraction, seed)
+    train, dev = subsample(train, max_train, seed), subsample(dev, max_dev, seed)
+    console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
+                  f"({dev['query_id'].nunique():,} queries), scheme '{scheme.name}', policy '{loaded_policy.name}' "
+                  f"{loaded_policy.version}")
+    params = {"policy": loaded_policy.name, "policy_hash": loaded_policy.version, "model": model, "out": str(out),
+              "sources": source_list, "args": {**args.__dict__, "target_modules": list(args.target_modules)}}
+    with store.run("finetune", params) as run:
+        result = finetune(train, dev, loaded_policy, model_dir, out, args, base_model_name=model,
+                          rating_scale=rating_scale_for(dev, scheme), progress=_print_progress, resume=resume)
+        meta = result.meta
+        run.metrics.update({"dev": meta["dev_metrics"], "temperature": meta["temperature"], "steps": meta["steps"],
+                            "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"]})
+        store.register_model(f"labeler-lora-{run.run_id}", "labeler-adapter", Path(out).resolve(), stage="lora",
+                             parent_model_id=model, data_hash=meta["data_hash"], metrics=meta["dev_metrics"],
+                             run_id=run.run_id)
+    dev_metrics = meta["dev_metrics"]
+    console.print(f"stopped after {meta['steps']} steps ({meta['stop_reason']}, {meta['train_seconds']:.0f}s); "
+                  f"temperature {meta['temperature']:.3f}; dev accuracy {dev_metrics['accuracy']:.3f}, "
+                  f"QWK {dev_metrics['qwk']:.3f}, ECE {meta['dev_metrics_uncalibrated']['ece']:.3f} -> "
+                  f"{dev_metrics['ece']:.3f}")
+    console.print(f"adapter written to {out} (label with: mnr label --model {model} --adapter {out} --policy {policy})")
+
+
+def _print_progress(record: dict[str, Any]) -> None:
+    best = " [green]best[/]" if record.get("best") else ""
+    console.print(f"step {record['step']:>5} epoch {record['epoch']:.2f} | train loss {record['train_loss']:.4f} | "
+                  f"dev acc {record['accuracy']:.3f} macro-F1 {record['macro_f1']:.3f} QWK {record['qwk']:.3f} "
+                  f"log-loss {record['log_loss']:.3f} ECE {record['ece']:.3f} | {record['elapsed_s']:.0f}s{best}")
+
+
+# -- mnr eval-labeler ---------------------------------------------------------------------------------
+def read_prediction_file(path: Path, scheme: LabelScheme) -> pd.DataFrame:
+    """A file of labeler output: columns pair_id, label and optionally probs (JSON object) or p_<label> columns.
+
+    Returns pair_id, label, probs (dict or None). Raises `MnrError` naming the row and field of a bad value.
+    """
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise MnrError(f"{path}: no such file")
+    if suffix == ".csv":
+        frame = pd.read_csv(path, dtype={"pair_id": str})
+    elif suffix in (".jsonl", ".json"):
+        frame = pd.read_json(path, lines=suffix == ".jsonl", dtype={"pair_id": str})
+    elif suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        raise MnrError(f"{path}: unknown file type '{suffix}' (use {', '.join(FILE_SUFFIXES)})")
+    missing = [c for c in ("pair_id", "label") if c not in frame.columns]
+    if missing:
+        raise MnrError(f"{path}: missing column(s) {', '.join(missing)}; the file has: {', '.join(map(str, frame.columns))}")
+    prob_columns = {name: f"p_{name}" for name in scheme.label_names if f"p_{name}" in frame.columns}
+    rows = []
+    for number, row in enumerate(frame.to_dict("records"), start=1 + (suffix == ".csv")):
+        try:
+            label = scheme.normalize(row["label"])
+        except MnrError as exc:
+            raise MnrError(f"{path}: row {number}, field 'label': {exc}") from exc
+        probs = _row_probs(path, number, row, prob_columns, scheme)
+        rows.append({"pair_id": str(row["pair_id"]), "label": label, "probs": probs})
+    return pd.DataFrame(rows, columns=["pair_id", "label", "probs"])
+
+
+def _row_probs(path: Path, number: int, row: dict, prob_columns: dict[str, str], scheme: LabelScheme) -> dict | None:
+    if prob_columns:
+        if len(prob_columns) != len(scheme.label_names):
+            raise MnrError(f"{path}: has p_ columns for {', '.join(prob_columns)} but not for every label of "
+                           f"scheme '{scheme.name}' ({', '.join(scheme.label_names)})")
+        return {name: float(row[column]) for name, column in prob_columns.items()}
+    value = row.get("probs")
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise MnrError(f"{path}: row {number}, field 'probs': not a JSON object ({exc})") from exc
+    if not isinstance(value, dict):
+        raise MnrError(f"{path}: row {number}, field 'probs': expected an object {{label: probability}}")
+    try:
+        return {scheme.normalize(k): float(v) for k, v in value.items()}
+    except (MnrError, TypeError, ValueError) as exc:
+        raise MnrError(f"{path}: row {number}, field 'probs': {exc}") from exc
+
+
+def probability_matrix(predictions: pd.DataFrame, scheme: LabelScheme) -> np.ndarray:
+    """(n, K) label probabilities in scheme order; a prediction without probabilities is one-hot."""
+    names = scheme.label_names
+    matrix = np.zeros((len(predictions), len(names)))
+    for i, (label, probs) in enumerate(zip(predictions["label"], predictions["probs"])):
+        if isinstance(probs, str):
+            probs = json.loads(probs)
+        if probs:
+            matrix[i] = [float(probs.get(name, 0.0)) for name in names]
+            total = matrix[i].sum()
+            if total <= 0:
+                raise MnrError(f"pair {predictions['pair_id'].iloc[i]}: its probabilities sum to {total}")
+            matrix[i] /= total
+        else:
+            matrix[i, names.index(scheme.normalize(label))] = 1.0
+    return matrix
+
+
+def _infer_scheme(store: Any) -> str:
+    schemes = [row[0] for row in store.fetchall("SELECT DISTINCT scheme FROM labels ORDER BY scheme")]
+    if len(schemes) != 1:
+        raise MnrError(f"pass --scheme: the store has labels of {len(schemes)} schemes ({', '.join(schemes) or 'none'})")
+    return schemes[0]
+
+
+def eval_labeler_command(
+    labels: str = typer.Option(..., "--labels", help="Labeler output: llm, import, human, audit, or a CSV/JSONL/Parquet "
+                                                     "file with pair_id, label [, probs | p_<label> columns]."),
+    against: str = typer.Option("human", "--against", help="Reference labels: human, import, or human,import."),
+    scheme_name: Optional[str] = typer.Option(None, "--scheme", help="Label scheme (default: the store's only one)."),
+    run_id: Optional[str] = typer.Option(None, "--run", help="Only labels written by this run (store sources)."),
+    author: Optional[str] = typer.Option(None, "--author", help="Only labels by this author (store sources)."),
+    split_of: Optional[Path] = typer.Option(None, "--split-of",
+                                            help="Adapter folder: evaluate only on its dev queries (split.json)."),
+    out: Path = typer.Option(Path("labeler-eval"), "--out", help="Folder for metrics.json, PNGs and report.html."),
+    bins: int = typer.Option(10, "--bins", help="Bins of the reliability diagram / ECE."),
+) -> None:
+    """Evaluate labeler output against human labels: accuracy, macro-F1, kappa/QWK, RMSE, ECE, confusion."""
+    from annotator.evaluation import evaluate_labels, labelled_pairs, write_report
+
+    if labels == against:
+        raise MnrError("--labels and --against name the same source: that compares the labels with themselves")
+    store = open_store()
+    scheme = load_scheme(scheme_name or _infer_scheme(store))
+    reference = labelled_pairs(store, scheme.name, _parse_sources(against, "--against"))
+    if labels in STORE_SOURCES:
+        predictions = labelled_pairs(store, scheme.name, [labels], run_id=run_id, author=author)[["pair_id", "label", "probs"]]
+        origin = f"store labels, source '{labels}'" + (f", run {run_id}" if run_id else "") + (f", author {author}" if author else "")
+    else:
+        path = Path(labels)
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise MnrError(f"--labels '{labels}': not a store source ({', '.join(STORE_SOURCES)}) nor a "
+                           f"{', '.join(FILE_SUFFIXES)} file")
+        predictions = read_prediction_file(path, scheme)
+        origin = f"file {path}"
+    if split_of is not None:
+        split_path = split_of / "split.json"
+        if not split_path.is_file():
+            raise MnrError(f"--split-of {split_of}: no split.json there (written by `mnr finetune`)")
+        dev_queries = set(json.loads(split_path.read_text())["dev_query_ids"])
+        reference = reference[reference["query_id"].isin(dev_queries)]
+    joined = reference.merge(predictions, on="pair_id", suffixes=("_ref", ""))
+    if joined.empty:
+        raise MnrError(f"no pair has both a {origin} label and a '{against}' label of scheme '{scheme.name}' "
+                       f"({len(predictions):,} predictions, {len(reference):,} reference labels)")
+    names = scheme.label_names
+    y_true = np.array([names.index(label) for label in joined["label_ref"]])
+    metrics = evaluate_labels(y_true, probability_matrix(joined, scheme), [scheme.grades[n] for n in names],
+                              joined["raw_rating"].to_numpy(dtype=float), label_names=names,
+                              rating_scale=rating_scale_for(joined, scheme), n_bins=bins)
+    metrics.update({"labels_source": origin, "against": against, "scheme": scheme.name,
+                    "unmatched_predictions": int(len(predictions) - len(joined))})
+    with store.run("eval-labeler", {"labels": labels, "against": against, "scheme": scheme.name, "run": run_id,
+                                    "author": author, "split_of": str(split_of) if split_of else None}) as run:
+        paths = write_report(metrics, out, title=f"Labeler evaluation: {labels} against {against}",
+                             description=f"{origin}; reference: {against} labels; scheme {scheme.name}; "
+                                         f"{metrics['n']:,} pairs.")
+        run.metrics.update({k: metrics[k] for k in ("n", "accuracy", "macro_f1", "qwk", "ece") if k in metrics})
+    _print_metrics(metrics)
+    console.print(f"wrote {paths['json']} and {paths['html']}")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    table = Table("metric", "value", title=f"{metrics['labels_source']} vs {metrics['against']} ({metrics['n']:,} pairs)")
+    for key in ("accuracy", "macro_f1", "kappa", "qwk", "within_one_accuracy", "rmse_grade", "rmse_rating", "log_loss", "ece"):
+        if key in metrics:
+            table.add_row(key, f"{metrics[key]:.4f}")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("finetune")(finetune_command)
+    app.command("eval-labeler")(eval_labeler_command)

@@ -1,0 +1,177 @@
+"""`mnr demo`: the whole loop on an embedded default config, ending with one table of numbers.
+
+Data: a fixed sample of the Home Depot set from ../shared/data when present (every judged pair of
+`HOMEDEPOT_QUERIES` search terms drawn with seed 0), else the generated catalog of
+`labelstore.catalog`, whose ESCI labels are known by construction. Models: SmolLM2-135M-Instruct on
+the in-process vLLM engine (pulled into the cache on first use) and all-MiniLM-L6-v2.
+Everything is written under the workspace folder (default ./demo-workspace/): the store
+`mnr.duckdb`, models, the data sample and the audit report.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from app.pipeline import STEP_NAMES, LoopConfig, latest_loop_run, loop_summary, run_loop, step_statuses
+from labelstore.paths import shared_data_dir
+from labelstore.store import Store
+
+STORE_FILE = "mnr.duckdb"
+# Sized so the whole demo stays under 10 minutes on a 2-core CPU (see docs/loop.md for timings).
+HOMEDEPOT_QUERIES = {False: 400, True: 150}
+CATALOG_FAMILIES = {False: 14, True: 8}
+RELABEL_PAIRS = {False: 300, True: 100}
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+
+def demo_data(quick: bool) -> dict[str, Any]:
+    """The [loop] keys that choose the data: Home Depot sample when ../shared/data has it, else the catalog."""
+    shared = shared_data_dir()
+    homedepot = shared / "homedepot" / "train.csv" if shared else None
+    if homedepot is not None and homedepot.is_file():
+        return {"dataset": "homedepot", "scheme": "graded3", "policy": "home-improvement",
+                "ingest": {"source": "file", "path": str(homedepot), "preset": "homedepot",
+                           "sample_queries": HOMEDEPOT_QUERIES[quick], "seed": 0}}
+    return {"dataset": "synthetic", "scheme": "esci", "policy": "esci",
+            "ingest": {"source": "catalog", "n_families": CATALOG_FAMILIES[quick], "seed": 0}}
+
+
+def demo_config(workspace: Path, quick: bool = False) -> LoopConfig:
+    """The demo's loop config (the same keys as mnr.example.toml)."""
+    data = demo_data(quick)
+    loop: dict[str, Any] = {
+        "workspace": str(workspace), "dataset": data["dataset"], "scheme": data["scheme"],
+        "holdout_fraction": 0.2, "seed": 0,
+        "ingest": data["ingest"],
+        "train_stage1": {"epochs": 1, "queries_per_batch": 16, "products_per_query": 8, "max_steps": 40 if quick else 80},
+        "mine": {"top_k": 30, "per_query": 3},
+        "relabel": {"backend": "vllm", "model": "smollm2", "policy": data["policy"],
+                    "max_pairs": RELABEL_PAIRS[quick]},
+        "engagement": {"source": "simulate", "n_sessions": 4000 if quick else 10000, "seed": 0},
+        "audit": {},
+        "trigger": {},
+        "train_stage2": {"epochs": 1, "queries_per_batch": 16, "products_per_query": 8, "max_steps": 40 if quick else 80},
+        "evaluate": {"k": 100, "bm25": True},
+        "promote": {"min_gain": 0.0},
+    }
+    # The demo's sample is small: refine once a hundred new clean labels arrived (default 500).
+    whole = {"loop": loop, "trigger": {"min_new_clean_labels": 50 if quick else 100}}
+    return LoopConfig(loop=loop, source_path=None, whole=whole)
+
+
+def run_demo(workspace: Path, quick: bool = False, fresh: bool = False, console: Console | None = None) -> str:
+    """Run (or continue) the demo loop in `workspace`, print the summary table; returns the loop run id."""
+    console = console or Console()
+    for name, value in ENGINE_ENV.items():
+        os.environ.setdefault(name, value)
+    workspace = Path(workspace)
+    store_file = workspace / STORE_FILE
+    store = Store(store_file)
+    latest = latest_loop_run(store)
+    if latest is not None and latest[1] == "ok" and not fresh:
+        console.print(f"The demo loop already finished in {store_file} (run `mnr demo --fresh` to run it again, "
+                      f"`make clean-demo` to start over). Its numbers:")
+        print_summary(store, latest[0], workspace, console)
+        return latest[0]
+    config = demo_config(workspace, quick)
+    console.print(f"mine-refine demo: data = {config.dataset} ({config.scheme}), store = {store_file}")
+    started = time.perf_counter()
+    result = run_loop(store, config, fresh=fresh, log=lambda line: console.print(escape(line)),
+                      resume_hint=f"mnr demo --workspace {workspace}" + (" --quick" if quick else ""))
+    console.print(f"demo loop finished in {time.perf_counter() - started:.0f} s")
+    print_summary(store, result.loop_run_id, workspace, console)
+    return result.loop_run_id
+
+
+# -- the summary ---------------------------------------------------------------------------------
+LABELS_BY_SOURCE_SQL = """
+SELECT source, count(*) AS labels, count(DISTINCT pair_id) AS pairs FROM labels GROUP BY source ORDER BY source
+"""
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def steps_table(store: Store, loop_run_id: str) -> Table:
+    outputs = loop_summary(store, loop_run_id)
+    statuses = step_statuses(store, loop_run_id)
+    table = Table("step", "status", "wall s", "items", "items/s", "note", title="Loop steps (throughput)")
+    for step in STEP_NAMES:
+        out = outputs.get(step, {})
+        items = out.get("items")
+        unit = out.get("unit", "")
+        note = out.get("reason") if out.get("skipped") else _step_note(step, out)
+        table.add_row(step, statuses.get(step, "not run"), _fmt(out.get("wall_s")),
+                      f"{_fmt(items)} {unit}".strip() if items is not None else "-",
+                      _fmt(out.get("items_per_s")), escape(str(note or "")))
+    return table
+
+
+def _step_note(step: str, out: dict[str, Any]) -> str:
+    if step == "ingest":
+        return f"{out.get('pairs', 0):,} pairs of '{out.get('dataset')}' in the store"
+    if step in ("train-stage1", "train-stage2"):
+        return f"{out.get('model_id')} ({out.get('steps')} steps)"
+    if step == "engagement":
+        return "SIMULATED log" if out.get("simulated") else "real log"
+    if step == "audit":
+        return f"{out.get('flags', 0)} flags on {out.get('flagged_pairs', 0)} pairs"
+    if step == "trigger":
+        return ("refine" if out.get("refine") else "hold") + ": " + "; ".join(out.get("reasons", []))[:80]
+    if step == "promote":
+        return out.get("reason", "")
+    return str(out.get("summary", ""))
+
+
+def labels_table(store: Store) -> Table:
+    table = Table("source", "labels written", "pairs", title="Labels by source (whole store)")
+    for source, labels, pairs in store.fetchall(LABELS_BY_SOURCE_SQL):
+        table.add_row(source, f"{labels:,}", f"{pairs:,}")
+    return table
+
+
+def retrieval_table(outputs: dict[str, dict[str, Any]]) -> Table:
+    metrics = outputs.get("evaluate", {}).get("metrics", {})
+    held_out = outputs.get("evaluate", {}).get("held_out_queries")
+    table = Table("retriever", "NDCG@10", "recall@100", "MRR",
+                  title=f"Retrieval on {held_out or '?'} held-out queries (graded qrels)")
+    for system in ("bm25", "zero-shot", "stage1", "stage2", "promoted"):
+        if system in metrics:
+            row = metrics[system]
+            table.add_row(system, _fmt(row.get("ndcg@10"), 4), _fmt(row.get("recall@100"), 4), _fmt(row.get("mrr"), 4))
+    return table
+
+
+def print_summary(store: Store, loop_run_id: str, workspace: Path, console: Console) -> None:
+    """The demo's closing table: steps with throughput, labels by source, flags, NDCG@10, report, review."""
+    outputs = loop_summary(store, loop_run_id)
+    console.print(steps_table(store, loop_run_id))
+    console.print(labels_table(store))
+    audit = outputs.get("audit", {})
+    flags = Table("flags raised", "pairs flagged", "by kind", "queued for review",
+                  title="Audit" + (" (engagement is SIMULATED)" if audit.get("simulated") else ""))
+    flags.add_row(_fmt(audit.get("flags")), _fmt(audit.get("flagged_pairs")),
+                  escape(", ".join(f"{k}: {v}" for k, v in audit.get("flags_by_kind", {}).items()) or "-"),
+                  _fmt(audit.get("queued")))
+    console.print(flags)
+    console.print(retrieval_table(outputs))
+    promote = outputs.get("promote", {})
+    if promote:
+        console.print(f"promoted retriever: {escape(str(promote.get('promoted_model')))} ({escape(str(promote.get('reason')))})")
+    if audit.get("report"):
+        console.print(f"audit report: {audit['report']}")
+    console.print(f"review the flagged pairs: mnr --store {workspace / STORE_FILE} review")

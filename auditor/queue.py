@@ -1,0 +1,47 @@
+"""The re-annotation queue: flagged pairs, highest expected impact (impressions x disagreement) first."""
+from __future__ import annotations
+
+import duckdb
+import pandas as pd
+
+from labelstore.store import Store
+
+QUEUE_SQL = """
+-- The open queue: each pair's newest queue entry, unless a human labelled it after it was queued.
+WITH newest AS (
+    SELECT *, row_number() OVER (PARTITION BY pair_id ORDER BY created_at DESC, priority DESC) AS k
+    FROM review_queue
+)
+SELECT n.pair_id, n.run_id, n.reason, n.priority, n.created_at
+FROM newest n
+WHERE n.k = 1 AND NOT EXISTS (
+    SELECT 1 FROM labels l WHERE l.pair_id = n.pair_id AND l.source = 'human' AND l.created_at >= n.created_at
+)
+ORDER BY n.priority DESC, n.pair_id
+LIMIT ?
+"""
+
+
+def queue_issues(con: duckdb.DuckDBPyConnection, run_id: str, issues: pd.DataFrame, limit: int) -> int:
+    """Queue the `limit` highest-priority flagged pairs (one entry per pair: its strongest issue)."""
+    if issues.empty:
+        return 0
+    best = (issues.sort_values(["priority", "pair_id"], ascending=[False, True])
+            .drop_duplicates("pair_id").head(limit))
+    frame = pd.DataFrame({"pair_id": best["pair_id"], "run_id": run_id,
+                          "reason": best["kind"] + ": " + best["reason"], "priority": best["priority"].astype(float)})
+    con.register("new_queue_frame", frame)
+    try:
+        con.execute("INSERT INTO review_queue (pair_id, run_id, reason, priority) "
+                    "SELECT pair_id, run_id, reason, priority FROM new_queue_frame")
+    finally:
+        con.unregister("new_queue_frame")
+    return len(frame)
+
+
+def open_queue(store: Store, limit: int = 1000) -> pd.DataFrame:
+    """The open re-annotation queue (pair_id, run_id, reason, priority, created_at), highest priority first.
+
+    The review UI and `mnr label --select flagged` read this.
+    """
+    return store.df(QUEUE_SQL, [limit])

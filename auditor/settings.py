@@ -1,0 +1,77 @@
+"""Audit thresholds and knobs: the `[auditor]` section of mnr.toml overrides these defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from labelstore.errors import MnrError
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Every threshold of the audit. Evidence thresholds keep sparse data from raising flags.
+
+    Engagement metrics
+        window_days: width of the time windows (drift series); window_origin: where windows start.
+        max_position: positions beyond this are left out of the position curve.
+        curve_iterations: alternating steps of the position-curve fit.
+        z: normal quantile of every interval (1.96: 95%).
+        profile_min_expected_clicks, min_pairs_per_grade: which pairs define a label's engagement profile.
+        dispersion: divides log-likelihoods (pairs vary more than Poisson; 1 trusts Poisson fully).
+    Engagement flags (all must hold)
+        min_impressions, min_expected_clicks: enough data.
+        min_log_likelihood_ratio: best grade vs the label's grade, after dispersion.
+        max_label_posterior: the engagement posterior of the label's grade is at most this.
+        min_grade_gap: |implied grade - label grade| at least this.
+    Other flags
+        min_llm_confidence: an LLM label must be at least this sure to dispute a human one.
+        retriever_low / retriever_high: score percentiles below which a top-grade label, or above
+        which a bottom-grade label, is disputed; retriever_min_pairs: fewer scored pairs raise nothing.
+    Drift alarms
+        psi_alarm, chi2_alpha: label distribution vs the reference window (the first).
+        agreement_drop: LLM-human agreement below the reference window's by more than this.
+        coec_change: a label's COEC moving by more than this factor (log scale) vs the reference window.
+        drift_min_count: windows with fewer labels / expected clicks per label are not tested.
+    Queue
+        queue_limit: most pairs queued per audit.
+    """
+
+    window_days: int = 7
+    window_origin: str = "2000-01-03"
+    max_position: int = 50
+    curve_iterations: int = 25
+    z: float = 1.96
+    profile_min_expected_clicks: float = 3.0
+    min_pairs_per_grade: int = 5
+    dispersion: float = 1.5
+    min_impressions: int = 30
+    min_expected_clicks: float = 2.0
+    min_log_likelihood_ratio: float = 2.0
+    max_label_posterior: float = 0.05
+    min_grade_gap: int = 1
+    min_llm_confidence: float = 0.7
+    retriever_low: float = 0.05
+    retriever_high: float = 0.95
+    retriever_min_pairs: int = 50
+    psi_alarm: float = 0.2
+    chi2_alpha: float = 0.001
+    agreement_drop: float = 0.15
+    coec_change: float = 0.35
+    drift_min_count: float = 30.0
+    queue_limit: int = 1000
+
+    @classmethod
+    def from_config(cls, values: dict[str, Any]) -> "AuditSettings":
+        """Defaults overridden by `values` (the [auditor] table); unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise MnrError(f"mnr.toml [auditor]: unknown setting(s) {unknown}; known: {sorted(known)}")
+        typed: dict[str, Any] = {}
+        for name, value in values.items():
+            default = getattr(cls, name)
+            try:
+                typed[name] = type(default)(value)
+            except (TypeError, ValueError) as exc:
+                raise MnrError(f"mnr.toml [auditor]: {name} = {value!r} is not a {type(default).__name__}") from exc
+        return replace(cls(), **typed)

@@ -1,0 +1,36 @@
+-- Helper macros for the auditor's SQL, created per connection (TEMP).
+-- u01: a uniform number in [0, 1) from a 64-bit hash, so randomness is a pure function of
+-- (seed, keys): reproducible and independent of thread scheduling.
+CREATE OR REPLACE TEMP MACRO u01(h) AS (CAST(h >> 11 AS DOUBLE) / 9007199254740992.0);
+-- std_normal: Box-Muller from two hashes.
+CREATE OR REPLACE TEMP MACRO std_normal(h1, h2) AS (
+    sqrt(-2.0 * ln(greatest(u01(h1), 1e-12))) * cos(2.0 * pi() * u01(h2))
+);
+-- Wilson score interval of a binomial proportion k / n at normal quantile z.
+CREATE OR REPLACE TEMP MACRO wilson_low(k, n, z) AS (
+    CASE WHEN n > 0 THEN
+        greatest(((k / n) + z * z / (2 * n) - z * sqrt((k / n) * (1 - k / n) / n + z * z / (4 * n * n))) / (1 + z * z / n), 0)
+    END
+);
+CREATE OR REPLACE TEMP MACRO wilson_high(k, n, z) AS (
+    CASE WHEN n > 0 THEN
+        least(((k / n) + z * z / (2 * n) + z * sqrt((k / n) * (1 - k / n) / n + z * z / (4 * n * n))) / (1 + z * z / n), 1)
+    END
+);
+-- Score interval of a Poisson rate: k events over exposure e (expected clicks), at quantile z.
+CREATE OR REPLACE TEMP MACRO poisson_low(k, e, z) AS (
+    CASE WHEN e > 0 THEN greatest(k + z * z / 2 - z * sqrt(k + z * z / 4), 0) / e END
+);
+CREATE OR REPLACE TEMP MACRO poisson_high(k, e, z) AS (
+    CASE WHEN e > 0 THEN (k + z * z / 2 + z * sqrt(k + z * z / 4)) / e END
+);
+-- The store's stable ids (labelstore/ids.py), in SQL, so large event files never pass through Python.
+CREATE OR REPLACE TEMP MACRO mnr_query_id(dataset, text) AS (
+    dataset || ':q' || sha256(trim(regexp_replace(lower(text), '\s+', ' ', 'g')))[1:16]
+);
+CREATE OR REPLACE TEMP MACRO mnr_product_id(dataset, source_id) AS (
+    CASE WHEN starts_with(source_id, dataset || ':') THEN source_id ELSE dataset || ':' || source_id END
+);
+CREATE OR REPLACE TEMP MACRO mnr_pair_id(query_id, product_id) AS (
+    'p' || sha256(query_id || chr(31) || product_id)[1:16]
+);

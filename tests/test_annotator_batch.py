@@ -1,0 +1,178 @@
+"""The label batch job on the tiny Llama (transformers backend): selection, provenance, resume, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from annotator.backends.openai_backend import EndpointError
+from annotator.batch import LabelJob, SelectionError, run_label_job
+from annotator.labeler import Labeler
+from annotator.models import ModelNotFoundError
+from annotator.prompts import EmptyProductTextError, PairText
+from annotator.tiny import build_tiny_adapter
+from labelstore import Store
+from labelstore.catalog import generate_catalog, write_catalog
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    """A store holding the generated catalog (920 pairs, esci import labels)."""
+    store = Store(tmp_path / "store.duckdb")
+    write_catalog(store, generate_catalog(n_families=12, seed=0))
+    return store
+
+
+@pytest.fixture(scope="module")
+def labeler(tiny_llama: Path) -> Labeler:
+    return Labeler(str(tiny_llama), "home-improvement", backend="transformers")
+
+
+def _job(tiny_llama: Path, **changes) -> LabelJob:
+    settings = {"model": str(tiny_llama), "policy": "home-improvement", "backend": "transformers", "chunk_size": 16}
+    return LabelJob(**{**settings, **changes})
+
+
+def test_labeler_scores_every_label_with_probabilities(labeler: Labeler) -> None:
+    pairs = [PairText("cordless drill", "Philips 18v cordless drill"), PairText("drill bit", "Bosch drill bit set")]
+    probs = labeler.score(pairs)
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    assert (probs > 0).all()
+    assert labeler.author.endswith(f"+base@home-improvement:{labeler.policy.version}")
+    assert labeler.score([]).shape == (0, 3)
+
+
+def test_adapter_loads_and_meta_temperature_is_applied(tiny_llama: Path, tmp_path: Path, labeler: Labeler) -> None:
+    adapter = build_tiny_adapter(tiny_llama, tmp_path / "lora", meta={"temperature": 2.0})
+    tuned = Labeler(str(tiny_llama), "home-improvement", backend="transformers", adapter=str(adapter))
+    pairs = [PairText("cordless drill", "Philips 18v cordless drill")]
+    logprobs = tuned.logprobs(pairs)
+    assert not np.allclose(logprobs, labeler.logprobs(pairs), atol=1e-3), "the adapter changes the scores"
+    expected = np.exp(logprobs / 2.0) / np.exp(logprobs / 2.0).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(tuned.score(pairs), expected, atol=1e-9)
+    assert "+lora-" in tuned.author
+
+
+def test_unlabeled_pairs_get_one_llm_label_each_with_provenance(store: Store, tiny_llama: Path, labeler: Labeler) -> None:
+    result = run_label_job(store, _job(tiny_llama, limit=24, review_threshold=0.5), labeler=labeler, progress=False)
+    assert result.n_selected == 24 and result.n_labelled_now == 24 and not result.resumed
+    labels = store.df("SELECT * FROM labels WHERE run_id = ?", [result.run_id])
+    assert len(labels) == 24 and labels["pair_id"].is_unique
+    assert set(labels["scheme"]) == {"graded3"} and set(labels["source"]) == {"llm"}
+    assert set(labels["author"]) == {labeler.author}
+    for row in labels.itertuples():
+        probs = json.loads(row.probs)
+        assert set(probs) == {"relevant", "partial", "irrelevant"}
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert row.label == max(probs, key=probs.get) and row.confidence == pytest.approx(probs[row.label], abs=1e-5)
+        assert row.needs_review == (row.confidence < 0.5)
+    assert sum(result.label_counts.values()) == 24
+    run = store.df("SELECT status, metrics FROM runs WHERE run_id = ?", [result.run_id]).iloc[0]
+    assert run["status"] == "ok" and json.loads(run["metrics"])["n_labelled_now"] == 24
+    again = run_label_job(store, _job(tiny_llama, limit=24), labeler=labeler, progress=False)
+    assert again.run_id != result.run_id, "a finished run is not resumed"
+    assert set(store.df("SELECT pair_id FROM labels WHERE run_id = ?", [again.run_id])["pair_id"]).isdisjoint(
+        labels["pair_id"]), "pairs labelled by the first run are no longer unlabeled"
+
+
+def test_flagged_mined_and_query_file_selections(store: Store, tiny_llama: Path, tmp_path: Path) -> None:
+    esci = Labeler(str(tiny_llama), "esci", backend="transformers")
+    pair_ids = store.df("SELECT pair_id FROM pairs ORDER BY pair_id LIMIT 6")["pair_id"].tolist()
+    for priority, pair in enumerate(pair_ids[:3]):
+        store.execute("INSERT INTO review_queue (pair_id, run_id, reason, priority) VALUES (?, 'audit-1', 'test', ?)",
+                      [pair, float(priority)])
+    for rank, pair in enumerate(pair_ids[3:]):
+        store.execute("INSERT INTO mining_candidates (run_id, pair_id, rank, reason) VALUES ('mine-1', ?, ?, 'test')",
+                      [pair, rank])
+    flagged = run_label_job(store, _job(tiny_llama, policy="esci", select="flagged"), labeler=esci, progress=False)
+    items = store.df("SELECT pair_id FROM label_run_items WHERE run_id = ? ORDER BY ordinal", [flagged.run_id])
+    assert items["pair_id"].tolist() == pair_ids[:3][::-1], "highest priority first"
+    mined = run_label_job(store, _job(tiny_llama, policy="esci", select="mined"), labeler=esci, progress=False)
+    assert set(store.df("SELECT pair_id FROM labels WHERE run_id = ?", [mined.run_id])["pair_id"]) == set(pair_ids[3:])
+    query = store.scalar("SELECT text FROM queries ORDER BY query_id LIMIT 1")
+    query_file = tmp_path / "queries.txt"
+    query_file.write_text(f"# one query\n\n  {query.upper()}  \n")
+    by_query = run_label_job(store, _job(tiny_llama, policy="esci", select="query-file", query_file=str(query_file)),
+                             labeler=esci, progress=False)
+    expected = store.scalar("SELECT count(*) FROM pairs JOIN queries USING (query_id) WHERE text = ?", [query])
+    assert by_query.n_selected == expected > 0
+    with pytest.raises(SelectionError, match="does not exist"):
+        run_label_job(store, _job(tiny_llama, select="query-file", query_file=str(tmp_path / "none.txt")),
+                      labeler=esci, progress=False)
+
+
+def test_empty_product_text_rejects_the_selection_and_writes_nothing(store: Store, tiny_llama: Path,
+                                                                     labeler: Labeler) -> None:
+    blank = store.scalar("SELECT product_id FROM products ORDER BY product_id LIMIT 1")
+    store.execute("UPDATE products SET title = ' <br> ' WHERE product_id = ?", [blank])
+    runs_before = store.scalar("SELECT count(*) FROM runs")
+    with pytest.raises(EmptyProductTextError, match="empty product title"):
+        run_label_job(store, _job(tiny_llama), labeler=labeler, progress=False)
+    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 0
+    assert store.scalar("SELECT count(*) FROM runs") == runs_before
+
+
+def test_missing_model_is_a_clear_error_before_anything_is_written(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        run_label_job(store, _job(tmp_path / "no-such-model"), progress=False)
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        Labeler(str(tmp_path), "esci", backend="transformers")
+    assert store.scalar("SELECT count(*) FROM label_runs") == 0
+
+
+def test_endpoint_down_retries_then_stops_cleanly(store: Store) -> None:
+    job = LabelJob(model="tiny", policy="home-improvement", backend="openai", limit=5,
+                   backend_options={"endpoints": ["http://127.0.0.1:9/v1"], "retries": 3, "backoff": 0.01})
+    started = time.monotonic()
+    with pytest.raises(EndpointError, match=r"no answer from http://127.0.0.1:9/v1 after 3 attempts"):
+        run_label_job(store, job, progress=False)
+    assert time.monotonic() - started >= 0.03, "it backed off between attempts"
+    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 0
+
+
+def _mnr(store_path: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "app.cli", "--store", str(store_path), *args]
+
+
+def test_cli_errors_exit_2_with_the_message(store: Store, tmp_path: Path) -> None:
+    done = subprocess.run(_mnr(store.path, "label", "--model", str(tmp_path / "missing"), "--backend", "transformers"),
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and "not found" in " ".join(done.stderr.split())
+
+
+def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_llama: Path) -> None:
+    command = _mnr(store.path, "label", "--model", str(tiny_llama), "--backend", "transformers", "--policy",
+                   "home-improvement", "--chunk-size", "4", "--limit", "48", "--quiet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    written = 0
+    while time.monotonic() < deadline and process.poll() is None:
+        written = store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'")
+        if written >= 8:
+            break
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'")
+    run_id, selected = store.fetchall("SELECT run_id, n_selected FROM label_runs")[0]
+    assert 0 < killed_at < selected == 48, "killed mid-run"
+    assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "running"
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed {run_id}" in " ".join(resumed.stdout.split())
+    counts = store.df("SELECT pair_id, count(*) AS n FROM labels WHERE run_id = ? GROUP BY pair_id", [run_id])
+    selected_ids = set(store.df("SELECT pair_id FROM label_run_items WHERE run_id = ?", [run_id])["pair_id"])
+    assert set(counts["pair_id"]) == selected_ids and (counts["n"] == 1).all()
+    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 48
+    assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "ok"

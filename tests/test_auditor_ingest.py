@@ -1,0 +1,106 @@
+"""Event ingest: CSV, JSONL, Parquet (file and folder), OpenSearch UBI; whole-file validation; idempotence."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from auditor.ingest import ingest_events
+from labelstore import ids
+from labelstore.errors import IngestError
+from labelstore.store import Store
+
+ROWS = [
+    {"session_id": "s1", "query": "Cordless Drill", "product_id": "100", "position": 1, "event_type": "impression", "ts": "2026-01-05 10:00:00"},
+    {"session_id": "s1", "query": "Cordless Drill", "product_id": "101", "position": 2, "event_type": "impression", "ts": "2026-01-05 10:00:00"},
+    {"session_id": "s1", "query": "Cordless Drill", "product_id": "101", "position": 2, "event_type": "click", "ts": "2026-01-05 10:00:09"},
+    {"session_id": "s1", "query": "Cordless Drill", "product_id": "101", "position": 2, "event_type": "purchase", "ts": "2026-01-05 10:05:00"},
+]
+
+
+def _events(store: Store) -> pd.DataFrame:
+    return store.df("SELECT * FROM engagement_events ORDER BY ts, product_id, event_type")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_tabular_formats_fill_store_ids(tmp_path, fmt):
+    frame = pd.DataFrame(ROWS)
+    path = tmp_path / f"events.{fmt}"
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    else:
+        frame.assign(ts=pd.to_datetime(frame["ts"])).to_parquet(path)
+    store = Store(tmp_path / "s.duckdb")
+    result = ingest_events(store, path, dataset="hd")
+    assert result.inserted == 4
+    events = _events(store)
+    qid = ids.query_id("hd", "Cordless Drill")
+    assert set(events["query_id"]) == {qid}
+    assert set(events["pair_id"]) == {ids.pair_id(qid, "hd:100"), ids.pair_id(qid, "hd:101")}
+    assert not events["simulated"].any()
+    assert ingest_events(store, path, dataset="hd").inserted == 0  # same file again adds nothing
+    assert len(_events(store)) == 4
+
+
+def test_parquet_folder_and_column_mapping(tmp_path):
+    folder = tmp_path / "events"
+    folder.mkdir()
+    frame = pd.DataFrame(ROWS).rename(columns={"product_id": "sku"}).assign(ts=lambda f: pd.to_datetime(f["ts"]))
+    frame.iloc[:2].to_parquet(folder / "a.parquet")
+    frame.iloc[2:].to_parquet(folder / "b.parquet")
+    store = Store(tmp_path / "s.duckdb")
+    assert ingest_events(store, folder, dataset="hd", mapping={"product_id": "sku"}).inserted == 4
+
+
+def test_bad_rows_reject_the_whole_file(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["position"] = 0
+    rows[2]["event_type"] = "hover"
+    path = tmp_path / "bad.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(IngestError) as info:
+        ingest_events(store, path, dataset="hd")
+    message = str(info.value)
+    assert "bad.csv" in message and "row 2, field 'position'" in message and "row 3, field 'event_type'" in message
+    assert store.scalar("SELECT count(*) FROM engagement_events") == 0
+
+
+def test_missing_column_is_named(tmp_path):
+    path = tmp_path / "short.csv"
+    pd.DataFrame(ROWS).drop(columns=["session_id"]).to_csv(path, index=False)
+    with pytest.raises(IngestError, match="field 'session_id'"):
+        ingest_events(Store(tmp_path / "s.duckdb"), path, dataset="hd")
+
+
+def test_ubi_queries_and_events(tmp_path):
+    queries = [
+        {"query_id": "u-1", "user_query": "Cordless Drill", "timestamp": "2026-01-05T10:00:00Z", "client_id": "c1",
+         "query_response_id": "r1", "query_response_hit_ids": ["100", "101", "102"]},
+        {"query_id": "u-2", "user_query": "paint roller", "timestamp": "2026-01-05T11:00:00Z", "client_id": "c2",
+         "query_response_id": "r2", "query_response_hit_ids": ["200"]},
+    ]
+    events = [
+        {"action_name": "click", "query_id": "u-1", "session_id": "sess-1", "client_id": "c1", "timestamp": "2026-01-05T10:00:10Z",
+         "message_type": "INFO", "event_attributes": {"object": {"object_id": "101", "object_id_field": "sku"}, "position": {"ordinal": 2}}},
+        {"action_name": "add_to_cart", "query_id": "u-1", "session_id": "sess-1", "client_id": "c1", "timestamp": "2026-01-05T10:01:00Z",
+         "message_type": "INFO", "event_attributes": {"object": {"object_id": "101", "object_id_field": "sku"}, "position": {"ordinal": 2}}},
+        {"action_name": "product_hover", "query_id": "u-1", "session_id": "sess-1", "client_id": "c1", "timestamp": "2026-01-05T10:00:05Z",
+         "message_type": "INFO", "event_attributes": {"object": {"object_id": "100", "object_id_field": "sku"}, "position": {"ordinal": 1}}},
+    ]
+    queries_path, events_path = tmp_path / "ubi_queries.json", tmp_path / "ubi_events.ndjson"
+    queries_path.write_text(json.dumps(queries), encoding="utf-8")               # a JSON array
+    events_path.write_text("\n".join(json.dumps(e) for e in events), encoding="utf-8")  # newline-delimited
+    store = Store(tmp_path / "s.duckdb")
+    result = ingest_events(store, events_path, fmt="ubi", ubi_queries=queries_path, dataset="hd")
+    assert result.inserted == 4 + 2  # 4 impressions from hit lists, click + add_to_cart (the hover is not engagement)
+    frame = _events(store)
+    click = frame[frame["event_type"] == "click"].iloc[0]
+    assert click["position"] == 2 and click["session_id"] == "sess-1"
+    assert click["pair_id"] == ids.pair_id(ids.query_id("hd", "Cordless Drill"), "hd:101")
+    impressions = frame[frame["event_type"] == "impression"]
+    assert sorted(impressions["position"]) == [1, 1, 2, 3]
+    assert ingest_events(store, events_path, fmt="ubi", ubi_queries=queries_path, dataset="hd").inserted == 0

@@ -1,0 +1,231 @@
+"""The Mine and Refine loop (`app.pipeline`): step framework, resume after failure, and the whole
+loop on the generated catalog with the tiny Llama and MiniLM; plus `bench.run_all`'s table."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.pipeline import (
+    STEP_NAMES, LoopConfig, StepContext, StepFailed, latest_loop_run, loop_summary, plan_loop, run_loop,
+    step_statuses, validate_config,
+)
+from labelstore.errors import MnrError
+from labelstore.store import Store
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_runs(store: Store, loop_run_id: str) -> dict[str, list[str]]:
+    """Each step's run statuses within a loop run, oldest first."""
+    rows = store.fetchall("SELECT kind, status FROM runs WHERE parent_run_id = ? ORDER BY started_at", [loop_run_id])
+    runs: dict[str, list[str]] = {}
+    for kind, status in rows:
+        runs.setdefault(kind.split(":", 1)[1], []).append(status)
+    return runs
+
+
+# -- the framework, with plain step functions ------------------------------------------------------
+def counting_steps(calls: list[str], fail_at: set[str]) -> dict:
+    """Step functions that record their call, fail while their name is in `fail_at`, and pass a value on."""
+    def make(name: str):
+        def step(ctx: StepContext) -> dict:
+            calls.append(name)
+            if name in fail_at:
+                raise MnrError(f"{name} cannot find its input")
+            previous = ctx.output(STEP_NAMES[STEP_NAMES.index(name) - 1])["value"] if name != STEP_NAMES[0] else 0
+            return {"value": previous + 1, "items": 10, "unit": "things"}
+        return step
+    return {name: make(name) for name in STEP_NAMES}
+
+
+def test_failure_stops_the_loop_and_a_rerun_resumes_at_the_failed_step(tmp_path: Path) -> None:
+    store = Store(tmp_path / "loop.duckdb")
+    config = LoopConfig(loop={"workspace": str(tmp_path / "ws")})
+    calls: list[str] = []
+    fail_at = {"audit"}
+    steps = counting_steps(calls, fail_at)
+    with pytest.raises(StepFailed) as failure:
+        run_loop(store, config, steps=steps, log=lambda _line: None)
+    assert failure.value.step == "audit"
+    assert "audit cannot find its input" in str(failure.value) and "continue from 'audit'" in str(failure.value)
+    loop_id, status = latest_loop_run(store)
+    assert status == "failed"
+    assert calls == list(STEP_NAMES[: STEP_NAMES.index("audit") + 1])
+    statuses = step_statuses(store, loop_id)
+    assert [statuses.get(s) for s in STEP_NAMES] == ["ok"] * 5 + ["failed"] + [None] * 4
+    error = store.scalar("SELECT error FROM runs WHERE run_id = ?", [loop_id])
+    assert "step 'audit'" in error
+
+    fail_at.clear()
+    calls.clear()
+    result = run_loop(store, config, steps=steps, log=lambda _line: None)
+    assert result.loop_run_id == loop_id
+    assert calls == list(STEP_NAMES[STEP_NAMES.index("audit"):])
+    runs = step_runs(store, loop_id)
+    assert all(runs[s] == ["ok"] for s in STEP_NAMES[:5])  # finished steps did not run again
+    assert runs["audit"] == ["failed", "ok"]
+    assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [loop_id]) == "ok"
+    summary = loop_summary(store, loop_id)
+    assert summary["promote"]["value"] == len(STEP_NAMES)  # each step read the previous step's output from the store
+    assert summary["ingest"]["items"] == 10 and summary["ingest"]["wall_s"] >= 0 and "items_per_s" in summary["ingest"]
+
+
+def test_from_only_and_fresh_choose_the_steps(tmp_path: Path) -> None:
+    store = Store(tmp_path / "loop.duckdb")
+    config = LoopConfig(loop={"workspace": str(tmp_path / "ws")})
+    calls: list[str] = []
+    steps = counting_steps(calls, set())
+    first = run_loop(store, config, steps=steps, log=lambda _line: None).loop_run_id
+    calls.clear()
+    assert run_loop(store, config, steps=steps, only_step="evaluate", log=lambda _line: None).loop_run_id == first
+    assert calls == ["evaluate"]
+    calls.clear()
+    run_loop(store, config, steps=steps, from_step="train-stage2", log=lambda _line: None)
+    assert calls == ["train-stage2", "evaluate", "promote"]
+    assert step_runs(store, first)["evaluate"] == ["ok", "ok", "ok"]
+    # the latest loop finished every step: a plain re-run starts a new loop run, as does --fresh
+    assert plan_loop(store).loop_run_id is None
+    calls.clear()
+    second = run_loop(store, config, steps=steps, fresh=True, log=lambda _line: None).loop_run_id
+    assert second != first and calls == list(STEP_NAMES)
+    with pytest.raises(MnrError, match="unknown step 'stage3'"):
+        plan_loop(store, from_step="stage3")
+    with pytest.raises(MnrError, match="not both"):
+        plan_loop(store, from_step="mine", only_step="audit")
+
+
+def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "mnr.toml"
+    config.write_text('[loop]\nscheme = "esci"\ncolour = "red"\n[loop.train_stage1]\nepochz = 2\n', encoding="utf-8")
+    with pytest.raises(MnrError) as error:
+        validate_config(LoopConfig.from_file(config))
+    message = str(error.value)
+    assert str(config) in message and "[loop] colour" in message and "[loop.train_stage1]: unknown key(s) epochz" in message
+    validate_config(LoopConfig.from_file(REPO_ROOT / "mnr.example.toml"))  # every documented key is accepted
+
+
+def test_cli_reports_a_failed_step_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "mnr.toml"
+    config.write_text('[store]\npath = "loop.duckdb"\n[loop]\nworkspace = "ws"\n'
+                      '[loop.ingest]\nsource = "file"\npath = "missing.csv"\n', encoding="utf-8")
+    process = subprocess.run([sys.executable, "-m", "app.cli", "run", "--config", str(config)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert process.returncode == 2, process.stderr
+    assert "loop step 'ingest' failed" in process.stderr and "missing.csv" in process.stderr
+    store = Store(tmp_path / "loop.duckdb")
+    assert store.fetchall("SELECT kind, status FROM runs WHERE kind LIKE 'loop%' ORDER BY kind") == [
+        ("loop", "failed"), ("loop:ingest", "failed")]
+
+
+# -- bench/run_all --------------------------------------------------------------------------------
+def test_results_table_tolerates_partial_results() -> None:
+    from bench.run_all import ScriptOutcome, results_table
+
+    results = {
+        "labeler": {"command": "python -m bench.bench_labeler --quick", "figures": [
+            {"name": "QWK", "value": 0.612345, "unit": "QWK", "target": ">= 0.6", "anchor": "TF-IDF 0.65"}]},
+        "audit": {"simulated": True, "figures": [{"name": "flag precision", "value": 0.9}]},
+        "retrieval": {"skipped": "../shared/data is absent"},
+        "odd": {"no_figures": 1},
+    }
+    table = results_table(results, {"crashy": ScriptOutcome("crashy", 1, 2.0, "ValueError: bad | input")})
+    assert "| labeler | QWK | 0.6123 | QWK | >= 0.6 | TF-IDF 0.65 | `python -m bench.bench_labeler --quick` |" in table
+    assert "| audit | flag precision *simulated* | 0.9 |" in table
+    assert "| retrieval | skipped |" in table and "absent" in table
+    assert "no `figures` list" in table
+    assert "**failed** (exit 1)" in table and "bad \\| input" in table
+
+
+# -- the whole loop: generated catalog, tiny Llama, MiniLM ----------------------------------------
+def loop_toml(workspace: Path, tiny_llama: Path, engagement: str) -> str:
+    return f"""
+[store]
+path = "loop.duckdb"
+
+[loop]
+workspace = "{workspace}"
+dataset = "synthetic"
+scheme = "esci"
+holdout_fraction = 0.3
+seed = 0
+
+[loop.ingest]
+source = "catalog"
+n_families = 4
+
+[loop.train_stage1]
+max_steps = 2
+queries_per_batch = 8
+products_per_query = 4
+max_seq_length = 32
+
+[loop.mine]
+top_k = 10
+per_query = 2
+
+[loop.relabel]
+backend = "transformers"
+model = "{tiny_llama}"
+policy = "esci"
+chunk_size = 16
+
+{engagement}
+
+[loop.trigger]
+force = true
+
+[loop.train_stage2]
+max_steps = 2
+queries_per_batch = 8
+products_per_query = 4
+max_seq_length = 32
+
+[loop.evaluate]
+k = 50
+bm25 = true
+"""
+
+
+def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path: Path, tiny_llama: Path) -> None:
+    config_path = tmp_path / "mnr.toml"
+    missing = tmp_path / "no-such-events.parquet"
+    config_path.write_text(loop_toml(tmp_path / "ws", tiny_llama,
+                                     f'[loop.engagement]\nsource = "file"\npath = "{missing}"'), encoding="utf-8")
+    store = Store(tmp_path / "loop.duckdb")
+    lines: list[str] = []
+    with pytest.raises(StepFailed) as failure:
+        run_loop(store, LoopConfig.from_file(config_path), log=lines.append)
+    assert failure.value.step == "engagement" and str(missing) in str(failure.value)
+    loop_id = failure.value.loop_run_id
+    before = step_runs(store, loop_id)
+    assert before == {**{s: ["ok"] for s in STEP_NAMES[:4]}, "engagement": ["failed"]}
+
+    config_path.write_text(loop_toml(tmp_path / "ws", tiny_llama,
+                                     '[loop.engagement]\nsource = "simulate"\nn_sessions = 1500'), encoding="utf-8")
+    result = run_loop(store, LoopConfig.from_file(config_path), log=lines.append)
+    assert result.loop_run_id == loop_id and result.ran == list(STEP_NAMES[4:])
+    after = step_runs(store, loop_id)
+    assert all(after[s] == ["ok"] for s in STEP_NAMES[:4])  # not re-run
+    assert after["engagement"] == ["failed", "ok"]
+    assert all(after[s] == ["ok"] for s in STEP_NAMES[5:])
+    assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [loop_id]) == "ok"
+
+    out = loop_summary(store, loop_id)
+    relabelled = store.scalar("SELECT count(DISTINCT pair_id) FROM labels WHERE source = 'llm' AND run_id = ?",
+                              [out["relabel"]["label_run_id"]])
+    assert relabelled == out["relabel"]["selected"] > 0
+    mined = store.scalar("SELECT count(*) FROM mining_candidates WHERE run_id = ?", [out["mine"]["mining_run_id"]])
+    assert mined >= out["relabel"]["selected"]
+    assert out["engagement"]["simulated"] is True and out["engagement"]["events_added"] > 0
+    assert Path(out["audit"]["report"]).is_file()
+    assert set(out["evaluate"]["ndcg@10"]) >= {"zero-shot", "stage1", "stage2", "bm25"}
+    assert all(0.0 <= v <= 1.0 for v in out["evaluate"]["ndcg@10"].values())
+    assert out["train-stage2"]["model_id"] in out["promote"]["candidate"]
+    promoted = store.scalar("SELECT count(*) FROM models WHERE promoted")
+    assert promoted == (1 if out["promote"]["promoted"] else 0)
+    for step in STEP_NAMES:
+        assert out[step]["wall_s"] >= 0

@@ -1,0 +1,103 @@
+"""End to end: `mnr review` on a temporary store, driven by a real Chromium (Debian's, no download)."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_review_support import build_review_store, write_config
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (scripts/install-browser.sh)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mnr review exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"mnr review did not answer at {url} within {timeout}s")
+
+
+@pytest.fixture
+def review_server(tmp_path: Path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    fixture = build_review_store(tmp_path / "review.duckdb")
+    port = free_port()
+    env = dict(os.environ, MNR_CONFIG=str(write_config(tmp_path / "mnr.toml", overlap=0.0)))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "--store", str(fixture.store.path), "review", "--port", str(port)],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        yield fixture, url, sync_api
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_review_three_items_in_chromium(review_server, tmp_path: Path) -> None:
+    fixture, url, sync_api = review_server
+    order = fixture.expected_order
+    screenshot = Path(os.environ.get("MNR_REVIEW_SCREENSHOT", tmp_path / "review.png"))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            identity = page.get_by_label("Your name or annotator id", exact=True)
+            identity.fill("alice")
+            identity.press("Enter")
+            caption = page.get_by_text("Item 1 of 6")
+            caption.wait_for(timeout=60_000)
+            page.locator(".st-key-mnr_label_exact button").first.click()
+            page.get_by_text("Item 2 of 6").wait_for(timeout=30_000)
+            page.locator(".st-key-mnr_label_substitute button").first.click()
+            page.get_by_text("Item 3 of 6").wait_for(timeout=30_000)
+            comment = page.get_by_label("Comment (optional)", exact=True)
+            comment.click()
+            page.keyboard.type("4 wheels, not 2")  # keys typed into a text field are not shortcuts
+            page.locator("h3").first.click()  # leave the field: its value is sent
+            page.wait_for_timeout(500)
+            page.keyboard.press("4")  # the shortcut of the fourth label: irrelevant
+            page.get_by_text("Item 4 of 6").wait_for(timeout=30_000)
+            page.get_by_text("Engagement (simulated)").wait_for(timeout=30_000)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    rows = fixture.store.fetchall(
+        "SELECT pair_id, label, author, source, comment FROM labels WHERE author = 'alice' ORDER BY label_id")
+    assert rows == [(order[0], "exact", "alice", "human", None), (order[1], "substitute", "alice", "human", None),
+                    (order[2], "irrelevant", "alice", "human", "4 wheels, not 2")]
+    assert screenshot.stat().st_size > 10_000

@@ -1,0 +1,31 @@
+"""`mnr review`: loopback by default, the streamlit command line, config errors before launch."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from app.commands_review import UI_SCRIPT, is_loopback, streamlit_command
+
+
+def test_only_loopback_addresses_count_as_local() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+def test_streamlit_command_serves_the_ui_headless_on_the_given_address() -> None:
+    command = streamlit_command("127.0.0.1", 8765)
+    assert command[:5] == [sys.executable, "-m", "streamlit", "run", str(UI_SCRIPT)]
+    options = dict(zip(command[5::2], command[6::2]))
+    assert options["--server.address"] == "127.0.0.1" and options["--server.port"] == "8765"
+    assert options["--server.headless"] == "true" and options["--browser.gatherUsageStats"] == "false"
+    assert UI_SCRIPT.is_file()
+
+
+def test_bad_review_config_fails_before_launch(tmp_path: Path) -> None:
+    (tmp_path / "mnr.toml").write_text('[review]\noverlap = 2\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "app.cli", "--store", str(tmp_path / "s.duckdb"), "review"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "mnr.toml: review.overlap must be a number between 0 and 1, not 2" in result.stderr
+    assert not (tmp_path / "s.duckdb").exists()

@@ -1,0 +1,162 @@
+"""Retrieval evaluation: rank a dataset's whole product set for held-out queries, score with ranx.
+
+Metrics (graded qrels: a product's relevance is its label's grade, e.g. graded3: 2, 1, 0):
+- ndcg@10: graded NDCG, ranx's Jarvelin form (linear gain = grade, log2 discount).
+- recall@100: share of the query's *top-grade* products (e.g. 'relevant', 'exact') in the top 100.
+- mrr: reciprocal rank of the first top-grade product (within the top 100).
+Queries without any top-grade product are kept for NDCG (their partial products still count) but
+ranx counts them as 0 for recall and MRR; `n_queries_with_top_grade` says how many have one.
+
+Band separation: for the held-out labelled pairs, the distribution of cosine similarity per grade
+and the ROC AUC between adjacent grades (P(similarity of a grade-g pair > grade-(g-1) pair)).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from labelstore.schemes import LabelScheme
+from trainer.data import LabelledPairs
+from trainer.model import TwoTowerModel
+
+Run = dict[str, dict[str, float]]
+
+
+@dataclass
+class RetrievalReport:
+    """Metrics of one system on one held-out query set."""
+
+    system: str
+    metrics: dict[str, float]
+    bands: dict[str, dict[str, float]] = field(default_factory=dict)
+    adjacent_auc: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"system": self.system, **self.metrics, "bands": self.bands, "adjacent_auc": self.adjacent_auc}
+
+
+def qrels_from_pairs(pairs: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{query_id: {product_id: grade}} for pairs with grade > 0 (grade 0 adds nothing to any metric)."""
+    qrels: dict[str, dict[str, int]] = {}
+    for row in pairs.loc[pairs["grade"] > 0, ["query_id", "product_id", "grade"]].itertuples(index=False):
+        qrels.setdefault(row.query_id, {})[row.product_id] = int(row.grade)
+    return qrels
+
+
+def top_k_search(query_vectors: np.ndarray, product_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search: (scores, indices), both (n_queries, min(k, n_products))."""
+    index = faiss.IndexFlatIP(product_vectors.shape[1])
+    index.add(product_vectors)
+    return index.search(query_vectors, min(k, product_vectors.shape[0]))
+
+
+def dense_run(model: TwoTowerModel, queries: pd.DataFrame, products: pd.DataFrame, k: int = 100,
+              product_vectors: np.ndarray | None = None) -> Run:
+    """Rank all `products` (product_id, product_text) for each of `queries` (query_id, query_text)."""
+    if product_vectors is None:
+        product_vectors = model.encode_products(products["product_text"].tolist())
+    query_vectors = model.encode_queries(queries["query_text"].tolist())
+    scores, indices = top_k_search(query_vectors, product_vectors, k)
+    product_ids = products["product_id"].to_numpy()
+    return {qid: {product_ids[i]: float(s) for s, i in zip(row_scores, row_indices) if i >= 0}
+            for qid, row_scores, row_indices in zip(queries["query_id"], scores, indices)}
+
+
+def bm25_run(queries: pd.DataFrame, products: pd.DataFrame, k: int = 100) -> Run:
+    """The BM25 baseline (bm25s, English stopwords) over the same product texts."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(products["product_text"].tolist(), stopwords="en", show_progress=False),
+                    show_progress=False)
+    query_tokens = bm25s.tokenize(queries["query_text"].tolist(), stopwords="en", show_progress=False)
+    k = min(k, len(products))
+    indices, scores = retriever.retrieve(query_tokens, k=k, show_progress=False, n_threads=0)
+    product_ids = products["product_id"].to_numpy()
+    return {qid: {product_ids[i]: float(s) for s, i in zip(row_scores, row_indices) if s > 0}
+            for qid, row_scores, row_indices in zip(queries["query_id"], scores, indices)}
+
+
+def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run, top_grade: int) -> dict[str, float]:
+    """ndcg@10, recall@100 and mrr (relevant = top grade for the last two) via ranx."""
+    from ranx import Qrels, Run as RanxRun, evaluate
+
+    run = {qid: (ranked or {"__none__": 0.0}) for qid, ranked in run.items() if qid in qrels}
+    names = {"ndcg@10": "ndcg@10", "recall@100": f"recall@100-l{top_grade}", "mrr": f"mrr@100-l{top_grade}"}
+    scores = evaluate(Qrels(qrels), RanxRun(run), list(names.values()), make_comparable=True)
+    return {name: float(scores[metric]) for name, metric in names.items()}
+
+
+def band_separation(pair_scores: pd.DataFrame, scheme: LabelScheme) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-grade score distribution and adjacent-grade AUC of labelled pairs (columns grade, score)."""
+    bands: dict[str, dict[str, float]] = {}
+    for label in scheme.labels:
+        scores = pair_scores.loc[pair_scores["grade"] == label.grade, "score"]
+        if len(scores):
+            q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
+            bands[label.name] = {"n": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std(ddof=0)),
+                                 "p10": float(q10), "p50": float(q50), "p90": float(q90)}
+    auc: dict[str, float] = {}
+    ordered = sorted(scheme.labels, key=lambda label: -label.grade)
+    for upper, lower in zip(ordered, ordered[1:]):
+        both = pair_scores[pair_scores["grade"].isin([upper.grade, lower.grade])]
+        if both["grade"].nunique() == 2:
+            auc[f"{upper.name}>{lower.name}"] = float(roc_auc_score(both["grade"] == upper.grade, both["score"]))
+    return bands, auc
+
+
+def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
+    """Cosine similarity of every labelled pair: the frame with a `score` column added."""
+    queries = pairs.drop_duplicates("query_id")
+    products = pairs.drop_duplicates("product_id")
+    query_vectors = dict(zip(queries["query_id"], model.encode_queries(queries["query_text"].tolist())))
+    product_vectors = dict(zip(products["product_id"], model.encode_products(products["product_text"].tolist())))
+    scores = [float(query_vectors[q] @ product_vectors[p]) for q, p in zip(pairs["query_id"], pairs["product_id"])]
+    return pairs.assign(score=scores)
+
+
+def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: dict[str, TwoTowerModel | None],
+                     k: int = 100) -> list[RetrievalReport]:
+    """Evaluate each system (a model, or None for BM25) on the held-out queries against all `products`."""
+    frame = held_out.frame
+    qrels = qrels_from_pairs(frame)
+    queries = frame.drop_duplicates("query_id")[["query_id", "query_text"]]
+    queries = queries[queries["query_id"].isin(qrels)]
+    top_grade = held_out.scheme.max_grade
+    reports = []
+    for name, model in systems.items():
+        if model is None:
+            run = bm25_run(queries, products, k)
+            reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade)))
+            continue
+        run = dense_run(model, queries, products, k)
+        bands, auc = band_separation(pair_scores(model, frame), held_out.scheme)
+        reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), bands, auc))
+    for report in reports:
+        report.metrics["n_queries"] = float(len(queries))
+        report.metrics["n_queries_with_top_grade"] = float(sum(
+            any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
+        report.metrics["n_products"] = float(len(products))
+    return reports
+
+
+def relative_lift(value: float, baseline: float) -> float:
+    return (value - baseline) / baseline if baseline else float("nan")
+
+
+def reports_table(reports: Sequence[RetrievalReport], baseline: str | None = None) -> pd.DataFrame:
+    """One row per system: metrics, adjacent AUCs, and the relative NDCG@10 lift over `baseline`."""
+    rows = []
+    base = next((r.metrics["ndcg@10"] for r in reports if r.system == baseline), None)
+    for report in reports:
+        row = {"system": report.system, **{k: v for k, v in report.metrics.items() if not k.startswith("n_")}}
+        row.update({f"auc {k}": v for k, v in report.adjacent_auc.items()})
+        if base is not None:
+            row["ndcg@10 lift"] = relative_lift(report.metrics["ndcg@10"], base)
+        rows.append(row)
+    return pd.DataFrame(rows)
