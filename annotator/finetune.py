@@ -408,10 +408,10 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
                 bad_evals += 1
             history.append(record)
             _append_history(out_dir, record)
-            if progress:
-                progress(record)
             _save_checkpoint(checkpoint, model, optimizer, scheduler, step, history, best_value, best_state,
                              bad_evals, elapsed())
+            if progress:
+                progress(record)
             if bad_evals >= args.patience:
                 stop_reason = "early_stopping"
                 break
@@ -461,7 +461,7 @@ def _finish(model: Any, tokenizer: Any, policy: Policy, train: pd.DataFrame, dev
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     split = {"train_query_ids": sorted(set(train["query_id"])), "dev_query_ids": sorted(set(dev["query_id"])),
-             "dev_pair_ids": list(dev_examples.pair_ids)}
+             "dev_query_texts": sorted(set(dev["query"].astype(str))), "dev_pair_ids": list(dev_examples.pair_ids)}
     (out_dir / SPLIT_FILE).write_text(json.dumps(split), encoding="utf-8")
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     return FinetuneResult(out_dir, meta, history)

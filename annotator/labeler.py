@@ -102,6 +102,17 @@ class Labeler:
         self.token_ids = label_token_ids(self.backend, self.options)
         self.author = f"{_model_tag(model)}+{adapter_tag(adapter_path)}@{self.policy.name}:{self.policy.version}"
 
+    def with_policy(self, policy: str | Policy) -> "Labeler":
+        """A labeler for another policy on the same loaded model and backend (no second engine)."""
+        other = object.__new__(Labeler)
+        other.__dict__.update(self.__dict__)
+        other.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        other.options = other.policy.answer_options()
+        other.token_ids = label_token_ids(self.backend, other.options)
+        other.author = f"{_model_tag(self.model)}+{adapter_tag(Path(self.adapter) if self.adapter else None)}" \
+                       f"@{other.policy.name}:{other.policy.version}"
+        return other
+
     @property
     def label_names(self) -> list[str]:
         return self.policy.scheme.label_names

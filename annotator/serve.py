@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from annotator.backends.vllm_backend import CPU_ENV_DEFAULTS, adapter_rank
+from annotator.backends.vllm_backend import CPU_ENV_DEFAULTS, PREFIX_BLOCK_SIZE, adapter_rank, preferred_dtype
 from annotator.labeler import check_adapter
 from annotator.models import resolve_model
 from labelstore.errors import MnrError
@@ -31,9 +31,9 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, ada
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", resolve_model(model), "--served-model-name", model,
-        "--host", host, "--port", str(port), "--dtype", dtype,
+        "--host", host, "--port", str(port), "--dtype", preferred_dtype() if dtype == "auto" else dtype,
         "--max-model-len", str(max_model_len), "--logprobs-mode", "processed_logprobs",
-        "--enable-prefix-caching", "--enforce-eager", "--disable-uvicorn-access-log",
+        "--enable-prefix-caching", "--block-size", str(PREFIX_BLOCK_SIZE), "--enforce-eager", "--disable-uvicorn-access-log",
     ]
     if adapter is not None:
         path = check_adapter(adapter)

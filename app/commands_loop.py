@@ -39,11 +39,13 @@ def demo(
     workspace: Path = typer.Option(Path("demo-workspace"), "--workspace", help="Folder for the demo store, models and report."),
     quick: bool = typer.Option(False, "--quick", help="A smaller sample and fewer training steps (about half the time)."),
     fresh: bool = typer.Option(False, "--fresh", help="Run a new loop even when the last demo loop finished."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter from `mnr finetune` for the "
+                                           "relabel step (default: the base SmolLM2)."),
 ) -> None:
     """The whole loop on a small default: Home Depot sample from ../shared/data, else a generated catalog."""
     from app.demo import run_demo
 
-    run_demo(workspace, quick=quick, fresh=fresh, console=console)
+    run_demo(workspace, quick=quick, fresh=fresh, adapter=adapter, console=console)
 
 
 def register(app: typer.Typer) -> None:

@@ -27,8 +27,10 @@ STORE_FILE = "mnr.duckdb"
 HOMEDEPOT_QUERIES = {False: 400, True: 150}
 CATALOG_FAMILIES = {False: 14, True: 8}
 RELABEL_PAIRS = {False: 300, True: 100}
+TRAIN_STEPS = {False: 40, True: 20}
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "VLLM_LOGGING_LEVEL": "ERROR"}
 
 
 def demo_data(quick: bool) -> dict[str, Any]:
@@ -43,21 +45,23 @@ def demo_data(quick: bool) -> dict[str, Any]:
             "ingest": {"source": "catalog", "n_families": CATALOG_FAMILIES[quick], "seed": 0}}
 
 
-def demo_config(workspace: Path, quick: bool = False) -> LoopConfig:
+def demo_config(workspace: Path, quick: bool = False, adapter: Path | None = None) -> LoopConfig:
     """The demo's loop config (the same keys as mnr.example.toml)."""
     data = demo_data(quick)
     loop: dict[str, Any] = {
         "workspace": str(workspace), "dataset": data["dataset"], "scheme": data["scheme"],
         "holdout_fraction": 0.2, "seed": 0,
         "ingest": data["ingest"],
-        "train_stage1": {"epochs": 1, "queries_per_batch": 16, "products_per_query": 8, "max_steps": 40 if quick else 80},
+        "train_stage1": {"epochs": 2, "queries_per_batch": 16, "products_per_query": 8, "max_seq_length": 32,
+                         "max_steps": TRAIN_STEPS[quick]},
         "mine": {"top_k": 30, "per_query": 3},
         "relabel": {"backend": "vllm", "model": "smollm2", "policy": data["policy"],
-                    "max_pairs": RELABEL_PAIRS[quick]},
+                    "max_pairs": RELABEL_PAIRS[quick], **({"adapter": str(adapter.resolve())} if adapter else {})},
         "engagement": {"source": "simulate", "n_sessions": 4000 if quick else 10000, "seed": 0},
         "audit": {},
         "trigger": {},
-        "train_stage2": {"epochs": 1, "queries_per_batch": 16, "products_per_query": 8, "max_steps": 40 if quick else 80},
+        "train_stage2": {"epochs": 2, "queries_per_batch": 16, "products_per_query": 8, "max_seq_length": 32,
+                         "max_steps": TRAIN_STEPS[quick]},
         "evaluate": {"k": 100, "bm25": True},
         "promote": {"min_gain": 0.0},
     }
@@ -66,7 +70,8 @@ def demo_config(workspace: Path, quick: bool = False) -> LoopConfig:
     return LoopConfig(loop=loop, source_path=None, whole=whole)
 
 
-def run_demo(workspace: Path, quick: bool = False, fresh: bool = False, console: Console | None = None) -> str:
+def run_demo(workspace: Path, quick: bool = False, fresh: bool = False, adapter: Path | None = None,
+             console: Console | None = None) -> str:
     """Run (or continue) the demo loop in `workspace`, print the summary table; returns the loop run id."""
     console = console or Console()
     for name, value in ENGINE_ENV.items():
@@ -80,7 +85,7 @@ def run_demo(workspace: Path, quick: bool = False, fresh: bool = False, console:
                       f"`make clean-demo` to start over). Its numbers:")
         print_summary(store, latest[0], workspace, console)
         return latest[0]
-    config = demo_config(workspace, quick)
+    config = demo_config(workspace, quick, adapter)
     console.print(f"mine-refine demo: data = {config.dataset} ({config.scheme}), store = {store_file}")
     started = time.perf_counter()
     result = run_loop(store, config, fresh=fresh, log=lambda line: console.print(escape(line)),

@@ -36,7 +36,6 @@ STEP_NAMES: tuple[str, ...] = (
     "evaluate", "promote",
 )
 LOOP_KIND = "loop"
-RESERVED_OUTPUT_KEYS = ("wall_s", "items", "unit", "items_per_s")
 
 
 class StepFailed(MnrError):
@@ -50,10 +49,6 @@ class StepFailed(MnrError):
             f"loop step '{step}' failed (loop run {loop_run_id}): {cause_text}\n"
             f"Finished steps are kept. Fix the cause, then run `{resume_hint}` to continue from '{step}'."
         )
-
-
-class StepMissing(MnrError):
-    """A step needs a public function of another area that this install does not have yet."""
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -235,7 +230,7 @@ def known_step_keys(step: str) -> set[str]:
         "relabel": lambda: set(RELABEL_KEYS),
         "engagement": lambda: {"source", "path", "format", "ubi_queries", "mapping"}
         | _dataclass_keys("auditor.simulate", "SimulationParams"),
-        "audit": lambda: {"events_path"},
+        "audit": lambda: set(),
         "trigger": lambda: {"force"},
         "train-stage2": lambda: train,
         "evaluate": lambda: {"k", "bm25", "labels"},
@@ -323,10 +318,6 @@ def loop_summary(store: Store, loop_run_id: str) -> dict[str, dict[str, Any]]:
 
 
 # -- the steps -------------------------------------------------------------------------------
-def _missing(step: str, what: str, issue: str) -> StepMissing:
-    return StepMissing(f"step '{step}' needs {what} ({issue}), which this install does not have yet")
-
-
 def _count_pairs(store: Store, dataset: str) -> int:
     return int(store.scalar("SELECT count(*) FROM pairs WHERE dataset = ?", [dataset]) or 0)
 
@@ -409,6 +400,82 @@ def _dataclass_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if key in names}
 
 
+def _train(ctx: StepContext, stage: str, start_from: str | None, parent_model_id: str | None) -> dict[str, Any]:
+    from trainer.train import TrainConfig, run_training
+
+    values = {**_dataclass_values(TrainConfig, ctx.options), **_shared_split(ctx)}
+    config = TrainConfig(stage=stage, scheme=ctx.config.scheme, dataset=ctx.config.dataset, **values)
+    # A fixed folder per loop run and stage: a re-run of a failed step resumes from its checkpoint.
+    out = ctx.workspace / "models" / f"{stage}-{ctx.loop_run_id}"
+    model_id, result = run_training(ctx.store, config, start_from=start_from, parent_model_id=parent_model_id,
+                                    out=out, evaluate=False, show_progress=False)
+    return {"model_id": model_id, "path": str(result.path), "steps": result.steps,
+            "train_pairs_per_s": round(result.metrics.get("train_pairs_per_s", 0.0), 2),
+            "loss_first": result.metrics.get("loss_first"), "loss_last20": result.metrics.get("loss_last20"),
+            "items": int(result.metrics.get("train_pairs_seen", 0)), "unit": "pairs"}
+
+
+def _shared_split(ctx: StepContext) -> dict[str, Any]:
+    """The held-out split every step agrees on: [loop] holdout_fraction and seed."""
+    return {"holdout_fraction": float(ctx.config.get("holdout_fraction", 0.2)), "seed": int(ctx.config.get("seed", 0))}
+
+
+def step_train_stage1(ctx: StepContext) -> dict[str, Any]:
+    """Stage 1: label-aware SupCon from all-MiniLM-L6-v2 on the current labels."""
+    from trainer.registry import ensure_zero_shot
+
+    return _train(ctx, "stage1", None, ensure_zero_shot(ctx.store))
+
+
+def step_mine(ctx: StepContext) -> dict[str, Any]:
+    """Mine hard pairs with the Stage 1 retriever (faiss): ambiguous unlabelled and label-disputing pairs."""
+    from trainer.mining import REASONS, MiningConfig, mine
+    from trainer.model import TwoTowerModel
+
+    stage1 = ctx.output("train-stage1")
+    values = _dataclass_values(MiningConfig, ctx.options)
+    if values.get("band") is not None:
+        values["band"] = tuple(values["band"])
+    model = TwoTowerModel.from_pretrained(stage1["path"])
+    run_id, candidates, metrics = mine(ctx.store, model, ctx.config.scheme, ctx.config.dataset, MiningConfig(**values),
+                                      model_id=stage1["model_id"])
+    by_reason = {reason: int((candidates["reason"] == reason).sum()) for reason in REASONS}
+    return {"mining_run_id": run_id, "candidates": int(len(candidates)), "by_reason": by_reason,
+            "new_pairs": int(metrics.get("inserted_pairs", 0)), "items": int(metrics.get("n_queries", 0)),
+            "unit": "queries"}
+
+
+RELABEL_KEYS = ("backend", "model", "policy", "adapter", "max_pairs", "chunk_size", "review_threshold",
+                "backend_options")
+
+
+def step_relabel(ctx: StepContext) -> dict[str, Any]:
+    """Label the mined pairs with the policy-prompted LLM (LoRA adapter when configured); resumable."""
+    from annotator.batch import LabelJob, run_label_job
+    from annotator.models import PULLABLE, list_models, pull
+
+    options = ctx.options
+    model = str(options.get("model", "smollm2"))
+    if model in PULLABLE and model not in list_models():
+        ctx.log(f"[relabel] pulling {model} into the model cache (once)")
+        pull(model)
+    adapter = options.get("adapter")
+    mining_run = ctx.output("mine")["mining_run_id"]
+    job = LabelJob(model=model, policy=str(options.get("policy", ctx.config.scheme)), select="mined",
+                   backend=str(options.get("backend", "vllm")),
+                   adapter=str(ctx.config.resolve(str(adapter))) if adapter else None,
+                   limit=int(options["max_pairs"]) if options.get("max_pairs") else None, dataset=ctx.config.dataset,
+                   mining_run=mining_run, chunk_size=int(options.get("chunk_size", 64)),
+                   review_threshold=options.get("review_threshold"),
+                   backend_options=dict(options.get("backend_options", {})))
+    result = run_label_job(ctx.store, job, progress=False)
+    return {"label_run_id": result.run_id, "resumed": result.resumed, "selected": result.n_selected,
+            "labelled_now": result.n_labelled_now, "label_counts": result.label_counts,
+            "mean_confidence": result.mean_confidence, "needs_review": result.needs_review,
+            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author,
+            "items": result.n_selected, "unit": "pairs"}
+
+
 # Ground truth: each pair's newest imported label (human judgments, or the generated catalog's
 # labels by construction), never the LLM's. The simulated log is drawn from it, so the audit can
 # catch LLM errors, and the held-out test set is graded by it, so relabels never move the test set.
@@ -449,17 +516,43 @@ def step_engagement(ctx: StepContext) -> dict[str, Any]:
         result = ingest_events(ctx.store, path, fmt=options.get("format"), dataset=ctx.config.dataset,
                                mapping=options.get("mapping"), ubi_queries=ubi_queries)
         added = result.inserted
+    elif source == "parquet":
+        if "path" not in options:
+            raise MnrError(f"{where}: source = 'parquet' needs a `path` (a Parquet file, folder, glob or s3:// URL)")
+        events_path = _location(ctx.config, str(options["path"]))
+        total, simulated = _parquet_event_counts(events_path)
+        return {"source": source, "events_path": events_path, "events_added": 0, "events_total": total,
+                "simulated": simulated, "items": total, "unit": "events (read in place)"}
     elif source == "store":
         added = 0
     else:
-        raise MnrError(f"{where}: source must be 'simulate', 'file' or 'store', not '{source}'")
+        raise MnrError(f"{where}: source must be 'simulate', 'file', 'parquet' or 'store', not '{source}'")
     total, simulated = ctx.store.fetchall(
         "SELECT count(*), coalesce(bool_or(simulated), false) FROM engagement_events WHERE dataset = ?",
         [ctx.config.dataset])[0]
     if total == 0:
         raise MnrError(f"{ctx.store.path}: no engagement events for dataset '{ctx.config.dataset}'; the audit needs some")
-    return {"source": source, "events_added": added, "events_total": total, "simulated": simulated,
-            "items": added, "unit": "events"}
+    return {"source": source, "events_path": None, "events_added": added, "events_total": total,
+            "simulated": simulated, "items": added, "unit": "events"}
+
+
+def _location(config: LoopConfig, value: str) -> str:
+    """A local path resolved against the config's folder; URLs (s3://, gs://, https://) as given."""
+    return value if "://" in value else str(config.resolve(value))
+
+
+def _parquet_event_counts(events_path: str) -> tuple[int, bool]:
+    """(events, any simulated) of Parquet events read in place, through the auditor's own reader."""
+    import duckdb
+
+    from auditor.metrics import attach_events
+
+    with duckdb.connect() as con:
+        attach_events(con, events_path)
+        total, simulated = con.execute("SELECT count(*), coalesce(bool_or(simulated), false) FROM audit_events").fetchone()
+    if total == 0:
+        raise MnrError(f"{events_path}: no engagement events in it; the audit needs some")
+    return int(total), bool(simulated)
 
 
 def step_audit(ctx: StepContext) -> dict[str, Any]:
@@ -469,9 +562,7 @@ def step_audit(ctx: StepContext) -> dict[str, Any]:
     from auditor.settings import AuditSettings
 
     settings = AuditSettings.from_config(ctx.config.whole.get("auditor", {}))
-    events_path = ctx.options.get("events_path")
-    result = run_audit(ctx.store, ctx.config.scheme, settings,
-                       ctx.config.resolve(str(events_path)) if events_path else None)
+    result = run_audit(ctx.store, ctx.config.scheme, settings, ctx.output("engagement").get("events_path"))
     report = write_report(ctx.store, result, ctx.workspace / "reports" / result.run_id, settings)
     summary = result.summary
     return {"audit_run_id": result.run_id, "report": str(report.resolve()), "flags": summary["flags"],
@@ -491,33 +582,6 @@ def step_trigger(ctx: StepContext) -> dict[str, Any]:
     reasons = list(outcome.decision.reasons) + (["forced by [loop.trigger] force = true"] if force else [])
     return {"trigger_run_id": outcome.run_id, "fired": outcome.decision.fire, "refine": outcome.decision.fire or force,
             "reasons": reasons, "counts": dataclasses.asdict(outcome.counts)}
-
-
-def _train(ctx: StepContext, stage: str, start_from: str | None, parent_model_id: str | None) -> dict[str, Any]:
-    from trainer.train import TrainConfig, run_training
-
-    values = {**_dataclass_values(TrainConfig, ctx.options), **_shared_split(ctx)}
-    config = TrainConfig(stage=stage, scheme=ctx.config.scheme, dataset=ctx.config.dataset, **values)
-    # A fixed folder per loop run and stage: a re-run of a failed step resumes from its checkpoint.
-    out = ctx.workspace / "models" / f"{stage}-{ctx.loop_run_id}"
-    model_id, result = run_training(ctx.store, config, start_from=start_from, parent_model_id=parent_model_id,
-                                    out=out, evaluate=False, show_progress=False)
-    return {"model_id": model_id, "path": str(result.path), "steps": result.steps,
-            "train_pairs_per_s": round(result.metrics.get("train_pairs_per_s", 0.0), 2),
-            "loss_first": result.metrics.get("loss_first"), "loss_last20": result.metrics.get("loss_last20"),
-            "items": int(result.metrics.get("train_pairs_seen", 0)), "unit": "pairs"}
-
-
-def _shared_split(ctx: StepContext) -> dict[str, Any]:
-    """The held-out split every step agrees on: [loop] holdout_fraction and seed."""
-    return {"holdout_fraction": float(ctx.config.get("holdout_fraction", 0.2)), "seed": int(ctx.config.get("seed", 0))}
-
-
-def step_train_stage1(ctx: StepContext) -> dict[str, Any]:
-    """Stage 1: label-aware SupCon from all-MiniLM-L6-v2 on the current labels."""
-    from trainer.registry import ensure_zero_shot
-
-    return _train(ctx, "stage1", None, ensure_zero_shot(ctx.store))
 
 
 def step_train_stage2(ctx: StepContext) -> dict[str, Any]:
@@ -595,63 +659,9 @@ def step_promote(ctx: StepContext) -> dict[str, Any]:
             "reason": f"{candidate} {'beats' if better else 'does not beat'} {baseline} on {metric} by more than {min_gain}"}
 
 
-def step_mine(ctx: StepContext) -> dict[str, Any]:
-    """Mine hard pairs with the Stage 1 retriever (faiss): ambiguous unlabelled and label-disputing pairs."""
-    from trainer.mining import REASONS, MiningConfig, mine
-    from trainer.model import TwoTowerModel
-
-    stage1 = ctx.output("train-stage1")
-    values = _dataclass_values(MiningConfig, ctx.options)
-    if values.get("band") is not None:
-        values["band"] = tuple(values["band"])
-    model = TwoTowerModel.from_pretrained(stage1["path"])
-    run_id, candidates, metrics = mine(ctx.store, model, ctx.config.scheme, ctx.config.dataset, MiningConfig(**values),
-                                      model_id=stage1["model_id"])
-    by_reason = {reason: int((candidates["reason"] == reason).sum()) for reason in REASONS}
-    return {"mining_run_id": run_id, "candidates": int(len(candidates)), "by_reason": by_reason,
-            "new_pairs": int(metrics.get("inserted_pairs", 0)), "items": int(metrics.get("n_queries", 0)),
-            "unit": "queries"}
-
-
-RELABEL_KEYS = ("backend", "model", "policy", "adapter", "max_pairs", "chunk_size", "review_threshold",
-                "backend_options")
-
-
-def step_relabel(ctx: StepContext) -> dict[str, Any]:
-    """Label the mined pairs with the policy-prompted LLM (LoRA adapter when configured); resumable."""
-    from annotator.batch import LabelJob, run_label_job
-    from annotator.models import PULLABLE, list_models, pull
-
-    options = ctx.options
-    model = str(options.get("model", "smollm2"))
-    if model in PULLABLE and model not in list_models():
-        ctx.log(f"[relabel] pulling {model} into the model cache (once)")
-        pull(model)
-    adapter = options.get("adapter")
-    mining_run = ctx.output("mine")["mining_run_id"]
-    job = LabelJob(model=model, policy=str(options.get("policy", ctx.config.scheme)), select="mined",
-                   backend=str(options.get("backend", "vllm")),
-                   adapter=str(ctx.config.resolve(str(adapter))) if adapter else None,
-                   limit=int(options["max_pairs"]) if options.get("max_pairs") else None, dataset=ctx.config.dataset,
-                   mining_run=mining_run, chunk_size=int(options.get("chunk_size", 64)),
-                   review_threshold=options.get("review_threshold"),
-                   backend_options=dict(options.get("backend_options", {})))
-    result = run_label_job(ctx.store, job, progress=False)
-    return {"label_run_id": result.run_id, "resumed": result.resumed, "selected": result.n_selected,
-            "labelled_now": result.n_labelled_now, "label_counts": result.label_counts,
-            "mean_confidence": result.mean_confidence, "needs_review": result.needs_review,
-            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author,
-            "items": result.n_selected, "unit": "pairs"}
-
-
-def _not_wired(step: str) -> StepFunction:
-    def missing(_ctx: StepContext) -> dict[str, Any]:
-        raise _missing(step, f"the '{step}' step function", "issue #8")
-    return missing
-
-
-STEPS: dict[str, StepFunction] = {name: _not_wired(name) for name in STEP_NAMES}
-STEPS.update({
-    "ingest": step_ingest, "train-stage1": step_train_stage1, "mine": step_mine, "relabel": step_relabel, "engagement": step_engagement, "audit": step_audit,
-    "trigger": step_trigger, "train-stage2": step_train_stage2, "evaluate": step_evaluate, "promote": step_promote,
-})
+STEPS: dict[str, StepFunction] = {
+    "ingest": step_ingest, "train-stage1": step_train_stage1, "mine": step_mine, "relabel": step_relabel,
+    "engagement": step_engagement, "audit": step_audit, "trigger": step_trigger, "train-stage2": step_train_stage2,
+    "evaluate": step_evaluate, "promote": step_promote,
+}
+assert tuple(STEPS) == STEP_NAMES

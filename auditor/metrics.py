@@ -78,6 +78,8 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
     con.execute(auditor_sql("examination_start"))
     for _ in range(settings.curve_iterations):
         con.execute(auditor_sql("position_curve_step"))
+        if con.execute(auditor_sql("position_curve_change")).fetchone()[0] < settings.curve_tolerance:
+            break
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_position_curve AS {auditor_sql('position_curve')}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {auditor_sql('pair_metrics')}",
                 {"z": settings.z, "scheme": scheme})

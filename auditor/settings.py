@@ -14,7 +14,8 @@ class AuditSettings:
     Engagement metrics
         window_days: width of the time windows (drift series); window_origin: where windows start.
         max_position: positions beyond this are left out of the position curve.
-        curve_iterations: alternating steps of the position-curve fit.
+        curve_iterations, curve_tolerance: at most this many alternating steps of the position-curve
+            fit, stopping once no position's examination moves by more than the tolerance (relative).
         z: normal quantile of every interval (1.96: 95%).
         profile_min_expected_clicks, min_pairs_per_grade: which pairs define a label's engagement profile.
         dispersion: divides log-likelihoods (pairs vary more than Poisson; 1 trusts Poisson fully).
@@ -39,15 +40,16 @@ class AuditSettings:
     window_days: int = 7
     window_origin: str = "2000-01-03"
     max_position: int = 50
-    curve_iterations: int = 25
+    curve_iterations: int = 50
+    curve_tolerance: float = 1e-4
     z: float = 1.96
     profile_min_expected_clicks: float = 3.0
     min_pairs_per_grade: int = 5
     dispersion: float = 1.5
-    min_impressions: int = 30
+    min_impressions: int = 20
     min_expected_clicks: float = 2.0
     min_log_likelihood_ratio: float = 2.0
-    max_label_posterior: float = 0.05
+    max_label_posterior: float = 0.1
     min_grade_gap: int = 1
     min_llm_confidence: float = 0.7
     retriever_low: float = 0.05

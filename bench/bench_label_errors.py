@@ -42,7 +42,7 @@ from labelstore.store import LabelRecord, Store
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = {
     # name: (file, preset, scheme, sessions full, sessions quick, queries kept in quick mode)
-    "homedepot": ("homedepot/train.csv", "homedepot", "graded3", 3_000_000, 400_000, 2500),
+    "homedepot": ("homedepot/train.csv", "homedepot", "graded3", 6_000_000, 600_000, 2500),
     "crowdflower": ("crowdflower/train.csv", "crowdflower", "graded4", 600_000, 200_000, None),
 }
 CORRUPTION_RATE = 0.1
@@ -70,11 +70,11 @@ def _subsample(path: Path, keep_queries: int | None, seed: int, workdir: Path) -
 def _labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int, seed: int) -> np.ndarray:
     """Out-of-sample class probabilities, shape (n_pairs, n_grades), columns = grades 0..max."""
     text = store.df(
-        "SELECT p.pair_id, q.text || ' | ' || pr.title || ' ' || coalesce(left(pr.description, 300), '') AS text "
+        "SELECT p.pair_id, q.text || ' | ' || pr.title || ' ' || coalesce(left(pr.description, 200), '') AS text "
         "FROM pairs p JOIN queries q USING (query_id) JOIN products pr USING (product_id)")
     text = truth[["pair_id"]].merge(text, on="pair_id", how="left")["text"].fillna("")
-    features = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit_transform(text)
-    model = LogisticRegression(max_iter=2000, C=4.0)
+    features = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=50_000, sublinear_tf=True).fit_transform(text)
+    model = LogisticRegression(max_iter=300, C=4.0)
     probs = cross_val_predict(model, features, labels, cv=5, method="predict_proba")
     full = np.zeros((len(labels), n_grades))
     full[:, np.unique(labels)] = probs

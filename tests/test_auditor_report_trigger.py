@@ -3,9 +3,6 @@ end, and the retrain trigger fires exactly when its policy says."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,27 +13,32 @@ from labelstore.catalog import generate_catalog, write_catalog
 from labelstore.errors import MnrError
 from labelstore.store import LabelRecord, Store
 
-MNR = [sys.executable, "-m", "app.cli"]
+
+def _mnr(args: list[str]):
+    """Run the real `mnr` typer app in-process (one import of every area's commands per session)."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    return CliRunner().invoke(app, args)
 
 
-def _mnr(args: list[str], cwd: Path, store: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MNR_STORE": str(store), "MNR_CONFIG": str(cwd / "mnr.toml")}
-    return subprocess.run(MNR + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_cli_simulate_audit_report_and_trigger(tmp_path):
+def test_cli_simulate_audit_report_and_trigger(tmp_path, monkeypatch):
     store_path = tmp_path / "s.duckdb"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MNR_STORE", str(store_path))
+    monkeypatch.setenv("MNR_CONFIG", str(tmp_path / "mnr.toml"))
     write_catalog(Store(store_path), generate_catalog(seed=0))
     (tmp_path / "mnr.toml").write_text(
         "[auditor]\nmin_impressions = 20\n\n[trigger]\nmin_new_clean_labels = 0\nmax_flagged_share = 1.0\n"
         "fire_on_drift = true\ncommand = \"echo retrain > retrained.txt\"\n", encoding="utf-8")
     simulated = _mnr(["simulate-engagement", "--sessions", "15000", "--start", "2026-01-05", "--days", "28",
-                      "--drift-at", "2026-01-19"], tmp_path, store_path)
-    assert simulated.returncode == 0, simulated.stderr
-    assert "SIMULATED" in simulated.stdout
-    audited = _mnr(["audit", "--report", "report", "--trigger"], tmp_path, store_path)
-    assert audited.returncode == 0, audited.stderr
-    assert "FIRES" in audited.stdout and "drift alarm" in audited.stdout
+                      "--drift-at", "2026-01-19"])
+    assert simulated.exit_code == 0, simulated.output
+    assert "SIMULATED" in simulated.output
+    audited = _mnr(["audit", "--report", "report", "--trigger"])
+    assert audited.exit_code == 0, audited.output
+    assert "FIRES" in audited.output and "drift alarm" in audited.output
     assert (tmp_path / "retrained.txt").read_text().strip() == "retrain"
     html = (tmp_path / "report" / "audit.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") == 4 and "<script" not in html
@@ -50,19 +52,15 @@ def test_cli_simulate_audit_report_and_trigger(tmp_path):
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from app.cli import app
-
     monkeypatch.setenv("MNR_STORE", str(tmp_path / "s.duckdb"))
     monkeypatch.setenv("MNR_CONFIG", str(tmp_path / "mnr.toml"))
     (tmp_path / "mnr.toml").write_text("[auditor]\nnot_a_setting = 1\n", encoding="utf-8")
-    result = CliRunner().invoke(app, ["audit"])
+    result = _mnr(["audit"])
     assert isinstance(result.exception, MnrError) and "not_a_setting" in str(result.exception)
     (tmp_path / "mnr.toml").write_text("", encoding="utf-8")
-    result = CliRunner().invoke(app, ["ingest-events", str(tmp_path / "missing.csv"), "--dataset", "x"])
+    result = _mnr(["ingest-events", str(tmp_path / "missing.csv"), "--dataset", "x"])
     assert isinstance(result.exception, MnrError) and "missing.csv" in str(result.exception)
-    result = CliRunner().invoke(app, ["simulate-engagement", "--drift-at", "soon"])
+    result = _mnr(["simulate-engagement", "--drift-at", "soon"])
     assert isinstance(result.exception, MnrError) and "--drift-at" in str(result.exception)
 
 

@@ -106,6 +106,10 @@ def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
     message = str(error.value)
     assert str(config) in message and "[loop] colour" in message and "[loop.train_stage1]: unknown key(s) epochz" in message
     validate_config(LoopConfig.from_file(REPO_ROOT / "mnr.example.toml"))  # every documented key is accepted
+    from app.demo import demo_config
+
+    for quick in (False, True):
+        validate_config(demo_config(tmp_path / "demo-workspace", quick))
 
 
 def test_cli_reports_a_failed_step_and_exits_2(tmp_path: Path) -> None:
@@ -119,6 +123,36 @@ def test_cli_reports_a_failed_step_and_exits_2(tmp_path: Path) -> None:
     store = Store(tmp_path / "loop.duckdb")
     assert store.fetchall("SELECT kind, status FROM runs WHERE kind LIKE 'loop%' ORDER BY kind") == [
         ("loop", "failed"), ("loop:ingest", "failed")]
+
+
+def test_audit_reads_hive_partitioned_parquet_in_place(tmp_path: Path) -> None:
+    """The scaling-out path for audits: events stay in partitioned Parquet, the same SQL reads them."""
+    import duckdb
+
+    from auditor.simulate import SimulationParams, simulate_events
+
+    store = Store(tmp_path / "loop.duckdb")
+    events_dir = tmp_path / "events"
+    config = LoopConfig(loop={"workspace": str(tmp_path / "ws"), "ingest": {"source": "catalog", "n_families": 3},
+                              "engagement": {"source": "parquet", "path": str(events_dir)}})
+    run_loop(store, config, only_step="ingest", log=lambda _line: None)
+    truth = store.df("SELECT c.pair_id, p.query_id, q.text AS query_text, p.product_id, p.dataset, c.grade "
+                     "FROM current_labels c JOIN pairs p USING (pair_id) JOIN queries q USING (query_id)")
+    events = simulate_events(truth, SimulationParams(n_sessions=2000, seed=1), max_grade=3)
+    with duckdb.connect() as con:
+        con.register("events_frame", events)
+        con.execute("COPY (SELECT *, strftime(ts, '%Y-%m-%d') AS dt FROM events_frame) TO $out "
+                    "(FORMAT parquet, PARTITION_BY (dt))", {"out": str(events_dir)})
+    assert len(list(events_dir.glob("dt=*/*.parquet"))) > 1
+    run_loop(store, config, only_step="engagement", log=lambda _line: None)
+    run_loop(store, config, only_step="audit", log=lambda _line: None)
+    loop_id, _ = latest_loop_run(store)
+    out = loop_summary(store, loop_id)
+    assert out["engagement"]["events_total"] == len(events) and out["engagement"]["simulated"] is True
+    assert store.scalar("SELECT count(*) FROM engagement_events") == 0  # read in place, never copied
+    audit_events = json.loads(store.scalar("SELECT metrics FROM runs WHERE run_id = ?", [out["audit"]["audit_run_id"]]))
+    assert audit_events["events"] == len(events)
+    assert Path(out["audit"]["report"]).is_file()
 
 
 # -- bench/run_all --------------------------------------------------------------------------------
@@ -229,3 +263,14 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     assert promoted == (1 if out["promote"]["promoted"] else 0)
     for step in STEP_NAMES:
         assert out[step]["wall_s"] >= 0
+
+    from rich.console import Console
+
+    from app.demo import print_summary
+
+    console = Console(record=True, width=200)
+    print_summary(store, loop_id, tmp_path / "ws", console)
+    text = console.export_text()
+    for expected in ("Loop steps (throughput)", "Labels by source", "llm", "import", "NDCG@10", "zero-shot", "stage2",
+                     "engagement is SIMULATED", out["audit"]["report"], "review"):
+        assert expected in text, expected

@@ -7,9 +7,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import app.review
-from app.review.decisions import record_decision, show
-from app.review.item import load_item
-from test_review_support import ReviewFixture, build_review_store, copy_review_store, llm_label, write_config
+from test_review_support import (
+    ReviewFixture, build_review_store, copy_review_store, human_label, llm_label, write_config,
+)
 
 UI = Path(app.review.__file__).parent / "ui.py"
 
@@ -114,9 +114,9 @@ def test_agreement_page_shows_kappa_on_an_overlap_set(fixture: ReviewFixture) ->
     pairs = [row[0] for row in store.fetchall("SELECT pair_id FROM pairs ORDER BY pair_id DESC LIMIT 4")]
     llm = ["exact", "substitute", "irrelevant", "irrelevant"]
     store.add_labels([llm_label(pair, label, 0.9) for pair, label in zip(pairs, llm)])
-    for pair, alice, bob in zip(pairs, ["exact", "exact", "irrelevant", "irrelevant"], llm):
-        for annotator, label in (("alice", alice), ("bob", bob)):
-            record_decision(store, show(load_item(store, pair, "esci"), "overlap"), annotator, label)
+    alice = ["exact", "exact", "irrelevant", "irrelevant"]
+    store.add_labels([human_label(pair, label, "alice") for pair, label in zip(pairs, alice)]
+                     + [human_label(pair, label, "bob") for pair, label in zip(pairs, llm)])
     at = start()
     at.switch_page("screens/agreement.py").run()
     assert not at.exception, at.exception
@@ -128,11 +128,16 @@ def test_agreement_page_shows_kappa_on_an_overlap_set(fixture: ReviewFixture) ->
     assert between["kappa"].item() == pytest.approx(0.9375)
 
 
-def test_audit_page_links_flags_to_the_review_page(fixture: ReviewFixture) -> None:
+def test_audit_page_shows_the_report_and_links_flags_to_the_review_page(fixture: ReviewFixture) -> None:
+    report = fixture.store.path.parent / "reports" / "audit-fixture" / "audit.html"
+    report.parent.mkdir(parents=True)
+    report.write_text("<html><body><h1>Audit report</h1></body></html>", encoding="utf-8")
     at = start()
     at.switch_page("screens/audit.py").run()
     assert not at.exception, at.exception
     assert "audit-fixture" in at.markdown[0].value
+    assert [expander.label for expander in at.expander] == [f"Report file: {report.resolve()}"]
+    assert "<h1>Audit report</h1>" in at.expander[0].children[0].proto.srcdoc
     links = at.get("page_link")
     assert len(links) == 1 and links[0].proto.query_string == f"pair={fixture.audit_high}&scheme=esci"
     # following such a link opens that pair on the review page

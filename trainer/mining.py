@@ -3,8 +3,9 @@
 For each query, the top-K neighbours are searched and three kinds of pairs are selected:
 
 - `ambiguous_unlabelled`: unlabelled neighbours whose similarity falls in the ambiguous band
-  [low, high] (default: between the median similarity of the lowest-grade and of the top-grade
-  labelled pairs, where the model cannot tell the grades apart);
+  [low, high], best-ranked first, at most `per_query` per query (default band: between the 10th
+  percentile of top-grade and the 90th percentile of lowest-grade labelled pairs, where the model
+  mixes the grades up);
 - `low_grade_ranked_high`: pairs labelled with the lowest grade that the model ranks within the
   top `high_rank` (an irrelevant product near the top);
 - `top_grade_ranked_low`: pairs labelled with the top grade that the model ranks below
@@ -98,11 +99,13 @@ class MiningConfig:
 
 
 def default_band(labelled_scores: pd.DataFrame, top_grade: int, low_grade: int) -> tuple[float, float]:
-    """(median score of lowest-grade pairs, median score of top-grade pairs), or (0.4, 0.7) without both."""
+    """The similarities where the model mixes up the extreme grades: between the 10th percentile of
+    top-grade pairs and the 90th percentile of lowest-grade pairs (in either order); (0.4, 0.7) without both."""
     low = labelled_scores.loc[labelled_scores["grade"] == low_grade, "score"]
     high = labelled_scores.loc[labelled_scores["grade"] == top_grade, "score"]
-    if len(low) and len(high) and float(low.median()) < float(high.median()):
-        return float(low.median()), float(high.median())
+    if len(low) and len(high):
+        edges = sorted((float(np.quantile(high, 0.1)), float(np.quantile(low, 0.9))))
+        return edges[0], edges[1]
     return 0.4, 0.7
 
 

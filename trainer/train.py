@@ -179,7 +179,7 @@ def train_model(model: TwoTowerModel, train_pairs: LabelledPairs, config: TrainC
                 step += 1
                 done_pairs += len(batch.product_texts)
                 texts += len(batch.product_texts) + len(batch.query_texts)
-                losses.append(float(loss))
+                losses.append(loss.detach().item())
                 progress.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.4f}")
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
                     _save_checkpoint(model, optimizer, scheduler, checkpoint, config, step, done_pairs, losses)

@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+# Prefix caching reuses whole KV blocks only: small blocks cache more of the policy prefix
+# (CPU default 128 leaves up to 127 prefix tokens to recompute per pair; 32 is the CPU minimum).
+PREFIX_BLOCK_SIZE = 32
 CPU_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
@@ -26,12 +29,27 @@ def adapter_rank(adapter: str | Path) -> int:
     return next((slot for slot in LORA_RANK_SLOTS if slot >= rank), rank)
 
 
+def preferred_dtype() -> str:
+    """float32 on CPUs without native bf16 (no avx512_bf16 / amx_bf16: bf16 is emulated and slow), else auto."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return "auto"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "auto"
+    return "auto" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
 class VllmBackend:
     """Parameters: `model` a local HF folder; `adapter` a PEFT LoRA folder; engine options pass
-    through to `vllm.LLM` (e.g. `max_model_len`, `dtype`, `enforce_eager`, `max_num_seqs`)."""
+    through to `vllm.LLM` (e.g. `max_model_len`, `enforce_eager`, `max_num_seqs`). `dtype="auto"`
+    picks float32 on CPUs without native bf16."""
 
     def __init__(self, model: str, adapter: str | None = None, *, structured: bool = True,
-                 max_model_len: int = 2048, enforce_eager: bool = True, seed: int = 0, **engine_options: Any):
+                 max_model_len: int = 2048, enforce_eager: bool = True, seed: int = 0, dtype: str = "auto",
+                 block_size: int = PREFIX_BLOCK_SIZE, **engine_options: Any):
         for key, value in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         from vllm import LLM
@@ -44,7 +62,9 @@ class VllmBackend:
 
             lora_options = {"enable_lora": True, "max_loras": 1, "max_lora_rank": adapter_rank(adapter)}
             self.lora_request = LoRARequest(Path(adapter).name or "adapter", 1, str(adapter))
-        self.llm = LLM(model=model, enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+        self.dtype = preferred_dtype() if dtype == "auto" else dtype
+        self.llm = LLM(model=model, dtype=self.dtype, enable_prefix_caching=True, block_size=block_size,
+                       logprobs_mode="processed_logprobs",
                        max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
                        **lora_options, **engine_options)
         self.tokenizer = self.llm.get_tokenizer()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pandas as pd
 import streamlit as st
+import streamlit.components.v1 as components
 
 from app.review.agreement import (
     annotator_vs_llm, between_annotators, confusion, decisions_frame, is_graded, kappa_trend, shared_items,
@@ -33,6 +34,7 @@ SKIP_SHORTCUT = "S"
 UNDO_SHORTCUT = "U"
 QUEUE_TABLE_ROWS = 200
 FLAG_LINKS = 50
+REPORT_HEIGHT = 900
 
 
 # -- shared pieces ------------------------------------------------------------------------------
@@ -331,10 +333,10 @@ def queue_page() -> None:
     with st.form("mnr_filters_form"):
         first, second, third, fourth = st.columns(4)
         sources = first.multiselect("Source", QUEUE_SOURCES, default=list(old.sources))
-        label = second.selectbox("Current label", [None, *choices["label"]],
+        label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
                                  index=([None, *choices["label"]].index(old.label) if old.label in choices["label"] else 0))
         text = third.text_input("Query text contains", value=old.query_text or "")
-        dataset = fourth.selectbox("Dataset", [None, *choices["dataset"]],
+        dataset = fourth.selectbox("Dataset", [None, *choices["dataset"]], format_func=_any,
                                    index=([None, *choices["dataset"]].index(old.dataset) if old.dataset in choices["dataset"] else 0))
         applied = st.form_submit_button("Apply filters")
     if applied:
@@ -361,6 +363,10 @@ def queue_page() -> None:
         row = left.iloc[pick]
         focus_on(row["pair_id"], row["scheme"], row["source"])
         st.switch_page(REVIEW_PAGE)
+
+
+def _any(value: str | None) -> str:
+    return "any" if value is None else value
 
 
 # -- agreement page -----------------------------------------------------------------------------
@@ -416,11 +422,14 @@ def audit_page() -> None:
         with st.expander("Report metrics", expanded=True):
             st.json(run["metrics"])
     for path in view.report_files:
-        with st.expander(f"Report file: {path}"):
-            if path.suffix == ".md":
-                st.markdown(path.read_text(encoding="utf-8"))
+        with st.expander(f"Report file: {path}", expanded=path.suffix == ".html"):
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".html":
+                components.html(text, height=REPORT_HEIGHT, scrolling=True)
+            elif path.suffix == ".md":
+                st.markdown(text)
             else:
-                st.code(path.read_text(encoding="utf-8")[:20000], language="html" if path.suffix == ".html" else "json")
+                st.code(text[:20000], language="json")
     flags = view.flags
     st.subheader(f"Flags ({len(flags)})")
     if flags.empty:

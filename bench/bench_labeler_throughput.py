@@ -1,0 +1,83 @@
+"""Labeler throughput: the vLLM backend vs a naive per-pair transformers `generate()` loop.
+
+Same SmolLM2-135M-Instruct (`mnr models pull smollm2`), same ESCI policy prompts, same Home Depot
+pairs. The vLLM backend scores a batch in one `generate` call with the policy prefix cached; the
+baseline runs `generate(max_new_tokens=1, output_scores=True)` once per pair on the full prompt.
+Figures: pairs/s of each and their ratio (target >= 10x and >= 20 pairs/s).
+
+    python -m bench.bench_labeler_throughput [--quick]
+"""
+from __future__ import annotations
+
+import os
+import time
+
+for _key, _value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+                     "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_key, _value)
+
+import numpy as np  # noqa: E402
+
+from bench.common import pair_texts, parse_args, read_homedepot, skip, split_sample, write_result  # noqa: E402
+
+NAME = "labeler_throughput"
+
+
+def naive_generate_loop(model_path: str, prompts: list[str], token_ids: list[int]) -> tuple[float, np.ndarray]:
+    """Per-pair `generate()` on the full prompt; returns (pairs/s, label logprobs)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    rows = []
+    started = time.perf_counter()
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
+        rows.append(torch.log_softmax(out.scores[0][0].float(), dim=-1)[token_ids].numpy())
+    return len(prompts) / (time.perf_counter() - started), np.stack(rows)
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    frame = read_homedepot()
+    if frame is None:
+        skip(NAME, args.quick, "../shared/data/homedepot/train.csv is absent")
+    from annotator.labeler import Labeler
+    from annotator.models import pull
+
+    model_path = str(pull("smollm2"))
+    n_vllm, n_naive = (60, 15) if args.quick else (200, 200)
+    sample, _ = split_sample(frame, n_vllm)
+    pairs = pair_texts(sample)
+    labeler = Labeler("smollm2", "esci", backend="vllm", max_model_len=2048, max_num_seqs=64)
+    labeler.score(pairs[:2])  # warm-up: first batch, fills the prefix cache
+    started = time.perf_counter()
+    vllm_probs = labeler.score(pairs)
+    vllm_rate = len(pairs) / (time.perf_counter() - started)
+    prompts = labeler.prompts(pairs[:n_naive])
+    token_counts = [len(labeler.backend.encode(p, add_special_tokens=True)) for p in prompts]
+    labeler.close()
+    naive_rate, naive_logprobs = naive_generate_loop(model_path, prompts, labeler.token_ids)
+    naive_probs = np.exp(naive_logprobs) / np.exp(naive_logprobs).sum(axis=1, keepdims=True)
+    same_top = float((naive_probs.argmax(1) == vllm_probs[:n_naive].argmax(1)).mean())
+    ratio = vllm_rate / naive_rate
+    write_result(NAME, args.quick, f"../shared/data/homedepot/train.csv, fixed sample of {n_vllm} pairs "
+                 f"({n_naive} for the naive loop)", [
+                     {"name": "vLLM backend throughput, SmolLM2-135M, ESCI policy", "value": round(vllm_rate, 2),
+                      "unit": "pairs/s", "target": ">= 20", "anchor": f"naive generate() loop {naive_rate:.2f} pairs/s"},
+                     {"name": "vLLM vs naive per-pair generate() speed-up", "value": round(ratio, 2), "unit": "x",
+                      "target": ">= 10", "anchor": "same model, prompts and pairs, same run"},
+                     {"name": "naive transformers generate() loop throughput", "value": round(naive_rate, 2),
+                      "unit": "pairs/s"},
+                 ],
+                 mean_prompt_tokens=float(np.mean(token_counts)), policy_prefix_chars=len(labeler.policy.prefix()),
+                 top_label_agreement_vllm_vs_naive=same_top,
+                 max_abs_prob_diff_vllm_vs_naive=float(np.abs(naive_probs - vllm_probs[:n_naive]).max()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Shared helpers of the bench scripts: --quick, JSON results, fixed samples of ../shared/data.
+
+Keep it small. Every script writes exactly one `bench/results/<name>.json` (see bench/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from labelstore.paths import shared_data_dir
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SAMPLE_SEED = 2602
+
+
+def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="Small sample: finishes in a few minutes on 2 CPU cores.")
+    return parser.parse_args(argv)
+
+
+def command_line(name: str, quick: bool) -> str:
+    return f"python -m bench.bench_{name}" + (" --quick" if quick else "")
+
+
+def device() -> str:
+    return f"cpu, {os.cpu_count()} cores ({platform.machine()})"
+
+
+def write_result(name: str, quick: bool, data: str, figures: list[dict[str, Any]], **extra: Any) -> Path:
+    """Write `bench/results/<name>.json` and print it; returns the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    result = {"name": name, "command": command_line(name, quick), "quick": quick, "data": data,
+              "device": device(), "simulated": False, "figures": figures, **extra}
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, indent=2, default=float))
+    return path
+
+
+def skip(name: str, quick: bool, why: str) -> None:
+    """Record a skipped benchmark (data absent) and exit 0."""
+    write_result(name, quick, "absent", [], skipped=why)
+    sys.exit(0)
+
+
+def read_homedepot() -> pd.DataFrame | None:
+    """Home Depot train.csv as columns query, title, description, brand, rating (1..3 mean); None if absent."""
+    root = shared_data_dir()
+    if root is None or not (root / "homedepot" / "train.csv").is_file():
+        return None
+    frame = pd.read_csv(root / "homedepot" / "train.csv", encoding="utf-8")
+    return pd.DataFrame({"query": frame["search_term"], "title": frame["product_title"], "description": None,
+                         "brand": None, "rating": frame["relevance"].astype(float)})
+
+
+def read_crowdflower() -> pd.DataFrame | None:
+    """CrowdFlower train.csv as columns query, title, description, brand, rating (1..4 median); None if absent."""
+    root = shared_data_dir()
+    if root is None or not (root / "crowdflower" / "train.csv").is_file():
+        return None
+    frame = pd.read_csv(root / "crowdflower" / "train.csv", encoding="utf-8")
+    return pd.DataFrame({"query": frame["query"], "title": frame["product_title"],
+                         "description": frame["product_description"], "brand": None,
+                         "rating": frame["median_relevance"].astype(float)})
+
+
+def split_sample(frame: pd.DataFrame, n: int, seed: int = SAMPLE_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A fixed sample of `n` rows and the rest (for training baselines), both with a fresh index."""
+    sample = frame.sample(n=min(n, len(frame)), random_state=seed)
+    rest = frame.drop(index=sample.index)
+    return sample.reset_index(drop=True), rest.reset_index(drop=True)
+
+
+def pair_texts(frame: pd.DataFrame) -> list:
+    from annotator.prompts import PairText
+
+    def text(value: Any) -> str | None:
+        return None if value is None or (isinstance(value, float) and value != value) else str(value)
+
+    return [PairText(str(row.query), str(row.title), text(row.description), text(row.brand), f"row{index}")
+            for index, row in enumerate(frame.itertuples())]
