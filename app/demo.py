@@ -24,9 +24,9 @@ from labelstore.store import Store
 
 STORE_FILE = "mnr.duckdb"
 # Sized so the whole demo stays under 10 minutes on a 2-core CPU (see docs/loop.md for timings).
-HOMEDEPOT_QUERIES = {False: 400, True: 150}
+HOMEDEPOT_QUERIES = {False: 300, True: 120}
 CATALOG_FAMILIES = {False: 14, True: 8}
-RELABEL_PAIRS = {False: 300, True: 100}
+RELABEL_PAIRS = {False: 200, True: 80}
 TRAIN_STEPS = {False: 40, True: 20}
 ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -119,7 +119,7 @@ def steps_table(store: Store, loop_run_id: str) -> Table:
         out = outputs.get(step, {})
         items = out.get("items")
         unit = out.get("unit", "")
-        note = out.get("reason") if out.get("skipped") else _step_note(step, out)
+        note = "skipped" if out.get("skipped") else _step_note(step, out)
         table.add_row(step, statuses.get(step, "not run"), _fmt(out.get("wall_s")),
                       f"{_fmt(items)} {unit}".strip() if items is not None else "-",
                       _fmt(out.get("items_per_s")), escape(str(note or "")))
@@ -127,19 +127,25 @@ def steps_table(store: Store, loop_run_id: str) -> Table:
 
 
 def _step_note(step: str, out: dict[str, Any]) -> str:
+    """A few words per step; the full outputs are in the step run's metrics (`mnr status --json`)."""
     if step == "ingest":
-        return f"{out.get('pairs', 0):,} pairs of '{out.get('dataset')}' in the store"
+        return f"{out.get('pairs', 0):,} pairs of {out.get('dataset')}"
     if step in ("train-stage1", "train-stage2"):
-        return f"{out.get('model_id')} ({out.get('steps')} steps)"
+        return f"{out.get('steps')} steps"
+    if step == "mine":
+        return f"{out.get('candidates', 0):,} candidates, {out.get('new_pairs', 0):,} new pairs"
+    if step == "relabel":
+        counts = ", ".join(f"{k} {v}" for k, v in out.get("label_counts", {}).items())
+        return f"LLM {out.get('llm_pairs_per_s')} pairs/s; {counts}"
     if step == "engagement":
-        return "SIMULATED log" if out.get("simulated") else "real log"
+        return "SIMULATED" if out.get("simulated") else "real log"
     if step == "audit":
-        return f"{out.get('flags', 0)} flags on {out.get('flagged_pairs', 0)} pairs"
+        return f"{out.get('flags', 0)} flags"
     if step == "trigger":
-        return ("refine" if out.get("refine") else "hold") + ": " + "; ".join(out.get("reasons", []))[:80]
+        return "refine" if out.get("refine") else "hold"
     if step == "promote":
-        return out.get("reason", "")
-    return str(out.get("summary", ""))
+        return f"promoted {out.get('candidate')}" if out.get("promoted") else f"kept {out.get('baseline')}"
+    return ""
 
 
 def labels_table(store: Store) -> Table:
@@ -174,6 +180,9 @@ def print_summary(store: Store, loop_run_id: str, workspace: Path, console: Cons
                   _fmt(audit.get("queued")))
     console.print(flags)
     console.print(retrieval_table(outputs))
+    trigger = outputs.get("trigger", {})
+    if trigger:
+        console.print(escape("retrain trigger: " + "; ".join(trigger.get("reasons", []))))
     promote = outputs.get("promote", {})
     if promote:
         console.print(f"promoted retriever: {escape(str(promote.get('promoted_model')))} ({escape(str(promote.get('reason')))})")

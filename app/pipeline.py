@@ -90,11 +90,8 @@ class LoopConfig:
 
     @property
     def workspace(self) -> Path:
-        """Folder for models, reports and engagement files; relative paths are relative to the config file."""
-        raw = Path(str(self.loop.get("workspace", "mnr-workspace")))
-        if raw.is_absolute() or self.source_path is None:
-            return raw
-        return self.source_path.parent / raw
+        """Folder for models, reports and data samples (relative: to the config file's folder)."""
+        return self.resolve(str(self.loop.get("workspace", "mnr-workspace")))
 
     @property
     def scheme(self) -> str:

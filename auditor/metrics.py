@@ -92,7 +92,7 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         metrics = metrics.merge(implied, on="pair_id", how="left")
     else:
         for column in ("implied_grade", "implied_confidence", "expected_grade", "label_posterior",
-                       "log_likelihood_ratio", "grade_posterior"):
+                       "log_likelihood_ratio", "posterior_grades", "grade_posterior"):
             metrics[column] = pd.NA
     return EngagementTables(
         position_curve=con.execute("SELECT * FROM audit_position_curve ORDER BY position").df(),

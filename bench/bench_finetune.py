@@ -13,6 +13,7 @@ sizes of training set for one epoch each and records time and test QWK.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -248,22 +249,30 @@ def main() -> None:
 
     model_dir = str(pull("smollm2"))
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
-        work = Path(tmp)
-        reports = {dataset: run_dataset(dataset, model_dir, minutes, test_pairs, work, args.quick) for dataset in datasets}
-        sizes = [16, 32, 64] if args.quick else [128, 256, 512]
-        points = [] if args.no_scaling else scaling(model_dir, sizes, min(test_pairs, 100), work)
     command = command_line(NAME, args.quick) + (f" --minutes {minutes:g}" if args.minutes is not None else "") + \
         (f" --test-pairs {test_pairs}" if args.test_pairs else "")
-    path = write_result(NAME, args.quick, "../shared/data homedepot/train.csv, crowdflower/train.csv; split by query "
-                        f"(test 20% of queries, {test_pairs} test pairs scored per dataset)", figures_of(reports, points),
-                        datasets=reports, scaling=points, total_seconds=round(time.monotonic() - started, 1))
-    # the run's own options belong in the recorded command
-    import json
+    data = ("../shared/data homedepot/train.csv, crowdflower/train.csv; split by query "
+            f"(test 20% of queries, {test_pairs} test pairs scored per dataset)")
+    reports: dict[str, dict[str, Any]] = {}
+    points: list[dict[str, Any]] = []
 
-    result = json.loads(path.read_text())
-    result["command"] = command
-    path.write_text(json.dumps(result, indent=2, default=float))
+    def save(partial: bool) -> None:
+        # written after every stage, so a run cut short still leaves what it measured
+        path = write_result(NAME, args.quick, data, figures_of(reports, points), datasets=reports, scaling=points,
+                            total_seconds=round(time.monotonic() - started, 1), partial=partial)
+        result = json.loads(path.read_text())
+        result["command"] = command
+        path.write_text(json.dumps(result, indent=2, default=float))
+
+    with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        work = Path(tmp)
+        for dataset in datasets:
+            reports[dataset] = run_dataset(dataset, model_dir, minutes, test_pairs, work, args.quick)
+            save(partial=True)
+        if not args.no_scaling:
+            sizes = [16, 32, 64] if args.quick else [128, 256, 512]
+            points.extend(scaling(model_dir, sizes, min(test_pairs, 100), work))
+    save(partial=False)
 
 
 if __name__ == "__main__":

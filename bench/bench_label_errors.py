@@ -89,8 +89,8 @@ def _engagement_probs(pair_metrics: pd.DataFrame, truth: pd.DataFrame, settings:
     has[known.to_numpy()] = engagement_evidence_mask(metrics[known], settings)
     probs = np.full((len(metrics), n_grades), 1.0 / n_grades)
     for i in np.flatnonzero(has):
-        posterior = json.loads(metrics["grade_posterior"].iloc[i])
-        row = np.array([posterior.get(str(g), 0.0) for g in range(n_grades)]) + 1e-4
+        posterior = dict(zip(metrics["posterior_grades"].iloc[i], metrics["grade_posterior"].iloc[i]))
+        row = np.array([posterior.get(g, 0.0) for g in range(n_grades)]) + 1e-4
         probs[i] = row / row.sum()
     return probs, has
 
