@@ -4,11 +4,12 @@ The events come from the store's `engagement_events` table or straight from a Pa
 folder (queried in place, never loaded into Python). One aggregation pass reduces them to counts
 per (pair, position, time window); every later step reads those counts:
 
-1. the position CTR curve, fitted on the log itself (position-based model, alternating steps);
-2. per pair: impressions, clicks, expected clicks, COEC with a Poisson score interval, CTR,
+1. the position CTR curve, fitted on the log itself (position-based model, alternating steps, numpy
+   over the per-(pair, position) counts: `auditor.model.fit_position_curve`);
+2. per pair (SQL): impressions, clicks, expected clicks, COEC with a Poisson score interval, CTR,
    add-to-cart and purchase rates per click with Wilson intervals, and the current label;
-3. each label's engagement profile (median COEC, conversion rates);
-4. the engagement-implied grade: a posterior over grades and its confidence.
+3. each grade's engagement profile and each pair's posterior over its true grade, by EM over the
+   per-pair table (numpy: `auditor.model.fit_grade_model`): the engagement-implied grade and its confidence.
 """
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
+from auditor.model import fit_grade_model, fit_position_curve
 from auditor.settings import AuditSettings
 from auditor.sqlfiles import auditor_sql, install_macros
 from labelstore.errors import MnrError
+from labelstore.schemes import load_scheme
 
 
 @dataclass
@@ -30,7 +34,7 @@ class EngagementTables:
     position_curve: one row per position: impressions, clicks, observed_ctr, examination (1 at
         position 1), reference_ctr (what an average pair gets there).
     pair_metrics: one row per pair seen in the log (see pair_metrics.sql and implied_grade.sql).
-    grade_profile: one row per label grade: pairs, coec, add_to_cart_rate, purchase_rate.
+    grade_profile: one row per grade: label, pairs, coec, add_to_cart_rate, purchase_rate, label_trust.
     windows: one row per (time window, label): impressions, clicks, expected_clicks, coec.
     simulated: whether any event came from the simulator.
     n_events: number of raw events read.
@@ -67,38 +71,97 @@ def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None
 
 
 def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: AuditSettings) -> EngagementTables:
-    """Run the engagement SQL on `con` (which must have `audit_events`, see `attach_events`)."""
+    """Run the engagement SQL on `con` (which must have `audit_events`, see `attach_events`).
+
+    The event scan happens once (event_counts.sql); the position curve and the grade model are
+    fitted in numpy on the per-(pair, position) and per-pair tables the SQL reduces it to.
+    """
     install_macros(con)
     window = {"window_days": settings.window_days, "origin": settings.window_origin}
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {auditor_sql('event_counts')}", window)
     n_events, simulated = con.execute(
         "SELECT coalesce(sum(impressions + clicks + add_to_carts + purchases), 0), coalesce(bool_or(simulated), false) "
         "FROM audit_counts").fetchone()
-    con.execute(auditor_sql("position_counts"), {"max_position": settings.max_position})
-    con.execute(auditor_sql("examination_start"))
-    for _ in range(settings.curve_iterations):
-        con.execute(auditor_sql("position_curve_step"))
-        if con.execute(auditor_sql("position_curve_change")).fetchone()[0] < settings.curve_tolerance:
-            break
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_position_curve AS {auditor_sql('position_curve')}")
+    con.execute(auditor_sql("position_counts"))
+    curve = _position_curve(con, settings)
+    con.register("audit_position_curve_frame", curve)
+    con.execute("CREATE OR REPLACE TEMP TABLE audit_position_curve AS SELECT * FROM audit_position_curve_frame")
+    con.unregister("audit_position_curve_frame")
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {auditor_sql('pair_metrics')}",
                 {"z": settings.z, "scheme": scheme})
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_grade_profile AS {auditor_sql('grade_profile')}",
-                {"min_expected_clicks": settings.profile_min_expected_clicks,
-                 "min_pairs_per_grade": settings.min_pairs_per_grade})
-    implied = con.execute(auditor_sql("implied_grade"), {"dispersion": settings.dispersion}).df()
     metrics = con.execute("SELECT * FROM audit_pair_metrics ORDER BY pair_id").df()
-    if not implied.empty:
-        metrics = metrics.merge(implied, on="pair_id", how="left")
-    else:
-        for column in ("implied_grade", "implied_confidence", "expected_grade", "label_posterior",
-                       "log_likelihood_ratio", "posterior_grades", "grade_posterior"):
-            metrics[column] = pd.NA
+    label_scheme = load_scheme(scheme)
+    metrics, profile = implied_grades(metrics, label_scheme.max_grade + 1, settings)
+    profile.insert(1, "label", [label_scheme.label_for_grade(int(g)) for g in profile["grade"]])
     return EngagementTables(
-        position_curve=con.execute("SELECT * FROM audit_position_curve ORDER BY position").df(),
+        position_curve=curve,
         pair_metrics=metrics,
-        grade_profile=con.execute("SELECT * FROM audit_grade_profile ORDER BY grade").df(),
+        grade_profile=profile,
         windows=con.execute(auditor_sql("engagement_windows"), {"scheme": scheme}).df(),
         simulated=bool(simulated),
         n_events=int(n_events),
     )
+
+
+def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> pd.DataFrame:
+    """One row per position up to max_position: impressions, clicks, observed_ctr, examination, reference_ctr."""
+    cells = con.execute("SELECT pair_hash, position, impressions, clicks FROM audit_pair_position "
+                        "WHERE position <= ?", [settings.max_position]).fetchnumpy()
+    columns = ["position", "impressions", "clicks", "observed_ctr", "examination", "reference_ctr"]
+    if len(cells["position"]) == 0:
+        return pd.DataFrame(columns=columns)
+    _, pair_index = np.unique(cells["pair_hash"], return_inverse=True)
+    position = np.asarray(cells["position"], dtype=np.int64)
+    impressions, clicks = np.asarray(cells["impressions"], float), np.asarray(cells["clicks"], float)
+    positions, examination, mean_attractiveness = fit_position_curve(
+        pair_index, position, impressions, clicks, settings.curve_iterations, settings.curve_tolerance)
+    pos_index = np.searchsorted(positions, position)
+    shown = np.bincount(pos_index, impressions, len(positions))
+    clicked = np.bincount(pos_index, clicks, len(positions))
+    return pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown.astype(np.int64),
+                         "clicks": clicked.astype(np.int64), "observed_ctr": clicked / np.maximum(shown, 1),
+                         "examination": examination, "reference_ctr": examination * mean_attractiveness})
+
+
+def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add the engagement-implied grade to `pair_metrics` (one row per pair) and return each grade's profile.
+
+    Added columns: implied_grade (the most probable true grade given engagement and the label),
+    implied_confidence (its probability), expected_grade (posterior mean), label_posterior (the
+    posterior probability of the current label), log_likelihood_ratio (best grade vs the label,
+    engagement alone), and engagement_p0..engagement_p{n_grades-1}: P(grade | engagement) under a
+    flat prior, to combine with other evidence. NaN where a pair has no expected clicks.
+    Profile: one row per grade: grade, pairs (labelled), coec, add_to_cart_rate, purchase_rate, and
+    label_trust (the fitted probability that a label of this grade is right).
+    """
+    metrics = pair_metrics.copy()
+    observed = (metrics["expected_clicks"].fillna(0) > 0).to_numpy()
+    grade = metrics["grade"].fillna(-1).to_numpy(dtype=np.int64)
+    grade = np.where(grade < n_grades, grade, -1)
+    m = metrics[observed]
+    model = fit_grade_model(m["clicks"].to_numpy(float), m["expected_clicks"].to_numpy(float),
+                            m["add_to_carts"].to_numpy(float), m["purchases"].to_numpy(float), grade[observed],
+                            n_grades, label_trust=settings.label_trust, pair_variation=settings.pair_variation,
+                            dispersion=settings.dispersion, iterations=settings.em_iterations,
+                            min_pairs_per_grade=settings.min_pairs_per_grade)
+    rows = np.arange(int(observed.sum()))
+    labelled = grade[observed] >= 0
+    label_index = np.where(labelled, grade[observed], 0)
+    best = model.posterior.argmax(axis=1) if rows.size else np.zeros(0, int)
+    values = {
+        "implied_grade": best.astype(float),
+        "implied_confidence": model.posterior[rows, best] if rows.size else np.zeros(0),
+        "expected_grade": model.posterior @ model.grades.astype(float),
+        "label_posterior": np.where(labelled, model.posterior[rows, label_index], np.nan),
+        "log_likelihood_ratio": np.where(labelled, model.log_likelihood.max(axis=1, initial=0.0)
+                                         - model.log_likelihood[rows, label_index], np.nan),
+    }
+    values.update({f"engagement_p{g}": model.likelihood_posterior[:, g] for g in range(n_grades)})
+    for column, value in values.items():
+        full = np.full(len(metrics), np.nan)
+        full[observed] = value
+        metrics[column] = full
+    profile = pd.DataFrame({"grade": model.grades, "pairs": model.pairs_per_grade, "coec": model.coec,
+                            "add_to_cart_rate": model.add_to_cart_rate, "purchase_rate": model.purchase_rate,
+                            "label_trust": np.diag(model.label_noise)})
+    return metrics, profile

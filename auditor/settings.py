@@ -17,8 +17,11 @@ class AuditSettings:
         curve_iterations, curve_tolerance: at most this many alternating steps of the position-curve
             fit, stopping once no position's examination moves by more than the tolerance (relative).
         z: normal quantile of every interval (1.96: 95%).
-        profile_min_expected_clicks, min_pairs_per_grade: which pairs define a label's engagement profile.
-        dispersion: divides log-likelihoods (pairs vary more than Poisson; 1 trusts Poisson fully).
+        min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
+        label_trust: the EM's starting P(true grade = label) (refitted from the log).
+        pair_variation: how much a pair's attractiveness varies around its grade's (coefficient of
+            variation of the Gamma factor of the negative-binomial click model).
+        dispersion: divides log-likelihoods (1 trusts the model fully). em_iterations: at most this many EM steps.
     Engagement flags (all must hold)
         min_impressions, min_expected_clicks: enough data.
         min_log_likelihood_ratio: best grade vs the label's grade, after dispersion.
@@ -43,13 +46,15 @@ class AuditSettings:
     curve_iterations: int = 50
     curve_tolerance: float = 1e-4
     z: float = 1.96
-    profile_min_expected_clicks: float = 3.0
     min_pairs_per_grade: int = 5
-    dispersion: float = 1.5
+    label_trust: float = 0.8
+    pair_variation: float = 0.2
+    dispersion: float = 1.0
+    em_iterations: int = 30
     min_impressions: int = 20
     min_expected_clicks: float = 2.0
     min_log_likelihood_ratio: float = 2.0
-    max_label_posterior: float = 0.1
+    max_label_posterior: float = 0.5
     min_grade_gap: int = 1
     min_llm_confidence: float = 0.7
     retriever_low: float = 0.05

@@ -11,7 +11,11 @@ The model
   r^-zipf_exponent / sum(...) of `n_sessions` sessions (ranks are a seeded shuffle of the queries).
 - **Time**: each session starts uniformly within `[start, start + days)`.
 - **Ranking**: each session shows the query's judged products ordered by
-  grade + rank_noise * N(0, 1) (a decent but imperfect ranker), the first `page_size` of them.
+  grade + rank_noise * N(0, 1) (a decent but imperfect ranker that knows the true grade), the first
+  `page_size` of them per page viewed. A session views 1 + Geometric(page_continue) pages (at most
+  `max_pages`): a share page_continue of sessions go on to page 2, page_continue^2 to page 3, ...
+  A share `explore_rate` of sessions are exploration traffic (as search teams run to collect
+  unbiased data): they show the products in a random order.
 - **Clicks** follow the position-based model: P(click) = examination(position) * attractiveness,
   examination(position) = position^-examination_decay and
   attractiveness = sigmoid(logit(a[grade]) + pair_noise * N(0, 1)), where the N(0, 1) is drawn once
@@ -27,7 +31,7 @@ The model
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -54,6 +58,9 @@ class SimulationParams:
     days: int = 28
     zipf_exponent: float = 1.0
     page_size: int = 10
+    page_continue: float = 0.25
+    max_pages: int = 5
+    explore_rate: float = 0.02
     rank_noise: float = 1.0
     examination_decay: float = 1.0
     attractiveness_min: float = 0.03
@@ -72,6 +79,8 @@ class SimulationParams:
             raise MnrError("simulation: n_sessions must be >= 0, days and page_size > 0")
         if not 0 < self.attractiveness_min < self.attractiveness_max < 1:
             raise MnrError("simulation: need 0 < attractiveness_min < attractiveness_max < 1")
+        if not (0 <= self.page_continue < 1 and 0 <= self.explore_rate <= 1 and self.max_pages >= 1):
+            raise MnrError("simulation: need 0 <= page_continue < 1, 0 <= explore_rate <= 1, max_pages >= 1")
         if not 0 <= self.drift_strength <= 1:
             raise MnrError("simulation: drift_strength must be within [0, 1]")
 
@@ -102,7 +111,8 @@ def truth_from_store(store: Store, scheme: str) -> pd.DataFrame:
     """The store's current labels of `scheme` as simulation truth (TRUTH_COLUMNS)."""
     frame = store.df(
         "SELECT c.pair_id, p.query_id, q.text AS query_text, p.product_id, p.dataset, c.grade "
-        "FROM current_labels c JOIN pairs p USING (pair_id) JOIN queries q USING (query_id) WHERE c.scheme = ?",
+        "FROM current_labels c JOIN pairs p USING (pair_id) JOIN queries q USING (query_id) WHERE c.scheme = ? "
+        "ORDER BY c.pair_id",
         [scheme],
     )
     if frame.empty:
@@ -136,6 +146,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
         "start": params.start, "window_seconds": params.days * 86400, "rank_noise": params.rank_noise,
         "examination_decay": params.examination_decay, "pair_noise": params.pair_noise,
         "drift_at": params.drift_at, "page_size": params.page_size, "batch_id": batch_id,
+        "page_continue": params.page_continue, "max_pages": params.max_pages, "explore_rate": params.explore_rate,
     }
     return auditor_sql("simulate_events"), values
 

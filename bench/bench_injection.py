@@ -68,7 +68,7 @@ def main() -> None:
          "unit": "share", "target": "0"},
         {"name": "labels changed by title injection, raw title (no neutralisation)", "value": round(changed_raw, 4),
          "unit": "share"},
-    ], model="SmolLM2-135M-Instruct zero-shot (bf16, vLLM)", policy=labeler.policy.name,
+    ], model=f"SmolLM2-135M-Instruct zero-shot ({labeler.backend.dtype}, vLLM)", policy=labeler.policy.name,
         policy_version=labeler.policy.version, steering_templates=list(STEERING),
         clean_label_share={names[i]: float((clean == i).mean()) for i in range(len(names))})
 

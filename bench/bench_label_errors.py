@@ -35,7 +35,8 @@ from auditor.queue import open_queue
 from auditor.settings import AuditSettings
 from auditor.simulate import SimulationParams, corrupt_grades, simulate_into_store, truth_from_store
 from labelstore.ingest import ingest_file
-from labelstore.paths import shared_data_dir
+from labelstore.ids import stable_hash
+from labelstore.paths import cache_dir, shared_data_dir
 from labelstore.schemes import load_scheme
 from labelstore.store import LabelRecord, Store
 
@@ -46,6 +47,7 @@ DATASETS = {
     "crowdflower": ("crowdflower/train.csv", "crowdflower", "graded4", 600_000, 200_000, None),
 }
 CORRUPTION_RATE = 0.1
+LABELER_VERSION = "tfidf12-lr-c4-v1"
 
 
 def _scores(flagged: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
@@ -68,7 +70,21 @@ def _subsample(path: Path, keep_queries: int | None, seed: int, workdir: Path) -
 
 
 def _labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int, seed: int) -> np.ndarray:
-    """Out-of-sample class probabilities, shape (n_pairs, n_grades), columns = grades 0..max."""
+    """Out-of-sample class probabilities, shape (n_pairs, n_grades), columns = grades 0..max.
+
+    Cached under cache_dir()/bench_label_errors, keyed by the pairs and the corrupted labels (the
+    cross-validation is the slowest step on this CPU and does not depend on the engagement log)."""
+    key = stable_hash(list(truth["pair_id"]), labels.tolist(), n_grades, seed, LABELER_VERSION)
+    cached = cache_dir() / "bench_label_errors" / f"labeler-{key}.npy"
+    if cached.exists():
+        return np.load(cached)
+    full = _fit_labeler(store, truth, labels, n_grades)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cached, full)
+    return full
+
+
+def _fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int) -> np.ndarray:
     text = store.df(
         "SELECT p.pair_id, q.text || ' | ' || pr.title || ' ' || coalesce(left(pr.description, 200), '') AS text "
         "FROM pairs p JOIN queries q USING (query_id) JOIN products pr USING (product_id)")

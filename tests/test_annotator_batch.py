@@ -26,9 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    """A store holding the generated catalog (920 pairs, esci import labels)."""
+    """A store holding the generated catalog (220 pairs, esci import labels)."""
     store = Store(tmp_path / "store.duckdb")
-    write_catalog(store, generate_catalog(n_families=12, seed=0))
+    write_catalog(store, generate_catalog(n_families=3, seed=0))
     return store
 
 
@@ -153,21 +153,21 @@ def test_cli_errors_exit_2_with_the_message(store: Store, tmp_path: Path) -> Non
 
 def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_llama: Path) -> None:
     command = _mnr(store.path, "label", "--model", str(tiny_llama), "--backend", "transformers", "--policy",
-                   "home-improvement", "--chunk-size", "4", "--limit", "48", "--quiet")
+                   "home-improvement", "--chunk-size", "2", "--limit", "24", "--quiet")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     written = 0
     while time.monotonic() < deadline and process.poll() is None:
         written = store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'")
-        if written >= 8:
+        if written >= 4:
             break
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'")
     run_id, selected = store.fetchall("SELECT run_id, n_selected FROM label_runs")[0]
-    assert 0 < killed_at < selected == 48, "killed mid-run"
+    assert 0 < killed_at < selected == 24, "killed mid-run"
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "running"
     resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -175,5 +175,5 @@ def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_
     counts = store.df("SELECT pair_id, count(*) AS n FROM labels WHERE run_id = ? GROUP BY pair_id", [run_id])
     selected_ids = set(store.df("SELECT pair_id FROM label_run_items WHERE run_id = ?", [run_id])["pair_id"])
     assert set(counts["pair_id"]) == selected_ids and (counts["n"] == 1).all()
-    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 48
+    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 24
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "ok"

@@ -3,7 +3,6 @@ end, and the retrain trigger fires exactly when its policy says."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

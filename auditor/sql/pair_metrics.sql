@@ -8,7 +8,7 @@ WITH per_pair AS (
            sum(c.purchases) AS purchases,
            sum(c.impressions * coalesce(k.reference_ctr, 0)) AS expected_clicks,
            bool_or(c.simulated) AS simulated
-    FROM audit_counts c LEFT JOIN audit_position_curve k USING (position)
+    FROM audit_pair_position c LEFT JOIN audit_position_curve k USING (position)
     GROUP BY c.pair_id
 )
 SELECT p.*,

@@ -20,17 +20,23 @@ sessions AS (
 ),
 timed_sessions AS (
     SELECT *, hash($seed, 'session', query_id, session_no) AS session_hash,
-           $start + to_microseconds(CAST(u01(hash($seed, 'time', query_id, session_no)) * $window_seconds * 1e6 AS BIGINT)) AS session_ts
+           $start + to_microseconds(CAST(u01(hash($seed, 'time', query_id, session_no)) * $window_seconds * 1e6 AS BIGINT)) AS session_ts,
+           -- pages viewed: 1 + Geometric(page_continue), at most max_pages
+           CASE WHEN $page_continue > 0 THEN least($max_pages, 1 + CAST(floor(
+               ln(greatest(u01(hash($seed, 'pages', query_id, session_no)), 1e-12)) / ln($page_continue)) AS INTEGER))
+                ELSE 1 END AS pages,
+           u01(hash($seed, 'explore', query_id, session_no)) < $explore_rate AS explore
     FROM sessions
 ),
 ranked AS (
     SELECT s.session_hash, s.session_ts, s.query_text, s.dataset, p.query_id, p.product_id, p.pair_id, p.grade,
            row_number() OVER (
                PARTITION BY s.session_hash
-               ORDER BY p.grade + $rank_noise * std_normal(hash($seed, 'rank1', s.session_hash, p.pair_id),
-                                                           hash($seed, 'rank2', s.session_hash, p.pair_id)) DESC,
+               ORDER BY CASE WHEN s.explore THEN u01(hash($seed, 'shuffle', s.session_hash, p.pair_id))
+                             ELSE p.grade + $rank_noise * std_normal(hash($seed, 'rank1', s.session_hash, p.pair_id),
+                                                                     hash($seed, 'rank2', s.session_hash, p.pair_id)) END DESC,
                         p.pair_id
-           ) AS position
+           ) AS position, s.pages
     FROM timed_sessions s JOIN sim_pairs p USING (query_id)
 ),
 shown AS (
@@ -41,7 +47,7 @@ shown AS (
     FROM ranked r JOIN sim_grades g USING (grade),
          LATERAL (SELECT CASE WHEN $drift_at IS NOT NULL AND r.session_ts >= $drift_at
                               THEN g.drifted_attractiveness ELSE g.attractiveness END AS a)
-    WHERE r.position <= $page_size
+    WHERE r.position <= $page_size * r.pages
 ),
 outcomes AS (
     SELECT *,

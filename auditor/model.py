@@ -1,0 +1,162 @@
+"""The two statistical fits of the audit, vectorised over arrays (numpy/scipy), run on aggregated counts.
+
+Both read small tables the SQL has already reduced the event log to (one row per (pair, position)
+and one row per pair), never the events themselves.
+
+- `fit_position_curve`: the position-based click model, clicks[pair, pos] ~ impressions[pair, pos]
+  * examination[pos] * attractiveness[pair], fitted by alternating closed-form steps.
+- `fit_grade_model`: what engagement looks like for each grade and, per pair, the posterior over the
+  pair's true grade, by EM over the latent true grade. See its docstring for the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+from sklearn.isotonic import isotonic_regression
+
+_TINY = 1e-9
+
+
+def fit_position_curve(pair_index: np.ndarray, position: np.ndarray, impressions: np.ndarray, clicks: np.ndarray,
+                       iterations: int = 50, tolerance: float = 1e-4) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit examination per position and attractiveness per pair from aggregated counts.
+
+    pair_index: int array, shape (n_cells,), 0..n_pairs-1: the pair of each (pair, position) cell.
+    position: int array, shape (n_cells,), 1-based. impressions, clicks: counts per cell.
+    Alternates attractiveness given examination and examination given attractiveness, with
+    examination normalised to 1 at the first position, until no position moves by more than
+    `tolerance` (relative). A pair shown at several positions separates the two factors.
+    Returns (positions, examination, mean_attractiveness): the sorted distinct positions, the
+    examination at each, and the impression-weighted mean attractiveness (clicks / examined impressions).
+    """
+    positions, pos_index = np.unique(position, return_inverse=True)
+    n_pairs = int(pair_index.max()) + 1 if len(pair_index) else 0
+    impressions = impressions.astype(float)
+    clicks = clicks.astype(float)
+    pair_clicks = np.bincount(pair_index, clicks, n_pairs)
+    pos_clicks = np.bincount(pos_index, clicks, len(positions))
+    examination = pos_clicks / np.maximum(np.bincount(pos_index, impressions, len(positions)), 1.0)
+    examination = examination / max(examination[0], _TINY)
+    for _ in range(iterations):
+        attractiveness = pair_clicks / np.maximum(np.bincount(pair_index, impressions * examination[pos_index], n_pairs), _TINY)
+        raw = pos_clicks / np.maximum(np.bincount(pos_index, impressions * attractiveness[pair_index], len(positions)), _TINY)
+        updated = raw / max(raw[0], _TINY)
+        change = np.max(np.abs(updated - examination) / np.maximum(examination, _TINY)) if len(updated) else 0.0
+        examination = updated
+        if change < tolerance:
+            break
+    mean_attractiveness = clicks.sum() / max(float((impressions * examination[pos_index]).sum()), _TINY)
+    return positions, examination, float(mean_attractiveness)
+
+
+@dataclass
+class GradeModel:
+    """The fitted engagement model of each grade, and each pair's posterior over its true grade.
+
+    grades: shape (n_grades,), 0..max_grade. coec, add_to_cart_rate, purchase_rate: shape (n_grades,),
+        non-decreasing in grade: a grade's COEC and its conversion rates (add-to-cart per click,
+        purchase per add-to-cart). label_noise: shape (n_grades, n_grades), P(true grade | label).
+    likelihood_posterior: shape (n_pairs, n_grades), P(grade | engagement) under a flat prior: the
+        engagement evidence alone, to combine with other evidence (e.g. a labeler's probabilities).
+    posterior: shape (n_pairs, n_grades), P(true grade | engagement, label): the likelihood times the
+        label's row of label_noise (a flat prior for unlabelled pairs).
+    log_likelihood: shape (n_pairs, n_grades), after dividing by the dispersion.
+    """
+
+    grades: np.ndarray
+    coec: np.ndarray
+    add_to_cart_rate: np.ndarray
+    purchase_rate: np.ndarray
+    label_noise: np.ndarray
+    log_likelihood: np.ndarray
+    likelihood_posterior: np.ndarray
+    posterior: np.ndarray
+    pairs_per_grade: np.ndarray
+
+
+def _monotone(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return isotonic_regression(values, sample_weight=np.maximum(weights, _TINY), increasing=True)
+
+
+def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
+                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, shape: float, dispersion: float) -> np.ndarray:
+    """Shape (n_pairs, n_grades): log P(clicks, carts, buys | grade), up to terms equal across grades.
+
+    Clicks: negative binomial with mean expected_clicks * coec[grade] and shape `shape` (a pair's
+    attractiveness varies around its grade's by a Gamma factor of variance 1 / shape); add-to-carts
+    given clicks and purchases given add-to-carts: binomial.
+    """
+    mean = np.maximum(expected[:, None] * coec[None, :], _TINY)
+    c = clicks[:, None]
+    clicks_ll = c * np.log(mean / (mean + shape)) + shape * np.log(shape / (mean + shape))
+    atc = np.clip(atc, 1e-6, 1 - 1e-6)
+    buy = np.clip(buy, 1e-6, 1 - 1e-6)
+    conversion_ll = (carts[:, None] * np.log(atc)[None, :] + (clicks - carts)[:, None] * np.log1p(-atc)[None, :]
+                     + buys[:, None] * np.log(buy)[None, :] + (carts - buys)[:, None] * np.log1p(-buy)[None, :])
+    return (clicks_ll + conversion_ll) / dispersion
+
+
+def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
+                    label_grade: np.ndarray, n_grades: int, label_trust: float = 0.8, pair_variation: float = 0.3,
+                    dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5) -> GradeModel:
+    """EM over each pair's latent true grade, from per-pair counts.
+
+    clicks, expected_clicks, add_to_carts, purchases: float arrays, shape (n_pairs,); expected_clicks
+        are the clicks an average pair gets at the positions this pair was shown (the position curve).
+    label_grade: shape (n_pairs,), the current label's grade, or -1 for unlabelled pairs.
+    The model: true grade t ~ label_noise[label, t]; clicks ~ NegBin(mean expected_clicks * coec[t],
+    shape 1 / pair_variation^2); add-to-carts ~ Bin(clicks, atc[t]); purchases ~ Bin(add-to-carts, buy[t]);
+    log-likelihoods divided by `dispersion` (1: trust the model). EM starts from the labels
+    (label_noise = label_trust on the diagonal), and each M-step pools the counts of every grade
+    weighted by the posterior, then makes coec, atc and buy non-decreasing in grade (isotonic
+    regression), so a few wrong labels cannot invert a grade's profile. Grades with fewer than
+    `min_pairs_per_grade` labelled pairs borrow from their neighbours through the monotone fit.
+    """
+    clicks, expected = clicks.astype(float), expected_clicks.astype(float)
+    carts, buys = add_to_carts.astype(float), purchases.astype(float)
+    labels = label_grade.astype(int)
+    labelled = labels >= 0
+    shape = 1.0 / max(pair_variation, 1e-3) ** 2
+    grades = np.arange(n_grades)
+    pairs_per_grade = np.bincount(labels[labelled], minlength=n_grades)[:n_grades]
+    off = (1.0 - label_trust) / max(n_grades - 1, 1)
+    noise = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
+    responsibility = np.full((len(clicks), n_grades), 1.0 / n_grades)
+    responsibility[labelled] = noise[labels[labelled]]
+    coec = atc = buy = np.ones(n_grades)
+    log_lik = np.zeros((len(clicks), n_grades))
+    trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
+    for _ in range(iterations):
+        click_sum, expected_sum = responsibility.T @ clicks, responsibility.T @ expected
+        cart_sum, buy_sum = responsibility.T @ carts, responsibility.T @ buys
+        overall_atc = carts.sum() / max(clicks.sum(), 1.0)
+        overall_buy = buys.sum() / max(carts.sum(), 1.0)
+        coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
+        atc = _monotone((cart_sum + 10 * overall_atc) / (click_sum + 10), (click_sum + 10) * trusted)
+        buy = _monotone((buy_sum + 10 * overall_buy) / (cart_sum + 10), (cart_sum + 10) * trusted)
+        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
+        prior = np.full((len(clicks), n_grades), 1.0 / n_grades)
+        prior[labelled] = noise[labels[labelled]]
+        updated = _normalise(log_lik + np.log(np.maximum(prior, _TINY)))
+        # P(true | label): the pooled posteriors of each label's pairs, smoothed towards the start
+        counts = np.zeros((n_grades, n_grades))
+        np.add.at(counts, labels[labelled], updated[labelled])
+        start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
+        noise = (counts + 20 * start) / (counts.sum(axis=1, keepdims=True) + 20)
+        change = float(np.max(np.abs(updated - responsibility))) if len(updated) else 0.0
+        responsibility = updated
+        if change < 1e-4:
+            break
+    return GradeModel(grades=grades, coec=coec, add_to_cart_rate=atc, purchase_rate=buy, label_noise=noise,
+                      log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik), posterior=responsibility,
+                      pairs_per_grade=pairs_per_grade)
+
+
+def _normalise(log_weights: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of log weights, shape (n, k)."""
+    if log_weights.size == 0:
+        return np.exp(log_weights)
+    return np.exp(log_weights - logsumexp(log_weights, axis=1, keepdims=True))
+
