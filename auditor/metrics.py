@@ -132,7 +132,8 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
     engagement alone), and engagement_p0..engagement_p{n_grades-1}: P(grade | engagement) under a
     flat prior, to combine with other evidence. NaN where a pair has no expected clicks.
     Profile: one row per grade: grade, pairs (labelled), coec, add_to_cart_rate, purchase_rate, and
-    label_trust (the fitted probability that a label of this grade is right).
+    label_trust (the fitted probability that a label of this grade is right), and true_p0..: the
+    fitted P(true grade | a label of this grade).
     """
     metrics = pair_metrics.copy()
     observed = (metrics["expected_clicks"].fillna(0) > 0).to_numpy()
@@ -163,5 +164,6 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
         metrics[column] = full
     profile = pd.DataFrame({"grade": model.grades, "pairs": model.pairs_per_grade, "coec": model.coec,
                             "add_to_cart_rate": model.add_to_cart_rate, "purchase_rate": model.purchase_rate,
-                            "label_trust": np.diag(model.label_noise)})
+                            "label_trust": np.diag(model.label_noise),
+                            **{f"true_p{t}": model.label_noise[:, t] for t in range(n_grades)}})
     return metrics, profile

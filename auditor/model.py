@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import logsumexp
 from sklearn.isotonic import isotonic_regression
 
 _TINY = 1e-9
@@ -88,19 +87,22 @@ def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     attractiveness varies around its grade's by a Gamma factor of variance 1 / shape); add-to-carts
     given clicks and purchases given add-to-carts: binomial.
     """
-    mean = np.maximum(expected[:, None] * coec[None, :], _TINY)
+    coec = np.maximum(coec, _TINY)
+    expected = np.maximum(expected, _TINY)
     c = clicks[:, None]
-    clicks_ll = c * np.log(mean / (mean + shape)) + shape * np.log(shape / (mean + shape))
+    mean = expected[:, None] * coec[None, :]
+    clicks_ll = c * np.log(coec)[None, :] - (c + shape) * np.log(mean + shape)
     atc = np.clip(atc, 1e-6, 1 - 1e-6)
     buy = np.clip(buy, 1e-6, 1 - 1e-6)
-    conversion_ll = (carts[:, None] * np.log(atc)[None, :] + (clicks - carts)[:, None] * np.log1p(-atc)[None, :]
-                     + buys[:, None] * np.log(buy)[None, :] + (carts - buys)[:, None] * np.log1p(-buy)[None, :])
+    counts = np.stack([carts, clicks - carts, buys, carts - buys], axis=1)
+    conversion_ll = counts @ np.stack([np.log(atc), np.log1p(-atc), np.log(buy), np.log1p(-buy)])
     return (clicks_ll + conversion_ll) / dispersion
 
 
 def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
                     label_grade: np.ndarray, n_grades: int, label_trust: float = 0.8, pair_variation: float = 0.3,
-                    dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5) -> GradeModel:
+                    dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5,
+                    tolerance: float = 1e-4) -> GradeModel:
     """EM over each pair's latent true grade, from per-pair counts.
 
     clicks, expected_clicks, add_to_carts, purchases: float arrays, shape (n_pairs,); expected_clicks
@@ -113,41 +115,41 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     weighted by the posterior, then makes coec, atc and buy non-decreasing in grade (isotonic
     regression), so a few wrong labels cannot invert a grade's profile. Grades with fewer than
     `min_pairs_per_grade` labelled pairs borrow from their neighbours through the monotone fit.
+    Stops when no parameter (profiles, label noise) moves by more than `tolerance` (relative).
     """
     clicks, expected = clicks.astype(float), expected_clicks.astype(float)
     carts, buys = add_to_carts.astype(float), purchases.astype(float)
     labels = label_grade.astype(int)
-    labelled = labels >= 0
+    # row n_grades of the prior is the flat prior of unlabelled pairs
+    label_row = np.where(labels >= 0, labels, n_grades)
     shape = 1.0 / max(pair_variation, 1e-3) ** 2
     grades = np.arange(n_grades)
-    pairs_per_grade = np.bincount(labels[labelled], minlength=n_grades)[:n_grades]
+    pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
     off = (1.0 - label_trust) / max(n_grades - 1, 1)
-    noise = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
-    responsibility = np.full((len(clicks), n_grades), 1.0 / n_grades)
-    responsibility[labelled] = noise[labels[labelled]]
-    coec = atc = buy = np.ones(n_grades)
+    start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
+    noise = start
+    responsibility = np.vstack([noise, np.full(n_grades, 1.0 / n_grades)])[label_row]
+    parameters = np.zeros(0)
     log_lik = np.zeros((len(clicks), n_grades))
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
+    overall_atc = carts.sum() / max(clicks.sum(), 1.0)
+    overall_buy = buys.sum() / max(carts.sum(), 1.0)
     for _ in range(iterations):
-        click_sum, expected_sum = responsibility.T @ clicks, responsibility.T @ expected
-        cart_sum, buy_sum = responsibility.T @ carts, responsibility.T @ buys
-        overall_atc = carts.sum() / max(clicks.sum(), 1.0)
-        overall_buy = buys.sum() / max(carts.sum(), 1.0)
+        click_sum, expected_sum, cart_sum, buy_sum = responsibility.T @ np.stack([clicks, expected, carts, buys], axis=1)
         coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
         atc = _monotone((cart_sum + 10 * overall_atc) / (click_sum + 10), (click_sum + 10) * trusted)
         buy = _monotone((buy_sum + 10 * overall_buy) / (cart_sum + 10), (cart_sum + 10) * trusted)
         log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
-        prior = np.full((len(clicks), n_grades), 1.0 / n_grades)
-        prior[labelled] = noise[labels[labelled]]
-        updated = _normalise(log_lik + np.log(np.maximum(prior, _TINY)))
+        log_prior = np.log(np.maximum(np.vstack([noise, np.full(n_grades, 1.0 / n_grades)]), _TINY))
+        responsibility = _normalise(log_lik + log_prior[label_row])
         # P(true | label): the pooled posteriors of each label's pairs, smoothed towards the start
-        counts = np.zeros((n_grades, n_grades))
-        np.add.at(counts, labels[labelled], updated[labelled])
-        start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
+        counts = np.stack([np.bincount(label_row, responsibility[:, t], n_grades + 1)[:n_grades]
+                           for t in range(n_grades)], axis=1)
         noise = (counts + 20 * start) / (counts.sum(axis=1, keepdims=True) + 20)
-        change = float(np.max(np.abs(updated - responsibility))) if len(updated) else 0.0
-        responsibility = updated
-        if change < 1e-4:
+        updated = np.concatenate([coec, atc, buy, noise.ravel()])
+        converged = len(parameters) and np.max(np.abs(updated - parameters) / np.maximum(np.abs(parameters), 1e-6)) < tolerance
+        parameters = updated
+        if converged:
             break
     return GradeModel(grades=grades, coec=coec, add_to_cart_rate=atc, purchase_rate=buy, label_noise=noise,
                       log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik), posterior=responsibility,
@@ -156,7 +158,5 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
 
 def _normalise(log_weights: np.ndarray) -> np.ndarray:
     """Row-wise softmax of log weights, shape (n, k)."""
-    if log_weights.size == 0:
-        return np.exp(log_weights)
-    return np.exp(log_weights - logsumexp(log_weights, axis=1, keepdims=True))
-
+    weights = np.exp(log_weights - log_weights.max(axis=1, keepdims=True, initial=-np.inf))
+    return weights / weights.sum(axis=1, keepdims=True)

@@ -8,8 +8,11 @@ from the TRUE grades (auditor.simulate; every engagement figure here is SIMULATE
 on the corrupted labels, and score the flags against the corrupted set. In the same run:
 cleanlab.filter.find_label_issues given out-of-sample probabilities of a TF-IDF + logistic
 regression labeler (5-fold cross_val_predict on the corrupted labels; the LLM is too slow to
-relabel 59k pairs five times on this CPU), and both signals combined (cleanlab on the normalised
-product of the labeler's and the engagement posterior's probabilities). Then one audit -> relabel
+relabel 59k pairs five times on this CPU), and both signals combined: the Bayes posterior of the
+true grade given the label (the audit's fitted label-noise matrix), the labeler's probabilities
+and the engagement likelihood, flagged where the label's posterior is <= max_label_posterior
+(`combined`); `combined_via_cleanlab` is find_label_issues on the normalised product of the
+labeler's probabilities and the engagement likelihood, for reference. Then one audit -> relabel
 cycle: an oracle reviewer relabels the audit's re-annotation queue, and we count the errors fixed.
 Writes bench/results/label_errors.json.
 """
@@ -48,6 +51,7 @@ DATASETS = {
 }
 CORRUPTION_RATE = 0.1
 LABELER_VERSION = "tfidf12-lr-c4-v1"
+DUMP_DIR: Path | None = None  # --dump: save each dataset's arrays for analysis
 
 
 def _scores(flagged: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
@@ -97,18 +101,30 @@ def _fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades
     return full
 
 
-def _engagement_probs(pair_metrics: pd.DataFrame, truth: pd.DataFrame, settings: AuditSettings, n_grades: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probs of shape (n_pairs, n_grades), has_evidence mask): the engagement posterior where evidence suffices."""
-    metrics = truth[["pair_id"]].merge(pair_metrics, on="pair_id", how="left")
+def _engagement_evidence(result, truth: pd.DataFrame, settings: AuditSettings,
+                         n_grades: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair of `truth` (n_pairs rows): the engagement likelihood over grades under a flat prior,
+    shape (n_pairs, n_grades) (uniform where a pair has too little engagement); the has-evidence mask;
+    and the fitted label-noise matrix P(true grade | label), shape (n_grades, n_grades)."""
+    metrics = truth[["pair_id"]].merge(result.engagement.pair_metrics, on="pair_id", how="left")
     has = np.zeros(len(metrics), bool)
     known = metrics["grade"].notna() & metrics["implied_grade"].notna()
     has[known.to_numpy()] = engagement_evidence_mask(metrics[known], settings)
-    probs = np.full((len(metrics), n_grades), 1.0 / n_grades)
-    for i in np.flatnonzero(has):
-        posterior = dict(zip(metrics["posterior_grades"].iloc[i], metrics["grade_posterior"].iloc[i]))
-        row = np.array([posterior.get(g, 0.0) for g in range(n_grades)]) + 1e-4
-        probs[i] = row / row.sum()
-    return probs, has
+    likelihood = metrics[[f"engagement_p{g}" for g in range(n_grades)]].to_numpy(float)
+    likelihood[~has] = 1.0 / n_grades
+    profile = result.engagement.grade_profile.set_index("grade").reindex(range(n_grades))
+    noise = profile[[f"true_p{t}" for t in range(n_grades)]].to_numpy(float)
+    return likelihood, has, noise
+
+
+def combined_posterior(labels: np.ndarray, labeler: np.ndarray, likelihood: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """P(true grade | label, text, engagement), shape (n_pairs, n_grades), by Bayes' rule with the
+    three pieces of evidence taken as independent given the true grade:
+    P(t | text) from the labeler's out-of-sample probabilities, P(engagement | t) (the likelihood),
+    and P(label | t), proportional to noise[label, t] / P(t) (P(t): the mean labeler probability)."""
+    base = labeler.mean(axis=0)
+    joint = labeler * likelihood * noise[labels] / np.maximum(base, 1e-9)
+    return joint / joint.sum(axis=1, keepdims=True)
 
 
 def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> dict:
@@ -144,10 +160,16 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
         labeler = _labeler_probs(store, truth, noisy, n_grades, seed)
         timings["labeler_cv_s"] = time.perf_counter() - started
         cleanlab_flags = find_label_issues(noisy, labeler)
-        engagement, has_evidence = _engagement_probs(result.engagement.pair_metrics, truth, settings, n_grades)
-        combined = labeler * engagement
-        combined /= combined.sum(axis=1, keepdims=True)
-        combined_flags = find_label_issues(noisy, combined)
+        likelihood, has_evidence, noise = _engagement_evidence(result, truth, settings, n_grades)
+        combined = combined_posterior(noisy, labeler, likelihood, noise)
+        combined_flags = combined[np.arange(len(noisy)), noisy] <= settings.max_label_posterior
+        if DUMP_DIR is not None:
+            DUMP_DIR.mkdir(parents=True, exist_ok=True)
+            np.savez(DUMP_DIR / f"{name}.npz", noisy=noisy, true=true_grades, labeler=labeler, likelihood=likelihood,
+                     has=has_evidence, noise=noise, audit=audit_flags)
+            result.engagement.pair_metrics.to_parquet(DUMP_DIR / f"{name}-metrics.parquet")
+        product = labeler * likelihood
+        product_flags = find_label_issues(noisy, product / product.sum(axis=1, keepdims=True))
 
         # one audit -> relabel cycle: an oracle reviewer relabels the audit's queue with the true grade
         queue = open_queue(store, limit=len(truth))
@@ -168,6 +190,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
         "audit_on_pairs_with_evidence": _scores(audit_flags[has_evidence], corrupted[has_evidence]),
         "cleanlab": _scores(cleanlab_flags, corrupted),
         "combined": _scores(combined_flags, corrupted),
+        "combined_via_cleanlab": _scores(product_flags, corrupted),
         "labeler": "TF-IDF (1-2 grams) + logistic regression, 5-fold cross_val_predict on the corrupted labels",
         "relabel_cycle": {
             "queued": int(len(queue)), "errors_before": int(corrupted.sum()), "errors_after": errors_after,
@@ -183,7 +206,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Home Depot subsample and fewer sessions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", default=None, help="one dataset: homedepot or crowdflower")
+    parser.add_argument("--dump", type=Path, default=None, help="save per-dataset arrays here (analysis)")
     args = parser.parse_args()
+    global DUMP_DIR
+    DUMP_DIR = args.dump
     command = "python -m bench.bench_label_errors" + (" --quick" if args.quick else "")
     out: dict = {"name": "label_errors", "command": command, "quick": args.quick, "device": "cpu, 2 cores",
                  "simulated": True, "figures": []}
