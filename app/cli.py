@@ -33,7 +33,7 @@ COMMAND_MODULES = (
 @app.callback()
 def _global(
     store: Optional[str] = typer.Option(
-        None, "--store", help="Store file (default: MNR_STORE, [store] path in mnr.toml, or ./mnr.duckdb).",
+        None, "--store", help="Store file (default: MNR_STORE, else store.path in mnr.toml, else ./mnr.duckdb).",
         envvar="MNR_STORE",
     ),
 ) -> None:

@@ -99,17 +99,28 @@ def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     return (clicks_ll + conversion_ll) / dispersion
 
 
+def _negative_binomial_shape(clicks: np.ndarray, expected: np.ndarray, coec: np.ndarray,
+                             responsibility: np.ndarray) -> float:
+    """Moment estimate of the click model's Gamma shape k: Var(clicks) = mean + mean^2 / k, pooled over
+    pairs and grades weighted by the posterior; 1 / k is kept within [0.05^2, 1]."""
+    mean = expected[:, None] * coec[None, :]
+    excess = float(np.sum(responsibility * ((clicks[:, None] - mean) ** 2 - mean)))
+    scale = float(np.sum(responsibility * mean ** 2))
+    inverse = np.clip(excess / max(scale, _TINY), 0.05 ** 2, 1.0)
+    return float(1.0 / inverse)
+
+
 def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
                     label_grade: np.ndarray, n_grades: int, label_trust: float = 0.8, pair_variation: float = 0.3,
                     dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5,
-                    tolerance: float = 1e-4) -> GradeModel:
+                    tolerance: float = 1e-3) -> GradeModel:
     """EM over each pair's latent true grade, from per-pair counts.
 
     clicks, expected_clicks, add_to_carts, purchases: float arrays, shape (n_pairs,); expected_clicks
         are the clicks an average pair gets at the positions this pair was shown (the position curve).
     label_grade: shape (n_pairs,), the current label's grade, or -1 for unlabelled pairs.
     The model: true grade t ~ label_noise[label, t]; clicks ~ NegBin(mean expected_clicks * coec[t],
-    shape 1 / pair_variation^2); add-to-carts ~ Bin(clicks, atc[t]); purchases ~ Bin(add-to-carts, buy[t]);
+    shape 1 / pair_variation^2, or estimated from the log by moments when pair_variation <= 0); add-to-carts ~ Bin(clicks, atc[t]); purchases ~ Bin(add-to-carts, buy[t]);
     log-likelihoods divided by `dispersion` (1: trust the model). EM starts from the labels
     (label_noise = label_trust on the diagonal), and each M-step pools the counts of every grade
     weighted by the posterior, then makes coec, atc and buy non-decreasing in grade (isotonic
@@ -122,6 +133,7 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     labels = label_grade.astype(int)
     # row n_grades of the prior is the flat prior of unlabelled pairs
     label_row = np.where(labels >= 0, labels, n_grades)
+    estimate_variation = pair_variation <= 0
     shape = 1.0 / max(pair_variation, 1e-3) ** 2
     grades = np.arange(n_grades)
     pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
@@ -134,11 +146,14 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
     overall_atc = carts.sum() / max(clicks.sum(), 1.0)
     overall_buy = buys.sum() / max(carts.sum(), 1.0)
+    totals = np.stack([clicks, expected, carts, buys])
     for _ in range(iterations):
-        click_sum, expected_sum, cart_sum, buy_sum = responsibility.T @ np.stack([clicks, expected, carts, buys], axis=1)
+        click_sum, expected_sum, cart_sum, buy_sum = totals @ responsibility
         coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
         atc = _monotone((cart_sum + 10 * overall_atc) / (click_sum + 10), (click_sum + 10) * trusted)
         buy = _monotone((buy_sum + 10 * overall_buy) / (cart_sum + 10), (cart_sum + 10) * trusted)
+        if estimate_variation:
+            shape = _negative_binomial_shape(clicks, expected, coec, responsibility)
         log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
         log_prior = np.log(np.maximum(np.vstack([noise, np.full(n_grades, 1.0 / n_grades)]), _TINY))
         responsibility = _normalise(log_lik + log_prior[label_row])
@@ -147,7 +162,7 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
                            for t in range(n_grades)], axis=1)
         noise = (counts + 20 * start) / (counts.sum(axis=1, keepdims=True) + 20)
         updated = np.concatenate([coec, atc, buy, noise.ravel()])
-        converged = len(parameters) and np.max(np.abs(updated - parameters) / np.maximum(np.abs(parameters), 1e-6)) < tolerance
+        converged = len(parameters) and np.max(np.abs(updated - parameters) / np.maximum(np.abs(parameters), 1e-2)) < tolerance
         parameters = updated
         if converged:
             break

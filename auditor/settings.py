@@ -20,7 +20,7 @@ class AuditSettings:
         min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
         label_trust: the EM's starting P(true grade = label) (refitted from the log).
         pair_variation: how much a pair's attractiveness varies around its grade's (coefficient of
-            variation of the Gamma factor of the negative-binomial click model).
+            variation of the Gamma factor of the negative-binomial click model); 0: estimated from the log.
         dispersion: divides log-likelihoods (1 trusts the model fully). em_iterations: at most this many EM steps.
     Engagement flags (all must hold)
         min_impressions, min_expected_clicks: enough data.
@@ -48,7 +48,7 @@ class AuditSettings:
     z: float = 1.96
     min_pairs_per_grade: int = 5
     label_trust: float = 0.8
-    pair_variation: float = 0.2
+    pair_variation: float = 0.0
     dispersion: float = 1.0
     em_iterations: int = 30
     min_impressions: int = 20

@@ -40,7 +40,7 @@ from annotator.finetune import (  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
 from annotator.prompts import load_policy  # noqa: E402
 from annotator.scoring import label_token_ids  # noqa: E402
-from bench.common import command_line, read_crowdflower, read_homedepot, skip, write_result  # noqa: E402
+from bench.common import command_line, read_crowdflower, read_homedepot, skip, tfidf_linear_probs, write_result  # noqa: E402
 
 NAME = "finetune"
 SEED = 2602
@@ -89,30 +89,6 @@ def split_three(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
     return train, dev, test
 
 
-def tfidf_linear_probs(train: pd.DataFrame, test: pd.DataFrame, labels: list[str]) -> np.ndarray:
-    """(n_test, K) label probabilities from TF-IDF(query), TF-IDF(title), their product; logistic regression.
-
-    The recipe of bench_labeler_agreement's baseline, returning probabilities so that the expected
-    rating (and its RMSE) is computed as for the LLM.
-    """
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    vectorizer.fit(pd.concat([train["query"], train["title"]]).astype(str))
-
-    def features(frame: pd.DataFrame):
-        query, title = vectorizer.transform(frame["query"].astype(str)), vectorizer.transform(frame["title"].astype(str))
-        return hstack([query, title, query.multiply(title)]).tocsr()
-
-    model = LogisticRegression(max_iter=2000, C=4.0)
-    model.fit(features(train), [labels.index(label) for label in train["label"]])
-    probs = np.zeros((len(test), len(labels)))
-    probs[:, model.classes_] = model.predict_proba(features(test))
-    return probs
-
-
 def metrics_of(probs: np.ndarray, frame: pd.DataFrame, labels: list[str], grades: list[int],
                scale: tuple[float, float]) -> dict[str, Any]:
     truth = np.array([labels.index(label) for label in frame["label"]])
@@ -144,7 +120,7 @@ def run_dataset(dataset: str, model_dir: str, minutes: float, test_pairs: int, w
                               "dev_pairs": len(dev), "test_pairs_scored": len(test_sample)}
 
     start = time.monotonic()
-    baseline_probs = tfidf_linear_probs(train, test_sample, labels)
+    baseline_probs = tfidf_linear_probs(train, test_sample, train["label"].map(labels.index).to_numpy(), len(labels))
     report["tfidf_linear"] = {**metrics_of(baseline_probs, test_sample, labels, grades, scale),
                               "train_pairs": len(train), "seconds": round(time.monotonic() - start, 1)}
     print(f"[{dataset}] tfidf+linear: {report['tfidf_linear'][headline]:.4f}", flush=True)

@@ -47,7 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = {
     # name: (file, preset, scheme, sessions full, sessions quick, queries kept in quick mode)
     "homedepot": ("homedepot/train.csv", "homedepot", "graded3", 6_000_000, 600_000, 2500),
-    "crowdflower": ("crowdflower/train.csv", "crowdflower", "graded4", 600_000, 200_000, None),
+    "crowdflower": ("crowdflower/train.csv", "crowdflower", "graded4", 600_000, 600_000, None),
 }
 CORRUPTION_RATE = 0.1
 LABELER_VERSION = "tfidf12-lr-c4-v1"

@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 from sklearn.metrics import accuracy_score, cohen_kappa_score  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    pair_texts, parse_args, read_crowdflower, read_homedepot, skip, split_sample, write_result,
+    pair_texts, parse_args, read_crowdflower, read_homedepot, skip, split_sample, tfidf_linear_probs, write_result,
 )
 
 NAME = "labeler_agreement"
@@ -31,24 +31,6 @@ DATASETS = {  # dataset -> (policy, rating source)
     "homedepot": ("home-improvement", "homedepot"),
     "crowdflower": ("esci", "crowdflower"),
 }
-
-
-def tfidf_linear_baseline(train: pd.DataFrame, test: pd.DataFrame, train_grades: np.ndarray) -> np.ndarray:
-    """Predicted grades from TF-IDF(query), TF-IDF(title) and their product, logistic regression."""
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    vectorizer.fit(pd.concat([train["query"], train["title"]]).astype(str))
-
-    def features(frame: pd.DataFrame):
-        query, title = vectorizer.transform(frame["query"].astype(str)), vectorizer.transform(frame["title"].astype(str))
-        return hstack([query, title, query.multiply(title)]).tocsr()
-
-    model = LogisticRegression(max_iter=2000, C=4.0)
-    model.fit(features(train), train_grades)
-    return model.predict(features(test))
 
 
 def scores(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -79,7 +61,7 @@ def main() -> None:
         grades = np.array([label.grade for label in scheme.labels])
         llm = scores(truth, grades[probs.argmax(axis=1)])
         train_grades = np.array([scheme.grade_of(scheme.map_rating(source, r)) for r in rest["rating"]])
-        baseline = scores(truth, tfidf_linear_baseline(rest, sample, train_grades))
+        baseline = scores(truth, tfidf_linear_probs(rest, sample, train_grades, scheme.max_grade + 1).argmax(axis=1))
         predicted_share = pd.Series(np.array(scheme.label_names)[probs.argmax(axis=1)]).value_counts(normalize=True)
         details[dataset] = {"policy": policy_name, "scheme": scheme.name, "n": len(sample), "llm": llm,
                             "tfidf_linear": baseline, "llm_pairs_per_s": len(sample) / seconds,

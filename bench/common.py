@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from labelstore.paths import shared_data_dir
@@ -87,3 +88,27 @@ def pair_texts(frame: pd.DataFrame) -> list:
 
     return [PairText(str(row.query), str(row.title), text(row.description), text(row.brand), f"row{index}")
             for index, row in enumerate(frame.itertuples())]
+
+
+def tfidf_linear_probs(train: pd.DataFrame, test: pd.DataFrame, train_classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """The classic baseline every labeler benchmark shows: (n_test, n_classes) class probabilities.
+
+    Features are TF-IDF(query), TF-IDF(title) and their element-wise product; the model is a
+    logistic regression fit on `train` (columns query, title) with integer classes `train_classes`.
+    """
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+    vectorizer.fit(pd.concat([train["query"], train["title"]]).astype(str))
+
+    def features(frame: pd.DataFrame):
+        query, title = vectorizer.transform(frame["query"].astype(str)), vectorizer.transform(frame["title"].astype(str))
+        return hstack([query, title, query.multiply(title)]).tocsr()
+
+    model = LogisticRegression(max_iter=2000, C=4.0)
+    model.fit(features(train), train_classes)
+    probs = np.zeros((len(test), n_classes))
+    probs[:, model.classes_] = model.predict_proba(features(test))
+    return probs

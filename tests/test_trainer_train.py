@@ -93,7 +93,8 @@ def test_cli_eval_retrieval_mine_and_errors(trained: dict) -> None:
     result = runner.invoke(app, ["--store", str(store.path), "eval-retrieval", "--dataset", "synthetic",
                                  "--holdout", "0.3", "--model", "latest-stage2", "--json"])
     assert result.exit_code == 0, result.output
-    systems = {row["system"]: row for row in json.loads(result.output)}
+    recorded = store.scalar("SELECT metrics FROM runs WHERE kind = 'eval-retrieval' AND status = 'ok'")
+    systems = json.loads(recorded)
     assert set(systems) == {"bm25", "retriever-zero-shot-minilm", trained["stage2_id"]}
     assert systems[trained["stage2_id"]]["ndcg@10"] == pytest.approx(trained["stage2"]["heldout_ndcg@10"], abs=1e-4)
     assert systems["retriever-zero-shot-minilm"]["ndcg@10"] == pytest.approx(trained["zero"]["ndcg@10"], abs=1e-4)
