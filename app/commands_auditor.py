@@ -84,7 +84,7 @@ def audit(
     scheme: str = typer.Option("esci", "--scheme", help="Audit the current labels of this scheme."),
     events: Optional[Path] = typer.Option(None, "--events", help="Parquet file or folder, queried in place (default: the store's events)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write audit.html and audit.json into this folder."),
-    trigger: bool = typer.Option(False, "--trigger", help="Then decide on retraining ([trigger] in mnr.toml) and launch it if it fires."),
+    trigger: bool = typer.Option(False, "--trigger", help="Then decide on retraining (the \\[trigger] policy in mnr.toml) and launch it if it fires."),
 ) -> None:
     """Audit labels against engagement, LLM-vs-human and retriever evidence; flag, queue, and report."""
     from app.trigger import run_trigger

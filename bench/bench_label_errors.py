@@ -10,7 +10,7 @@ cleanlab.filter.find_label_issues given out-of-sample probabilities of a TF-IDF 
 regression labeler (5-fold cross_val_predict on the corrupted labels; the LLM is too slow to
 relabel 59k pairs five times on this CPU), and both signals combined: the Bayes posterior of the
 true grade given the label (the audit's fitted label-noise matrix), the labeler's probabilities
-and the engagement likelihood, flagged where the label's posterior is <= max_label_posterior
+(temperature-scaled on the noisy labels) and the engagement likelihood, flagged where the label's posterior is <= max_label_posterior
 (`combined`); `combined_via_cleanlab` is find_label_issues on the normalised product of the
 labeler's probabilities and the engagement likelihood, for reference. Then one audit -> relabel
 cycle: an oracle reviewer relabels the audit's re-annotation queue, and we count the errors fixed.
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
+from scipy.optimize import minimize_scalar
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import precision_recall_fscore_support
@@ -117,6 +118,19 @@ def _engagement_evidence(result, truth: pd.DataFrame, settings: AuditSettings,
     return likelihood, has, noise
 
 
+def temperature_scaled(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The labeler's probabilities, shape (n_pairs, n_grades), calibrated by one temperature fitted to
+    minimise the log-loss of the given (noisy) labels; the true labels are not used."""
+    rows = np.arange(len(labels))
+
+    def scaled(temperature: float) -> np.ndarray:
+        tempered = np.maximum(probs, 1e-12) ** (1.0 / temperature)
+        return tempered / tempered.sum(axis=1, keepdims=True)
+
+    fit = minimize_scalar(lambda t: -np.log(scaled(t)[rows, labels] + 1e-12).mean(), bounds=(0.2, 10.0), method="bounded")
+    return scaled(float(fit.x))
+
+
 def combined_posterior(labels: np.ndarray, labeler: np.ndarray, likelihood: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """P(true grade | label, text, engagement), shape (n_pairs, n_grades), by Bayes' rule with the
     three pieces of evidence taken as independent given the true grade:
@@ -161,7 +175,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
         timings["labeler_cv_s"] = time.perf_counter() - started
         cleanlab_flags = find_label_issues(noisy, labeler)
         likelihood, has_evidence, noise = _engagement_evidence(result, truth, settings, n_grades)
-        combined = combined_posterior(noisy, labeler, likelihood, noise)
+        combined = combined_posterior(noisy, temperature_scaled(labeler, noisy), likelihood, noise)
         combined_flags = combined[np.arange(len(noisy)), noisy] <= settings.max_label_posterior
         if DUMP_DIR is not None:
             DUMP_DIR.mkdir(parents=True, exist_ok=True)
