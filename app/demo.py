@@ -23,7 +23,7 @@ from labelstore.paths import shared_data_dir
 from labelstore.store import Store
 
 STORE_FILE = "mnr.duckdb"
-# Sized so the whole demo stays under 10 minutes on a 2-core CPU (see docs/loop.md for timings).
+# Sized so the whole demo stays under 10 minutes on a 2-core CPU (see the README, "mnr demo", for timings).
 HOMEDEPOT_QUERIES = {False: 300, True: 120}
 CATALOG_FAMILIES = {False: 14, True: 8}
 RELABEL_PAIRS = {False: 200, True: 80}
