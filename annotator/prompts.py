@@ -24,13 +24,13 @@ import hashlib
 import html
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 
+from labelstore.config import read_toml
 from labelstore.errors import MnrError
 from labelstore.paths import prompts_dir
 from labelstore.schemes import LabelScheme, load_scheme
@@ -191,10 +191,7 @@ def load_policy(name: str | Path = DEFAULT_POLICY) -> Policy:
 
 
 def _load_policy_file(path: Path) -> Policy:
-    try:
-        meta = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML: {exc}") from exc
+    meta = read_toml(path, PolicyError)
     try:
         scheme = load_scheme(str(meta["scheme"]))
         template_name = str(meta["template"])

@@ -28,9 +28,8 @@ LIMIT $limit
 """
 
 SELECT_FLAGGED = f"""
-WITH queued AS (SELECT pair_id, max(priority) AS priority FROM review_queue GROUP BY pair_id)
 SELECT {PAIR_TEXT_COLUMNS}
-FROM queued JOIN pairs p USING (pair_id) JOIN queries q USING (query_id) JOIN products pr USING (product_id)
+FROM open_review_queue queued JOIN pairs p USING (pair_id) JOIN queries q USING (query_id) JOIN products pr USING (product_id)
 WHERE ($dataset IS NULL OR p.dataset = $dataset)
 ORDER BY queued.priority DESC, p.pair_id
 LIMIT $limit

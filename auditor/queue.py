@@ -6,20 +6,7 @@ import pandas as pd
 
 from labelstore.store import Store
 
-QUEUE_SQL = """
--- The open queue: each pair's newest queue entry, unless a human labelled it after it was queued.
-WITH newest AS (
-    SELECT *, row_number() OVER (PARTITION BY pair_id ORDER BY created_at DESC, priority DESC) AS k
-    FROM review_queue
-)
-SELECT n.pair_id, n.run_id, n.reason, n.priority, n.created_at
-FROM newest n
-WHERE n.k = 1 AND NOT EXISTS (
-    SELECT 1 FROM labels l WHERE l.pair_id = n.pair_id AND l.source = 'human' AND l.created_at >= n.created_at
-)
-ORDER BY n.priority DESC, n.pair_id
-LIMIT ?
-"""
+QUEUE_SQL = "SELECT * FROM open_review_queue ORDER BY priority DESC, pair_id LIMIT ?"
 
 
 def queue_issues(con: duckdb.DuckDBPyConnection, run_id: str, issues: pd.DataFrame, limit: int) -> int:

@@ -19,15 +19,20 @@ def config_path() -> Path:
     return Path(os.environ.get("MNR_CONFIG", "mnr.toml"))
 
 
+def read_toml(path: Path, error: type[MnrError] = MnrError) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error becomes `error` naming the file and the position."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
     """The parsed config, or {} when the file does not exist."""
     path = Path(path) if path is not None else config_path()
     if not path.is_file():
         return {}
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise MnrError(f"{path}: not valid TOML: {exc}") from exc
+    return read_toml(path)
 
 
 def section(name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:

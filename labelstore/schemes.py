@@ -6,11 +6,11 @@ medians) onto the scheme's labels.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from labelstore.config import read_toml
 from labelstore.errors import SchemeError
 from labelstore.paths import prompts_dir
 
@@ -95,10 +95,7 @@ class LabelScheme:
 
 
 def _parse(path: Path) -> LabelScheme:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise SchemeError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, SchemeError)
     try:
         labels = tuple(
             Label(str(item["name"]), int(item["grade"]), str(item.get("definition", "")),
