@@ -51,7 +51,7 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
             engagement = compute_engagement(con, scheme, settings)
             llm_human = con.execute(auditor_sql("llm_human"), window).df()
             label_windows = con.execute(auditor_sql("label_windows"), window).df()
-            retriever = con.execute(auditor_sql("retriever_scores"), {"scheme": scheme}).df()
+            retriever = con.execute(auditor_sql("retriever_scores")).df()
         names = {label.grade: label.name for label in label_scheme.labels}
         found = [find_engagement_issues(engagement.pair_metrics, settings, names),
                  find_llm_human_issues(llm_human, settings),

@@ -1,18 +1,24 @@
 """Engagement audit metrics, computed in DuckDB SQL (`auditor/sql/*.sql`) over the joined labels and events.
 
 The events come from the store's `engagement_events` table or straight from a Parquet file or
-folder (queried in place, never loaded into Python). One aggregation pass reduces them to counts
-per (pair, position, time window); every later step reads those counts:
+folder (queried in place, never loaded into Python). Two aggregation passes reduce them to small
+tables; every later step reads those:
 
-1. the position CTR curve, fitted on the log itself (position-based model, alternating steps, numpy
-   over the per-(pair, position) counts: `auditor.model.fit_position_curve`);
-2. per pair (SQL): impressions, clicks, expected clicks, COEC with a Poisson score interval, CTR,
-   add-to-cart and purchase rates per click with Wilson intervals, and the current label;
-3. each grade's engagement profile and each pair's posterior over its true grade, by EM over the
-   per-pair table (numpy: `auditor.model.fit_grade_model`): the engagement-implied grade and its confidence.
+1. `curve_cells.sql`: counts per (pair, position) for a hash sample of pairs (all pairs in a log of
+   at most `curve_sample_events` events), and exact totals per position. The position CTR curve is
+   fitted on the sample (position-based model, alternating steps, numpy:
+   `auditor.model.fit_position_curve`);
+2. `event_counts.sql`: counts per (pair, time window) with the clicks expected at the positions
+   shown, from the fitted curve;
+3. per pair (`pair_metrics.sql`): impressions, clicks, expected clicks, COEC with a Poisson score
+   interval, CTR, add-to-cart and purchase rates per click with Wilson intervals, and the current label;
+4. each grade's engagement profile and each pair's posterior over its true grade, by EM over the
+   per-pair table (numpy: `auditor.model.fit_grade_model`; the parameters are fitted on at most
+   `em_sample_pairs` pairs, then every pair gets its posterior): the engagement-implied grade and its confidence.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,22 +79,26 @@ def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None
 def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: AuditSettings) -> EngagementTables:
     """Run the engagement SQL on `con` (which must have `audit_events`, see `attach_events`).
 
-    The event scan happens once (event_counts.sql); the position curve and the grade model are
-    fitted in numpy on the per-(pair, position) and per-pair tables the SQL reduces it to.
+    Two passes over the events (curve_cells.sql, then event_counts.sql with the fitted curve); the
+    position curve and the grade model are fitted in numpy on the small tables they produce. Leaves
+    the temp table audit_labels (the scheme's current labels) on `con` for the audit's other queries.
     """
     install_macros(con)
-    window = {"window_days": settings.window_days, "origin": settings.window_origin}
+    raw_events = con.execute("SELECT count(*) FROM audit_events").fetchone()[0]
+    sample_modulus = max(1, math.ceil(raw_events / max(settings.curve_sample_events, 1)))
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_curve_cells AS {auditor_sql('curve_cells')}",
+                {"sample_modulus": sample_modulus})
+    curve = _position_curve(con, settings)
+    reference_ctr = np.zeros(int(curve["position"].max()) if len(curve) else 0)
+    reference_ctr[curve["position"].to_numpy(int) - 1] = curve["reference_ctr"].to_numpy(float)
+    window = {"window_days": settings.window_days, "origin": settings.window_origin,
+              "reference_ctr": reference_ctr.tolist()}
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {auditor_sql('event_counts')}", window)
     n_events, simulated = con.execute(
         "SELECT coalesce(sum(impressions + clicks + add_to_carts + purchases), 0), coalesce(bool_or(simulated), false) "
         "FROM audit_counts").fetchone()
-    con.execute(auditor_sql("position_counts"))
-    curve = _position_curve(con, settings)
-    con.register("audit_position_curve_frame", curve)
-    con.execute("CREATE OR REPLACE TEMP TABLE audit_position_curve AS SELECT * FROM audit_position_curve_frame")
-    con.unregister("audit_position_curve_frame")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {auditor_sql('pair_metrics')}",
-                {"z": settings.z, "scheme": scheme})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_labels AS {auditor_sql('audit_labels')}", {"scheme": scheme})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {auditor_sql('pair_metrics')}", {"z": settings.z})
     metrics = con.execute("SELECT * FROM audit_pair_metrics ORDER BY pair_id").df()
     label_scheme = load_scheme(scheme)
     metrics, profile = implied_grades(metrics, label_scheme.max_grade + 1, settings)
@@ -97,27 +107,33 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         position_curve=curve,
         pair_metrics=metrics,
         grade_profile=profile,
-        windows=con.execute(auditor_sql("engagement_windows"), {"scheme": scheme}).df(),
+        windows=con.execute(auditor_sql("engagement_windows")).df(),
         simulated=bool(simulated),
         n_events=int(n_events),
     )
 
 
 def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> pd.DataFrame:
-    """One row per position up to max_position: impressions, clicks, observed_ctr, examination, reference_ctr."""
-    cells = con.execute("SELECT pair_hash, position, impressions, clicks FROM audit_pair_position "
-                        "WHERE position <= ?", [settings.max_position]).fetchnumpy()
+    """One row per position up to max_position: impressions, clicks, observed_ctr (exact totals),
+    examination (fitted on the sampled cells of audit_curve_cells) and reference_ctr."""
     columns = ["position", "impressions", "clicks", "observed_ctr", "examination", "reference_ctr"]
+    totals = con.execute("SELECT position, sum(impressions) AS impressions, sum(clicks) AS clicks "
+                         "FROM audit_curve_cells WHERE position <= ? GROUP BY position ORDER BY position",
+                         [settings.max_position]).fetchnumpy()
+    cells = con.execute("SELECT hash(pair_id) AS pair_hash, position, impressions, clicks FROM audit_curve_cells "
+                        "WHERE pair_id IS NOT NULL AND position <= ?", [settings.max_position]).fetchnumpy()
     if len(cells["position"]) == 0:
         return pd.DataFrame(columns=columns)
     _, pair_index = np.unique(cells["pair_hash"], return_inverse=True)
-    position = np.asarray(cells["position"], dtype=np.int64)
-    impressions, clicks = np.asarray(cells["impressions"], float), np.asarray(cells["clicks"], float)
-    positions, examination, mean_attractiveness = fit_position_curve(
-        pair_index, position, impressions, clicks, settings.curve_iterations, settings.curve_tolerance)
-    pos_index = np.searchsorted(positions, position)
-    shown = np.bincount(pos_index, impressions, len(positions))
-    clicked = np.bincount(pos_index, clicks, len(positions))
+    fitted_positions, fitted_examination, _ = fit_position_curve(
+        pair_index, np.asarray(cells["position"], dtype=np.int64), np.asarray(cells["impressions"], float),
+        np.asarray(cells["clicks"], float), settings.curve_iterations, settings.curve_tolerance)
+    positions = np.asarray(totals["position"], dtype=np.int64)
+    shown, clicked = np.asarray(totals["impressions"], float), np.asarray(totals["clicks"], float)
+    # a position only unsampled pairs reached takes the examination of the nearest fitted one above it
+    fitted_index = np.clip(np.searchsorted(fitted_positions, positions, side="right") - 1, 0, None)
+    examination = fitted_examination[fitted_index]
+    mean_attractiveness = clicked.sum() / max(float((shown * examination).sum()), 1e-9)
     return pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown.astype(np.int64),
                          "clicks": clicked.astype(np.int64), "observed_ctr": clicked / np.maximum(shown, 1),
                          "examination": examination, "reference_ctr": examination * mean_attractiveness})
@@ -144,7 +160,7 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
                             m["add_to_carts"].to_numpy(float), m["purchases"].to_numpy(float), grade[observed],
                             n_grades, label_trust=settings.label_trust, pair_variation=settings.pair_variation,
                             dispersion=settings.dispersion, iterations=settings.em_iterations,
-                            min_pairs_per_grade=settings.min_pairs_per_grade)
+                            min_pairs_per_grade=settings.min_pairs_per_grade, max_fit_pairs=settings.em_sample_pairs)
     rows = np.arange(int(observed.sum()))
     labelled = grade[observed] >= 0
     label_index = np.where(labelled, grade[observed], 0)

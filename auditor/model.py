@@ -113,7 +113,7 @@ def _negative_binomial_shape(clicks: np.ndarray, expected: np.ndarray, coec: np.
 def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
                     label_grade: np.ndarray, n_grades: int, label_trust: float = 0.8, pair_variation: float = 0.3,
                     dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5,
-                    tolerance: float = 1e-3) -> GradeModel:
+                    tolerance: float = 1e-3, max_fit_pairs: int | None = None, seed: int = 0) -> GradeModel:
     """EM over each pair's latent true grade, from per-pair counts.
 
     clicks, expected_clicks, add_to_carts, purchases: float arrays, shape (n_pairs,); expected_clicks
@@ -127,26 +127,46 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     regression), so a few wrong labels cannot invert a grade's profile. Grades with fewer than
     `min_pairs_per_grade` labelled pairs borrow from their neighbours through the monotone fit.
     Stops when no parameter (profiles, label noise) moves by more than `tolerance` (relative).
+    With more than `max_fit_pairs` pairs, the EM runs on a random sample (seeded) of that many; a
+    final E-step with the fitted parameters gives every pair its posterior.
     """
     clicks, expected = clicks.astype(float), expected_clicks.astype(float)
     carts, buys = add_to_carts.astype(float), purchases.astype(float)
     labels = label_grade.astype(int)
     # row n_grades of the prior is the flat prior of unlabelled pairs
     label_row = np.where(labels >= 0, labels, n_grades)
+    pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
+    fit = slice(None)
+    if max_fit_pairs is not None and len(clicks) > max_fit_pairs:
+        fit = np.sort(np.random.default_rng(seed).choice(len(clicks), max_fit_pairs, replace=False))
+    params = _fit_parameters(clicks[fit], expected[fit], carts[fit], buys[fit], label_row[fit], n_grades,
+                             label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance)
+    coec, atc, buy, shape, noise = params
+    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
+    log_prior = np.log(np.maximum(np.vstack([noise, np.full(n_grades, 1.0 / n_grades)]), _TINY))
+    return GradeModel(grades=np.arange(n_grades), coec=coec, add_to_cart_rate=atc, purchase_rate=buy,
+                      label_noise=noise, log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik),
+                      posterior=_normalise(log_lik + log_prior[label_row]), pairs_per_grade=pairs_per_grade)
+
+
+def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
+                    label_row: np.ndarray, n_grades: int, label_trust: float, pair_variation: float,
+                    dispersion: float, iterations: int, min_pairs_per_grade: int,
+                    tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
+    """The EM loop of `fit_grade_model`; returns (coec, atc, buy, shape, label_noise)."""
     estimate_variation = pair_variation <= 0
     shape = 1.0 / max(pair_variation, 1e-3) ** 2
-    grades = np.arange(n_grades)
     pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
     off = (1.0 - label_trust) / max(n_grades - 1, 1)
     start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
     noise = start
     responsibility = np.vstack([noise, np.full(n_grades, 1.0 / n_grades)])[label_row]
     parameters = np.zeros(0)
-    log_lik = np.zeros((len(clicks), n_grades))
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
     overall_atc = carts.sum() / max(clicks.sum(), 1.0)
     overall_buy = buys.sum() / max(carts.sum(), 1.0)
     totals = np.stack([clicks, expected, carts, buys])
+    coec = atc = buy = np.zeros(n_grades)
     for _ in range(iterations):
         click_sum, expected_sum, cart_sum, buy_sum = totals @ responsibility
         coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
@@ -166,9 +186,7 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
         parameters = updated
         if converged:
             break
-    return GradeModel(grades=grades, coec=coec, add_to_cart_rate=atc, purchase_rate=buy, label_noise=noise,
-                      log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik), posterior=responsibility,
-                      pairs_per_grade=pairs_per_grade)
+    return coec, atc, buy, shape, noise
 
 
 def _normalise(log_weights: np.ndarray) -> np.ndarray:

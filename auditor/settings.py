@@ -16,12 +16,16 @@ class AuditSettings:
         max_position: positions beyond this are left out of the position curve.
         curve_iterations, curve_tolerance: at most this many alternating steps of the position-curve
             fit, stopping once no position's examination moves by more than the tolerance (relative).
+        curve_sample_events: the curve is fitted on the pairs of a hash sample holding about this many
+            events (all pairs of a smaller log); per-position totals are always exact.
         z: normal quantile of every interval (1.96: 95%).
         min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
         label_trust: the EM's starting P(true grade = label) (refitted from the log).
         pair_variation: how much a pair's attractiveness varies around its grade's (coefficient of
             variation of the Gamma factor of the negative-binomial click model); 0: estimated from the log.
         dispersion: divides log-likelihoods (1 trusts the model fully). em_iterations: at most this many EM steps.
+        em_sample_pairs: the EM fits the grade profiles on a seeded sample of at most this many pairs,
+            then gives every pair its posterior (a few dozen parameters need no more).
     Engagement flags (all must hold)
         min_impressions, min_expected_clicks: enough data.
         min_log_likelihood_ratio: best grade vs the label's grade, after dispersion.
@@ -45,12 +49,14 @@ class AuditSettings:
     max_position: int = 50
     curve_iterations: int = 50
     curve_tolerance: float = 1e-4
+    curve_sample_events: int = 5_000_000
     z: float = 1.96
     min_pairs_per_grade: int = 5
     label_trust: float = 0.8
     pair_variation: float = 0.0
     dispersion: float = 1.0
     em_iterations: int = 30
+    em_sample_pairs: int = 100_000
     min_impressions: int = 20
     min_expected_clicks: float = 2.0
     min_log_likelihood_ratio: float = 2.0

@@ -1,12 +1,16 @@
--- One pass over the raw events (the audit_events view: the store table or a Parquet folder):
--- counts per pair, position and time window. Everything after this reads the (much smaller) result.
+-- Pass 2 over the raw events: counts per pair and time window, and the clicks an average pair would
+-- get at the positions shown (expected_clicks: one reference CTR per impression, from the fitted
+-- position curve; $reference_ctr[k] is the CTR at position k, 0 past the curve). Every later step
+-- reads this (much smaller) table.
 SELECT pair_id,
-       position,
        time_bucket(to_days(CAST($window_days AS INTEGER)), ts, CAST($origin AS TIMESTAMP)) AS window_start,
        count(*) FILTER (WHERE event_type = 'impression') AS impressions,
        count(*) FILTER (WHERE event_type = 'click') AS clicks,
        count(*) FILTER (WHERE event_type = 'add_to_cart') AS add_to_carts,
        count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
+       coalesce(sum(CASE WHEN position <= len(CAST($reference_ctr AS DOUBLE[]))
+                         THEN CAST($reference_ctr AS DOUBLE[])[position] ELSE 0 END)
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks,
        bool_or(simulated) AS simulated
 FROM audit_events
 WHERE pair_id IS NOT NULL AND position IS NOT NULL

@@ -1,15 +1,16 @@
 -- Per pair: engagement counts, COEC (clicks over the clicks expected at the positions shown),
--- rates with Wilson intervals and a Poisson score interval for COEC, joined with the current label.
+-- rates with Wilson intervals and a Poisson score interval for COEC, joined with the current label
+-- (audit_labels.sql).
 WITH per_pair AS (
-    SELECT c.pair_id,
-           sum(c.impressions) AS impressions,
-           sum(c.clicks) AS clicks,
-           sum(c.add_to_carts) AS add_to_carts,
-           sum(c.purchases) AS purchases,
-           sum(c.impressions * coalesce(k.reference_ctr, 0)) AS expected_clicks,
-           bool_or(c.simulated) AS simulated
-    FROM audit_pair_position c LEFT JOIN audit_position_curve k USING (position)
-    GROUP BY c.pair_id
+    SELECT pair_id,
+           sum(impressions) AS impressions,
+           sum(clicks) AS clicks,
+           sum(add_to_carts) AS add_to_carts,
+           sum(purchases) AS purchases,
+           sum(expected_clicks) AS expected_clicks,
+           bool_or(simulated) AS simulated
+    FROM audit_counts
+    GROUP BY pair_id
 )
 SELECT p.*,
        l.label, l.grade, l.source AS label_source, l.confidence AS label_confidence,
@@ -26,4 +27,4 @@ SELECT p.*,
        wilson_low(p.purchases, p.clicks, $z) AS purchase_low,
        wilson_high(p.purchases, p.clicks, $z) AS purchase_high
 FROM per_pair p
-LEFT JOIN (SELECT pair_id, label, grade, source, confidence FROM current_labels WHERE scheme = $scheme) l USING (pair_id)
+LEFT JOIN audit_labels l USING (pair_id)
