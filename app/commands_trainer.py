@@ -32,7 +32,8 @@ def _parse_margins(items: List[str]) -> dict[int, float]:
 def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional[str], out: Optional[Path],
            epochs: int, max_steps: Optional[int], queries_per_batch: int, products_per_query: int, lr: float,
            max_seq_length: int, holdout: float, seed: int, fields: List[str], separate_towers: bool,
-           temperature: float, gamma: float, margin: float, gap_margins: List[str], checkpoint_every: int) -> None:
+           temperature: float, gamma: float, margin: float, gap_margins: List[str], checkpoint_every: int,
+           product_anchors: bool = False) -> None:
     from trainer.registry import resolve_model
     from trainer.train import TrainConfig, run_training
 
@@ -42,7 +43,8 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
                          learning_rate=lr, max_seq_length=max_seq_length, holdout_fraction=holdout, seed=seed,
                          product_fields=tuple(fields or defaults.get("product_fields", ("title", "description"))),
                          separate_towers=separate_towers, temperature=temperature, gamma=gamma, margin=margin,
-                         margins=_parse_margins(gap_margins), checkpoint_every=checkpoint_every)
+                         margins=_parse_margins(gap_margins), checkpoint_every=checkpoint_every,
+                         product_anchors=product_anchors)
     store = open_store()
     parent_id, start_path = resolve_model(store, start_from) if start_from else (None, None)
     model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out)
@@ -74,6 +76,9 @@ def _options(stage: str):
         fields: List[str] = typer.Option([], "--field", help=FIELDS_HELP),
         separate_towers: bool = typer.Option(False, "--separate-towers", help="Separate query and product encoders."),
         temperature: float = typer.Option(0.05, "--temperature", help="Stage 1 SupCon temperature."),
+        product_anchors: bool = typer.Option(
+            False, "--product-anchors",
+            help="Stage 1: products anchor too, so same-grade products pull each other (default: queries only)."),
         gamma: float = typer.Option(32.0, "--gamma", help="Stage 2 circle-loss scale."),
         margin: float = typer.Option(0.1, "--margin", help="Stage 2 margin per unit of grade gap."),
         gap_margins: List[str] = typer.Option([], "--gap-margin", help="Stage 2 margin for one grade gap, GAP=MARGIN (repeatable)."),
@@ -81,7 +86,7 @@ def _options(stage: str):
     ) -> None:
         _train(stage, scheme, dataset, start_from, out, epochs, max_steps, queries_per_batch, products_per_query, lr,
                max_seq_length, holdout, seed, fields, separate_towers, temperature, gamma, margin, gap_margins,
-               checkpoint_every)
+               checkpoint_every, product_anchors)
 
     command.__doc__ = ("Stage 1: label-aware supervised contrastive training (same grade attracts, other grades "
                        "and in-batch products repel)." if stage == "stage1" else

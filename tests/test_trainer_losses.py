@@ -114,7 +114,7 @@ def test_circle_loss_rejects_mismatched_shapes() -> None:
 
 
 def test_grade_supcon_masks_follow_grades() -> None:
-    loss = GradeSupConLoss(top_grade=2, lowest_grade=0)
+    loss = GradeSupConLoss(top_grade=2, lowest_grade=0, product_anchors=True)
     # query 0: products 0 (grade 2), 1 (grade 2), 2 (grade 1), 3 (grade 0), 4 (grade 0); query 1: product 5 (grade 2)
     positive, negative = loss.masks(grade_matrix_from(2, torch.tensor([0, 0, 0, 0, 0, 1]), torch.tensor([2, 2, 1, 0, 0, 2])))
     q0, q1, p0, p1, p2, p3, p4, p5 = range(8)
@@ -128,8 +128,20 @@ def test_grade_supcon_masks_follow_grades() -> None:
     assert not positive.diagonal().any() and not negative.diagonal().any()
 
 
+def test_grade_supcon_default_anchors_only_queries() -> None:
+    # query 0: products 0, 1 (grade 2), 2 (grade 1); query 1: product 3 (grade 2)
+    matrix = grade_matrix_from(2, torch.tensor([0, 0, 0, 1]), torch.tensor([2, 2, 1, 2]))
+    positive, negative = GradeSupConLoss(top_grade=2, lowest_grade=0).masks(matrix)
+    q0, q1, p0, p1, p2, p3 = range(6)
+    assert positive[q0, p0] and positive[q0, p1] and positive[q1, p3]
+    assert negative[q0, p2] and negative[q0, p3] and negative[q0, q1]
+    assert not positive[2:].any() and not negative[2:].any()  # products anchor nothing
+    full_positive, _ = GradeSupConLoss(top_grade=2, lowest_grade=0, product_anchors=True).masks(matrix)
+    assert full_positive[p0, p1] and full_positive[p0, q0]
+
+
 def test_grade_supcon_product_judged_for_two_queries_joins_both_classes() -> None:
-    loss = GradeSupConLoss(top_grade=2, lowest_grade=0)
+    loss = GradeSupConLoss(top_grade=2, lowest_grade=0, product_anchors=True)
     # product 0 is relevant for both queries, product 1 relevant for query 1 only
     grade_matrix = torch.tensor([[2, -1], [2, 2]])
     positive, negative = loss.masks(grade_matrix)
@@ -139,7 +151,7 @@ def test_grade_supcon_product_judged_for_two_queries_joins_both_classes() -> Non
 
 
 def test_grade_supcon_matches_hand_computed_value() -> None:
-    loss = GradeSupConLoss(top_grade=1, lowest_grade=0, temperature=0.5)
+    loss = GradeSupConLoss(top_grade=1, lowest_grade=0, temperature=0.5, product_anchors=True)
     query = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
     products = F.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), dim=1)
     value = loss(query, products, torch.tensor([0, 0]), torch.tensor([1, 0]))
@@ -149,13 +161,21 @@ def test_grade_supcon_matches_hand_computed_value() -> None:
     anchor_query = -math.log(math.exp(s_q_p0 / t) / (math.exp(s_q_p0 / t) + math.exp(s_q_p1 / t)))
     anchor_p0 = -math.log(math.exp(s_q_p0 / t) / (math.exp(s_q_p0 / t) + math.exp(s_p0_p1 / t)))
     assert value.item() == pytest.approx((anchor_query + anchor_p0) / 2, rel=1e-5)
+    # queries only: the one anchor, with two positives (PML returns 0 for a single pair of each kind)
+    three = F.normalize(torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.5]]), dim=1)
+    sims = [float(three[i] @ query[0]) for i in range(3)]
+    denominator = sum(math.exp(x / t) for x in sims)
+    expected = -(math.log(math.exp(sims[0] / t) / denominator) + math.log(math.exp(sims[2] / t) / denominator)) / 2
+    queries_only = GradeSupConLoss(top_grade=1, lowest_grade=0, temperature=0.5)
+    value = queries_only(query, three, torch.tensor([0, 0, 0]), torch.tensor([1, 0, 1]))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_grade_supcon_gradient_pulls_top_grade_product_towards_query() -> None:
     loss = GradeSupConLoss(top_grade=2, lowest_grade=0, temperature=0.1)
     query = F.normalize(torch.tensor([[1.0, 0.2, 0.0]]), dim=1)
-    products = F.normalize(torch.tensor([[0.3, 1.0, 0.0], [0.9, 0.1, 0.3]]), dim=1).requires_grad_()
-    loss(query, products, torch.tensor([0, 0]), torch.tensor([2, 0])).backward()
+    products = F.normalize(torch.tensor([[0.3, 1.0, 0.0], [0.9, 0.1, 0.3], [0.0, 0.0, 1.0]]), dim=1).requires_grad_()
+    loss(query, products, torch.tensor([0, 0, 0]), torch.tensor([2, 0, 0])).backward()
     step = -products.grad  # gradient-descent direction
     assert torch.dot(step[0], query[0]) > 0  # the relevant product moves towards the query
     assert torch.dot(step[1], query[0]) < 0  # the irrelevant one away from it

@@ -121,3 +121,36 @@ def test_separate_towers_round_trip(tmp_path: Path) -> None:
 def test_stage2_requires_a_start_model(tmp_path: Path) -> None:
     with pytest.raises(MnrError, match="starts from a trained model"):
         run_training(Store(tmp_path / "s.duckdb"), TrainConfig(stage="stage2", scheme="esci"))
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import trainer.train as train_module
+
+    store = Store(tmp_path / "store.duckdb")
+    write_catalog(store, coded_catalog())
+    pairs = load_labelled_pairs(store, "esci", "synthetic")
+    config = TrainConfig(stage="stage1", **{**COMMON, "max_steps": 4, "checkpoint_every": 2, "max_seq_length": 16,
+                                            "queries_per_batch": 4, "products_per_query": 4})
+    real_loss = train_module.build_loss(config, pairs)
+    calls = {"n": 0}
+
+    def crashing_loss(*args):  # the crash a killed job would leave: after the step-2 checkpoint, inside step 3
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "build_loss", lambda *_: crashing_loss)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_module.train_model(TwoTowerModel.from_pretrained(max_seq_length=16), pairs, config, out, show_progress=False)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 2 and len(state["losses"]) == 2
+
+    monkeypatch.setattr(train_module, "build_loss", lambda *_: real_loss)
+    result = train_module.train_model(TwoTowerModel.from_pretrained(max_seq_length=16), pairs, config, out,
+                                      show_progress=False)
+    assert result.steps == 4 and result.metrics["loss_first"] == state["losses"][0]  # steps 1-2 came from the checkpoint
+    assert not (out / "checkpoint").exists() and (out / "modules.json").is_file()

@@ -50,6 +50,7 @@ class TrainConfig:
     product_fields: tuple[str, ...] = DEFAULT_PRODUCT_FIELDS
     separate_towers: bool = False
     temperature: float = 0.05
+    product_anchors: bool = False
     gamma: float = 32.0
     margin: float = 0.1
     margins: dict[int, float] = field(default_factory=dict)
@@ -117,7 +118,8 @@ def graded_batches(pairs: pd.DataFrame, queries_per_batch: int, products_per_que
 def build_loss(config: TrainConfig, pairs: LabelledPairs) -> GradedBatchLoss:
     grades = [label.grade for label in pairs.scheme.labels]
     if config.stage == "stage1":
-        return GradeSupConLoss(top_grade=max(grades), lowest_grade=min(grades), temperature=config.temperature)
+        return GradeSupConLoss(top_grade=max(grades), lowest_grade=min(grades), temperature=config.temperature,
+                               product_anchors=config.product_anchors)
     return MultiClassCircleLoss(gamma=config.gamma, margin=config.margin, margins=config.margins,
                                 in_batch_grade=min(grades))
 
