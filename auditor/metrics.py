@@ -118,10 +118,10 @@ def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> 
     examination (fitted on the sampled cells of audit_curve_cells) and reference_ctr."""
     columns = ["position", "impressions", "clicks", "observed_ctr", "examination", "reference_ctr"]
     totals = con.execute("SELECT position, sum(impressions) AS impressions, sum(clicks) AS clicks "
-                         "FROM audit_curve_cells WHERE position <= ? GROUP BY position ORDER BY position",
+                         "FROM audit_curve_cells WHERE position BETWEEN 1 AND ? GROUP BY position ORDER BY position",
                          [settings.max_position]).fetchnumpy()
     cells = con.execute("SELECT hash(pair_id) AS pair_hash, position, impressions, clicks FROM audit_curve_cells "
-                        "WHERE pair_id IS NOT NULL AND position <= ?", [settings.max_position]).fetchnumpy()
+                        "WHERE pair_id IS NOT NULL AND position BETWEEN 1 AND ?", [settings.max_position]).fetchnumpy()
     if len(cells["position"]) == 0:
         return pd.DataFrame(columns=columns)
     _, pair_index = np.unique(cells["pair_hash"], return_inverse=True)

@@ -143,7 +143,7 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
                              label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance)
     coec, atc, buy, shape, noise = params
     log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
-    log_prior = np.log(np.maximum(np.vstack([noise, np.full(n_grades, 1.0 / n_grades)]), _TINY))
+    log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
     return GradeModel(grades=np.arange(n_grades), coec=coec, add_to_cart_rate=atc, purchase_rate=buy,
                       label_noise=noise, log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik),
                       posterior=_normalise(log_lik + log_prior[label_row]), pairs_per_grade=pairs_per_grade)
@@ -160,7 +160,7 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     off = (1.0 - label_trust) / max(n_grades - 1, 1)
     start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
     noise = start
-    responsibility = np.vstack([noise, np.full(n_grades, 1.0 / n_grades)])[label_row]
+    responsibility = _prior_rows(noise)[label_row]
     parameters = np.zeros(0)
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
     overall_atc = carts.sum() / max(clicks.sum(), 1.0)
@@ -175,7 +175,7 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         if estimate_variation:
             shape = _negative_binomial_shape(clicks, expected, coec, responsibility)
         log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
-        log_prior = np.log(np.maximum(np.vstack([noise, np.full(n_grades, 1.0 / n_grades)]), _TINY))
+        log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
         responsibility = _normalise(log_lik + log_prior[label_row])
         # P(true | label): the pooled posteriors of each label's pairs, smoothed towards the start
         counts = np.stack([np.bincount(label_row, responsibility[:, t], n_grades + 1)[:n_grades]
@@ -187,6 +187,11 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         if converged:
             break
     return coec, atc, buy, shape, noise
+
+
+def _prior_rows(noise: np.ndarray) -> np.ndarray:
+    """Shape (n_grades + 1, n_grades): P(true grade | label) per label, then the flat prior of unlabelled pairs."""
+    return np.vstack([noise, np.full(noise.shape[1], 1.0 / noise.shape[1])])
 
 
 def _normalise(log_weights: np.ndarray) -> np.ndarray:

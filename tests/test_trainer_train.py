@@ -149,8 +149,15 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path: Path, monkey
     state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 2 and len(state["losses"]) == 2
 
-    monkeypatch.setattr(train_module, "build_loss", lambda *_: real_loss)
+    resumed_steps = {"n": 0}
+
+    def counting_loss(*args):
+        resumed_steps["n"] += 1
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "build_loss", lambda *_: counting_loss)
     result = train_module.train_model(TwoTowerModel.from_pretrained(max_seq_length=16), pairs, config, out,
                                       show_progress=False)
     assert result.steps == 4 and result.metrics["loss_first"] == state["losses"][0]  # steps 1-2 came from the checkpoint
+    assert resumed_steps["n"] == 2  # only steps 3 and 4 were trained again
     assert not (out / "checkpoint").exists() and (out / "modules.json").is_file()

@@ -60,23 +60,22 @@ class GradeSupConLoss(GradedBatchLoss):
         """(positive, negative) bool masks, (B + N, B + N), over [queries; products], from the (B, N) grades."""
         n_queries, n_products = grade_matrix.shape
         device = grade_matrix.device
-        floor = self.lowest_grade - 1 if self.lowest_grade_attracts else self.lowest_grade
-        attracting = grade_matrix > floor  # judged, and of a grade whose members attract
         query_product = grade_matrix == self.top_grade  # (B, N)
-        # products c, d share a class when some query judged both with the same attracting grade
-        same_grade = (grade_matrix.unsqueeze(2) == grade_matrix.unsqueeze(1)) & attracting.unsqueeze(2) & attracting.unsqueeze(1)
-        product_product = same_grade.any(dim=0)
         positive = torch.zeros(n_queries + n_products, n_queries + n_products, dtype=torch.bool, device=device)
         positive[:n_queries, n_queries:] = query_product
-        positive[n_queries:, :n_queries] = query_product.T
-        positive[n_queries:, n_queries:] = product_product
         not_self = ~torch.eye(n_queries + n_products, dtype=torch.bool, device=device)
-        positive &= not_self
         negative = ~positive & not_self
         if not self.product_anchors:
-            positive[n_queries:] = False
-            negative[n_queries:] = False
-        return positive, negative
+            negative[n_queries:] = False  # product rows anchor nothing
+            return positive, negative
+        floor = self.lowest_grade - 1 if self.lowest_grade_attracts else self.lowest_grade
+        attracting = grade_matrix > floor  # judged, and of a grade whose members attract
+        # products c, d share a class when some query judged both with the same attracting grade
+        same_grade = (grade_matrix.unsqueeze(2) == grade_matrix.unsqueeze(1)) & attracting.unsqueeze(2) & attracting.unsqueeze(1)
+        positive[n_queries:, :n_queries] = query_product.T
+        positive[n_queries:, n_queries:] = same_grade.any(dim=0)
+        positive &= not_self
+        return positive, ~positive & not_self
 
     def compute_loss(self, query_emb: torch.Tensor, product_emb: torch.Tensor, grade_matrix: torch.Tensor) -> torch.Tensor:
         positive, negative = self.masks(grade_matrix)
