@@ -391,7 +391,9 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         step += 1
         losses.append(float(loss.detach()))
         step_seconds = time.monotonic() - tick
-        if step % args.eval_every == 0 or step == max_steps:
+        # the budget has no room for another step and its evaluation: evaluate this one, then stop
+        last_in_budget = elapsed() + step_seconds + eval_seconds > budget_s
+        if step % args.eval_every == 0 or step == max_steps or last_in_budget:
             tick = time.monotonic()
             logprobs = score_label_logprobs(model, dev_examples, label_ids, pad_id, args.eval_batch_size)
             metrics = dev_metrics(logprobs, dev_examples.targets, grades, 1.0, dev_ratings, rating_scale, labels)

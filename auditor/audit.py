@@ -93,6 +93,7 @@ def _summary(run_id: str, scheme: str, engagement: EngagementTables, issues: pd.
         "scheme": scheme,
         "simulated": engagement.simulated,
         "events": engagement.n_events,
+        "sample_one_pair_in": engagement.sample_modulus,
         "pairs_with_events": int(len(metrics)),
         "pairs_labelled_with_events": int(metrics["grade"].notna().sum()) if not metrics.empty else 0,
         "audited_pairs": audited,

@@ -4,12 +4,13 @@ The events come from the store's `engagement_events` table or straight from a Pa
 folder (queried in place, never loaded into Python). Two aggregation passes reduce them to small
 tables; every later step reads those:
 
-1. `curve_cells.sql`: counts per (pair, position) for a hash sample of pairs (all pairs in a log of
-   at most `curve_sample_events` events), and exact totals per position. The position CTR curve is
-   fitted on the sample (position-based model, alternating steps, numpy:
-   `auditor.model.fit_position_curve`);
-2. `event_counts.sql`: counts per (pair, time window) with the clicks expected at the positions
-   shown, from the fitted curve;
+1. `sample_cells.sql`: counts per (pair, position, time window) for a hash sample of whole pairs
+   holding about `sample_events` events (every pair of a smaller log). The position CTR curve is
+   fitted on it (position-based model, alternating steps, numpy: `auditor.model.fit_position_curve`),
+   and the engagement-drift windows (`engagement_windows.sql`) are summed from it: both are
+   aggregates over many pairs, which a sample of whole pairs estimates as well as the full log;
+2. `event_counts.sql`: counts per pair with the clicks expected at the positions shown, from the
+   fitted curve;
 3. per pair (`pair_metrics.sql`): impressions, clicks, expected clicks, COEC with a Poisson score
    interval, CTR, add-to-cart and purchase rates per click with Wilson intervals, and the current label;
 4. each grade's engagement profile and each pair's posterior over its true grade, by EM over the
@@ -37,13 +38,14 @@ from labelstore.schemes import load_scheme
 class EngagementTables:
     """The audit's engagement results.
 
-    position_curve: one row per position: impressions, clicks, observed_ctr, examination (1 at
-        position 1), reference_ctr (what an average pair gets there).
+    position_curve: one row per position: impressions, clicks, observed_ctr (of the sampled pairs),
+        examination (1 at position 1), reference_ctr (what an average pair gets there).
     pair_metrics: one row per pair seen in the log (see pair_metrics.sql and implied_grade.sql).
     grade_profile: one row per grade: label, pairs, coec, add_to_cart_rate, purchase_rate, label_trust.
-    windows: one row per (time window, label): impressions, clicks, expected_clicks, coec.
+    windows: one row per (time window, label): impressions, clicks, expected_clicks, coec (of the sampled pairs).
     simulated: whether any event came from the simulator.
     n_events: number of raw events read.
+    sample_modulus: the curve and the windows read one pair in this many (1: every pair).
     """
 
     position_curve: pd.DataFrame
@@ -52,6 +54,7 @@ class EngagementTables:
     windows: pd.DataFrame
     simulated: bool
     n_events: int
+    sample_modulus: int
 
 
 def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None = None) -> None:
@@ -79,21 +82,21 @@ def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None
 def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: AuditSettings) -> EngagementTables:
     """Run the engagement SQL on `con` (which must have `audit_events`, see `attach_events`).
 
-    Two passes over the events (curve_cells.sql, then event_counts.sql with the fitted curve); the
+    Two passes over the events (sample_cells.sql, then event_counts.sql with the fitted curve); the
     position curve and the grade model are fitted in numpy on the small tables they produce. Leaves
     the temp table audit_labels (the scheme's current labels) on `con` for the audit's other queries.
     """
     install_macros(con)
     raw_events = con.execute("SELECT count(*) FROM audit_events").fetchone()[0]
-    sample_modulus = max(1, math.ceil(raw_events / max(settings.curve_sample_events, 1)))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_curve_cells AS {auditor_sql('curve_cells')}",
-                {"sample_modulus": sample_modulus})
+    sample_modulus = max(1, math.ceil(raw_events / max(settings.sample_events, 1)))
+    window = {"window_days": settings.window_days, "origin": settings.window_origin}
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_sample_cells AS {auditor_sql('sample_cells')}",
+                {**window, "sample_modulus": sample_modulus})
     curve = _position_curve(con, settings)
     reference_ctr = np.zeros(int(curve["position"].max()) if len(curve) else 0)
     reference_ctr[curve["position"].to_numpy(int) - 1] = curve["reference_ctr"].to_numpy(float)
-    window = {"window_days": settings.window_days, "origin": settings.window_origin,
-              "reference_ctr": reference_ctr.tolist()}
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {auditor_sql('event_counts')}", window)
+    reference = {"reference_ctr": reference_ctr.tolist()}
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {auditor_sql('event_counts')}", reference)
     n_events, simulated = con.execute(
         "SELECT coalesce(sum(impressions + clicks + add_to_carts + purchases), 0), coalesce(bool_or(simulated), false) "
         "FROM audit_counts").fetchone()
@@ -107,35 +110,31 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         position_curve=curve,
         pair_metrics=metrics,
         grade_profile=profile,
-        windows=con.execute(auditor_sql("engagement_windows")).df(),
+        windows=con.execute(auditor_sql("engagement_windows"), reference).df(),
         simulated=bool(simulated),
         n_events=int(n_events),
+        sample_modulus=sample_modulus,
     )
 
 
 def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> pd.DataFrame:
-    """One row per position up to max_position: impressions, clicks, observed_ctr (exact totals),
-    examination (fitted on the sampled cells of audit_curve_cells) and reference_ctr."""
+    """One row per position up to max_position: impressions, clicks, observed_ctr, examination
+    (fitted) and reference_ctr, all from the sampled pairs of audit_sample_cells."""
     columns = ["position", "impressions", "clicks", "observed_ctr", "examination", "reference_ctr"]
-    totals = con.execute("SELECT position, sum(impressions) AS impressions, sum(clicks) AS clicks "
-                         "FROM audit_curve_cells WHERE position BETWEEN 1 AND ? GROUP BY position ORDER BY position",
-                         [settings.max_position]).fetchnumpy()
-    cells = con.execute("SELECT hash(pair_id) AS pair_hash, position, impressions, clicks FROM audit_curve_cells "
-                        "WHERE pair_id IS NOT NULL AND position BETWEEN 1 AND ?", [settings.max_position]).fetchnumpy()
+    cells = con.execute("SELECT hash(pair_id) AS pair_hash, position, sum(impressions) AS impressions, "
+                        "sum(clicks) AS clicks FROM audit_sample_cells WHERE position BETWEEN 1 AND ? "
+                        "GROUP BY pair_id, position", [settings.max_position]).fetchnumpy()
     if len(cells["position"]) == 0:
         return pd.DataFrame(columns=columns)
     _, pair_index = np.unique(cells["pair_hash"], return_inverse=True)
-    fitted_positions, fitted_examination, _ = fit_position_curve(
-        pair_index, np.asarray(cells["position"], dtype=np.int64), np.asarray(cells["impressions"], float),
-        np.asarray(cells["clicks"], float), settings.curve_iterations, settings.curve_tolerance)
-    positions = np.asarray(totals["position"], dtype=np.int64)
-    shown, clicked = np.asarray(totals["impressions"], float), np.asarray(totals["clicks"], float)
-    # a position only unsampled pairs reached takes the examination of the nearest fitted one above it
-    fitted_index = np.clip(np.searchsorted(fitted_positions, positions, side="right") - 1, 0, None)
-    examination = fitted_examination[fitted_index]
-    mean_attractiveness = clicked.sum() / max(float((shown * examination).sum()), 1e-9)
-    return pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown.astype(np.int64),
-                         "clicks": clicked.astype(np.int64), "observed_ctr": clicked / np.maximum(shown, 1),
+    position = np.asarray(cells["position"], dtype=np.int64)
+    shown, clicked = np.asarray(cells["impressions"], float), np.asarray(cells["clicks"], float)
+    positions, examination, mean_attractiveness = fit_position_curve(
+        pair_index, position, shown, clicked, settings.curve_iterations, settings.curve_tolerance)
+    shown_at = np.bincount(position, weights=shown)[positions]
+    clicked_at = np.bincount(position, weights=clicked)[positions]
+    return pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown_at.astype(np.int64),
+                         "clicks": clicked_at.astype(np.int64), "observed_ctr": clicked_at / np.maximum(shown_at, 1),
                          "examination": examination, "reference_ctr": examination * mean_attractiveness})
 
 

@@ -40,7 +40,11 @@ def _tag(simulated: bool) -> str:
     return " (simulated)" if simulated else ""
 
 
-def plot_ctr_by_position(curve: pd.DataFrame, simulated: bool) -> str:
+def _sample_tag(sample_modulus: int) -> str:
+    return f"\n1 pair in {sample_modulus} (hash sample)" if sample_modulus > 1 else ""
+
+
+def plot_ctr_by_position(curve: pd.DataFrame, simulated: bool, sample_modulus: int = 1) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     if not curve.empty:
         ax.plot(curve["position"], curve["observed_ctr"], "o-", label="observed CTR")
@@ -48,7 +52,7 @@ def plot_ctr_by_position(curve: pd.DataFrame, simulated: bool) -> str:
         ax.set_xticks(curve["position"].tolist()[:20])
     ax.set_xlabel("position shown")
     ax.set_ylabel("click-through rate")
-    ax.set_title("CTR by position" + _tag(simulated))
+    ax.set_title("CTR by position" + _tag(simulated) + _sample_tag(sample_modulus))
     ax.legend()
     return _png(fig)
 
@@ -67,14 +71,14 @@ def plot_coec_by_label(metrics: pd.DataFrame, settings: AuditSettings, simulated
     return _png(fig)
 
 
-def plot_engagement_drift(windows: pd.DataFrame, trend: pd.DataFrame, simulated: bool) -> str:
+def plot_engagement_drift(windows: pd.DataFrame, trend: pd.DataFrame, simulated: bool, sample_modulus: int = 1) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, block in windows.groupby("label"):
         ax.plot(pd.to_datetime(block["window_start"]), block["coec"], "o-", label=str(label))
     for window in trend.loc[trend["alarm"], "window_start"] if not trend.empty else []:
         ax.axvline(pd.to_datetime(window), color="#b00020", alpha=0.3, lw=6)
     ax.set_ylabel("COEC")
-    ax.set_title("COEC per label over time" + _tag(simulated) + "; red: alarm")
+    ax.set_title("COEC per label over time" + _tag(simulated) + "; red: alarm" + _sample_tag(sample_modulus))
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
     return _png(fig)
@@ -109,11 +113,11 @@ def write_report(store: Store, result: AuditResult, out_dir: str | Path, setting
     """Write `out_dir/audit.html` (self-contained) and `out_dir/audit.json`; returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sim = result.engagement.simulated
+    sim, sampled = result.engagement.simulated, result.engagement.sample_modulus
     plots = {
-        "ctr_by_position": plot_ctr_by_position(result.engagement.position_curve, sim),
+        "ctr_by_position": plot_ctr_by_position(result.engagement.position_curve, sim, sampled),
         "coec_by_label": plot_coec_by_label(result.engagement.pair_metrics, settings, sim),
-        "engagement_drift": plot_engagement_drift(result.engagement.windows, result.engagement_drift, sim),
+        "engagement_drift": plot_engagement_drift(result.engagement.windows, result.engagement_drift, sim, sampled),
         "label_drift": plot_label_drift(result.label_drift, settings),
     }
     flags = _flag_rows(store, result.issues)

@@ -16,8 +16,9 @@ class AuditSettings:
         max_position: positions beyond this are left out of the position curve.
         curve_iterations, curve_tolerance: at most this many alternating steps of the position-curve
             fit, stopping once no position's examination moves by more than the tolerance (relative).
-        curve_sample_events: the curve is fitted on the pairs of a hash sample holding about this many
-            events (all pairs of a smaller log); per-position totals are always exact.
+        sample_events: the position curve and the engagement-drift windows are computed on the pairs of a
+            hash sample holding about this many events (every pair of a smaller log); per-pair metrics
+            always read every event.
         z: normal quantile of every interval (1.96: 95%).
         min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
         label_trust: the EM's starting P(true grade = label) (refitted from the log).
@@ -49,7 +50,7 @@ class AuditSettings:
     max_position: int = 50
     curve_iterations: int = 50
     curve_tolerance: float = 1e-4
-    curve_sample_events: int = 5_000_000
+    sample_events: int = 5_000_000
     z: float = 1.96
     min_pairs_per_grade: int = 5
     label_trust: float = 0.8

@@ -76,11 +76,11 @@ def job_duckdb(store: str, events: str) -> dict:
 
 def job_pandas(store: str, events: str) -> dict:
     """The engagement metrics of the audit, same algorithm, with pandas doing the data work: the
-    events loaded into a frame, counts per (pair, position) for the same share of pairs and the
-    position-curve fit on them, counts per (pair, week) with expected clicks, per-pair COEC with
-    Poisson and Wilson intervals, the label join, and the implied grade. The numpy fits are the
-    audit's own (`auditor.model`), on the same sample sizes. Drift, flags, the queue and the store
-    writes of the audit are left out, so the comparison favours pandas."""
+    events loaded into a frame; counts per (pair, position, week) for the same hash sample of pairs,
+    the position-curve fit and the engagement windows on them; counts per pair with expected clicks;
+    COEC with Poisson and Wilson intervals, the label join, and the implied grade. The numpy fits are
+    the audit's own (`auditor.model`), on the same sample sizes. Drift, flags, the queue and the
+    store writes of the audit are left out, so the comparison favours pandas."""
     from auditor.model import fit_grade_model, fit_position_curve
     from auditor.settings import AuditSettings
     from labelstore.store import Store
@@ -91,20 +91,20 @@ def job_pandas(store: str, events: str) -> dict:
     ev = ev[ev["pair_id"].notna() & ev["position"].notna()]
     for kind in ("impression", "click", "add_to_cart", "purchase"):
         ev[kind] = (ev["event_type"] == kind).astype(np.int64)
-    modulus = max(1, math.ceil(len(ev) / settings.curve_sample_events))
-    sampled = (pd.util.hash_array(ev["pair_id"].to_numpy()) % modulus == 0) & (ev["position"] <= settings.max_position)
-    cells = ev[sampled].groupby(["pair_id", "position"], as_index=False)[["impression", "click"]].sum()
-    totals = ev[ev["position"] <= settings.max_position].groupby("position")[["impression", "click"]].sum()
-    positions, examination, _ = fit_position_curve(
-        pd.factorize(cells["pair_id"])[0], cells["position"].to_numpy(np.int64), cells["impression"].to_numpy(float),
-        cells["click"].to_numpy(float), settings.curve_iterations, settings.curve_tolerance)
-    exam = pd.Series(examination, index=positions).reindex(totals.index).ffill()
-    reference = exam * totals["click"].sum() / (totals["impression"] * exam).sum()
+    modulus = max(1, math.ceil(len(ev) / settings.sample_events))
+    sampled = ev[pd.util.hash_array(ev["pair_id"].to_numpy()) % modulus == 0]
+    cells = sampled.assign(window_start=sampled["ts"].dt.to_period("W").dt.start_time).groupby(
+        ["pair_id", "position", "window_start"], as_index=False)[["impression", "click"]].sum()
+    curve_cells = cells[cells["position"].between(1, settings.max_position)].groupby(
+        ["pair_id", "position"], as_index=False)[["impression", "click"]].sum()
+    positions, examination, attractiveness = fit_position_curve(
+        pd.factorize(curve_cells["pair_id"])[0], curve_cells["position"].to_numpy(np.int64),
+        curve_cells["impression"].to_numpy(float), curve_cells["click"].to_numpy(float),
+        settings.curve_iterations, settings.curve_tolerance)
+    reference = pd.Series(examination * attractiveness, index=positions)
+    cells["expected"] = cells["impression"] * cells["position"].map(reference).fillna(0.0)
     ev["expected"] = ev["impression"] * ev["position"].map(reference).fillna(0.0)
-    ev["window_start"] = ev["ts"].dt.to_period("W").dt.start_time
-    counts = ev.groupby(["pair_id", "window_start"], as_index=False)[
-        ["impression", "click", "add_to_cart", "purchase", "expected"]].sum()
-    pair = counts.groupby("pair_id", as_index=False)[["impression", "click", "add_to_cart", "purchase", "expected"]].sum()
+    pair = ev.groupby("pair_id", as_index=False)[["impression", "click", "add_to_cart", "purchase", "expected"]].sum()
     pair["coec"] = pair["click"] / pair["expected"]
     half = z * np.sqrt(pair["click"] + z * z / 4)
     pair["coec_low"] = (pair["click"] + z * z / 2 - half).clip(lower=0) / pair["expected"]
@@ -122,6 +122,8 @@ def job_pandas(store: str, events: str) -> dict:
                             settings.pair_variation, settings.dispersion, settings.em_iterations,
                             max_fit_pairs=settings.em_sample_pairs)
     pair["implied_grade"] = model.posterior.argmax(axis=1)
+    windows = cells.merge(labels, on="pair_id").groupby(["window_start", "grade"])[["click", "expected"]].sum()
+    windows["coec"] = windows["click"] / windows["expected"]
     wall, cpu = time.perf_counter() - started, _cpu_s() - cpu
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": _peak_mb(), "events": int(len(ev)), "pairs": int(len(pair))}
 

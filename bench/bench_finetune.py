@@ -5,8 +5,13 @@ rating, rating = grade + 1, against the raw mean rating) and CrowdFlower under t
 (4 levels, median rating 4/3/2/1 -> grade 3/2/1/0; metric: quadratic-weighted kappa). Each file
 is split by query: test (20% of queries, a fixed sample of it is scored), dev (10%, early stopping
 and the temperature), train (the rest). The LoRA run gets a wall-clock budget (`--minutes`); the
-baseline trains on the whole train split in seconds. A scaling run on CrowdFlower trains on 3
-sizes of training set for one epoch each and records time and test QWK.
+baseline trains on the whole train split in seconds. Early stopping is off, so each run uses its
+whole budget; the best adapter by dev QWK is kept.
+
+Scaling with the number of training pairs: every pair is seen at most once (the pool is larger than
+the budget can get through) and the learning rate is constant after warm-up, so the first n/16 steps
+of a run are a one-epoch run on n pairs. The dev evaluations of each run (every 20 steps) are the
+points of the scaling curve: pairs seen, training seconds, dev QWK and RMSE.
 
     python -m bench.bench_finetune [--quick] [--minutes M] [--test-pairs N]
 """
@@ -60,7 +65,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=None, help="LoRA training budget per dataset (default 3 quick, 8 full).")
     parser.add_argument("--test-pairs", type=int, default=None, help="Test pairs scored per dataset (default 60 quick, 400 full).")
     parser.add_argument("--datasets", default="homedepot,crowdflower")
-    parser.add_argument("--no-scaling", action="store_true", help="Skip the training-size scaling run.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     return parser.parse_args()
 
@@ -132,10 +136,10 @@ def run_dataset(dataset: str, model_dir: str, minutes: float, test_pairs: int, w
     print(f"[{dataset}] zero-shot: {report['zero_shot'][headline]:.4f} ({seconds:.0f}s)", flush=True)
     del base
 
-    args = FinetuneArgs(max_minutes=minutes, eval_every=10 if quick else 20, patience=3, max_dev=32 if quick else 150,
+    args = FinetuneArgs(max_minutes=minutes, eval_every=10 if quick else 20, patience=10_000, max_dev=32 if quick else 150,
                         max_epochs=1.0, batch_size=16, learning_rate=1e-3, select_metric="qwk", seed=SEED)
     dev_sample = subsample(dev, args.max_dev, SEED)
-    llm_train = subsample(train, 800 if quick else 3000, SEED)  # more than the budget can get through
+    llm_train = subsample(train, 800 if quick else 8000, SEED)  # more than the budget can get through
     result = finetune(llm_train, dev_sample, policy, model_dir, work / f"{dataset}-lora",
                       args, base_model_name="smollm2", rating_scale=scale,
                       progress=lambda r: print(f"[{dataset}] step {r['step']} loss {r['train_loss']:.3f} "
@@ -151,43 +155,27 @@ def run_dataset(dataset: str, model_dir: str, minutes: float, test_pairs: int, w
     report["lora"] = {**metrics_of(probs, test_sample, labels, grades, scale), "score_seconds": round(seconds, 1),
                       "budget_minutes": minutes, "steps": result.meta["steps"],
                       "train_pairs_seen": min(result.meta["steps"] * args.batch_size, len(llm_train)),
+                      "batch_size": args.batch_size, "dev_pairs": len(dev_sample),
                       "train_seconds": result.meta["train_seconds"], "stop_reason": result.meta["stop_reason"],
                       "temperature": result.meta["temperature"], "history": result.history}
     print(f"[{dataset}] LoRA: {report['lora'][headline]:.4f} after {result.meta['steps']} steps", flush=True)
     return report
 
 
-def scaling(model_dir: str, sizes: list[int], test_pairs: int, work: Path) -> list[dict[str, Any]]:
-    """CrowdFlower: one epoch on each training size; train time and test QWK."""
-    policy_name, rating_source, _, _ = DATASETS["crowdflower"]
-    policy = load_policy(policy_name)
-    labels = policy.scheme.label_names
-    grades = [policy.scheme.grades[name] for name in labels]
-    scale = tuple(float(x) for x in policy.scheme.rating_maps[rating_source].scale)
-    train, dev, test = split_three(labelled_frame("crowdflower", policy_name, rating_source))
-    test_sample = subsample(test, test_pairs, SEED)
-    tokenizer = load_tokenizer(model_dir)
-    points = []
-    for size in sizes:
-        args = FinetuneArgs(max_epochs=1.0, eval_every=10_000, patience=10, max_dev=32, batch_size=16,
-                            learning_rate=1e-3, seed=SEED)
-        result = finetune(subsample(train, size, SEED), subsample(dev, 32, SEED), policy, model_dir,
-                          work / f"scale-{size}", args, rating_scale=scale)
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        import torch
-
-        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                          str(work / f"scale-{size}"))
-        probs, _ = llm_probs(tuned, tokenizer, policy, test_sample, result.meta["temperature"])
-        metrics = metrics_of(probs, test_sample, labels, grades, scale)
-        points.append({"train_pairs": size, "steps": result.meta["steps"], "train_seconds": result.meta["train_seconds"],
-                       "test_qwk": metrics["qwk"], "test_accuracy": metrics["accuracy"], "test_pairs": len(test_sample)})
-        print(f"[scaling] {size} pairs: {result.meta['train_seconds']:.0f}s, QWK {metrics['qwk']:.4f}", flush=True)
-    return points
+def scaling_points(dataset: str, report: dict[str, Any], points: int = 3) -> list[dict[str, Any]]:
+    """`points` dev evaluations of the run, evenly spread over it: pairs seen (one epoch at most, so
+    the training-set size of an equivalent one-epoch run), seconds, dev QWK and RMSE of the grade."""
+    history = report["lora"]["history"]
+    if not history:
+        return []
+    picks = sorted({round(i * (len(history) - 1) / max(points - 1, 1)) for i in range(points)})
+    batch = report["lora"]["batch_size"]
+    return [{"dataset": dataset, "train_pairs": history[i]["step"] * batch, "steps": history[i]["step"],
+             "seconds": history[i]["elapsed_s"], "dev_qwk": history[i]["qwk"], "dev_rmse_grade": history[i]["rmse_grade"],
+             "dev_accuracy": history[i]["accuracy"], "dev_pairs": report["lora"]["dev_pairs"]} for i in picks]
 
 
-def figures_of(reports: dict[str, dict[str, Any]], scaling_points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def figures_of(reports: dict[str, dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     figures = []
     for dataset, report in reports.items():
         metric = report["headline_metric"]
@@ -203,10 +191,12 @@ def figures_of(reports: dict[str, dict[str, Any]], scaling_points: list[dict[str
                         "target": "better than TF-IDF + linear", "anchor": anchor})
         figures.append({"name": f"{pretty} {unit}, TF-IDF + linear", "value": round(baseline, 4), "unit": unit,
                         "target": "reference", "anchor": report["anchor"]})
-    for point in scaling_points:
-        figures.append({"name": f"CrowdFlower LoRA, {point['train_pairs']} train pairs (1 epoch): train seconds",
-                        "value": point["train_seconds"], "unit": "s", "target": "linear in pairs",
-                        "anchor": f"test QWK {point['test_qwk']:.4f} on {point['test_pairs']} pairs"})
+    for point in points:
+        pretty = {"homedepot": "Home Depot", "crowdflower": "CrowdFlower"}[point["dataset"]]
+        figures.append({"name": f"{pretty} LoRA after {point['train_pairs']} train pairs (seen once): seconds",
+                        "value": point["seconds"], "unit": "s", "target": "linear in pairs",
+                        "anchor": f"dev QWK {point['dev_qwk']:.4f}, dev RMSE (grade) {point['dev_rmse_grade']:.4f} "
+                                  f"on {point['dev_pairs']} dev pairs"})
     return figures
 
 
@@ -244,10 +234,8 @@ def main() -> None:
         work = Path(tmp)
         for dataset in datasets:
             reports[dataset] = run_dataset(dataset, model_dir, minutes, test_pairs, work, args.quick)
+            points.extend(scaling_points(dataset, reports[dataset]))
             save(partial=True)
-        if not args.no_scaling:
-            sizes = [16, 32, 64] if args.quick else [128, 256, 512]
-            points.extend(scaling(model_dir, sizes, min(test_pairs, 100), work))
     save(partial=False)
 
 

@@ -20,22 +20,51 @@ DRIFT_AT = START + timedelta(days=21)
 
 
 @pytest.fixture(scope="module")
-def drifted(tmp_path_factory):
+def drifted_store(tmp_path_factory) -> Store:
     store = Store(tmp_path_factory.mktemp("drift") / "s.duckdb")
     write_catalog(store, generate_catalog(seed=2))
     params = SimulationParams(n_sessions=30_000, seed=2, start=START, days=42, drift_at=DRIFT_AT, drift_strength=0.8)
     simulate_into_store(store, truth_from_store(store, "esci"), params, max_grade=3)
-    return run_audit(store, "esci")
+    return store
 
 
-def test_engagement_drift_is_detected_after_the_planted_date_and_not_before(drifted):
-    trend = drifted.engagement_drift
+@pytest.fixture(scope="module")
+def drifted(drifted_store):
+    return run_audit(drifted_store, "esci")
+
+
+def _assert_drift_after_the_planted_date_only(result) -> None:
+    trend = result.engagement_drift
     before = trend[pd.to_datetime(trend["window_start"]) + timedelta(days=7) <= DRIFT_AT]
     after = trend[pd.to_datetime(trend["window_start"]) >= DRIFT_AT]
     assert len(before) == 3 and len(after) == 3
     assert not before["alarm"].any()
     assert after["alarm"].all()
-    assert drifted.summary["drift_alarms"]["engagement_consistency"] == 3
+    assert result.summary["drift_alarms"]["engagement_consistency"] == 3
+
+
+def test_engagement_drift_is_detected_after_the_planted_date_and_not_before(drifted):
+    assert drifted.engagement.sample_modulus == 1
+    _assert_drift_after_the_planted_date_only(drifted)
+
+
+def test_a_sampled_audit_keeps_every_pair_and_still_finds_the_drift(drifted_store, drifted):
+    """Above `sample_events` the curve and the drift windows read a hash sample of whole pairs;
+    the per-pair metrics still read every event."""
+    sampled = run_audit(drifted_store, "esci", AuditSettings(sample_events=drifted.summary["events"] // 4))
+    assert sampled.engagement.sample_modulus >= 4
+    assert sampled.engagement.windows["impressions"].sum() < 0.5 * drifted.engagement.windows["impressions"].sum()
+    _assert_drift_after_the_planted_date_only(sampled)
+    full, part = drifted.engagement.pair_metrics, sampled.engagement.pair_metrics
+    assert list(part["pair_id"]) == list(full["pair_id"])
+    for column in ("impressions", "clicks", "add_to_carts", "purchases"):
+        assert (part[column] == full[column]).all()
+    # expected clicks differ only by the curve fitted on a quarter of the pairs
+    ratio = part["expected_clicks"].sum() / full["expected_clicks"].sum()
+    assert abs(ratio - 1) < 0.05
+    first_page = sampled.engagement.position_curve.set_index("position").loc[1:10, "examination"].to_numpy()
+    full_page = drifted.engagement.position_curve.set_index("position").loc[1:10, "examination"].to_numpy()
+    assert np.max(np.abs(first_page - full_page) / full_page) < 0.15
 
 
 def test_no_drift_planted_no_alarm(tmp_path):

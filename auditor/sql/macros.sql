@@ -34,3 +34,8 @@ CREATE OR REPLACE TEMP MACRO mnr_product_id(dataset, source_id) AS (
 CREATE OR REPLACE TEMP MACRO mnr_pair_id(query_id, product_id) AS (
     'p' || sha256(query_id || chr(31) || product_id)[1:16]
 );
+-- The CTR an average pair gets at `position` (1-based) from the fitted curve `reference` (DOUBLE[]);
+-- positions past the curve, or below 1, add nothing.
+CREATE OR REPLACE TEMP MACRO reference_ctr(reference, position) AS (
+    CASE WHEN position >= 1 THEN coalesce(list_extract(reference, position), 0) ELSE 0 END
+);

@@ -1,17 +1,6 @@
--- Per pair: engagement counts, COEC (clicks over the clicks expected at the positions shown),
--- rates with Wilson intervals and a Poisson score interval for COEC, joined with the current label
--- (audit_labels.sql).
-WITH per_pair AS (
-    SELECT pair_id,
-           sum(impressions) AS impressions,
-           sum(clicks) AS clicks,
-           sum(add_to_carts) AS add_to_carts,
-           sum(purchases) AS purchases,
-           sum(expected_clicks) AS expected_clicks,
-           bool_or(simulated) AS simulated
-    FROM audit_counts
-    GROUP BY pair_id
-)
+-- Per pair (audit_counts, from event_counts.sql): engagement counts, COEC (clicks over the clicks
+-- expected at the positions shown), rates with Wilson intervals and a Poisson score interval for
+-- COEC, joined with the current label (audit_labels.sql).
 SELECT p.*,
        l.label, l.grade, l.source AS label_source, l.confidence AS label_confidence,
        p.clicks / nullif(p.expected_clicks, 0) AS coec,
@@ -26,5 +15,5 @@ SELECT p.*,
        p.purchases / nullif(p.clicks, 0) AS purchase_rate,
        wilson_low(p.purchases, p.clicks, $z) AS purchase_low,
        wilson_high(p.purchases, p.clicks, $z) AS purchase_high
-FROM per_pair p
+FROM audit_counts p
 LEFT JOIN audit_labels l USING (pair_id)
