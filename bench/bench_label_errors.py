@@ -6,8 +6,8 @@ For Home Depot (graded3) and CrowdFlower (graded4) in ../shared/data: take the h
 truth, corrupt 10% in a structured way (neighbouring grades 75% of the time), simulate engagement
 from the TRUE grades (auditor.simulate; every engagement figure here is SIMULATED), run the audit
 on the corrupted labels, and score the flags against the corrupted set. In the same run:
-cleanlab.filter.find_label_issues given out-of-sample probabilities of a TF-IDF + logistic
-regression labeler (5-fold cross_val_predict on the corrupted labels; the LLM is too slow to
+cleanlab.filter.find_label_issues given out-of-sample probabilities of the TF-IDF + logistic
+regression labeler of bench.common (5-fold cross_val_predict on the corrupted labels; the LLM is too slow to
 relabel 59k pairs five times on this CPU), and both signals combined: the Bayes posterior of the
 true grade given the label (the audit's fitted label-noise matrix), the labeler's probabilities
 (temperature-scaled on the noisy labels) and the engagement likelihood, flagged where the label's posterior is <= max_label_posterior
@@ -28,8 +28,6 @@ import numpy as np
 import pandas as pd
 from cleanlab.filter import find_label_issues
 from scipy.optimize import minimize_scalar
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import precision_recall_fscore_support
 from sklearn.model_selection import cross_val_predict
 
@@ -44,6 +42,8 @@ from labelstore.paths import cache_dir, shared_data_dir
 from labelstore.schemes import load_scheme
 from labelstore.store import LabelRecord, Store
 
+from bench.common import tfidf_linear_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = {
     # name: (file, preset, scheme, sessions full, sessions quick, queries kept in quick mode)
@@ -51,7 +51,7 @@ DATASETS = {
     "crowdflower": ("crowdflower/train.csv", "crowdflower", "graded4", 600_000, 600_000, None),
 }
 CORRUPTION_RATE = 0.1
-LABELER_VERSION = "tfidf12-lr-c4-v1"
+LABELER_VERSION = "tfidf-match-lr-c4-v2"
 DUMP_DIR: Path | None = None  # --dump: save each dataset's arrays for analysis
 
 
@@ -90,13 +90,10 @@ def _labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grad
 
 
 def _fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int) -> np.ndarray:
-    text = store.df(
-        "SELECT p.pair_id, q.text || ' | ' || pr.title || ' ' || coalesce(left(pr.description, 200), '') AS text "
-        "FROM pairs p JOIN queries q USING (query_id) JOIN products pr USING (product_id)")
-    text = truth[["pair_id"]].merge(text, on="pair_id", how="left")["text"].fillna("")
-    features = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=50_000, sublinear_tf=True).fit_transform(text)
-    model = LogisticRegression(max_iter=300, C=4.0)
-    probs = cross_val_predict(model, features, labels, cv=5, method="predict_proba")
+    frame = store.df("SELECT p.pair_id, q.text AS query, pr.title FROM pairs p "
+                     "JOIN queries q USING (query_id) JOIN products pr USING (product_id)")
+    frame = truth[["pair_id"]].merge(frame, on="pair_id", how="left").fillna({"query": "", "title": ""})
+    probs = cross_val_predict(tfidf_linear_model(), frame, labels, cv=5, method="predict_proba")
     full = np.zeros((len(labels), n_grades))
     full[:, np.unique(labels)] = probs
     return full
@@ -205,7 +202,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
         "cleanlab": _scores(cleanlab_flags, corrupted),
         "combined": _scores(combined_flags, corrupted),
         "combined_via_cleanlab": _scores(product_flags, corrupted),
-        "labeler": "TF-IDF (1-2 grams) + logistic regression, 5-fold cross_val_predict on the corrupted labels",
+        "labeler": "TF-IDF + match features + logistic regression (bench.common.tfidf_linear_model), 5-fold cross_val_predict on the corrupted labels",
         "relabel_cycle": {
             "queued": int(len(queue)), "errors_before": int(corrupted.sum()), "errors_after": errors_after,
             "fixed_share": round(1 - errors_after / max(int(corrupted.sum()), 1), 4),

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from labelstore.paths import shared_data_dir
 
@@ -90,25 +91,48 @@ def pair_texts(frame: pd.DataFrame) -> list:
             for index, row in enumerate(frame.itertuples())]
 
 
-def tfidf_linear_probs(train: pd.DataFrame, test: pd.DataFrame, train_classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """The classic baseline every labeler benchmark shows: (n_test, n_classes) class probabilities.
+class QueryTitleFeatures(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: a frame with columns query, title -> sparse features (n, d).
 
-    Features are TF-IDF(query), TF-IDF(title) and their element-wise product; the model is a
-    logistic regression fit on `train` (columns query, title) with integer classes `train_classes`.
+    TF-IDF(query), TF-IDF(title), their element-wise product, and query-title match scores that carry
+    over to queries never seen in training: the cosine of the word and of the character n-gram
+    TF-IDF vectors, and the share of query words found in the title.
     """
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def fit(self, frame: pd.DataFrame, y: Any = None) -> "QueryTitleFeatures":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        texts = pd.concat([frame["query"], frame["title"]]).astype(str)
+        self.words_ = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)
+        self.chars_ = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2, sublinear_tf=True).fit(texts)
+        return self
+
+    def transform(self, frame: pd.DataFrame) -> Any:
+        from scipy.sparse import csr_matrix, hstack
+
+        queries, titles = frame["query"].astype(str), frame["title"].astype(str)
+        query, title = self.words_.transform(queries), self.words_.transform(titles)
+        char_cosine = self.chars_.transform(queries).multiply(self.chars_.transform(titles)).sum(axis=1)
+        coverage = [len(set(q.lower().split()) & set(t.lower().split())) / max(1, len(set(q.lower().split())))
+                    for q, t in zip(queries, titles)]
+        matches = np.column_stack([np.asarray(query.multiply(title).sum(axis=1)).ravel(),
+                                   np.asarray(char_cosine).ravel(), coverage])
+        return hstack([query, title, query.multiply(title), csr_matrix(matches * 4.0)]).tocsr()
+
+
+def tfidf_linear_model() -> Any:
+    """The classic baseline every labeler benchmark shows, unfitted: `QueryTitleFeatures` + logistic
+    regression, as a scikit-learn pipeline over a frame with columns query, title."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
 
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    vectorizer.fit(pd.concat([train["query"], train["title"]]).astype(str))
+    return make_pipeline(QueryTitleFeatures(), LogisticRegression(max_iter=3000, C=4.0))
 
-    def features(frame: pd.DataFrame):
-        query, title = vectorizer.transform(frame["query"].astype(str)), vectorizer.transform(frame["title"].astype(str))
-        return hstack([query, title, query.multiply(title)]).tocsr()
 
-    model = LogisticRegression(max_iter=2000, C=4.0)
-    model.fit(features(train), train_classes)
+def tfidf_linear_probs(train: pd.DataFrame, test: pd.DataFrame, train_classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_test, n_classes) class probabilities of `tfidf_linear_model` fit on `train` (columns query,
+    title) with integer classes `train_classes`."""
+    model = tfidf_linear_model().fit(train, train_classes)
     probs = np.zeros((len(test), n_classes))
-    probs[:, model.classes_] = model.predict_proba(features(test))
+    probs[:, model.classes_] = model.predict_proba(test)
     return probs

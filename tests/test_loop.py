@@ -173,6 +173,27 @@ def test_results_table_tolerates_partial_results() -> None:
     assert "no `figures` list" in table
     assert "**failed** (exit 1)" in table and "bad \\| input" in table
 
+def test_text_baseline_scores_unseen_queries_by_their_match_with_the_title() -> None:
+    import numpy as np
+    import pandas as pd
+    from bench.common import tfidf_linear_probs
+
+    words = ["drill", "paint", "hose", "ladder", "saw", "tile", "lamp", "rake", "glue", "fence", "brush", "valve"]
+    rows = []
+    for index, word in enumerate(words):
+        other = words[(index + 5) % len(words)]
+        for variant in ("set", "kit", "pro"):
+            rows += [(f"{word} {variant}", f"{word} {variant} model", 1), (f"{word} {variant}", f"{other} {variant} model", 0)]
+    frame = pd.DataFrame(rows, columns=["query", "title", "grade"])
+    seen = frame["query"].str.split().str[0].isin(words[:8])
+    probs = tfidf_linear_probs(frame[seen], frame[~seen], frame.loc[seen, "grade"].to_numpy(), 3)
+
+    assert probs.shape == (int((~seen).sum()), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    assert (probs[:, 2] == 0).all()  # a class absent from training keeps probability 0
+    # The test queries share no word with training queries; only the match features can rank them.
+    assert (probs.argmax(axis=1) == frame.loc[~seen, "grade"].to_numpy()).mean() >= 0.9
+
 
 # -- the whole loop: generated catalog, tiny Llama, MiniLM ----------------------------------------
 def loop_toml(workspace: Path, tiny_llama: Path, engagement: str) -> str:
