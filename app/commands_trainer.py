@@ -33,7 +33,8 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
            epochs: int, max_steps: Optional[int], queries_per_batch: int, products_per_query: int, lr: float,
            max_seq_length: int, holdout: float, seed: int, fields: List[str], separate_towers: bool,
            temperature: float, gamma: float, margin: float, gap_margins: List[str], checkpoint_every: int,
-           product_anchors: bool = False) -> None:
+           product_anchors: bool = False, hard_negatives: int = 0, hard_negative_pool: int = 30,
+           hard_negative_margin: float = 0.05) -> None:
     from trainer.registry import resolve_model
     from trainer.train import TrainConfig, run_training
 
@@ -44,7 +45,8 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
                          product_fields=tuple(fields or defaults.get("product_fields", ("title", "description"))),
                          separate_towers=separate_towers, temperature=temperature, gamma=gamma, margin=margin,
                          margins=_parse_margins(gap_margins), checkpoint_every=checkpoint_every,
-                         product_anchors=product_anchors)
+                         product_anchors=product_anchors, hard_negatives=hard_negatives,
+                         hard_negative_pool=hard_negative_pool, hard_negative_margin=hard_negative_margin)
     store = open_store()
     parent_id, start_path = resolve_model(store, start_from) if start_from else (None, None)
     model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out)
@@ -52,6 +54,9 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
     console.print(f"{stage}: trained {int(metrics['steps'])} steps on {int(metrics['train_pairs_seen'])} pairs "
                   f"({metrics['train_pairs_per_s']:.1f} pairs/s, {metrics['train_wall_s']:.0f} s); "
                   f"saved {result.path}; registered [bold]{model_id}[/]")
+    if metrics.get("hard_negatives_added"):
+        console.print(f"hard negatives: {int(metrics['hard_negatives_added'])} unlabelled near neighbours trained on as "
+                      "the lowest grade")
     if "heldout_ndcg@10" in metrics:
         console.print(f"held-out: ndcg@10 {metrics['heldout_ndcg@10']:.4f}, recall@100 {metrics['heldout_recall@100']:.4f}, "
                       f"mrr {metrics['heldout_mrr']:.4f} over {int(metrics['heldout_n_queries'])} queries")
@@ -83,10 +88,18 @@ def _options(stage: str):
         margin: float = typer.Option(0.1, "--margin", help="Stage 2 margin per unit of grade gap."),
         gap_margins: List[str] = typer.Option([], "--gap-margin", help="Stage 2 margin for one grade gap, GAP=MARGIN (repeatable)."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (resume by re-running with the same --out)."),
+        hard_negatives: int = typer.Option(
+            0, "--hard-negatives",
+            help="Per query, add this many of its nearest unlabelled products (under the start model) as lowest-grade pairs."),
+        hard_negative_pool: int = typer.Option(30, "--hard-negative-pool", help="Nearest products searched per query for them."),
+        hard_negative_margin: float = typer.Option(
+            0.05, "--hard-negative-margin",
+            help="Keep a hard negative only if it scores <= (1 - margin) x the query's best positive (likely-relevant ones are skipped)."),
     ) -> None:
         _train(stage, scheme, dataset, start_from, out, epochs, max_steps, queries_per_batch, products_per_query, lr,
                max_seq_length, holdout, seed, fields, separate_towers, temperature, gamma, margin, gap_margins,
-               checkpoint_every, product_anchors)
+               checkpoint_every, product_anchors, hard_negatives, hard_negative_pool,
+               hard_negative_margin)
 
     command.__doc__ = ("Stage 1: label-aware supervised contrastive training (same grade attracts, other grades "
                        "and in-batch products repel)." if stage == "stage1" else

@@ -9,7 +9,8 @@ from labelstore import Store
 from labelstore.catalog import generate_catalog, write_catalog
 from labelstore.ids import pair_id
 from labelstore.schemes import load_scheme
-from trainer.mining import MiningConfig, build_index, default_band, mine, select_candidates
+from trainer.data import load_labelled_pairs, load_products
+from trainer.mining import MiningConfig, build_index, default_band, hard_negatives, mine, select_candidates
 
 
 def clustered_vectors(n: int, dim: int, n_clusters: int, seed: int) -> np.ndarray:
@@ -91,7 +92,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = TwoTowerModel.from_pretrained(max_seq_length=48)
     run_id, candidates, metrics = mine(store, model, "esci", "synthetic",
                                        MiningConfig(top_k=30, band=(0.3, 1.0), per_query=3, high_rank=5), model_id="zero-shot-test")
-    return {"store": store, "run_id": run_id, "candidates": candidates, "metrics": metrics,
+    return {"store": store, "model": model, "run_id": run_id, "candidates": candidates, "metrics": metrics,
             "flip": (q_flip, judgments.loc[flip, "product_id"]), "wrong": (q_wrong, judgments.loc[wrong, "product_id"]),
             "removed": (q_removed, removed_product)}
 
@@ -123,3 +124,57 @@ def test_mining_writes_candidates_pairs_and_run(planted: dict) -> None:
     # labelled pairs flagged against their label are candidates but not new pairs
     assert planted["metrics"]["inserted_pairs"] == planted["metrics"]["n_ambiguous_unlabelled"] or \
         planted["metrics"]["inserted_pairs"] <= planted["metrics"]["n_ambiguous_unlabelled"]
+
+
+def test_hard_negatives_are_each_querys_nearest_unlabelled_products(planted: dict) -> None:
+    store: Store = planted["store"]
+    pairs = load_labelled_pairs(store, "esci", "synthetic", ("title",)).frame
+    products = load_products(store, "synthetic", ("title",))
+    model = planted["model"]
+    mined = hard_negatives(model, pairs, products, per_query=2, pool=10, grade=0, label="irrelevant",
+                           relative_margin=None)
+
+    assert list(mined.columns) == list(pairs.columns) and len(mined)
+    assert mined.groupby("query_id").size().max() <= 2
+    assert not set(zip(mined["query_id"], mined["product_id"])) & set(zip(pairs["query_id"], pairs["product_id"]))
+    assert set(mined["grade"]) == {0} and set(mined["label"]) == {"irrelevant"} and set(mined["source"]) == {"hard-negative"}
+    assert (mined["pair_id"] == [pair_id(q, p) for q, p in zip(mined["query_id"], mined["product_id"])]).all()
+    assert (mined["dataset"] == "synthetic").all()
+    # the removed substitute is the unlabelled product nearest to its query
+    query, product = planted["removed"]
+    assert product in set(mined.loc[mined["query_id"] == query, "product_id"])
+    # brute force: each query's mined products are its best-scoring unjudged ones among its 10 nearest
+    queries = pairs.drop_duplicates("query_id")
+    scores = model.encode_queries(queries["query_text"].tolist()) @ model.encode_products(products["product_text"].tolist()).T
+    judged = set(zip(pairs["query_id"], pairs["product_id"]))
+    for query_id, row in zip(queries["query_id"], scores):
+        nearest = products["product_id"].to_numpy()[np.argsort(-row)[:10]]
+        expected = [p for p in nearest if (query_id, p) not in judged][:2]
+        assert set(mined.loc[mined["query_id"] == query_id, "product_id"]) == set(expected)
+
+
+def test_positive_aware_hard_negatives_stay_below_each_querys_best_positive(planted: dict) -> None:
+    store: Store = planted["store"]
+    pairs = load_labelled_pairs(store, "esci", "synthetic", ("title",)).frame
+    products = load_products(store, "synthetic", ("title",))
+    model = planted["model"]
+    # a duplicate listing of one query's exact product: unjudged, and as close to the query as its best positive
+    exact = pairs[pairs["grade"] == pairs["grade"].max()].iloc[0]
+    duplicate = products[products["product_id"] == exact["product_id"]].assign(product_id="duplicate-listing")
+    products = pd.concat([products, duplicate], ignore_index=True)
+    unguarded = hard_negatives(model, pairs, products, per_query=3, pool=20, grade=0, relative_margin=None)
+    guarded = hard_negatives(model, pairs, products, per_query=3, pool=20, grade=0, relative_margin=0.05)
+
+    def similarity(frame: pd.DataFrame) -> np.ndarray:
+        return np.einsum("ij,ij->i", model.encode_queries(frame["query_text"].tolist()),
+                         model.encode_products(frame["product_text"].tolist()))
+
+    positives = pairs[pairs["grade"] > 0].assign(score=lambda f: similarity(f))
+    best = positives.groupby("query_id")["score"].max()
+    scores = similarity(guarded)
+    assert len(guarded) and (scores <= 0.95 * guarded["query_id"].map(best).to_numpy() + 1e-5).all()
+    # the guard drops the unjudged neighbours that score about as high as a positive (likely relevant ones)
+    too_close = similarity(unguarded) > 0.95 * unguarded["query_id"].map(best).to_numpy() + 1e-5
+    assert (exact["query_id"], "duplicate-listing") in set(zip(unguarded["query_id"], unguarded["product_id"]))
+    dropped = set(zip(unguarded.loc[too_close, "query_id"], unguarded.loc[too_close, "product_id"]))
+    assert not dropped & set(zip(guarded["query_id"], guarded["product_id"]))

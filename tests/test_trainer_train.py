@@ -161,3 +161,22 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path: Path, monkey
     assert result.steps == 4 and result.metrics["loss_first"] == state["losses"][0]  # steps 1-2 came from the checkpoint
     assert resumed_steps["n"] == 2  # only steps 3 and 4 were trained again
     assert not (out / "checkpoint").exists() and (out / "modules.json").is_file()
+
+
+def test_hard_negatives_join_training_but_never_the_store(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store.duckdb")
+    write_catalog(store, coded_catalog())
+    labels_before = store.scalar("SELECT count(*) FROM labels")
+    result = CliRunner().invoke(app, ["--store", str(store.path), "train", "stage1", "--scheme", "esci", "--dataset",
+                                      "synthetic", "--max-steps", "2", "--max-seq-length", "16", "--field", "title",
+                                      "--hard-negatives", "3", "--hard-negative-pool", "10", "--hard-negative-margin", "0.02", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "hard negatives:" in result.output
+    metrics = json.loads(store.scalar("SELECT metrics FROM runs WHERE kind = 'train' AND status = 'ok'"))
+    params = json.loads(store.scalar("SELECT params FROM runs WHERE kind = 'train'"))
+    n_train_queries = load_labelled_pairs(store, "esci", "synthetic").split(0.2)[0].frame["query_id"].nunique()
+    assert 0 < metrics["hard_negatives_added"] <= 3 * n_train_queries
+    assert params["hard_negatives"] == 3 and params["hard_negative_pool"] == 10 and params["hard_negative_margin"] == 0.02
+    assert store.scalar("SELECT count(*) FROM labels") == labels_before
+    with pytest.raises(MnrError, match="hard negatives"):
+        TrainConfig(hard_negatives=5, hard_negative_pool=3)

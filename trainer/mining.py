@@ -13,6 +13,9 @@ For each query, the top-K neighbours are searched and three kinds of pairs are s
 
 Candidates go to `mining_candidates` with score, rank and reason; new pairs go to `pairs` with
 origin 'mined', for the annotator to relabel.
+
+`hard_negatives` is the training-time shortcut: it takes the nearest neighbours no label covers as
+lowest-grade training pairs directly, without a relabel (they are never written to the store).
 """
 from __future__ import annotations
 
@@ -204,3 +207,64 @@ def mine(store: Store, model, scheme: str, dataset: str | None, config: MiningCo
                             **{f"inserted_{k}": v for k, v in written.items()}})
         metrics = dict(run.metrics)
     return run.run_id, candidates, metrics
+
+
+HARD_NEGATIVE_SOURCE = "hard-negative"
+
+
+def hard_negatives(model, pairs: pd.DataFrame, products: pd.DataFrame, per_query: int, pool: int = 30,
+                   grade: int = 0, label: str | None = None, relative_margin: float | None = 0.05,
+                   index_kind: str = "auto") -> pd.DataFrame:
+    """Unjudged near neighbours as lowest-grade training pairs (positive-aware hard-negative mining).
+
+    `pairs` are labelled pairs (columns query_id, query_text, product_id, grade, ...); `products` the
+    catalog (product_id, product_text). For each query of `pairs`, the `pool` products nearest to it
+    under `model` are searched; a neighbour the query has no label for is kept when its similarity
+    s_n satisfies
+
+        s_n <= (1 - relative_margin) * max{ s_p : p labelled above `grade` for the query }
+
+    (NV-Retriever's "TopK-PercPos", Moreira et al. 2024: a neighbour about as close as the best
+    positive is more likely an unjudged relevant product than a negative). Queries without such a
+    positive get none; `relative_margin=None` keeps every unjudged neighbour. The first `per_query`
+    kept become rows with `grade` and `label`, source 'hard-negative'. Returns a frame with the
+    columns of `pairs`, at most per_query rows per query.
+    """
+    if per_query < 1 or pairs.empty:
+        return pairs.iloc[0:0].copy()
+    queries = pairs.drop_duplicates("query_id")[["query_id", "query_text"]].reset_index(drop=True)
+    product_vectors = model.encode_products(products["product_text"].tolist())
+    query_vectors = model.encode_queries(queries["query_text"].tolist())
+    index, _ = build_index(product_vectors, index_kind)
+    scores, neighbours = index.search(query_vectors, min(pool, len(products)))
+    ceiling = _positive_ceilings(pairs, queries, query_vectors, product_vectors, products, grade, relative_margin)
+    judged = set(zip(pairs["query_id"], pairs["product_id"]))
+    product_ids = products["product_id"].to_numpy()
+    rows = []
+    for query_id, query_text, limit, row_scores, row in zip(queries["query_id"], queries["query_text"], ceiling,
+                                                            scores, neighbours):
+        kept = [i for s, i in zip(row_scores, row) if i >= 0 and s <= limit and (query_id, product_ids[i]) not in judged]
+        rows += [{"pair_id": ids.pair_id(query_id, product_ids[i]), "query_id": query_id, "query_text": query_text,
+                  "product_id": product_ids[i], "product_text": products["product_text"].iat[i],
+                  "label": label, "grade": grade, "source": HARD_NEGATIVE_SOURCE} for i in kept[:per_query]]
+    mined = pd.DataFrame(rows).reindex(columns=pairs.columns)
+    if "dataset" in pairs.columns:
+        mined["dataset"] = mined["query_id"].map(dict(zip(pairs["query_id"], pairs["dataset"])))
+    return mined.astype({"grade": int})
+
+
+def _positive_ceilings(pairs: pd.DataFrame, queries: pd.DataFrame, query_vectors: np.ndarray,
+                       product_vectors: np.ndarray, products: pd.DataFrame, grade: int,
+                       relative_margin: float | None) -> np.ndarray:
+    """(Q,) the highest similarity a hard negative of each query may have (+inf without a margin)."""
+    if relative_margin is None:
+        return np.full(len(queries), np.inf)
+    row_of_query = {q: i for i, q in enumerate(queries["query_id"])}
+    row_of_product = {p: i for i, p in enumerate(products["product_id"])}
+    positives = pairs[(pairs["grade"] > grade) & pairs["product_id"].isin(row_of_product)]
+    query_rows = positives["query_id"].map(row_of_query).to_numpy()
+    similarity = np.einsum("ij,ij->i", query_vectors[query_rows],
+                           product_vectors[positives["product_id"].map(row_of_product).to_numpy()])
+    best = np.full(len(queries), -np.inf)
+    np.maximum.at(best, query_rows, similarity)
+    return (1.0 - relative_margin) * best

@@ -25,6 +25,7 @@ from labelstore.store import Store
 from trainer.data import DEFAULT_PRODUCT_FIELDS, LabelledPairs, load_labelled_pairs
 from trainer.losses import GradedBatchLoss, GradeSupConLoss, MultiClassCircleLoss
 from trainer.losses.base import UNJUDGED
+from trainer.mining import hard_negatives
 from trainer.model import TwoTowerModel
 
 STAGES = ("stage1", "stage2")
@@ -55,10 +56,15 @@ class TrainConfig:
     margin: float = 0.1
     margins: dict[int, float] = field(default_factory=dict)
     checkpoint_every: int = 0
+    hard_negatives: int = 0
+    hard_negative_pool: int = 30
+    hard_negative_margin: float | None = 0.05
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise MnrError(f"unknown stage '{self.stage}' (use one of {', '.join(STAGES)})")
+        if self.hard_negatives < 0 or (self.hard_negatives and self.hard_negative_pool < self.hard_negatives):
+            raise MnrError("hard negatives must be >= 0 and the pool they are drawn from at least as large")
         if self.queries_per_batch < 1 or self.products_per_query < 1:
             raise MnrError("queries per batch and products per query must be at least 1")
         self.product_fields = tuple(self.product_fields)
@@ -122,6 +128,17 @@ def build_loss(config: TrainConfig, pairs: LabelledPairs) -> GradedBatchLoss:
                                product_anchors=config.product_anchors)
     return MultiClassCircleLoss(gamma=config.gamma, margin=config.margin, margins=config.margins,
                                 in_batch_grade=min(grades))
+
+
+def with_hard_negatives(model: TwoTowerModel, train_pairs: LabelledPairs, products: pd.DataFrame,
+                        config: TrainConfig) -> LabelledPairs:
+    """`train_pairs` plus up to `config.hard_negatives` hard negatives per query: the nearest products
+    under `model` (as it starts) that the query has no label for and that score at most
+    (1 - hard_negative_margin) x its best positive (`trainer.mining.hard_negatives`), as the scheme's lowest grade."""
+    lowest = min(train_pairs.scheme.labels, key=lambda label: label.grade)
+    mined = hard_negatives(model, train_pairs.frame, products, config.hard_negatives, config.hard_negative_pool,
+                           lowest.grade, lowest.name, config.hard_negative_margin)
+    return LabelledPairs(train_pairs.scheme, pd.concat([train_pairs.frame, mined], ignore_index=True))
 
 
 def _seed_everything(seed: int) -> random.Random:
@@ -257,10 +274,13 @@ def run_training(store: Store, config: TrainConfig, *, start_from: str | Path | 
         model = TwoTowerModel.from_pretrained(start_from, separate_towers=config.separate_towers,
                                               product_fields=config.product_fields, max_seq_length=config.max_seq_length)
         out = Path(out) if out is not None else default_out(store, config.stage, run.run_id)
+        products = load_products(store, config.dataset, config.product_fields) if config.hard_negatives or evaluate else None
+        n_labelled = len(train_pairs)
+        if config.hard_negatives:
+            train_pairs = with_hard_negatives(model, train_pairs, products, config)
         result = train_model(model, train_pairs, config, out, show_progress)
-        metrics = dict(result.metrics)
+        metrics = {**result.metrics, "hard_negatives_added": float(len(train_pairs) - n_labelled)}
         if evaluate and len(held_out):
-            products = load_products(store, config.dataset, config.product_fields)
             report = evaluate_systems(held_out, products, {config.stage: model})[0]
             metrics.update({f"heldout_{k}": v for k, v in report.metrics.items()})
             metrics.update({f"heldout_auc_{k}": v for k, v in report.adjacent_auc.items()})
