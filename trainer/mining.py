@@ -222,10 +222,11 @@ def hard_negatives(model, pairs: pd.DataFrame, products: pd.DataFrame, per_query
     under `model` are searched; a neighbour the query has no label for is kept when its similarity
     s_n satisfies
 
-        s_n <= (1 - relative_margin) * max{ s_p : p labelled above `grade` for the query }
+        s_n <= s* - relative_margin * |s*|,   s* = max{ s_p : p labelled above `grade` for the query }
 
-    (NV-Retriever's "TopK-PercPos", Moreira et al. 2024: a neighbour about as close as the best
-    positive is more likely an unjudged relevant product than a negative). Queries without such a
+    that is (1 - relative_margin) * s* for the usual positive s* (NV-Retriever's "TopK-PercPos",
+    Moreira et al. 2024: a neighbour about as close as the best positive is more likely an unjudged
+    relevant product than a negative). Queries without such a
     positive get none; `relative_margin=None` keeps every unjudged neighbour. The first `per_query`
     kept become rows with `grade` and `label`, source 'hard-negative'. Returns a frame with the
     columns of `pairs`, at most per_query rows per query.
@@ -267,4 +268,4 @@ def _positive_ceilings(pairs: pd.DataFrame, queries: pd.DataFrame, query_vectors
                            product_vectors[positives["product_id"].map(row_of_product).to_numpy()])
     best = np.full(len(queries), -np.inf)
     np.maximum.at(best, query_rows, similarity)
-    return (1.0 - relative_margin) * best
+    return best - relative_margin * np.abs(best)  # (1 - margin) * best for positive similarities
