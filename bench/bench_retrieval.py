@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{n_q} held-out queries (query-disjoint), {len(train)} training pairs")
     write_result(NAME, args.quick, data, figures, systems=[r.as_dict() for r in reports], training=timings,
                  eval_wall_s=eval_s,
-                 settings={**settings, "hard_negatives_per_query": HARD_NEGATIVES, "products_per_query": 12})
+                 settings={**settings, "hard_negatives_per_query": HARD_NEGATIVES,
+                           "products_per_query": common["products_per_query"]})
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ def test_results_table_tolerates_partial_results() -> None:
     assert "no `figures` list" in table
     assert "**failed** (exit 1)" in table and "bad \\| input" in table
 
+
 def test_text_baseline_scores_unseen_queries_by_their_match_with_the_title() -> None:
     import numpy as np
     import pandas as pd

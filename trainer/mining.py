@@ -226,10 +226,10 @@ def hard_negatives(model, pairs: pd.DataFrame, products: pd.DataFrame, per_query
 
     that is (1 - relative_margin) * s* for the usual positive s* (NV-Retriever's "TopK-PercPos",
     Moreira et al. 2024: a neighbour about as close as the best positive is more likely an unjudged
-    relevant product than a negative). Queries without such a
-    positive get none; `relative_margin=None` keeps every unjudged neighbour. The first `per_query`
-    kept become rows with `grade` and `label`, source 'hard-negative'. Returns a frame with the
-    columns of `pairs`, at most per_query rows per query.
+    relevant product than a negative). Queries without such a positive get none;
+    `relative_margin=None` keeps every unjudged neighbour. The first `per_query` kept become rows
+    with `grade` and `label`, source 'hard-negative'. Returns a frame with the columns of `pairs`,
+    at most per_query rows per query.
     """
     if per_query < 1 or pairs.empty:
         return pairs.iloc[0:0].copy()
