@@ -73,6 +73,18 @@ def make_backend(name: str, model: str, adapter: str | None, **options: Any) -> 
     raise MnrError(f"unknown backend '{name}' (use one of: {', '.join(BACKENDS)})")
 
 
+def load_backend(model: str, backend: str = "vllm", adapter: str | None = None,
+                 **backend_options: Any) -> tuple[Backend, str]:
+    """The `backend` engine for `model` (a pulled name, HF folder or cached hub id; for `openai` the
+    served name) with an optional LoRA `adapter` folder, and its tag `<model>+<adapter>` for authorship."""
+    if backend not in BACKENDS:
+        raise MnrError(f"unknown backend '{backend}' (use one of: {', '.join(BACKENDS)})")
+    adapter_path = check_adapter(adapter) if adapter is not None else None
+    engine_model = model if backend == "openai" else resolve_model(model)
+    engine = make_backend(backend, engine_model, str(adapter_path) if adapter_path else None, **backend_options)
+    return engine, f"{_model_tag(model)}+{adapter_tag(adapter_path)}"
+
+
 class Labeler:
     """Labels pairs under a policy with one model on one backend.
 
@@ -88,19 +100,17 @@ class Labeler:
 
     def __init__(self, model: str, policy: str | Policy = "esci", backend: str = "vllm",
                  adapter: str | None = None, **backend_options: Any):
-        if backend not in BACKENDS:
-            raise MnrError(f"unknown backend '{backend}' (use one of: {', '.join(BACKENDS)})")
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.backend_name = backend
         self.model = model
         adapter_path = check_adapter(adapter) if adapter is not None else None
         self.adapter = str(adapter_path) if adapter_path is not None else None
         self.temperature = float(read_adapter_meta(adapter_path).get("temperature", 1.0)) if adapter_path else 1.0
-        engine_model = model if backend == "openai" else resolve_model(model)
-        self.backend: Backend = make_backend(backend, engine_model, self.adapter, **backend_options)
+        self.backend: Backend
+        self.backend, model_tag = load_backend(model, backend, self.adapter, **backend_options)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)
-        self.author = f"{_model_tag(model)}+{adapter_tag(adapter_path)}@{self.policy.name}:{self.policy.version}"
+        self.author = f"{model_tag}@{self.policy.name}:{self.policy.version}"
 
     def with_policy(self, policy: str | Policy) -> "Labeler":
         """A labeler for another policy on the same loaded model and backend (no second engine)."""

@@ -1,4 +1,4 @@
-"""`mnr label`, `mnr serve`, `mnr models`: the annotator's commands."""
+"""`mnr label`, `mnr serve`, `mnr synth-queries`, `mnr models`: the annotator's commands."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,18 @@ models_app = typer.Typer(help="Labeler models available without hub access.", no
 def _setting(value, key: str, default):
     """Command-line value > [annotator] in mnr.toml > default."""
     return value if value is not None else section("annotator").get(key, default)
+
+
+def _backend_options(backend: str, endpoints: list[str], strategy: str, max_concurrency: int,
+                     dtype: str) -> dict:
+    """Options for `annotator.labeler.make_backend` from the command line; sets the offline/CPU env defaults."""
+    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(key, value)
+    if backend == "openai":
+        urls = endpoints or section("annotator").get("endpoints", ["http://127.0.0.1:8000/v1"])
+        return {"endpoints": urls, "strategy": strategy, "max_concurrency": max_concurrency}
+    return {"dtype": dtype if dtype != "auto" or backend == "vllm" else "float32"}
 
 
 def label(
@@ -45,16 +57,8 @@ def label(
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
 
-    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
     backend = _setting(backend, "backend", "vllm")
-    options: dict = {}
-    if backend == "openai":
-        endpoints = endpoint or section("annotator").get("endpoints", ["http://127.0.0.1:8000/v1"])
-        options = {"endpoints": endpoints, "strategy": strategy, "max_concurrency": max_concurrency}
-    else:
-        options = {"dtype": dtype if dtype != "auto" or backend == "vllm" else "float32"}
+    options = _backend_options(backend, endpoint, strategy, max_concurrency, dtype)
     job = LabelJob(model=_setting(model, "model", "smollm2"), policy=_setting(policy, "policy", "esci"), select=select,
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
@@ -122,8 +126,44 @@ def models_list() -> None:
     console.print(table)
 
 
+def synth_queries(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset whose products get a generated query each."),
+    n_products: int = typer.Option(100, "--n-products", help="Products sampled (fixed order by --seed)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Pulled model name, HF folder or cached hub id "
+                                        "(default: smollm2); for --backend openai, the served model name."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder (PEFT save_pretrained)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="vllm (default), openai or transformers."),
+    max_tokens: int = typer.Option(16, "--max-tokens", help="Longest generated query, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    seed: int = typer.Option(0, "--seed"),
+    shots: int = typer.Option(4, "--shots", help="Real top-grade (title, query) pairs of the dataset shown as examples."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per generate call and per written chunk."),
+    endpoint: List[str] = typer.Option([], "--endpoint", help="openai backend: base URL ending in /v1 (repeatable)."),
+    strategy: str = typer.Option("round-robin", "--strategy", help="openai backend: round-robin or least-busy."),
+    max_concurrency: int = typer.Option(4, "--max-concurrency", help="openai backend: requests in flight per endpoint."),
+    dtype: str = typer.Option("auto", "--dtype", help="vllm/transformers: model dtype (auto, bfloat16, float32)."),
+) -> None:
+    """Generate a search query from each sampled product title with the labeler's LLM; written as synthetic
+    queries paired (unlabelled) with their product, for `mnr label` to label."""
+    from annotator.labeler import load_backend
+    from app.synthetic_queries import generate_synthetic_queries
+
+    backend = _setting(backend, "backend", "vllm")
+    options = _backend_options(backend, endpoint, strategy, max_concurrency, dtype)
+    engine, tag = load_backend(_setting(model, "model", "smollm2"), backend, adapter, **options)
+    try:
+        totals = generate_synthetic_queries(
+            open_store(), lambda prompts: engine.generate(prompts, max_tokens, temperature, seed), dataset,
+            n_products=n_products, seed=seed, shots=shots, batch_size=batch_size, generator_name=tag)
+    finally:
+        engine.close()
+    console.print(f"synth-queries: {totals['queries']} queries and {totals['pairs']} pairs added "
+                  f"(marked synthetic, unlabelled); {totals['empty_generations']} empty generations dropped")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to `app`."""
     app.command()(label)
     app.command()(serve)
+    app.command("synth-queries")(synth_queries)
     app.add_typer(models_app, name="models")

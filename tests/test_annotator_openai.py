@@ -71,6 +71,9 @@ def test_openai_backend_agrees_with_transformers(tiny_llama: Path, endpoints: li
     assert (remote_probs.argmax(axis=1) == local_probs.argmax(axis=1)).all()
     np.testing.assert_allclose(remote_probs, local_probs, atol=AGREEMENT_ATOL)
     assert remote.author == local.author
+    prompts = [f"Product: {pair.title}\nQuery:" for pair in PAIRS[:6]]
+    assert ([text.rstrip("\ufffd") for text in remote.backend.generate(prompts, max_tokens=6)]
+            == [text.rstrip("\ufffd") for text in local.backend.generate(prompts, max_tokens=6)])
 
 
 @pytest.mark.parametrize("strategy", ["round-robin", "least-busy"])

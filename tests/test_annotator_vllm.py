@@ -68,6 +68,26 @@ def test_vllm_with_lora_agrees_with_transformers_with_lora(vllm_labeler: Labeler
     assert vllm_labeler.temperature == 1.5 and vllm_labeler.author == reference.author
 
 
+GENERATION_PROMPTS = [f"Search queries that shoppers typed.\n\nProduct: {title}\nQuery:"
+                      for title in ("Bosch 18v cordless drill", "Kitchen faucet, pull-down, chrome", "LED bulb 60 W",
+                                    "Garden hose nozzle", "Steel wrench set, 12 pieces")]
+
+
+def test_vllm_generate_agrees_with_transformers_greedy(vllm_labeler: Labeler, tiny_llama: Path, adapter: Path) -> None:
+    from annotator.backends.transformers_backend import TransformersBackend
+
+    def complete(texts: list[str]) -> list[str]:
+        # vLLM holds back a multi-byte character cut off by max_tokens; transformers decodes it as U+FFFD
+        return [text.rstrip("\ufffd") for text in texts]
+
+    generated = complete(vllm_labeler.backend.generate(GENERATION_PROMPTS, max_tokens=8))
+    reference = TransformersBackend(str(tiny_llama), str(adapter), batch_size=2)
+    assert generated == complete(reference.generate(GENERATION_PROMPTS, max_tokens=8))
+    assert all(text and "\n" not in text for text in generated)
+    # left padding does not change a prompt's greedy completion
+    assert complete([reference.generate([prompt], max_tokens=8)[0] for prompt in GENERATION_PROMPTS]) == generated
+
+
 def test_batch_job_on_vllm_writes_labels_with_the_adapter_in_the_author(vllm_labeler: Labeler, tmp_path: Path,
                                                                         tiny_llama: Path, adapter: Path) -> None:
     store = Store(tmp_path / "store.duckdb")

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from app.synthetic_queries import clean_generated_query, generate_synthetic_queries
+from app.synthetic_queries import INSTRUCTION, clean_generated_query, generate_synthetic_queries, prompt_head
 from labelstore import Store
 from labelstore.catalog import generate_catalog, write_catalog
 from labelstore.errors import MnrError
@@ -76,7 +76,7 @@ class TitleEchoGenerator:
     """Deterministic stand-in for an LLM backend (the annotator's backends expose generate())."""
 
     def generate(self, prompts: list[str]) -> list[str]:
-        return [f'Query: "{p.split("Product: ")[1].splitlines()[0].lower()}"\nextra line' for p in prompts]
+        return [f'Query: "{p.rsplit("Product: ", 1)[1].splitlines()[0].lower()}"\nextra line' for p in prompts]
 
 
 def test_synthetic_queries_from_a_generator_are_marked_synthetic(catalog_store: Store) -> None:
@@ -91,7 +91,44 @@ def test_synthetic_queries_from_a_generator_are_marked_synthetic(catalog_store: 
         generate_synthetic_queries(catalog_store, lambda prompts: [], "synthetic", n_products=2)
 
 
+def test_prompt_head_shows_real_top_grade_pairs_of_the_dataset(catalog_store: Store) -> None:
+    assert prompt_head(catalog_store, "synthetic", shots=0) == INSTRUCTION
+    head = prompt_head(catalog_store, "synthetic", shots=3, seed=1)
+    examples = [block.splitlines() for block in head.removeprefix(INSTRUCTION).strip().split("\n\n")]
+    assert len(examples) == 3 and head == prompt_head(catalog_store, "synthetic", shots=3, seed=1)
+    top = catalog_store.scalar("SELECT max(grade) FROM current_labels")
+    for title_line, query_line in examples:
+        grade = catalog_store.scalar(
+            "SELECT max(l.grade) FROM current_labels l JOIN pairs USING (pair_id) JOIN queries q USING (query_id) "
+            "JOIN products pr USING (product_id) WHERE q.text = $q AND pr.title = $t AND NOT q.synthetic",
+            {"q": query_line.removeprefix("Query: "), "t": title_line.removeprefix("Product: ")})
+        assert grade == top
+    assert prompt_head(catalog_store, "no-such-dataset", shots=3) == INSTRUCTION
+
+
+def test_synth_queries_command_with_a_real_backend_is_idempotent(tiny_llama, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    store = Store(tmp_path / "store.duckdb")
+    write_catalog(store, generate_catalog(n_families=3, seed=0))
+    args = ["--store", str(store.path), "synth-queries", "--dataset", "synthetic", "--n-products", "6",
+            "--backend", "transformers", "--model", str(tiny_llama), "--max-tokens", "6", "--batch-size", "4"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    rows = store.df("SELECT q.origin, p.origin AS pair_origin FROM queries q JOIN pairs p USING (query_id) WHERE q.synthetic")
+    generated = store.scalar("SELECT count(*) FROM queries WHERE synthetic")
+    assert 0 < generated <= 6 and set(rows["origin"]) == {"synthetic"} and set(rows["pair_origin"]) == {"synthetic"}
+    params = store.scalar("SELECT params FROM runs WHERE kind = 'synthetic-queries' AND status = 'ok'")
+    assert "Product: " in params and f"synthetic-queries:{tiny_llama.name}+base" in params
+    assert store.scalar("SELECT count(*) FROM labels l JOIN pairs p USING (pair_id) WHERE p.origin = 'synthetic'") == 0
+    again = CliRunner().invoke(app, args)  # greedy: the same generations, nothing new written
+    assert again.exit_code == 0 and store.scalar("SELECT count(*) FROM queries WHERE synthetic") == generated
+
+
 def test_clean_generated_query() -> None:
     assert clean_generated_query('  Query: "cordless drill 18v".\nmore') == "cordless drill 18v"
     assert clean_generated_query("\n\n- paint roller\n") == "paint roller"
     assert clean_generated_query("   ") == ""
+    assert clean_generated_query(" deck st\ufffdain\ufffd") == "deck stain"

@@ -1,4 +1,4 @@
-"""What a labeler backend does: one scoring pass per prompt, no free text."""
+"""What a labeler backend does: one scoring pass per prompt, and short free text for data generation."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -21,6 +21,22 @@ class Backend(Protocol):
         """
         ...
 
+    def generate(self, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        """One completion per prompt, cut before its first newline (greedy when `temperature` is 0).
+
+        Used for synthetic queries (`app.synthetic_queries`), not for labels.
+        """
+        ...
+
     def close(self) -> None:
         """Release the engine or connections."""
         ...
+
+
+STOP = "\n"  # completions end at the first newline: one line of text per prompt
+
+
+def first_line(text: str) -> str:
+    """`text` up to (not including) its first newline, as a server stopping at STOP returns it."""
+    return text.split(STOP, 1)[0]

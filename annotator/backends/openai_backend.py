@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from annotator.backends.base import STOP
 from labelstore.errors import MnrError
 
 STRATEGIES = ("round-robin", "least-busy")
@@ -148,14 +149,31 @@ class OpenAIBackend:
                                 "--logprobs-mode processed_logprobs (`mnr serve` does)")
         return result
 
-    def label_logprobs(self, prompts: list[str], token_ids: list[int], options: list[str]) -> np.ndarray:
+    def _map_batches(self, prompts: list[str], request: Callable[[list[str]], Any]) -> list[Any]:
+        """`request` on each sub-batch of `prompts`, spread over the endpoints; results in order."""
         batches = [prompts[i:i + self.batch_size] for i in range(0, len(prompts), self.batch_size)]
         if not batches:
-            return np.zeros((0, len(token_ids)))
+            return []
         workers = self.pool.max_concurrency * len(self.pool.endpoints)
         with ThreadPoolExecutor(max_workers=min(workers, len(batches))) as executor:
-            parts = list(executor.map(lambda batch: self._score_batch(batch, token_ids, options), batches))
-        return np.concatenate(parts)
+            return list(executor.map(request, batches))
+
+    def label_logprobs(self, prompts: list[str], token_ids: list[int], options: list[str]) -> np.ndarray:
+        parts = self._map_batches(prompts, lambda batch: self._score_batch(batch, token_ids, options))
+        return np.concatenate(parts) if parts else np.zeros((0, len(token_ids)))
+
+    def _generate_batch(self, prompts: list[str], max_tokens: int, temperature: float, seed: int) -> list[str]:
+        reply = self._post("/completions", {"model": self.served_model, "prompt": prompts, "max_tokens": max_tokens,
+                                            "temperature": temperature, "seed": seed, "stop": [STOP]})
+        texts = [""] * len(prompts)
+        for choice in reply["choices"]:
+            texts[choice["index"]] = choice["text"]
+        return texts
+
+    def generate(self, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        parts = self._map_batches(prompts, lambda batch: self._generate_batch(batch, max_tokens, temperature, seed))
+        return [text for part in parts for text in part]
 
     def close(self) -> None:
         self.client.close()

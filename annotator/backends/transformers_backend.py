@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from annotator.backends.base import first_line
+
 
 class TransformersBackend:
     """Parameters: `model` a local HF folder; `adapter` a PEFT LoRA folder; `dtype` torch dtype
@@ -50,6 +52,21 @@ class TransformersBackend:
                 logits = self.model(**batch).logits[:, -1, :].float()
             rows.append(torch.log_softmax(logits[:, index], dim=-1).numpy())
         return np.concatenate(rows) if rows else np.zeros((0, len(token_ids)))
+
+    def generate(self, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        torch = self.torch
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        texts: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self.tokenizer(prompts[start:start + self.batch_size], return_tensors="pt", padding=True)
+            with torch.inference_mode():
+                tokens = self.model.generate(**batch, max_new_tokens=max_tokens,
+                                             pad_token_id=self.tokenizer.pad_token_id, **sampling)
+            new_tokens = tokens[:, batch["input_ids"].shape[1]:]
+            texts.extend(first_line(text) for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        return texts
 
     def close(self) -> None:
         del self.model

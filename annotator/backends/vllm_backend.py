@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from annotator.backends.base import STOP
+
 # Prefix caching reuses whole KV blocks only: small blocks cache more of the policy prefix
 # (CPU default 128 leaves up to 127 prefix tokens to recompute per pair; 32 is the CPU minimum).
 PREFIX_BLOCK_SIZE = 32
@@ -90,6 +92,14 @@ class VllmBackend:
                 if token in step:
                     result[row, col] = step[token].logprob
         return result
+
+    def generate(self, prompts: list[str], max_tokens: int = 16, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=[STOP])
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        return [output.outputs[0].text for output in outputs]
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
