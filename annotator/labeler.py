@@ -107,10 +107,10 @@ class Labeler:
         self.adapter = str(adapter_path) if adapter_path is not None else None
         self.temperature = float(read_adapter_meta(adapter_path).get("temperature", 1.0)) if adapter_path else 1.0
         self.backend: Backend
-        self.backend, model_tag = load_backend(model, backend, self.adapter, **backend_options)
+        self.backend, self.model_tag = load_backend(model, backend, self.adapter, **backend_options)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)
-        self.author = f"{model_tag}@{self.policy.name}:{self.policy.version}"
+        self.author = f"{self.model_tag}@{self.policy.name}:{self.policy.version}"
 
     def with_policy(self, policy: str | Policy) -> "Labeler":
         """A labeler for another policy on the same loaded model and backend (no second engine)."""
@@ -119,8 +119,7 @@ class Labeler:
         other.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         other.options = other.policy.answer_options()
         other.token_ids = label_token_ids(self.backend, other.options)
-        other.author = f"{_model_tag(self.model)}+{adapter_tag(Path(self.adapter) if self.adapter else None)}" \
-                       f"@{other.policy.name}:{other.policy.version}"
+        other.author = f"{self.model_tag}@{other.policy.name}:{other.policy.version}"
         return other
 
     @property

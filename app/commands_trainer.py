@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -162,7 +163,7 @@ def eval_retrieval(
 ) -> None:
     """Rank the dataset's whole product set for held-out queries: graded NDCG@10, Recall@100, MRR, band AUCs."""
     from trainer.data import load_labelled_pairs, load_products
-    from trainer.evaluation import evaluate_systems, reports_table
+    from trainer.evaluation import evaluate_systems, paired_p_values, reports_table
     from trainer.model import TwoTowerModel
     from trainer.registry import record_metrics, resolve_model
 
@@ -191,12 +192,23 @@ def eval_retrieval(
     if as_json:
         console.print_json(json.dumps([r.as_dict() for r in reports]))
         return
-    table_frame = reports_table(reports, baseline="retriever-zero-shot-minilm" if zero_shot else None)
+    baseline = "retriever-zero-shot-minilm" if zero_shot else None
+    p_values = paired_p_values(held_out, reports, baseline) if baseline and len(reports) > 1 else None
+    table_frame = reports_table(reports, baseline, p_values)
     table = Table(*table_frame.columns, title=f"Retrieval on {int(reports[0].metrics['n_queries'])} held-out queries, "
                                               f"{int(reports[0].metrics['n_products']):,} products")
     for row in table_frame.itertuples(index=False):
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(_cell(value) for value in row))
     console.print(table)
+    if p_values is not None:
+        console.print("lift and p: relative NDCG@10 over zero-shot MiniLM, and the two-sided paired t-test of "
+                      "per-query NDCG@10 against it (ranx)")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
 
 
 def augment(

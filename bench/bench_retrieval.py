@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -25,12 +27,14 @@ from labelstore import Store
 from labelstore.ingest import ingest_file
 from labelstore.paths import shared_data_dir
 from trainer.data import LabelledPairs, load_labelled_pairs, load_products
-from trainer.evaluation import evaluate_systems, relative_lift
+from trainer.evaluation import evaluate_systems, paired_p_values, relative_lift
 from trainer.model import TwoTowerModel
 from trainer.train import TrainConfig, train_model, with_hard_negatives
 
 NAME = "retrieval"
 HARD_NEGATIVES = 5  # per training query, from its 30 nearest products
+FIELDS = ("title",)
+MAX_SEQ_LENGTH = 48
 SETTINGS = {  # quick / full
     True: {"queries": 2000, "holdout": 0.25, "max_heldout": 400, "epochs": 1, "max_steps": 90},
     False: {"queries": 6000, "holdout": 0.2, "max_heldout": 1000, "epochs": 1, "max_steps": 300},
@@ -55,41 +59,74 @@ def train_stage(model: TwoTowerModel, train: LabelledPairs, products: pd.DataFra
     return {**metrics, "hard_negatives_added": float(len(with_negatives) - len(train)), "mining_s": mining_s}
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    settings = SETTINGS[args.quick]
+@dataclass
+class Sample:
+    """The benchmark's Home Depot sample: training pairs, held-out pairs, all products, shared train settings."""
+
+    train: LabelledPairs
+    held_out: LabelledPairs
+    products: pd.DataFrame
+    common: dict[str, Any]
+
+
+def prepare_sample(settings: dict[str, Any], folder: Path) -> Sample:
+    """Ingest the sample of ../shared/data/homedepot/train.csv into a store in `folder` and split it by query."""
+    store = Store(folder / "bench.duckdb")
+    ingest_file(store, sample_csv(shared_data_dir() / "homedepot" / "train.csv", settings["queries"], folder / "hd.csv"),
+                preset="homedepot")
+    pairs = load_labelled_pairs(store, "graded3", "homedepot", FIELDS)
+    train, held_out = pairs.split(settings["holdout"], seed=0)
+    keep = held_out.frame["query_id"].drop_duplicates().head(settings["max_heldout"])
+    held_out.frame = held_out.frame[held_out.frame["query_id"].isin(set(keep))].reset_index(drop=True)
+    common = {"scheme": "graded3", "dataset": "homedepot", "epochs": settings["epochs"],
+              "max_steps": settings["max_steps"], "queries_per_batch": 16, "products_per_query": 12,
+              "max_seq_length": MAX_SEQ_LENGTH, "product_fields": FIELDS, "learning_rate": 5e-5,
+              "hard_negatives": HARD_NEGATIVES, "hard_negative_pool": 30}
+    return Sample(train, held_out, load_products(store, "homedepot", FIELDS), common)
+
+
+def zero_shot() -> TwoTowerModel:
+    return TwoTowerModel.from_pretrained(product_fields=FIELDS, max_seq_length=MAX_SEQ_LENGTH)
+
+
+def sample_settings(name: str, description: str, argv: list[str] | None) -> tuple[bool, dict[str, Any]]:
+    """(quick, the sample settings) from the command line; records `name` as skipped when the data is absent."""
+    args = parse_args(description, argv)
     root = shared_data_dir()
     if root is None or not (root / "homedepot" / "train.csv").is_file():
-        skip(NAME, args.quick, "../shared/data/homedepot/train.csv is absent")
-    with tempfile.TemporaryDirectory() as folder:
-        store = Store(Path(folder) / "bench.duckdb")
-        ingest_file(store, sample_csv(root / "homedepot" / "train.csv", settings["queries"], Path(folder) / "hd.csv"),
-                    preset="homedepot")
-        fields = ("title",)
-        pairs = load_labelled_pairs(store, "graded3", "homedepot", fields)
-        train, held_out = pairs.split(settings["holdout"], seed=0)
-        keep = held_out.frame["query_id"].drop_duplicates().head(settings["max_heldout"])
-        held_out.frame = held_out.frame[held_out.frame["query_id"].isin(set(keep))].reset_index(drop=True)
-        products = load_products(store, "homedepot", fields)
-        common = {"scheme": "graded3", "dataset": "homedepot", "epochs": settings["epochs"],
-                  "max_steps": settings["max_steps"], "queries_per_batch": 16, "products_per_query": 12,
-                  "max_seq_length": 48, "product_fields": fields, "learning_rate": 5e-5,
-                  "hard_negatives": HARD_NEGATIVES, "hard_negative_pool": 30}
+        skip(name, args.quick, "../shared/data/homedepot/train.csv is absent")
+    return args.quick, SETTINGS[args.quick]
+
+
+def train_stage1(sample: Sample, folder: Path) -> tuple[TwoTowerModel, dict[str, float]]:
+    """Stage 1 from zero-shot MiniLM on the sample (with hard negatives), saved to `folder/stage1`."""
+    stage1 = zero_shot()
+    return stage1, train_stage(stage1, sample.train, sample.products, TrainConfig(stage="stage1", **sample.common),
+                               folder / "stage1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    quick, settings = sample_settings(NAME, __doc__.splitlines()[0], argv)
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        sample = prepare_sample(settings, folder)
+        train, held_out, products, common = sample.train, sample.held_out, sample.products, sample.common
         timings = {}
-        stage1 = TwoTowerModel.from_pretrained(product_fields=fields, max_seq_length=48)
-        timings["stage1"] = train_stage(stage1, train, products, TrainConfig(stage="stage1", **common), Path(folder) / "stage1")
-        stage2 = TwoTowerModel.from_pretrained(Path(folder) / "stage1")
-        timings["stage2"] = train_stage(stage2, train, products, TrainConfig(stage="stage2", **common), Path(folder) / "stage2")
+        stage1, timings["stage1"] = train_stage1(sample, folder)
+        stage2 = TwoTowerModel.from_pretrained(folder / "stage1")
+        timings["stage2"] = train_stage(stage2, train, products, TrainConfig(stage="stage2", **common), folder / "stage2")
         started = time.perf_counter()
         reports = evaluate_systems(held_out, products, {
             "BM25 (bm25s)": None,
-            "zero-shot MiniLM": TwoTowerModel.from_pretrained(product_fields=fields, max_seq_length=48),
+            "zero-shot MiniLM": zero_shot(),
             "Stage 1 (grade SupCon)": stage1, "Stage 2 (multi-class circle)": stage2})
         eval_s = time.perf_counter() - started
+        p_vs_zero = paired_p_values(held_out, reports, "zero-shot MiniLM")
+        p_vs_stage1 = paired_p_values(held_out, reports, "Stage 1 (grade SupCon)")
     by_name = {r.system: r for r in reports}
+    n_q, n_p = int(reports[0].metrics["n_queries"]), int(reports[0].metrics["n_products"])
     zero = by_name["zero-shot MiniLM"].metrics["ndcg@10"]
     s1, s2 = by_name["Stage 1 (grade SupCon)"].metrics["ndcg@10"], by_name["Stage 2 (multi-class circle)"].metrics["ndcg@10"]
-    n_q, n_p = int(reports[0].metrics["n_queries"]), int(reports[0].metrics["n_products"])
     figures = [{"name": f"NDCG@10, {r.system}", "value": round(r.metrics["ndcg@10"], 4), "unit": "NDCG@10",
                 "target": ">= +19% over zero-shot" if "Stage 2" in r.system else "",
                 "anchor": f"zero-shot MiniLM {zero:.4f} (same run); paper: +10-19% over its pretrained baseline"}
@@ -98,14 +135,20 @@ def main(argv: list[str] | None = None) -> None:
                     "unit": "relative", "target": ">= 0.19", "anchor": "paper: 0.10-0.19"})
     figures.append({"name": "Stage 2 > Stage 1 > zero-shot (NDCG@10)", "value": bool(s2 > s1 > zero), "unit": "bool",
                     "target": "true", "anchor": f"{s2:.4f} / {s1:.4f} / {zero:.4f}"})
+    for system, baseline, p_values in (("Stage 1 (grade SupCon)", "zero-shot", p_vs_zero),
+                                       ("Stage 2 (multi-class circle)", "zero-shot", p_vs_zero),
+                                       ("Stage 2 (multi-class circle)", "Stage 1", p_vs_stage1)):
+        figures.append({"name": f"p, NDCG@10 of {system.split(' (')[0]} vs {baseline}", "value": round(p_values[system], 4),
+                        "unit": "p", "target": "",
+                        "anchor": f"two-sided paired t-test over {n_q} held-out queries (ranx.compare)"})
     for stage in ("stage1", "stage2"):
         figures.append({"name": f"{stage} training throughput", "value": round(timings[stage]["train_pairs_per_s"], 1),
                         "unit": "pairs/s", "target": "",
                         "anchor": f"{int(timings[stage]['train_pairs_seen'])} pairs in {timings[stage]['train_wall_s']:.0f} s"})
     data = (f"../shared/data/homedepot/train.csv: {settings['queries']} sampled queries, {n_p} products ranked, "
             f"{n_q} held-out queries (query-disjoint), {len(train)} training pairs")
-    write_result(NAME, args.quick, data, figures, systems=[r.as_dict() for r in reports], training=timings,
-                 eval_wall_s=eval_s,
+    write_result(NAME, quick, data, figures, systems=[r.as_dict() for r in reports], training=timings,
+                 eval_wall_s=eval_s, p_vs_zero_shot=p_vs_zero, p_vs_stage1=p_vs_stage1,
                  settings={**settings, "hard_negatives_per_query": HARD_NEGATIVES,
                            "products_per_query": common["products_per_query"]})
 

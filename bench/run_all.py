@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="pass --quick to every script")
     parser.add_argument("--only", default="", help="comma-separated script names (bench_<name>.py)")
     parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md from results/*.json")
-    parser.add_argument("--timeout", type=float, default=7200.0,
-                        help="seconds per script (default 7200: the full retrieval run takes about an hour)")
+    parser.add_argument("--timeout", type=float, default=14400.0,
+                        help="seconds per script (default 14400: the full Stage 2 ablation takes about three hours)")
     args = parser.parse_args(argv)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     outcomes: dict[str, ScriptOutcome] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -16,11 +17,13 @@ from app.cli import app
 from labelstore import Store
 from labelstore.catalog import FAMILIES, generate_catalog, write_catalog
 from labelstore.errors import MnrError
-from trainer.data import load_labelled_pairs, load_products
-from trainer.evaluation import evaluate_systems
+from labelstore.schemes import load_scheme
+from trainer.data import LabelledPairs, load_labelled_pairs, load_products
+from trainer.evaluation import RetrievalReport, evaluate_systems, paired_p_values
+from trainer.losses import MultiClassCircleLoss
 from trainer.model import TwoTowerModel
 from trainer.registry import compare_models, ensure_zero_shot, promote, promoted_model
-from trainer.train import TrainConfig, run_training
+from trainer.train import TrainConfig, build_loss, run_training
 
 MADE_UP = ("zorblax", "quenty", "flimbo", "draxel", "voomer", "plinket", "strobus", "kevnar", "moxtil", "wunder",
            "jaspo", "trindle", "bolvex", "yarrik")
@@ -100,6 +103,10 @@ def test_cli_eval_retrieval_mine_and_errors(trained: dict) -> None:
     assert systems["retriever-zero-shot-minilm"]["ndcg@10"] == pytest.approx(trained["zero"]["ndcg@10"], abs=1e-4)
     # eval-retrieval recorded the zero-shot metrics, so promotion can compare against it
     assert compare_models(store, trained["stage2_id"], "retriever-zero-shot-minilm")
+    result = runner.invoke(app, ["--store", str(store.path), "eval-retrieval", "--dataset", "synthetic",
+                                 "--holdout", "0.3", "--model", "latest-stage2", "--no-bm25", "--no-record"])
+    assert result.exit_code == 0, result.output
+    assert "lift" in result.output and "paired" in result.output
     result = runner.invoke(app, ["--store", str(store.path), "mine", "--model", "latest-stage2", "--dataset",
                                  "synthetic", "--top-k", "20"])
     assert result.exit_code == 0, result.output
@@ -180,3 +187,24 @@ def test_hard_negatives_join_training_but_never_the_store(tmp_path: Path) -> Non
     assert store.scalar("SELECT count(*) FROM labels") == labels_before
     with pytest.raises(MnrError, match="hard negatives"):
         TrainConfig(hard_negatives=5, hard_negative_pool=3)
+
+
+def test_paired_p_values_tell_a_better_ranking_from_a_near_copy() -> None:
+    queries = [f"q{i}" for i in range(30)]
+    held_out = LabelledPairs(load_scheme("esci"), pd.DataFrame(
+        {"query_id": queries, "product_id": [f"{q}-hit" for q in queries], "grade": 3}))
+    hit_first = {q: {f"{q}-hit": 1.0, "other": 0.5} for q in queries}
+    hit_lower = {q: ({"other": 1.0, f"{q}-hit": 0.5} if i % 2 else {"other": 1.0}) for i, q in enumerate(queries)}
+    near_copy = {**hit_first, "q0": {"other": 1.0, "q0-hit": 0.5}, "q1": {"other": 1.0, "q1-hit": 0.5}}
+    reports = [RetrievalReport(name, {}, run=run)
+               for name, run in (("first", hit_first), ("lower", hit_lower), ("near copy", near_copy))]
+    p = paired_p_values(held_out, reports, "first")
+    assert set(p) == {"lower", "near copy"}
+    assert p["lower"] < 1e-6 and p["near copy"] > 0.1
+
+
+def test_stage2_can_ignore_in_batch_products() -> None:
+    pairs = LabelledPairs(load_scheme("esci"), pd.DataFrame())
+    assert build_loss(TrainConfig(stage="stage2"), pairs).in_batch_grade == 0
+    loss = build_loss(TrainConfig(stage="stage2", in_batch_negatives=False), pairs)
+    assert isinstance(loss, MultiClassCircleLoss) and loss.in_batch_grade is None

@@ -35,6 +35,7 @@ class RetrievalReport:
     metrics: dict[str, float]
     bands: dict[str, dict[str, float]] = field(default_factory=dict)
     adjacent_auc: dict[str, float] = field(default_factory=dict)
+    run: Run = field(default_factory=dict, repr=False)  # its top-k ranking per query, for paired tests
 
     def as_dict(self) -> dict:
         return {"system": self.system, **self.metrics, "bands": self.bands, "adjacent_auc": self.adjacent_auc}
@@ -132,11 +133,11 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
     for name, model in systems.items():
         if model is None:
             run = bm25_run(queries, products, k)
-            reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade)))
+            reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), run=run))
             continue
         run = dense_run(model, queries, products, k)
         bands, auc = band_separation(pair_scores(model, frame), held_out.scheme)
-        reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), bands, auc))
+        reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), bands, auc, run))
     for report in reports:
         report.metrics["n_queries"] = float(len(queries))
         report.metrics["n_queries_with_top_grade"] = float(sum(
@@ -145,12 +146,27 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
     return reports
 
 
+def paired_p_values(held_out: LabelledPairs, reports: Sequence[RetrievalReport], baseline: str,
+                    metric: str = "ndcg@10") -> dict[str, float]:
+    """{system: p} of a two-sided paired t-test (ranx.compare) of each system's per-query `metric`
+    against the `baseline` system's, over the held-out queries both were evaluated on."""
+    from ranx import Qrels, Run as RanxRun, compare
+
+    qrels = qrels_from_pairs(held_out.frame)
+    runs = [RanxRun({qid: (ranked or {"__none__": 0.0}) for qid, ranked in r.run.items() if qid in qrels}, name=r.system)
+            for r in reports]
+    report = compare(Qrels(qrels), runs, metrics=[metric], stat_test="student", make_comparable=True).to_dict()
+    return {r.system: float(report[baseline]["comparisons"][r.system][metric]) for r in reports if r.system != baseline}
+
+
 def relative_lift(value: float, baseline: float) -> float:
     return (value - baseline) / baseline if baseline else float("nan")
 
 
-def reports_table(reports: Sequence[RetrievalReport], baseline: str | None = None) -> pd.DataFrame:
-    """One row per system: metrics, adjacent AUCs, and the relative NDCG@10 lift over `baseline`."""
+def reports_table(reports: Sequence[RetrievalReport], baseline: str | None = None,
+                  p_values: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per system: metrics, adjacent AUCs, the relative NDCG@10 lift over `baseline`, and
+    `p_values` (from `paired_p_values` against that baseline) when given."""
     rows = []
     base = next((r.metrics["ndcg@10"] for r in reports if r.system == baseline), None)
     for report in reports:
@@ -158,5 +174,7 @@ def reports_table(reports: Sequence[RetrievalReport], baseline: str | None = Non
         row.update({f"auc {k}": v for k, v in report.adjacent_auc.items()})
         if base is not None:
             row["ndcg@10 lift"] = relative_lift(report.metrics["ndcg@10"], base)
+        if p_values is not None:
+            row["p"] = p_values.get(report.system, float("nan"))
         rows.append(row)
     return pd.DataFrame(rows)

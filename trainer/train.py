@@ -55,6 +55,7 @@ class TrainConfig:
     gamma: float = 32.0
     margin: float = 0.1
     margins: dict[int, float] = field(default_factory=dict)
+    in_batch_negatives: bool = True  # stage 2: other batch queries' products count as the lowest grade
     checkpoint_every: int = 0
     hard_negatives: int = 0
     hard_negative_pool: int = 30
@@ -127,7 +128,7 @@ def build_loss(config: TrainConfig, pairs: LabelledPairs) -> GradedBatchLoss:
         return GradeSupConLoss(top_grade=max(grades), lowest_grade=min(grades), temperature=config.temperature,
                                product_anchors=config.product_anchors)
     return MultiClassCircleLoss(gamma=config.gamma, margin=config.margin, margins=config.margins,
-                                in_batch_grade=min(grades))
+                                in_batch_grade=min(grades) if config.in_batch_negatives else None)
 
 
 def with_hard_negatives(model: TwoTowerModel, train_pairs: LabelledPairs, products: pd.DataFrame,
