@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     for system, baseline, p_values in (("Stage 1 (grade SupCon)", "zero-shot", p_vs_zero),
                                        ("Stage 2 (multi-class circle)", "zero-shot", p_vs_zero),
                                        ("Stage 2 (multi-class circle)", "Stage 1", p_vs_stage1)):
-        figures.append({"name": f"p, NDCG@10 of {system.split(' (')[0]} vs {baseline}", "value": round(p_values[system], 4),
+        figures.append({"name": f"p, NDCG@10 of {system.split(' (')[0]} vs {baseline}", "value": float(f"{p_values[system]:.2g}"),
                         "unit": "p", "target": "",
                         "anchor": f"two-sided paired t-test over {n_q} held-out queries (ranx.compare)"})
     for stage in ("stage1", "stage2"):
