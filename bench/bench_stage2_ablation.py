@@ -28,14 +28,14 @@ from trainer.train import TrainConfig, train_model, with_hard_negatives
 NAME = "stage2_ablation"
 STAGE1 = "Stage 1"
 CONTROL = "control: Stage 1 loss, same extra steps"
+DEFAULT = "Stage 2 (gamma 32, margin 0.1 per grade gap, in-batch = lowest grade)"
 VARIANTS: dict[str, dict[str, Any]] = {  # name -> TrainConfig overrides of the stage 2 run
     CONTROL: {"stage": "stage1"},
-    "Stage 2 (gamma 32, margin 0.1 per grade gap, in-batch = lowest grade)": {},
+    DEFAULT: {},
     "Stage 2, in-batch products ignored": {"in_batch_negatives": False},
     "Stage 2, gamma 16": {"gamma": 16.0},
     "Stage 2, margin 0.05 per grade gap": {"margin": 0.05},
 }
-DEFAULT = "Stage 2 (gamma 32, margin 0.1 per grade gap, in-batch = lowest grade)"
 
 
 def main(argv: list[str] | None = None) -> None:

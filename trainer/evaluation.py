@@ -83,13 +83,19 @@ def bm25_run(queries: pd.DataFrame, products: pd.DataFrame, k: int = 100) -> Run
             for qid, row_scores, row_indices in zip(queries["query_id"], scores, indices)}
 
 
+def ranx_run(qrels: dict[str, dict[str, int]], run: Run, name: str | None = None):
+    """`run` as a ranx Run over the queries of `qrels` (an empty ranking becomes a placeholder ranx accepts)."""
+    from ranx import Run as RanxRun
+
+    return RanxRun({qid: (ranked or {"__none__": 0.0}) for qid, ranked in run.items() if qid in qrels}, name=name)
+
+
 def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run, top_grade: int) -> dict[str, float]:
     """ndcg@10, recall@100 and mrr (relevant = top grade for the last two) via ranx."""
-    from ranx import Qrels, Run as RanxRun, evaluate
+    from ranx import Qrels, evaluate
 
-    run = {qid: (ranked or {"__none__": 0.0}) for qid, ranked in run.items() if qid in qrels}
     names = {"ndcg@10": "ndcg@10", "recall@100": f"recall@100-l{top_grade}", "mrr": f"mrr@100-l{top_grade}"}
-    scores = evaluate(Qrels(qrels), RanxRun(run), list(names.values()), make_comparable=True)
+    scores = evaluate(Qrels(qrels), ranx_run(qrels, run), list(names.values()), make_comparable=True)
     return {name: float(scores[metric]) for name, metric in names.items()}
 
 
@@ -150,11 +156,10 @@ def paired_p_values(held_out: LabelledPairs, reports: Sequence[RetrievalReport],
                     metric: str = "ndcg@10") -> dict[str, float]:
     """{system: p} of a two-sided paired t-test (ranx.compare) of each system's per-query `metric`
     against the `baseline` system's, over the held-out queries both were evaluated on."""
-    from ranx import Qrels, Run as RanxRun, compare
+    from ranx import Qrels, compare
 
     qrels = qrels_from_pairs(held_out.frame)
-    runs = [RanxRun({qid: (ranked or {"__none__": 0.0}) for qid, ranked in r.run.items() if qid in qrels}, name=r.system)
-            for r in reports]
+    runs = [ranx_run(qrels, r.run, r.system) for r in reports]
     report = compare(Qrels(qrels), runs, metrics=[metric], stat_test="student", make_comparable=True).to_dict()
     return {r.system: float(report[baseline]["comparisons"][r.system][metric]) for r in reports if r.system != baseline}
 
