@@ -23,6 +23,19 @@ RESULTS_MD = BENCH_DIR / "RESULTS.md"
 REPO_ROOT = BENCH_DIR.parent
 
 
+# How to read every figure; said once here rather than beside each number.
+CAVEATS = [
+    "How to read these numbers:",
+    "",
+    "- Machine: a 2-core AMD EPYC CPU (AVX2, no native bf16, so vLLM runs float32), no GPU.",
+    "- Timings: some runs had the machine to themselves, others shared it with up to seven jobs (load average",
+    "  5-20), which makes absolute timings pessimistic. Ratios (speed-ups, x faster) are always taken within one",
+    "  run, against a baseline measured in that run. The docs page of each area says which runs were idle.",
+    "- Engagement: no real logs exist here; figures derived from engagement are *simulated* and marked so.",
+    "- Targets: a target not met is reported as not met.",
+]
+
+
 @dataclass
 class ScriptOutcome:
     """One script's run: its name, exit code (None: not run this time), wall seconds, last error line."""
@@ -91,7 +104,8 @@ def results_table(results: dict[str, dict[str, Any]], outcomes: dict[str, Script
         "# Benchmark results",
         "",
         "Written by `make bench` (`python -m bench.run_all`) from `bench/results/*.json`; see bench/README.md.",
-        "Figures from simulated engagement logs are marked *simulated*.",
+        "",
+        *CAVEATS,
         "",
         "| benchmark | figure | value | unit | target | public anchor | command |",
         "|---|---|---|---|---|---|---|",
@@ -121,7 +135,16 @@ def results_table(results: dict[str, dict[str, Any]], outcomes: dict[str, Script
                 f"| {name} | {_cell(figure.get('name', '?'))}{simulated} | {_cell(figure.get('value'))} | "
                 f"{_cell(figure.get('unit'))} | {_cell(figure.get('target'))} | {_cell(figure.get('anchor'))} | {command} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + runs_table(results)) + "\n"
+
+
+def runs_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """What each benchmark ran on: its data, device and command, from the same JSON files."""
+    lines = ["", "## Runs", "", "| benchmark | data | device | command |", "|---|---|---|---|"]
+    for name, data in sorted(results.items()):
+        if "error" not in data:
+            lines.append(f"| {name} | {_cell(data.get('data'))} | {_cell(data.get('device'))} | `{_command(name, data)}` |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
