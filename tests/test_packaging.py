@@ -14,7 +14,8 @@ from annotator.prompts import load_policy
 REPO = Path(__file__).resolve().parents[1]
 # Build outputs and local state that must not reach the build copy.
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", "dist", "site",
-                                    "*.duckdb", "*.duckdb.wal", "demo-workspace", "results", ".pytest_cache")
+                                    "*.duckdb", "*.duckdb.wal", "demo-workspace", "results", ".pytest_cache",
+                                    "models", "adapters", "reports")
 
 PAIRS_CSV = """query,title,label,brand
 cordless drill,DeWalt 20V MAX cordless drill,exact,DeWalt
