@@ -16,11 +16,24 @@ The model
   `max_pages`): a share page_continue of sessions go on to page 2, page_continue^2 to page 3, ...
   A share `explore_rate` of sessions are exploration traffic (as search teams run to collect
   unbiased data): they show the products in a random order.
-- **Clicks** follow the position-based model: P(click) = examination(position) * attractiveness,
-  examination(position) = position^-examination_decay and
+  With `ranker = "fixed"` the order is instead a production ranker's: one score per pair,
+  grade + rank_noise * N(0, 1) drawn once, plus ranker_jitter * N(0, 1) per session, so a product
+  sits at nearly the same position in every session (set explore_rate = 0 for no exploration).
+- **Clicks**: P(click) = examination * attractiveness, with
   attractiveness = sigmoid(logit(a[grade]) + pair_noise * N(0, 1)), where the N(0, 1) is drawn once
-  per pair (some products are simply more or less attractive than their grade says), and
+  per pair (products of one grade differ in appeal: price, image), and
   a[grade] = attractiveness_min + (attractiveness_max - attractiveness_min) * (grade / max_grade)^attractiveness_power.
+  Examination follows `click_model` (one SQL file each, `auditor/sql/simulate_click_<model>.sql`):
+  - `pbm`, position-based: examination = position^-examination_decay;
+  - `cascade`: the shopper scans top-down and stops at the first click;
+  - `dbn`, dynamic Bayesian network: scans top-down; a click satisfies with probability
+    s[grade] = satisfaction_min + (satisfaction_max - satisfaction_min) * grade / max_grade, and a
+    satisfied shopper stops; otherwise they go on with probability `continue_prob`;
+  - `ubm`, user browsing model: examination = d^-examination_decay, d the distance to the last click
+    above (or to the top).
+  Every impression records `true_examination`, the probability that it was examined given the
+  session's ranking (for `ubm`, given the clicks above it), so benchmarks can compute an oracle bound.
+  The audit never reads it, and the store does not keep it.
 - **Conversion**: a click leads to an add-to-cart with probability
   add_to_cart_min + (add_to_cart_max - add_to_cart_min) * (grade / max_grade)^2, and an add-to-cart to a
   purchase with probability purchase_min + (purchase_max - purchase_min) * grade / max_grade.
@@ -46,6 +59,9 @@ from labelstore.store import Store
 TRUTH_COLUMNS = ["pair_id", "query_id", "query_text", "product_id", "dataset", "grade"]
 EVENT_COLUMNS = ["dataset", "session_id", "query_id", "query_text", "product_id", "pair_id", "position",
                  "event_type", "ts", "simulated", "batch_id"]
+ORACLE_COLUMN = "true_examination"
+CLICK_MODELS = ("pbm", "cascade", "dbn", "ubm")
+RANKERS = ("noisy", "fixed")
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,12 @@ class SimulationParams:
     purchase_max: float = 0.6
     drift_at: datetime | None = None
     drift_strength: float = 0.8
+    click_model: str = "pbm"
+    ranker: str = "noisy"
+    ranker_jitter: float = 0.1
+    continue_prob: float = 0.9
+    satisfaction_min: float = 0.1
+    satisfaction_max: float = 0.7
 
     def validate(self) -> None:
         if self.n_sessions < 0 or self.days <= 0 or self.page_size <= 0:
@@ -83,10 +105,19 @@ class SimulationParams:
             raise MnrError("simulation: need 0 <= page_continue < 1, 0 <= explore_rate <= 1, max_pages >= 1")
         if not 0 <= self.drift_strength <= 1:
             raise MnrError("simulation: drift_strength must be within [0, 1]")
+        if self.click_model not in CLICK_MODELS:
+            raise MnrError(f"simulation: click_model must be one of {', '.join(CLICK_MODELS)}, not '{self.click_model}'")
+        if self.ranker not in RANKERS:
+            raise MnrError(f"simulation: ranker must be one of {', '.join(RANKERS)}, not '{self.ranker}'")
+        if not 0 < self.continue_prob <= 1 or not 0 <= self.satisfaction_min <= self.satisfaction_max <= 1:
+            raise MnrError("simulation: need 0 < continue_prob <= 1 and 0 <= satisfaction_min <= satisfaction_max <= 1")
+        if self.ranker_jitter < 0 or self.rank_noise < 0 or self.pair_noise < 0:
+            raise MnrError("simulation: ranker_jitter, rank_noise and pair_noise must be >= 0")
 
 
 def grade_table(params: SimulationParams, max_grade: int) -> pd.DataFrame:
-    """Per grade 0..max_grade: attractiveness, drifted_attractiveness, add_to_cart_rate, purchase_rate."""
+    """Per grade 0..max_grade: attractiveness, drifted_attractiveness, add_to_cart_rate, purchase_rate,
+    satisfaction."""
     rows = []
     span = max(max_grade, 1)
     for grade in range(max_grade + 1):
@@ -104,6 +135,7 @@ def _grade_rates(params: SimulationParams, level: float, mirrored: float) -> dic
         "drifted_attractiveness": (1 - params.drift_strength) * a + params.drift_strength * attractiveness(mirrored),
         "add_to_cart_rate": params.add_to_cart_min + (params.add_to_cart_max - params.add_to_cart_min) * level ** 2,
         "purchase_rate": params.purchase_min + (params.purchase_max - params.purchase_min) * level,
+        "satisfaction": params.satisfaction_min + (params.satisfaction_max - params.satisfaction_min) * level,
     }
 
 
@@ -147,25 +179,40 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
         "examination_decay": params.examination_decay, "pair_noise": params.pair_noise,
         "drift_at": params.drift_at, "page_size": params.page_size, "batch_id": batch_id,
         "page_continue": params.page_continue, "max_pages": params.max_pages, "explore_rate": params.explore_rate,
+        "fixed_ranker": params.ranker == "fixed", "ranker_jitter": params.ranker_jitter,
     }
-    return auditor_sql("simulate_events"), values
+    click_file = "simulate_click_sequential" if params.click_model in ("cascade", "dbn") else f"simulate_click_{params.click_model}"
+    if click_file == "simulate_click_sequential":
+        del values["examination_decay"]  # a sequential shopper's examination comes from what they saw
+        values["cascade"] = params.click_model == "cascade"
+        values["continue_prob"] = 1.0 if params.click_model == "cascade" else params.continue_prob
+    sql = auditor_sql("simulate_events").replace("/*CLICK_MODEL*/", auditor_sql(click_file))
+    return sql, values
 
 
-def simulate_events(truth: pd.DataFrame, params: SimulationParams, max_grade: int) -> pd.DataFrame:
-    """The simulated log as a DataFrame (EVENT_COLUMNS), for small logs and tests.
+def _columns(with_truth: bool) -> str:
+    return ", ".join(EVENT_COLUMNS + ([ORACLE_COLUMN] if with_truth else []))
+
+
+def simulate_events(truth: pd.DataFrame, params: SimulationParams, max_grade: int, *,
+                    with_truth: bool = False) -> pd.DataFrame:
+    """The simulated log as a DataFrame (EVENT_COLUMNS, plus ORACLE_COLUMN when `with_truth`), for
+    small logs and tests.
 
     truth: one row per pair with TRUTH_COLUMNS; `grade` is the true grade, 0..max_grade.
     """
     with duckdb.connect() as con:
         sql, values = _prepare(con, truth, params, max_grade)
-        return con.execute(sql + " ORDER BY ts, session_id, position, event_type", values).df()
+        return con.execute(f"SELECT {_columns(with_truth)} FROM ({sql}) ORDER BY ts, session_id, position, event_type",
+                           values).df()
 
 
 def simulate_to_parquet(truth: pd.DataFrame, params: SimulationParams, max_grade: int, out: str | Path,
-                        threads: int | None = None) -> int:
+                        threads: int | None = None, *, with_truth: bool = False) -> int:
     """Stream the simulated log into Parquet; returns the number of events.
 
     `out` ending in .parquet is one file; anything else is a folder of Parquet files (one per thread).
+    `with_truth` adds ORACLE_COLUMN (for benchmarks; the audit ignores it).
     """
     out = Path(out)
     with duckdb.connect() as con:
@@ -176,7 +223,8 @@ def simulate_to_parquet(truth: pd.DataFrame, params: SimulationParams, max_grade
         if out.suffix == ".parquet":
             out.parent.mkdir(parents=True, exist_ok=True)
         # `options` is one of two fixed strings; the path and every value are bound.
-        rows = con.execute(f"COPY ({sql}) TO $out {options}", {**values, "out": str(out)}).fetchall()
+        rows = con.execute(f"COPY (SELECT {_columns(with_truth)} FROM ({sql})) TO $out {options}",
+                           {**values, "out": str(out)}).fetchall()
         return int(rows[0][0]) if rows else 0
 
 

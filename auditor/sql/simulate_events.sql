@@ -1,8 +1,8 @@
 -- Simulated engagement log from true grades (see auditor/simulate.py for every parameter).
 -- Inputs: sim_pairs(pair_id, query_id, query_text, product_id, dataset, grade) and
 --         sim_grades(grade, attractiveness, drifted_attractiveness, add_to_cart_rate, purchase_rate).
--- One row per event; columns match the engagement_events table.
-WITH queries AS (
+-- One row per event; columns match the engagement_events table, plus true_examination.
+WITH RECURSIVE queries AS (
     SELECT query_id, any_value(query_text) AS query_text, any_value(dataset) AS dataset,
            row_number() OVER (ORDER BY hash($seed, 'popularity', query_id)) AS popularity_rank
     FROM sim_pairs GROUP BY query_id
@@ -33,15 +33,20 @@ ranked AS (
            row_number() OVER (
                PARTITION BY s.session_hash
                ORDER BY CASE WHEN s.explore THEN u01(hash($seed, 'shuffle', s.session_hash, p.pair_id))
+                             -- a production ranker: one score per pair, a little jitter per session
+                             WHEN $fixed_ranker THEN p.grade
+                                  + $rank_noise * std_normal(hash($seed, 'fixed1', p.pair_id), hash($seed, 'fixed2', p.pair_id))
+                                  + $ranker_jitter * std_normal(hash($seed, 'rank1', s.session_hash, p.pair_id),
+                                                                hash($seed, 'rank2', s.session_hash, p.pair_id))
                              ELSE p.grade + $rank_noise * std_normal(hash($seed, 'rank1', s.session_hash, p.pair_id),
                                                                      hash($seed, 'rank2', s.session_hash, p.pair_id)) END DESC,
                         p.pair_id
            ) AS position, s.pages
     FROM timed_sessions s JOIN sim_pairs p USING (query_id)
 ),
-shown AS (
-    SELECT r.*, g.add_to_cart_rate, g.purchase_rate,
-           pow(r.position, -$examination_decay) AS examination,
+shown AS MATERIALIZED (
+    SELECT r.*, g.add_to_cart_rate, g.purchase_rate, g.satisfaction,
+           u01(hash($seed, 'click', r.session_hash, r.pair_id)) AS u_click,
            1.0 / (1.0 + exp(-(ln(a / (1 - a)) + $pair_noise * std_normal(hash($seed, 'pair1', r.pair_id),
                                                                           hash($seed, 'pair2', r.pair_id))))) AS attractiveness
     FROM ranked r JOIN sim_grades g USING (grade),
@@ -49,12 +54,14 @@ shown AS (
                               THEN g.drifted_attractiveness ELSE g.attractiveness END AS a)
     WHERE r.position <= $page_size * r.pages
 ),
+-- clicks(...): shown plus `examination` (the true probability that the shopper looked at the
+-- impression) and `clicked`, by the click model's own file (simulate_click_<model>.sql).
+/*CLICK_MODEL*/
 outcomes AS (
     SELECT *,
-           u01(hash($seed, 'click', session_hash, pair_id)) < examination * attractiveness AS clicked,
            u01(hash($seed, 'cart', session_hash, pair_id)) < add_to_cart_rate AS carted,
            u01(hash($seed, 'buy', session_hash, pair_id)) < purchase_rate AS bought
-    FROM shown
+    FROM clicks
 ),
 counted AS (
     SELECT *, 1 + CAST(clicked AS INTEGER) + CAST(clicked AND carted AS INTEGER)
@@ -67,5 +74,7 @@ SELECT dataset,
        unnest(['impression', 'click', 'add_to_cart', 'purchase'][1:n_events]) AS event_type,
        session_ts + to_seconds(unnest([0, 5 + position, 60 + position, 300 + position][1:n_events])) AS ts,
        true AS simulated,
-       $batch_id AS batch_id
+       $batch_id AS batch_id,
+       -- the oracle's input, never read by the audit: on impressions only
+       unnest([examination, NULL, NULL, NULL][1:n_events]) AS true_examination
 FROM counted
