@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -53,6 +54,16 @@ def label(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Resume this run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if an unfinished one matches."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray Data actors, Parquet "
+                               "in and out; needs pip install 'mine-refine[ray]'; see docs/scaling-out.md)."),
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="ray: folder or URL (s3://...) for the run's "
+                                           "pairs and scores Parquet (default: ray-work/ beside the store)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: cluster to join (auto, "
+                                              "ray://head:10001); default: a Ray on this machine."),
+    ray_actors: int = typer.Option(1, "--ray-actors", help="ray: scoring actors, one model each."),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus", help="ray: GPUs per actor (1 for vllm on a GPU cluster)."),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", help="ray: CPUs per actor."),
+    ray_batch_size: int = typer.Option(64, "--ray-batch-size", help="ray: pairs per scored batch."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
@@ -63,7 +74,18 @@ def label(
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
                    review_threshold=review_threshold, backend_options=options)
-    result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+    if engine == "local":
+        result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+    elif engine == "ray":
+        from annotator.ray_engine import RaySettings, run_ray_label_job
+
+        store = open_store()
+        settings = RaySettings(work_dir=work_dir or str(Path(store.path).resolve().parent / "ray-work"),
+                               address=ray_address, concurrency=ray_actors, num_gpus=ray_gpus, num_cpus=ray_cpus,
+                               batch_size=ray_batch_size)
+        result = run_ray_label_job(store, job, settings, run_id=run_id, new_run=new_run, progress=not quiet)
+    else:
+        raise typer.BadParameter(f"'{engine}' (use local or ray)", param_hint="--engine")
     verb = "resumed" if result.resumed else "run"
     console.print(f"[bold]{verb}[/] {result.run_id}: {result.n_labelled_now} labelled now, "
                   f"{result.n_selected} selected, author {result.author}")
