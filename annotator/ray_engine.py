@@ -229,35 +229,67 @@ def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chun
     return added
 
 
-# -- the whole job -----------------------------------------------------------------------------
+# -- the whole job, and its halves for a Ray cluster that cannot see the store ----------------
 def job_author(job: LabelJob, policy: Policy) -> str:
     """The author the job's labeler writes, known without loading the model."""
     adapter = check_adapter(job.adapter) if job.adapter else None
     return labeler_author(model_tag(job.model, adapter), policy)
 
 
+@dataclass(frozen=True)
+class RayRun:
+    """A label run whose pending pairs wait in `folders.pairs` for the Ray job."""
+
+    run_id: str
+    resumed: bool
+    folders: RunFolders
+    n_exported: int
+    n_imported: int
+
+
+def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: str | None = None,
+               new_run: bool = False) -> RayRun:
+    """Start (or resume) the job's run as in-process, import what an earlier attempt scored, and write the
+    still pending pairs to `<work dir>/<run id>/pairs/`. Scores already there stay: importing them again
+    adds nothing, and the Ray job adds its files beside them."""
+    policy = load_policy(job.policy)
+    plan = plan_run(store, job, policy, run_id=run_id, new_run=new_run)
+    run_id = open_run(store, job, policy, plan, job_author(job, policy))
+    folders = run_folders(settings.work_dir, run_id)
+    with failing_run(store, run_id, selected_count(store, run_id), len(pending_pairs(store, run_id))):
+        imported = import_scores(store, run_id, folders.scores, threshold=review_threshold(job),
+                                 chunk_size=job.chunk_size)
+        exported = export_pairs(store, run_id, folders.pairs, rows_per_file=settings.rows_per_file)
+    return RayRun(run_id=run_id, resumed=plan.resumed, folders=folders, n_exported=exported, n_imported=imported)
+
+
+def import_run(store: Store, job: LabelJob, run_id: str, scores_url: str, *, resumed: bool = True,
+               labelled_before: int = 0, seconds: float = 0.0) -> LabelJobResult:
+    """Import the run's scores and mark it 'ok', or 'failed' (resumable) while some pair has no score."""
+    info = store.df(sql.LABEL_RUN_INFO, {"run_id": run_id})
+    if info.empty:
+        raise RayEngineError(f"no label run '{run_id}' in {store.path} to import scores into")
+    pending = len(pending_pairs(store, run_id))
+    with failing_run(store, run_id, selected_count(store, run_id), pending):
+        added = import_scores(store, run_id, scores_url, threshold=review_threshold(job), chunk_size=job.chunk_size)
+        left = len(pending_pairs(store, run_id))
+        if left:
+            raise RayEngineError(f"{left} pair(s) of run {run_id} got no score in {scores_url}; run "
+                                 "`mnr label --engine ray` with the same options again to score them")
+    return finish_label_run(store, run_id, resumed=resumed, labelled_now=labelled_before + added, seconds=seconds,
+                            author=str(info["author"].iloc[0]))
+
+
 def run_ray_label_job(store: Store, job: LabelJob, settings: RaySettings, *, run_id: str | None = None,
                       new_run: bool = False, progress: bool = True) -> LabelJobResult:
     """`run_label_job` with the scoring on Ray Data: same selection, resume and labels; see the module doc."""
     require_ray()
-    policy = load_policy(job.policy)
-    threshold = review_threshold(job)
-    plan = plan_run(store, job, policy, run_id=run_id, new_run=new_run)
-    author = job_author(job, policy)
-    run_id = open_run(store, job, policy, plan, author)
-    folders = run_folders(settings.work_dir, run_id)
-    n_selected = selected_count(store, run_id)
-    with failing_run(store, run_id, n_selected, len(pending_pairs(store, run_id))):
-        added = import_scores(store, run_id, folders.scores, threshold=threshold, chunk_size=job.chunk_size)
-        seconds = 0.0
-        if export_pairs(store, run_id, folders.pairs, rows_per_file=settings.rows_per_file):
-            _empty_folder(folders.scores)
-            began = time.perf_counter()
-            score_parquet(folders.pairs, folders.scores, job, settings, progress=progress)
-            seconds = time.perf_counter() - began
-            added += import_scores(store, run_id, folders.scores, threshold=threshold, chunk_size=job.chunk_size)
-        left = len(pending_pairs(store, run_id))
-        if left:
-            raise RayEngineError(f"{left} pair(s) of run {run_id} got no score in {folders.scores}; "
-                                 "run the same command again to score them")
-    return finish_label_run(store, run_id, resumed=plan.resumed, labelled_now=added, seconds=seconds, author=author)
+    run = export_run(store, job, settings, run_id=run_id, new_run=new_run)
+    seconds = 0.0
+    if run.n_exported:
+        began = time.perf_counter()
+        with failing_run(store, run.run_id, selected_count(store, run.run_id), run.n_exported):
+            score_parquet(run.folders.pairs, run.folders.scores, job, settings, progress=progress)
+        seconds = time.perf_counter() - began
+    return import_run(store, job, run.run_id, run.folders.scores, resumed=run.resumed,
+                      labelled_before=run.n_imported, seconds=seconds)

@@ -70,12 +70,40 @@ def test_ray_engine_gives_the_in_process_labels_and_imports_idempotently(tmp_pat
     lost = got["pair_id"].tolist()[:5]
     on_ray.execute("DELETE FROM labels WHERE run_id = ? AND pair_id IN (SELECT unnest(?))", [run_id, lost])
     on_ray.execute("UPDATE runs SET status = 'failed' WHERE run_id = ?", [run_id])
-    resumed = run_ray_label_job(on_ray, LabelJob(**{**job.__dict__, "backend_options": {"dtype": "float32"}}),
-                                RaySettings(work_dir=str(work)), progress=False)
+    resumed = run_ray_label_job(on_ray, job, RaySettings(work_dir=str(work)), progress=False)
     assert resumed.run_id == run_id and resumed.resumed and resumed.n_labelled_now == 5
+    assert not require_ray().is_initialized(), "nothing was left to score"
     again = _labels(on_ray)
     assert again["pair_id"].is_unique and len(again) == 24
     assert again["probs"].tolist() == got["probs"].tolist()
+
+    # The import half on its own (a cluster wrote the scores): adds what is missing, then nothing.
+    on_ray.execute("DELETE FROM labels WHERE run_id = ? AND pair_id IN (SELECT unnest(?))", [run_id, lost[:3]])
+    import_step = ("label", "--model", str(tiny_llama), *LABEL_ARGS, "--engine", "ray", "--ray-step", "import",
+                   "--run-id", run_id, "--work-dir", str(work))
+    for added in (3, 0):
+        done = _mnr(on_ray, *import_step)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"resumed {run_id}: {added} labelled now" in " ".join(done.stdout.split())
+    assert _labels(on_ray)["probs"].tolist() == got["probs"].tolist()
+    assert on_ray.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "ok"
+
+
+def test_export_half_writes_the_selected_pairs(tmp_path: Path, tiny_llama: Path) -> None:
+    store = _store(tmp_path / "store.duckdb")
+    done = _mnr(store, "label", "--model", str(tiny_llama), *LABEL_ARGS, "--engine", "ray", "--ray-step", "export",
+                "--work-dir", str(tmp_path / "work"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = store.scalar("SELECT run_id FROM label_runs")
+    pairs = pd.read_parquet(run_folders(str(tmp_path / "work"), run_id).pairs)
+    selected = store.df("SELECT pair_id FROM label_run_items WHERE run_id = ? ORDER BY ordinal", [run_id])
+    assert pairs["pair_id"].tolist() == selected["pair_id"].tolist() and len(pairs) == 24
+    assert list(pairs.columns) == ["pair_id", "query", "title", "description", "brand"]
+    assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "running"
+    missing_run = _mnr(store, "label", "--model", str(tiny_llama), *LABEL_ARGS, "--engine", "ray", "--ray-step",
+                       "import", "--run-id", run_id, "--work-dir", str(tmp_path / "work"))
+    assert missing_run.returncode == 2 and "24 pair(s)" in " ".join(missing_run.stderr.split())
+    assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "failed"
 
 
 def test_scores_of_another_pair_are_rejected_naming_file_row_and_field(tmp_path: Path) -> None:
