@@ -15,7 +15,6 @@ dependency: it is imported only when a Ray job runs.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +118,13 @@ def score_parquet(pairs_url: str, scores_url: str, job: LabelJob, settings: RayS
     ray = require_ray()
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=settings.address, include_dashboard=False, **_init_options(settings))
+        ray.init(address=settings.address, include_dashboard=False, **settings.init_options)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         pairs = ray.data.read_parquet(_absolute(pairs_url))
         scored = pairs.map_batches(
-            ScorePairs, batch_format="pandas", batch_size=settings.batch_size, concurrency=settings.concurrency,
+            ScorePairs, batch_format="pandas", batch_size=settings.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=settings.concurrency),
             num_gpus=settings.num_gpus or None, num_cpus=settings.num_cpus,
             fn_constructor_kwargs={"model": job.model, "policy": job.policy, "backend": job.backend,
                                    "adapter": job.adapter, "backend_options": job.backend_options})
@@ -132,18 +132,6 @@ def score_parquet(pairs_url: str, scores_url: str, job: LabelJob, settings: RayS
     finally:
         if started_here:
             ray.shutdown()
-
-
-def _init_options(settings: RaySettings) -> dict[str, Any]:
-    if settings.address is not None:
-        return dict(settings.init_options)
-    # Workers of a Ray started here must import this same checkout and see the driver's settings
-    # (offline hub, thread counts); they inherit the environment but not sys.path.
-    root = str(Path(__file__).resolve().parents[1])
-    python_path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    runtime_env = dict(settings.init_options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {"PYTHONPATH": python_path, **runtime_env.get("env_vars", {})}
-    return {**settings.init_options, "runtime_env": runtime_env}
 
 
 # -- Parquet in and out of the store -----------------------------------------------------------
