@@ -180,11 +180,16 @@ def _checked_scores(name: str, table: pa.Table, scheme: LabelScheme, author: str
             raise RayEngineError(f"{name}: no column '{column}' (scores need {', '.join(columns)} "
                                  f"for scheme {scheme.name})")
     frame = table.select(columns).to_pandas()
-    for row, (pair_id, row_author) in enumerate(zip(frame["pair_id"], frame["author"]), start=1):
-        if pair_id not in members:
-            raise RayEngineError(f"{name} row {row}: pair_id '{pair_id}' is not a pair of run {run_id}")
-        if row_author != author:
-            raise RayEngineError(f"{name} row {row}, author: '{row_author}' is not run {run_id}'s author '{author}'")
+    outside = ~frame["pair_id"].isin(members).to_numpy()
+    if outside.any():
+        row = int(np.argmax(outside))
+        raise RayEngineError(f"{name} row {row + 1}: pair_id '{frame['pair_id'].iloc[row]}' is not a pair of "
+                             f"run {run_id}")
+    other_author = (frame["author"] != author).to_numpy()
+    if other_author.any():
+        row = int(np.argmax(other_author))
+        raise RayEngineError(f"{name} row {row + 1}, author: '{frame['author'].iloc[row]}' is not run {run_id}'s "
+                             f"author '{author}'")
     probs = frame[columns[2:]].to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(probs) | (probs < 0) | (probs > 1)
     off = np.abs(probs.sum(axis=1) - 1.0) > PROBABILITY_SUM_TOLERANCE

@@ -120,6 +120,9 @@ def test_scores_of_another_pair_are_rejected_naming_file_row_and_field(tmp_path:
     pd.DataFrame({**good, "pair_id": ["nope"]}).to_parquet(folder / "a.parquet")
     with pytest.raises(RayEngineError, match=r"a\.parquet row 1: pair_id 'nope' is not a pair of run label-x"):
         import_scores(store, "label-x", str(folder), threshold=0.6)
+    pd.DataFrame({**good, "author": ["someone else"]}).to_parquet(folder / "a.parquet")
+    with pytest.raises(RayEngineError, match=r"a\.parquet row 1, author: 'someone else' is not run label-x's author"):
+        import_scores(store, "label-x", str(folder), threshold=0.6)
     pd.DataFrame({**good, "p_partial": [0.75]}).to_parquet(folder / "a.parquet")
     with pytest.raises(RayEngineError, match=r"a\.parquet row 1: probabilities sum to 1\.5"):
         import_scores(store, "label-x", str(folder), threshold=0.6)
