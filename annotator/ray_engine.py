@@ -4,9 +4,9 @@ The store stays the system of record; Ray only moves and scores pairs:
 
 1. the run is planned and recorded as in-process (`annotator.batch`: same selection, fingerprint, frozen
    `label_run_items`, resume), and its pending pairs are written as Parquet to `<work dir>/<run id>/pairs/`;
-2. `ray.data.read_parquet` -> `map_batches(ScorePairs, concurrency=N, num_gpus=G)` -> `write_parquet` to
-   `<work dir>/<run id>/scores/`. Each actor holds one `Labeler`, so prompts, label-token log-probabilities
-   and temperature are the in-process engine's;
+2. `ray.data.read_parquet` -> `map_batches(ScorePairs, compute=ActorPoolStrategy(size=N), num_gpus=G)` ->
+   `write_parquet` to `<work dir>/<run id>/scores/`. Each actor holds one `Labeler`, so prompts, label-token
+   log-probabilities and temperature are the in-process engine's;
 3. the scores come back through `batch.label_records` keyed `<run id>:<pair id>`: importing the same scores
    again adds nothing, and a resumed run first imports what an earlier attempt scored.
 
@@ -126,12 +126,20 @@ def score_parquet(pairs_url: str, scores_url: str, job: LabelJob, settings: RayS
             ScorePairs, batch_format="pandas", batch_size=settings.batch_size,
             compute=ray.data.ActorPoolStrategy(size=settings.concurrency),
             num_gpus=settings.num_gpus or None, num_cpus=settings.num_cpus,
-            fn_constructor_kwargs={"model": job.model, "policy": job.policy, "backend": job.backend,
-                                   "adapter": job.adapter, "backend_options": job.backend_options})
+            fn_constructor_kwargs=_actor_kwargs(job))
         scored.write_parquet(_absolute(scores_url))
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _actor_kwargs(job: LabelJob) -> dict[str, Any]:
+    # Actors do not share the driver's working directory: local folders travel as absolute paths
+    # (not resolved, so a symlinked model keeps the folder name its author tag is made of).
+    model = str(Path(job.model).absolute()) if Path(job.model).is_dir() else job.model
+    adapter = str(check_adapter(job.adapter)) if job.adapter else None
+    return {"model": model, "policy": job.policy, "backend": job.backend, "adapter": adapter,
+            "backend_options": job.backend_options}
 
 
 # -- Parquet in and out of the store -----------------------------------------------------------

@@ -59,7 +59,7 @@ def label(
     new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if an unfinished one matches."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray Data actors, Parquet "
-                               "in and out; needs pip install 'mine-refine[ray]'; see docs/scaling-out.md)."),
+                               "in and out; needs pip install 'mine-refine\\[ray]'; see docs/scaling-out.md)."),
     work_dir: Optional[str] = typer.Option(None, "--work-dir", help="ray: folder or URL (s3://...) for the run's "
                                            "pairs and scores Parquet (default: ray-work/ beside the store)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: cluster to join (auto, "
@@ -68,7 +68,7 @@ def label(
     ray_gpus: float = typer.Option(0.0, "--ray-gpus", help="ray: GPUs per actor (1 for vllm on a GPU cluster)."),
     ray_cpus: float = typer.Option(1.0, "--ray-cpus", help="ray: CPUs per actor."),
     ray_batch_size: int = typer.Option(64, "--ray-batch-size", help="ray: pairs per scored batch."),
-    ray_step: str = typer.Option("all", "--ray-step", help="ray: all, or one half for a cluster that cannot see "
+    ray_step: str = typer.Option("all", "--ray-step", help="ray: all, or one step for a cluster that cannot see "
                                  "the store: export (pairs to --work-dir), score (needs --run-id; no store), "
                                  "import (needs --run-id)."),
 ) -> None:
