@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from annotator.prompts import EmptyProductTextError, PairText, Policy, load_poli
 from labelstore.config import section
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
+from labelstore.schemes import LabelScheme
 from labelstore.store import LabelRecord, Store, new_run_id
 
 SELECTIONS = tuple(sql.SELECTIONS)
@@ -142,19 +144,19 @@ def validate_pairs(policy: Policy, pairs: list[PairText]) -> None:
                                     "nothing was labelled. Fix those products or narrow the selection.")
 
 
-def _records(pairs: list[PairText], probs: np.ndarray, labeler: Labeler, run_id: str,
-             threshold: float) -> list[LabelRecord]:
-    scheme = labeler.policy.scheme
+def label_records(pair_ids: Sequence[str], probs: np.ndarray, *, scheme: LabelScheme, author: str, run_id: str,
+                  threshold: float) -> list[LabelRecord]:
+    """The label rows of a run's scored pairs: top label, rounded probabilities, review flag, key `<run>:<pair>`."""
     names = scheme.label_names
     records = []
-    for pair, row in zip(pairs, probs):
+    for pair_id, row in zip(pair_ids, probs):
         best = int(np.argmax(row))
         confidence = float(row[best])
         records.append(LabelRecord(
-            pair_id=str(pair.pair_id), scheme=scheme.name, label=names[best], grade=scheme.grade_of(names[best]),
-            source="llm", author=labeler.author, probs={name: round(float(p), 6) for name, p in zip(names, row)},
+            pair_id=str(pair_id), scheme=scheme.name, label=names[best], grade=scheme.grade_of(names[best]),
+            source="llm", author=author, probs={name: round(float(p), 6) for name, p in zip(names, row)},
             confidence=confidence, run_id=run_id, needs_review=confidence < threshold,
-            dedup_key=f"{run_id}:{pair.pair_id}",
+            dedup_key=f"{run_id}:{pair_id}",
         ))
     return records
 
@@ -162,6 +164,73 @@ def _records(pairs: list[PairText], probs: np.ndarray, labeler: Labeler, run_id:
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]labelling"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]:.1f} pairs/s"), TimeElapsedColumn(), disable=not enabled)
+
+
+@dataclass
+class RunPlan:
+    """A label run about to start or resume: `selection` is empty when resuming (it is frozen already)."""
+
+    run_id: str | None
+    resumed: bool
+    fingerprint: str
+    selection: list[PairText]
+
+
+def plan_run(store: Store, job: LabelJob, policy: Policy, *, run_id: str | None = None,
+             new_run: bool = False) -> RunPlan:
+    """Find the run to resume (`run_id`, else the unfinished run of the same job unless `new_run`), or select
+    and validate the pairs of a new one. Writes nothing."""
+    job_fingerprint = fingerprint(job, policy)
+    run_id = run_id or (None if new_run else store.scalar(sql.FIND_RESUMABLE_RUN, {"fingerprint": job_fingerprint}))
+    resumed = run_id is not None and bool(store.fetchall(sql.LABEL_RUN_INFO, {"run_id": run_id}))
+    if run_id is not None and not resumed:
+        raise SelectionError(f"no label run '{run_id}' in {store.path} to resume")
+    selection: list[PairText] = []
+    if not resumed:
+        selection = pair_texts(select_pairs(store, job, policy))
+        validate_pairs(policy, selection)
+    return RunPlan(run_id=run_id, resumed=resumed, fingerprint=job_fingerprint, selection=selection)
+
+
+def open_run(store: Store, job: LabelJob, policy: Policy, plan: RunPlan, author: str) -> str:
+    """Mark the planned run running (a new one gets its frozen selection); returns its id."""
+    if not plan.resumed:
+        return _start_run(store, job, policy, author, plan.fingerprint, plan.selection)
+    assert plan.run_id is not None
+    info = store.df(sql.LABEL_RUN_INFO, {"run_id": plan.run_id}).iloc[0]
+    if info["author"] != author:
+        raise SelectionError(f"run {plan.run_id} was labelled by {info['author']}, not {author}; "
+                             "start a new run (--new-run)")
+    store.start_run("label", run_id=plan.run_id, params=asdict(job))
+    return plan.run_id
+
+
+def selected_count(store: Store, run_id: str) -> int:
+    return int(store.scalar("SELECT n_selected FROM label_runs WHERE run_id = ?", [run_id]))
+
+
+def pending_pairs(store: Store, run_id: str) -> pd.DataFrame:
+    """The run's selected pairs without a label from it yet, in selection order (columns of `select_pairs`)."""
+    return store.df(sql.PENDING_ITEMS, {"run_id": run_id})
+
+
+@contextmanager
+def failing_run(store: Store, run_id: str, n_selected: int, n_pending: int) -> Iterator[None]:
+    """Any exception inside marks the run 'failed' (its written labels stay; the next start resumes it)."""
+    try:
+        yield
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", {"labelled_before_failure": n_selected - n_pending},
+                         f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def finish_label_run(store: Store, run_id: str, *, resumed: bool, labelled_now: int, seconds: float,
+                     author: str) -> LabelJobResult:
+    """Summarise the run's labels and mark it 'ok' with that summary."""
+    result = _summarise(store, run_id, resumed, selected_count(store, run_id), labelled_now, seconds, author)
+    store.finish_run(run_id, "ok", {k: v for k, v in asdict(result).items() if k not in ("run_id", "author")})
+    return result
 
 
 def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None, run_id: str | None = None,
@@ -174,49 +243,29 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     """
     policy = labeler.policy if labeler is not None else load_policy(job.policy)
     threshold = review_threshold(job)
-    job_fingerprint = fingerprint(job, policy)
-    run_id = run_id or (None if new_run else store.scalar(sql.FIND_RESUMABLE_RUN, {"fingerprint": job_fingerprint}))
-    resumed = run_id is not None and bool(store.fetchall(sql.LABEL_RUN_INFO, {"run_id": run_id}))
-    if run_id is not None and not resumed:
-        raise SelectionError(f"no label run '{run_id}' in {store.path} to resume")
-    selection: list[PairText] = []
-    if not resumed:
-        selection = pair_texts(select_pairs(store, job, policy))
-        validate_pairs(policy, selection)
+    plan = plan_run(store, job, policy, run_id=run_id, new_run=new_run)
     if labeler is None:
         labeler = Labeler(job.model, policy, backend=job.backend, adapter=job.adapter, **job.backend_options)
-    if resumed:
-        info = store.df(sql.LABEL_RUN_INFO, {"run_id": run_id}).iloc[0]
-        if info["author"] != labeler.author:
-            raise SelectionError(f"run {run_id} was labelled by {info['author']}, not {labeler.author}; "
-                                 "start a new run (--new-run)")
-        store.start_run("label", run_id=run_id, params=asdict(job))
-    else:
-        run_id = _start_run(store, job, policy, labeler, job_fingerprint, selection)
-    pending = pair_texts(store.df(sql.PENDING_ITEMS, {"run_id": run_id}))
-    n_selected = int(store.scalar("SELECT n_selected FROM label_runs WHERE run_id = ?", [run_id]))
-    try:
+    run_id = open_run(store, job, policy, plan, labeler.author)
+    pending = pair_texts(pending_pairs(store, run_id))
+    n_selected = selected_count(store, run_id)
+    with failing_run(store, run_id, n_selected, len(pending)):
         labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, threshold, job.chunk_size,
                                               n_selected, progress, on_chunk)
-    except BaseException as exc:
-        store.finish_run(run_id, "failed", {"labelled_before_failure": n_selected - len(pending)},
-                         f"{type(exc).__name__}: {exc}")
-        raise
-    result = _summarise(store, run_id, resumed, n_selected, labelled_now, seconds, labeler.author)
-    store.finish_run(run_id, "ok", {k: v for k, v in asdict(result).items() if k not in ("run_id", "author")})
-    return result
+    return finish_label_run(store, run_id, resumed=plan.resumed, labelled_now=labelled_now, seconds=seconds,
+                            author=labeler.author)
 
 
-def _start_run(store: Store, job: LabelJob, policy: Policy, labeler: Labeler, job_fingerprint: str,
+def _start_run(store: Store, job: LabelJob, policy: Policy, author: str, job_fingerprint: str,
                selection: list[PairText]) -> str:
     run_id = new_run_id("label")
-    params = {**asdict(job), "policy_version": policy.version, "author": labeler.author, "fingerprint": job_fingerprint}
+    params = {**asdict(job), "policy_version": policy.version, "author": author, "fingerprint": job_fingerprint}
     store.start_run("label", params, run_id=run_id)
     items = pd.DataFrame({"ordinal": range(len(selection)), "pair_id": [p.pair_id for p in selection]})
     with store.transaction() as con:
         con.execute(sql.INSERT_LABEL_RUN, {
             "run_id": run_id, "fingerprint": job_fingerprint, "selection": job.select, "policy": policy.name,
-            "policy_version": policy.version, "scheme": policy.scheme.name, "author": labeler.author,
+            "policy_version": policy.version, "scheme": policy.scheme.name, "author": author,
             "n_selected": len(selection)})
         con.register("run_items_frame", items)
         try:
@@ -238,7 +287,9 @@ def _label_chunks(store: Store, labeler: Labeler, pending: list[PairText], run_i
             began = time.perf_counter()
             probs = labeler.score(chunk)
             seconds += time.perf_counter() - began
-            labelled += store.add_labels(_records(chunk, probs, labeler, run_id, threshold))
+            labelled += store.add_labels(label_records([pair.pair_id for pair in chunk], probs,
+                                                       scheme=labeler.policy.scheme, author=labeler.author,
+                                                       run_id=run_id, threshold=threshold))
             bar.update(task, completed=done_before + start + len(chunk), rate=labelled / max(seconds, 1e-9))
             if on_chunk is not None:
                 on_chunk(run_id, done_before + start + len(chunk))

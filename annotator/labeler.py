@@ -82,7 +82,17 @@ def load_backend(model: str, backend: str = "vllm", adapter: str | None = None,
     adapter_path = check_adapter(adapter) if adapter is not None else None
     engine_model = model if backend == "openai" else resolve_model(model)
     engine = make_backend(backend, engine_model, str(adapter_path) if adapter_path else None, **backend_options)
-    return engine, f"{_model_tag(model)}+{adapter_tag(adapter_path)}"
+    return engine, model_tag(model, adapter_path)
+
+
+def model_tag(model: str, adapter: Path | None) -> str:
+    """`<model>+<adapter tag>`: the model half of a labeler's author, known without loading the model."""
+    return f"{_model_tag(model)}+{adapter_tag(adapter)}"
+
+
+def labeler_author(model_tag: str, policy: Policy) -> str:
+    """The `author` of the labels a labeler writes: `<model tag>@<policy>:<policy version>`."""
+    return f"{model_tag}@{policy.name}:{policy.version}"
 
 
 class Labeler:
@@ -110,7 +120,7 @@ class Labeler:
         self.backend, self.model_tag = load_backend(model, backend, self.adapter, **backend_options)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)
-        self.author = f"{self.model_tag}@{self.policy.name}:{self.policy.version}"
+        self.author = labeler_author(self.model_tag, self.policy)
 
     def with_policy(self, policy: str | Policy) -> "Labeler":
         """A labeler for another policy on the same loaded model and backend (no second engine)."""
@@ -119,7 +129,7 @@ class Labeler:
         other.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         other.options = other.policy.answer_options()
         other.token_ids = label_token_ids(self.backend, other.options)
-        other.author = f"{self.model_tag}@{other.policy.name}:{other.policy.version}"
+        other.author = labeler_author(self.model_tag, other.policy)
         return other
 
     @property

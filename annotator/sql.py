@@ -76,6 +76,9 @@ WHERE i.run_id = $run_id
 ORDER BY i.ordinal
 """
 
+# Every pair a run selected, labelled or not (the pairs whose scores it accepts back from outside).
+RUN_ITEM_IDS = "SELECT pair_id FROM label_run_items WHERE run_id = $run_id"
+
 LABEL_RUN_INFO = "SELECT * FROM label_runs WHERE run_id = $run_id"
 
 RUN_LABEL_SUMMARY = """

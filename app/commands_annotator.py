@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
 from rich.table import Table
 
-from app.context import console, err_console, open_store
+from app.context import console, err_console, get_store_path, open_store
 from labelstore.config import section
+
+if TYPE_CHECKING:
+    from annotator.batch import LabelJob, LabelJobResult
+    from annotator.ray_engine import RaySettings
 
 models_app = typer.Typer(help="Labeler models available without hub access.", no_args_is_help=True)
 
@@ -53,6 +58,19 @@ def label(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Resume this run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if an unfinished one matches."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (Ray Data actors, Parquet "
+                               "in and out; needs pip install 'mine-refine\\[ray]'; see docs/scaling-out.md)."),
+    work_dir: Optional[str] = typer.Option(None, "--work-dir", help="ray: folder or URL (s3://...) for the run's "
+                                           "pairs and scores Parquet (default: ray-work/ beside the store)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="ray: cluster to join (auto, "
+                                              "ray://head:10001); default: a Ray on this machine."),
+    ray_actors: int = typer.Option(1, "--ray-actors", help="ray: scoring actors, one model each."),
+    ray_gpus: float = typer.Option(0.0, "--ray-gpus", help="ray: GPUs per actor (1 for vllm on a GPU cluster)."),
+    ray_cpus: float = typer.Option(1.0, "--ray-cpus", help="ray: CPUs per actor."),
+    ray_batch_size: int = typer.Option(64, "--ray-batch-size", help="ray: pairs per scored batch."),
+    ray_step: str = typer.Option("all", "--ray-step", help="ray: all, or one step for a cluster that cannot see "
+                                 "the store: export (pairs to --work-dir), score (needs --run-id; no store), "
+                                 "import (needs --run-id)."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
@@ -63,7 +81,19 @@ def label(
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
                    review_threshold=review_threshold, backend_options=options)
-    result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+    if engine == "local":
+        result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+    elif engine == "ray":
+        from annotator.ray_engine import RaySettings
+
+        settings = RaySettings(work_dir=work_dir or str(Path(get_store_path()).resolve().parent / "ray-work"),
+                               address=ray_address, concurrency=ray_actors, num_gpus=ray_gpus, num_cpus=ray_cpus,
+                               batch_size=ray_batch_size)
+        result = _label_on_ray(job, settings, step=ray_step, run_id=run_id, new_run=new_run, quiet=quiet)
+        if result is None:
+            return
+    else:
+        raise typer.BadParameter(f"'{engine}' (use local or ray)", param_hint="--engine")
     verb = "resumed" if result.resumed else "run"
     console.print(f"[bold]{verb}[/] {result.run_id}: {result.n_labelled_now} labelled now, "
                   f"{result.n_selected} selected, author {result.author}")
@@ -74,6 +104,35 @@ def label(
     mean = f"{result.mean_confidence:.3f}" if result.mean_confidence is not None else "-"
     console.print(f"mean confidence {mean}; {result.needs_review} marked for review; "
                   f"throughput {result.pairs_per_s:.1f} pairs/s")
+
+
+def _label_on_ray(job: LabelJob, settings: RaySettings, *, step: str, run_id: Optional[str], new_run: bool,
+                  quiet: bool) -> Optional[LabelJobResult]:
+    """The whole Ray label job, or one of its steps; returns the finished run's result (None after export/score)."""
+    from annotator import ray_engine
+
+    if step == "all":
+        return ray_engine.run_ray_label_job(open_store(), job, settings, run_id=run_id, new_run=new_run,
+                                            progress=not quiet)
+    if step == "export":
+        run = ray_engine.export_run(open_store(), job, settings, run_id=run_id, new_run=new_run)
+        console.print(f"{run.run_id}: {run.n_exported} pairs to score written to {run.folders.pairs} "
+                      f"({run.n_imported} labels imported from an earlier attempt's scores)", highlight=False)
+        console.print(f"next: the same command with --ray-step score --run-id {run.run_id} where Ray runs, "
+                      f"then with --ray-step import --run-id {run.run_id} here", highlight=False)
+        return None
+    if step not in ("score", "import"):
+        raise typer.BadParameter(f"'{step}' (use all, export, score or import)", param_hint="--ray-step")
+    if run_id is None:
+        raise typer.BadParameter(f"--ray-step {step} needs the run id that --ray-step export printed",
+                                 param_hint="--run-id")
+    folders = ray_engine.run_folders(settings.work_dir, run_id)
+    if step == "score":
+        ray_engine.require_ray()
+        ray_engine.score_parquet(folders.pairs, folders.scores, job, settings, progress=not quiet)
+        console.print(f"{run_id}: scores written to {folders.scores}", highlight=False)
+        return None
+    return ray_engine.import_run(open_store(), job, run_id, folders.scores)
 
 
 def serve(
