@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+import warnings
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from app.context import console, err_console, open_store
 from labelstore.config import section
+
+if TYPE_CHECKING:
+    from annotator.batch import LabelJob
+    from annotator.labeler import Labeler
 
 models_app = typer.Typer(help="Labeler models available without hub access.", no_args_is_help=True)
 
@@ -53,6 +59,9 @@ def label(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Resume this run."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a new run even if an unfinished one matches."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    allow_policy_mismatch: bool = typer.Option(
+        False, "--allow-policy-mismatch", help="Label with an --adapter fine-tuned under another policy (or another "
+        "version of this one) than --policy; without it that is an error."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
@@ -63,7 +72,8 @@ def label(
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
                    review_threshold=review_threshold, backend_options=options)
-    result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+    labeler = _mismatched_labeler(job) if allow_policy_mismatch and job.adapter else None
+    result = run_label_job(open_store(), job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
     verb = "resumed" if result.resumed else "run"
     console.print(f"[bold]{verb}[/] {result.run_id}: {result.n_labelled_now} labelled now, "
                   f"{result.n_selected} selected, author {result.author}")
@@ -74,6 +84,22 @@ def label(
     mean = f"{result.mean_confidence:.3f}" if result.mean_confidence is not None else "-"
     console.print(f"mean confidence {mean}; {result.needs_review} marked for review; "
                   f"throughput {result.pairs_per_s:.1f} pairs/s")
+
+
+def _mismatched_labeler(job: "LabelJob") -> "Labeler":
+    """A labeler that may use an adapter of another policy, its warning printed plainly.
+
+    Built here because a `LabelJob` has no such switch: the job's own labeler refuses a mismatch."""
+    from annotator.labeler import Labeler, PolicyMismatchWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PolicyMismatchWarning)
+        labeler = Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, allow_policy_mismatch=True,
+                          **job.backend_options)
+    if labeler.policy_mismatch:
+        err_console.print(f"[yellow]warning:[/] {escape(labeler.policy_mismatch)} (--allow-policy-mismatch)",
+                          highlight=False)
+    return labeler
 
 
 def serve(
