@@ -157,7 +157,7 @@ def _number(value: Any) -> float | None:
     return float(text)
 
 
-def is_labelled(mapping: dict[str, str]) -> bool:
+def _is_labelled(mapping: dict[str, str]) -> bool:
     return "label" in mapping or "rating" in mapping
 
 
@@ -346,10 +346,11 @@ def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, prese
         raise IngestError(str(path), [(None, None, "the file has no data rows")])
     frame = normalise_rows(path, rows, full_mapping, dataset, scheme_obj, source,
                            chosen.attribute_columns if chosen else (), rating_map=rules)
-    labelled = is_labelled(full_mapping)
+    labelled = _is_labelled(full_mapping)
+    used_map = rules.text if rules is not None and "label" not in full_mapping and "rating" in full_mapping else None
     params = {"path": str(path), "format": fmt, "preset": preset, "scheme": scheme_obj.name,
               "dataset": dataset, "encoding": used_encoding, "file_sha256": ids.file_hash(str(path)),
-              "labelled": labelled, "rating_map": rules.text if rules and "rating" in full_mapping else None}
+              "labelled": labelled, "rating_map": used_map}
     with store.run("ingest", params) as run:
         inserted = write_pairs(store, frame, scheme_obj.name, f"import:{path.name}", run.run_id)
         run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()}})
