@@ -86,7 +86,7 @@ def label(
                   f"throughput {result.pairs_per_s:.1f} pairs/s")
 
 
-def _mismatched_labeler(job: "LabelJob") -> "Labeler":
+def _mismatched_labeler(job: LabelJob) -> Labeler:
     """A labeler that may use an adapter of another policy, its warning printed plainly.
 
     Built here because a `LabelJob` has no such switch: the job's own labeler refuses a mismatch."""
