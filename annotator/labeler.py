@@ -7,10 +7,16 @@ Every backend scores one step: the log-probabilities of the label first tokens a
 right after the prompt (`Policy.render`, tokenized with the tokenizer's defaults). No text is
 generated or parsed, so every answer is a valid label. If the adapter folder has a `meta.json`
 with a calibration `temperature`, probabilities are softmax(logprobs / temperature).
+
+The policy decides: an adapter whose `meta.json` records the policy it was fine-tuned under
+(`policy`, `policy_hash`) only labels under that same policy version. Another policy, or the same
+policy with edited text, is a `PolicyMismatchError` unless `allow_policy_mismatch=True`, which
+warns (`PolicyMismatchWarning`) and keeps the message in `Labeler.policy_mismatch`.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,43 @@ from labelstore.ids import file_hash
 
 class AdapterError(MnrError):
     """A LoRA adapter folder is missing or not a PEFT adapter."""
+
+
+class PolicyMismatchError(MnrError):
+    """An adapter fine-tuned under one policy version is asked to label under another."""
+
+
+class PolicyMismatchWarning(UserWarning):
+    """Labelling goes ahead under another policy than the adapter's (allow_policy_mismatch=True)."""
+
+
+def policy_mismatch(adapter: Path, meta: dict[str, Any], policy: Policy) -> str | None:
+    """Why `adapter` (its `meta`) does not fit `policy`, or None when it does or records no policy."""
+    trained_hash = meta.get("policy_hash")
+    if trained_hash is None or str(trained_hash) == policy.version:
+        return None
+    trained = f"'{meta.get('policy', '?')}' (hash {trained_hash})"
+    wanted = f"'{policy.name}' (hash {policy.version})"
+    why = ("the policy text changed after fine-tuning" if meta.get("policy") == policy.name
+           else "the adapter's labels would follow the policy it learnt, not this one")
+    return f"adapter {adapter} was fine-tuned under policy {trained}, but this labels under policy {wanted}: {why}"
+
+
+def check_policy(adapter: Path | None, meta: dict[str, Any], policy: Policy, *,
+                 allow_mismatch: bool = False) -> str | None:
+    """Raise `PolicyMismatchError` when the adapter's policy (from its `meta`) is not `policy`; with
+    `allow_mismatch` warn instead and return the message."""
+    if adapter is None:
+        return None
+    message = policy_mismatch(adapter, meta, policy)
+    if message is None:
+        return None
+    if not allow_mismatch:
+        raise PolicyMismatchError(f"{message}. Fine-tune an adapter under policy '{policy.name}' "
+                                  f"(mnr finetune --policy {policy.name}), label under the adapter's policy, or pass "
+                                  "--allow-policy-mismatch to label anyway.")
+    warnings.warn(message, PolicyMismatchWarning, stacklevel=3)
+    return message
 
 
 def read_adapter_meta(adapter: str | Path) -> dict[str, Any]:
@@ -105,17 +148,22 @@ class Labeler:
     policy : policy name in `prompts/policies/` or a loaded `Policy`.
     backend : "vllm", "openai" or "transformers".
     adapter : PEFT LoRA folder (for `openai`: served under its folder name by `mnr serve`).
+    allow_policy_mismatch : label with an adapter fine-tuned under another policy version (warns).
     backend_options : passed to the backend (e.g. `endpoints=[...]` for openai, `dtype`, `batch_size`).
     """
 
     def __init__(self, model: str, policy: str | Policy = "esci", backend: str = "vllm",
-                 adapter: str | None = None, **backend_options: Any):
+                 adapter: str | None = None, *, allow_policy_mismatch: bool = False, **backend_options: Any):
         self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
         self.backend_name = backend
         self.model = model
         adapter_path = check_adapter(adapter) if adapter is not None else None
         self.adapter = str(adapter_path) if adapter_path is not None else None
-        self.temperature = float(read_adapter_meta(adapter_path).get("temperature", 1.0)) if adapter_path else 1.0
+        self.adapter_meta = read_adapter_meta(adapter_path) if adapter_path else {}
+        self.allow_policy_mismatch = allow_policy_mismatch
+        self.policy_mismatch = check_policy(adapter_path, self.adapter_meta, self.policy,
+                                            allow_mismatch=allow_policy_mismatch)
+        self.temperature = float(self.adapter_meta.get("temperature", 1.0))
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, self.adapter, **backend_options)
         self.options = self.policy.answer_options()
@@ -127,6 +175,8 @@ class Labeler:
         other = object.__new__(Labeler)
         other.__dict__.update(self.__dict__)
         other.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        other.policy_mismatch = check_policy(Path(self.adapter) if self.adapter else None, self.adapter_meta,
+                                             other.policy, allow_mismatch=self.allow_policy_mismatch)
         other.options = other.policy.answer_options()
         other.token_ids = label_token_ids(self.backend, other.options)
         other.author = labeler_author(self.model_tag, other.policy)

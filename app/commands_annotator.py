@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+import warnings
 from typing import TYPE_CHECKING, List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from app.context import console, err_console, get_store_path, open_store
@@ -13,6 +15,7 @@ from labelstore.config import section
 
 if TYPE_CHECKING:
     from annotator.batch import LabelJob, LabelJobResult
+    from annotator.labeler import Labeler
     from annotator.ray_engine import RaySettings
 
 models_app = typer.Typer(help="Labeler models available without hub access.", no_args_is_help=True)
@@ -71,6 +74,9 @@ def label(
     ray_step: str = typer.Option("all", "--ray-step", help="ray: all, or one step for a cluster that cannot see "
                                  "the store: export (pairs to --work-dir), score (needs --run-id; no store), "
                                  "import (needs --run-id)."),
+    allow_policy_mismatch: bool = typer.Option(
+        False, "--allow-policy-mismatch", help="Label with an --adapter fine-tuned under another policy (or another "
+        "version of this one) than --policy; without it that is an error."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
@@ -82,8 +88,12 @@ def label(
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
                    review_threshold=review_threshold, backend_options=options)
     if engine == "local":
-        result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
+        labeler = _mismatched_labeler(job) if allow_policy_mismatch and job.adapter else None
+        result = run_label_job(open_store(), job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
     elif engine == "ray":
+        if allow_policy_mismatch:
+            raise typer.BadParameter("works with --engine local only: the Ray actors load the adapter themselves "
+                                     "and refuse a mismatched policy", param_hint="--allow-policy-mismatch")
         from annotator.ray_engine import RaySettings
 
         settings = RaySettings(work_dir=work_dir or str(Path(get_store_path()).resolve().parent / "ray-work"),
@@ -133,6 +143,22 @@ def _label_on_ray(job: LabelJob, settings: RaySettings, *, step: str, run_id: Op
         console.print(f"{run_id}: scores written to {folders.scores}", highlight=False)
         return None
     return ray_engine.import_run(open_store(), job, run_id, folders.scores)
+
+
+def _mismatched_labeler(job: LabelJob) -> Labeler:
+    """A labeler that may use an adapter of another policy, its warning printed plainly.
+
+    Built here because a `LabelJob` has no such switch: the job's own labeler refuses a mismatch."""
+    from annotator.labeler import Labeler, PolicyMismatchWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PolicyMismatchWarning)
+        labeler = Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, allow_policy_mismatch=True,
+                          **job.backend_options)
+    if labeler.policy_mismatch:
+        err_console.print(f"[yellow]warning:[/] {escape(labeler.policy_mismatch)} (--allow-policy-mismatch)",
+                          highlight=False)
+    return labeler
 
 
 def serve(

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from app.context import console, get_store_path, open_store
+from labelstore.config import section
+from labelstore.errors import MnrError
 from labelstore.export import export_labels
 from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_mapping
 from labelstore.status import store_status
@@ -22,15 +24,39 @@ def ingest(
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Label scheme (default: the preset's, else esci)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name (default: the preset's, else the file stem)."),
     encoding: Optional[str] = typer.Option(None, "--encoding", help="Text encoding (default: strict UTF-8; presets know theirs)."),
+    rating_map: Optional[str] = typer.Option(
+        None, "--rating-map",
+        help="How a numeric rating column maps onto the scheme's labels (default: \\[ingest] rating_map in mnr.toml, "
+             "else the scheme's map for the preset or dataset): comma-separated RULE=LABEL items, tried in order, "
+             "the first that holds wins. RULE is a number (the rating equals it) or <N, <=N, >N, >=N. "
+             "Exact values: '1=irrelevant,2=partial,3=relevant'; thresholds: "
+             "'<1.5=irrelevant,<2.5=partial,>=2.5=relevant'. LABEL is a label (or alias) of the scheme."),
+    unlabeled: bool = typer.Option(False, "--unlabeled", help="Add the pairs only, ignoring any label or rating "
+                                   "column (a file with neither is read this way anyway)."),
 ) -> None:
-    """Validate a file whole and add its pairs and labels. Re-ingesting the same file adds nothing."""
+    """Validate a file whole and add its pairs and labels. Re-ingesting the same file adds nothing.
+
+    A file without a label or rating column adds unlabelled pairs, ready for `mnr label --select unlabeled`.
+    """
     store = open_store()
     with console.status(f"ingesting {path}"):
         result = ingest_file(store, path, fmt=fmt, preset=preset, mapping=parse_mapping(mapping), scheme=scheme,
-                             dataset=dataset, encoding=encoding)
+                             dataset=dataset, encoding=encoding, unlabeled=unlabeled,
+                             rating_map=rating_map if rating_map is not None else _config_rating_map())
     added = ", ".join(f"{n} {table}" for table, n in result.inserted.items())
     console.print(f"{path}: read {result.rows_read} rows ({result.encoding or 'binary'}), "
                   f"dataset '{result.dataset}', scheme '{result.scheme}': added {added}")
+    if not result.labelled:
+        console.print(f"no label or rating column: the pairs are unlabelled; label them with "
+                      f"`mnr label --select unlabeled --dataset {result.dataset}`")
+
+
+def _config_rating_map() -> str | None:
+    value = section("ingest").get("rating_map")
+    if value is None or isinstance(value, str):
+        return value
+    raise MnrError(f"[ingest] rating_map in mnr.toml must be a string such as '1=irrelevant,2=partial,3=relevant', "
+                   f"not {value!r}")
 
 
 def export(

@@ -1,8 +1,9 @@
 """Zero-shot SmolLM2-135M against LoRA-fine-tuned SmolLM2-135M, beside a TF-IDF + linear baseline.
 
 Home Depot under the `home-improvement` policy (scheme graded3; metric: RMSE of the expected
-rating, rating = grade + 1, against the raw mean rating) and CrowdFlower under the `esci` policy
-(4 levels, median rating 4/3/2/1 -> grade 3/2/1/0; metric: quadratic-weighted kappa). Each file
+rating, rating = grade + 1, against the raw mean rating) and CrowdFlower under the `graded4` policy
+(scheme graded4, median rating 4/3/2/1 -> perfect/good/fair/irrelevant = grade 3/2/1/0; metric:
+quadratic-weighted kappa). Each file
 is split by query: test (20% of queries, a fixed sample of it is scored), dev (10%, early stopping
 and the temperature), train (the rest). The LoRA run gets a wall-clock budget (`--minutes`); the
 baseline trains on the whole train split in seconds. Early stopping is off, so each run uses its
@@ -53,7 +54,7 @@ SEED = 2602
 DATASETS: dict[str, tuple[str, str, str, str]] = {
     "homedepot": ("home-improvement", "homedepot", "rmse_rating",
                   "Kaggle Home Depot winner RMSE 0.431 (3rd place ensemble 0.4327, its best single model 0.438)"),
-    "crowdflower": ("esci", "crowdflower", "qwk",
+    "crowdflower": ("graded4", "crowdflower", "qwk",
                     "Kaggle CrowdFlower winner QWK 0.7219 (35-model ensemble); best single model 0.7077"),
 }
 READERS = {"homedepot": read_homedepot, "crowdflower": read_crowdflower}

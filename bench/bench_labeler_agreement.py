@@ -2,8 +2,8 @@
 
 Fixed samples (seed 2602) of Home Depot and CrowdFlower pairs. Home Depot is labelled under the
 `home-improvement` policy (scheme graded3, human mean rating mapped by the scheme's rating map);
-CrowdFlower under the default `esci` policy (median rating 4/3/2/1 -> exact/substitute/
-complement/irrelevant). Figures: accuracy and quadratic-weighted kappa (QWK) on grades. The
+CrowdFlower under the `graded4` policy (scheme graded4, median rating 4/3/2/1 -> perfect/good/
+fair/irrelevant): graded relevance, not ESCI's item relations. Figures: accuracy and quadratic-weighted kappa (QWK) on grades. The
 baseline (TF-IDF of query and title, their elementwise product, logistic regression) trains on
 the rest of the same file, never on the sample.
 
@@ -29,7 +29,7 @@ from bench.common import (  # noqa: E402
 NAME = "labeler_agreement"
 DATASETS = {  # dataset -> (policy, rating source)
     "homedepot": ("home-improvement", "homedepot"),
-    "crowdflower": ("esci", "crowdflower"),
+    "crowdflower": ("graded4", "crowdflower"),
 }
 
 

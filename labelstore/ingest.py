@@ -1,9 +1,14 @@
-"""Ingestion of labelled query-product pairs from CSV, Parquet or JSONL.
+"""Ingestion of query-product pairs, labelled or not, from CSV, Parquet or JSONL.
 
 A file is validated whole before anything is written: a missing column, undecodable bytes, an
 empty query or title, an unknown label, a bad rating, or one pair given two different labels
 rejects the file with an `IngestError` naming the file, row and field. Valid files are written in
 one transaction, and every row is keyed by content, so re-ingesting a file adds nothing.
+
+Labels come from a label column (names or aliases of the scheme) or from a numeric rating column
+through a rating map: the caller's own (`rating_map`, see `labelstore.schemes.RATING_MAP_SYNTAX`)
+or the scheme's map for the rating source. A file with neither column (or ingested with
+`unlabeled=True`) adds pairs without labels, for `mnr label --select unlabeled`.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import pandas as pd
 
 from labelstore import ids
 from labelstore.errors import IngestError, SchemeError
-from labelstore.schemes import LabelScheme, load_scheme
+from labelstore.schemes import LabelScheme, RatingRules, load_scheme, parse_rating_map
 from labelstore.store import (
     PAIR_COLUMNS, PRODUCT_COLUMNS, QUERY_COLUMNS, LabelRecord, Store, _insert_labels, insert_new, labels_frame,
 )
@@ -28,6 +33,7 @@ from labelstore.store import (
 FIELDS = ("record_id", "query", "query_source_id", "product_id", "title", "description", "brand",
           "label", "rating", "rating_variance")
 FORMATS = ("csv", "parquet", "jsonl")
+LABEL_FIELDS = ("label", "rating", "rating_variance")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class IngestResult:
     encoding: str | None
     rows_read: int
     inserted: dict[str, int] = field(default_factory=dict)
+    labelled: bool = True
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -150,27 +157,60 @@ def _number(value: Any) -> float | None:
     return float(text)
 
 
+def _is_labelled(mapping: dict[str, str]) -> bool:
+    return "label" in mapping or "rating" in mapping
+
+
 def _check_columns(path: Path, columns: list[str], mapping: dict[str, str]) -> None:
     problems = []
-    needed = ["query", "title"]
-    if "label" not in mapping and "rating" not in mapping:
-        problems.append((None, None, "the mapping names neither a label nor a rating column"))
-    needed += [f for f in ("label", "rating") if f in mapping]
+    needed = ["query", "title"] + [f for f in ("label", "rating") if f in mapping]
     for name in needed:
         column = mapping.get(name)
         if column is None:
             problems.append((None, name, f"no column is mapped to the required field '{name}'"))
         elif column not in columns:
+            hint = ("; pass --unlabeled to add the pairs without labels" if name in LABEL_FIELDS else "")
             problems.append((None, column, f"missing column '{column}' (needed for field '{name}'); "
-                                           f"the file has: {', '.join(columns) or 'no columns'}"))
+                                           f"the file has: {', '.join(columns) or 'no columns'}{hint}"))
     if problems:
         raise IngestError(str(path), problems)
 
 
+def _check_rating_source(path: Path, mapping: dict[str, str], scheme: LabelScheme, source: str,
+                         rating_map: RatingRules | None) -> None:
+    """Fail once, before reading rows, when ratings have nowhere to map to."""
+    if "label" in mapping or "rating" not in mapping or rating_map is not None or source in scheme.rating_maps:
+        return
+    known = ", ".join(scheme.rating_maps) or "none"
+    example = ",".join(f"{grade + 1}={name}" for name, grade in reversed(scheme.grades.items()))
+    raise IngestError(str(path), [(None, mapping["rating"], (
+        f"scheme '{scheme.name}' has no rating map for '{source}' (its maps: {known}); "
+        f"say how your ratings map onto its labels ({', '.join(scheme.label_names)}) with --rating-map, "
+        f"e.g. --rating-map '{example}' (thresholds work too: see `mnr ingest --help`), "
+        "or with [ingest] rating_map in mnr.toml"))])
+
+
+def _row_label(get: Any, mapping: dict[str, str], scheme: LabelScheme, source: str, rating: float | None,
+               rating_map: RatingRules | None) -> str | None:
+    """The row's label from its label column or its rating; None for an unlabelled file."""
+    if "label" in mapping:
+        raw_label = _text(get("label"))
+        if not raw_label:
+            raise SchemeError("empty label")
+        return scheme.normalize(raw_label)
+    if "rating" not in mapping:
+        return None
+    if rating is None:
+        raise SchemeError("empty rating")
+    return rating_map.label_for(rating) if rating_map is not None else scheme.map_rating(source, rating)
+
+
 def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, str], dataset: str,
                    scheme: LabelScheme, rating_source: str | None,
-                   attribute_columns: Iterable[str] = ()) -> pd.DataFrame:
-    """Validate every row and return one normalised row per input row; raise on any problem."""
+                   attribute_columns: Iterable[str] = (), *, rating_map: RatingRules | None = None) -> pd.DataFrame:
+    """Validate every row and return one normalised row per input row; raise on any problem.
+
+    Rows of an unlabelled mapping (no label or rating field) get label and grade None."""
     problems: list[tuple[int | None, str | None, str]] = []
     out = []
     first_seen: dict[str, tuple[int, str]] = {}
@@ -192,18 +232,11 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
         except ValueError:
             problems.append((number, mapping.get("rating"), f"not a number: '{_text(get('rating'))}'"))
         try:
-            if "label" in mapping:
-                raw_label = _text(get("label"))
-                if not raw_label:
-                    raise SchemeError("empty label")
-                label = scheme.normalize(raw_label)
-            elif rating is None:
-                raise SchemeError("empty rating")
-            else:
-                label = scheme.map_rating(rating_source or dataset, rating)
+            label = _row_label(get, mapping, scheme, rating_source or dataset, rating, rating_map)
         except SchemeError as exc:
             problems.append((number, mapping.get("label") or mapping.get("rating"), str(exc)))
-        if not query or not title or label is None:
+            continue
+        if not query or not title:
             continue
         description = _text(get("description")) or None
         source_product = _text(get("product_id")) or ids.stable_hash(title, description or "")
@@ -224,7 +257,8 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
             "pair_id": pair, "record_id": record or pair, "dataset": dataset, "query_id": qid, "text": query, "product_id": pid,
             "source_id": source_product, "title": title, "description": description,
             "brand": _text(get("brand")) or None, "attributes": json.dumps(attributes) if attributes else None,
-            "label": label, "grade": scheme.grade_of(label), "raw_rating": rating, "rating_variance": variance,
+            "label": label, "grade": scheme.grade_of(label) if label is not None else None,
+            "raw_rating": rating, "rating_variance": variance,
         })
     if problems:
         raise IngestError(str(path), problems)
@@ -234,15 +268,17 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
 # -- writing --------------------------------------------------------------------------------
 def write_pairs(store: Store, frame: pd.DataFrame, scheme: str, author: str, run_id: str | None,
                 origin: str = "import") -> dict[str, int]:
-    """Write normalised rows (products, queries, pairs, import labels) in one transaction."""
+    """Write normalised rows (products, queries, pairs, import labels) in one transaction.
+
+    Rows whose label is None add their pair only."""
     # A pair judged several times keeps the mean of its raw ratings; every judgment is a label row.
-    mean_rating = frame.groupby("pair_id")["raw_rating"].transform("mean")
+    mean_rating = pd.to_numeric(frame["raw_rating"]).groupby(frame["pair_id"]).transform("mean")
     frame = frame.assign(synthetic=False, origin=origin, raw_rating=mean_rating)
     records = [
         LabelRecord(pair_id=r.pair_id, scheme=scheme, label=r.label, grade=int(r.grade), source="import",
                     author=author, run_id=run_id,
                     dedup_key="import:" + ids.stable_hash(r.pair_id, r.record_id, scheme, r.label, length=24))
-        for r in frame.itertuples()
+        for r in frame.itertuples() if r.label is not None
     ]
     with store.transaction() as con:
         return {
@@ -281,27 +317,50 @@ def resolve_mapping(columns: list[str], preset: Preset | None, overrides: dict[s
 
 def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, preset: str | None = None,
                 mapping: dict[str, str] | None = None, scheme: str | None = None, dataset: str | None = None,
-                encoding: str | None = None, rating_source: str | None = None) -> IngestResult:
-    """Validate and write one file. Raises `IngestError` (and writes nothing) on any bad row."""
+                encoding: str | None = None, rating_source: str | None = None, rating_map: str | None = None,
+                unlabeled: bool = False) -> IngestResult:
+    """Validate and write one file. Raises `IngestError` (and writes nothing) on any bad row.
+
+    `rating_map` (`RATING_MAP_SYNTAX`) maps a rating column onto the scheme's labels instead of the
+    scheme's own map for the rating source; it is unused when labels come from a label column.
+    `unlabeled` ignores any label or rating column and adds the pairs only, as does a file that has
+    neither.
+    """
     path = Path(path)
     chosen = PRESETS.get(preset) if preset else None
     if preset and chosen is None:
         raise IngestError(str(path), [(None, None, f"unknown preset '{preset}' (presets: {', '.join(PRESETS)})")])
     fmt = fmt or guess_format(path)
     scheme_obj = load_scheme(scheme or (chosen.scheme if chosen else "esci"))
+    rules = _parse_rating_map(path, rating_map, scheme_obj)
     dataset = dataset or (chosen.name if chosen else path.stem)
     encodings = (encoding,) if encoding else (chosen.encodings if chosen else ("utf-8",))
     columns, rows, used_encoding = read_rows(path, fmt, encodings)
     full_mapping = resolve_mapping(columns, chosen, mapping or {})
+    if unlabeled:
+        full_mapping = {name: column for name, column in full_mapping.items() if name not in LABEL_FIELDS}
     _check_columns(path, columns, full_mapping)
+    source = rating_source or (chosen.rating_source if chosen else None) or dataset
+    _check_rating_source(path, full_mapping, scheme_obj, source, rules)
     if not rows:
         raise IngestError(str(path), [(None, None, "the file has no data rows")])
-    frame = normalise_rows(path, rows, full_mapping, dataset, scheme_obj,
-                           rating_source or (chosen.rating_source if chosen else None),
-                           chosen.attribute_columns if chosen else ())
+    frame = normalise_rows(path, rows, full_mapping, dataset, scheme_obj, source,
+                           chosen.attribute_columns if chosen else (), rating_map=rules)
+    labelled = _is_labelled(full_mapping)
+    used_map = rules.text if rules is not None and "label" not in full_mapping and "rating" in full_mapping else None
     params = {"path": str(path), "format": fmt, "preset": preset, "scheme": scheme_obj.name,
-              "dataset": dataset, "encoding": used_encoding, "file_sha256": ids.file_hash(str(path))}
+              "dataset": dataset, "encoding": used_encoding, "file_sha256": ids.file_hash(str(path)),
+              "labelled": labelled, "rating_map": used_map}
     with store.run("ingest", params) as run:
         inserted = write_pairs(store, frame, scheme_obj.name, f"import:{path.name}", run.run_id)
         run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()}})
-    return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted)
+    return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted, labelled)
+
+
+def _parse_rating_map(path: Path, text: str | None, scheme: LabelScheme) -> RatingRules | None:
+    if text is None:
+        return None
+    try:
+        return parse_rating_map(text, scheme)
+    except SchemeError as exc:
+        raise IngestError(str(path), [(None, None, f"bad rating map: {exc}")]) from exc

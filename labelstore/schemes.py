@@ -6,6 +6,8 @@ medians) onto the scheme's labels.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -92,6 +94,74 @@ class LabelScheme:
             if rating >= threshold:
                 return label
         raise SchemeError(f"rating {rating} reaches no threshold of the {source} map")
+
+
+_COMPARISONS: dict[str, Callable[[float, float], bool]] = {
+    "<=": lambda rating, bound: rating <= bound, ">=": lambda rating, bound: rating >= bound,
+    "<": lambda rating, bound: rating < bound, ">": lambda rating, bound: rating > bound,
+    "": lambda rating, bound: rating == bound,
+}
+RATING_MAP_SYNTAX = (
+    "comma-separated RULE=LABEL items, tried in order, the first that holds wins; RULE is a number (the rating "
+    "equals it) or <N, <=N, >N, >=N: '1=irrelevant,2=partial,3=relevant' or "
+    "'<1.5=irrelevant,<2.5=partial,>=2.5=relevant'"
+)
+
+
+@dataclass(frozen=True)
+class RatingRule:
+    op: str
+    bound: float
+    label: str
+
+    def holds(self, rating: float) -> bool:
+        return _COMPARISONS[self.op](rating, self.bound)
+
+
+@dataclass(frozen=True)
+class RatingRules:
+    """A user's own rating map (`--rating-map`): ordered rules, the first that holds gives the label."""
+
+    text: str
+    rules: tuple[RatingRule, ...]
+
+    def label_for(self, rating: float) -> str:
+        for rule in self.rules:
+            if rule.holds(rating):
+                return rule.label
+        raise SchemeError(f"rating {rating:g} matches no rule of the rating map '{self.text}'")
+
+
+def parse_rating_map(text: str, scheme: LabelScheme) -> RatingRules:
+    """Parse `RATING_MAP_SYNTAX` into rules whose labels are `scheme`'s (names or aliases)."""
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not items:
+        raise SchemeError(f"empty rating map; expected {RATING_MAP_SYNTAX}")
+    rules = tuple(_parse_rule(item, scheme) for item in items)
+    exact: dict[float, str] = {}
+    for rule in rules:
+        if rule.op == "" and exact.setdefault(rule.bound, rule.label) != rule.label:
+            raise SchemeError(f"rating map gives {rule.bound:g} two labels: '{exact[rule.bound]}' and '{rule.label}'")
+    return RatingRules(", ".join(items), rules)
+
+
+def _parse_rule(item: str, scheme: LabelScheme) -> RatingRule:
+    condition, sep, label = item.rpartition("=")
+    condition, label = condition.strip(), label.strip()
+    if not sep or not condition or not label or condition in _COMPARISONS:
+        raise SchemeError(f"rating map item '{item}' is not RULE=LABEL; expected {RATING_MAP_SYNTAX}")
+    op = next(op for op in _COMPARISONS if condition.startswith(op))
+    try:
+        bound = float(condition[len(op):])
+    except ValueError:
+        raise SchemeError(f"rating map item '{item}': '{condition}' is not a number or <N, <=N, >N, >=N") from None
+    if math.isnan(bound):
+        raise SchemeError(f"rating map item '{item}': NaN is not a rating")
+    try:
+        canonical = scheme.normalize(label)
+    except SchemeError as exc:
+        raise SchemeError(f"rating map item '{item}': {exc}") from None
+    return RatingRule(op, bound, canonical)
 
 
 def _parse(path: Path) -> LabelScheme:
