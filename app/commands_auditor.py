@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from app.context import console, open_store
@@ -103,7 +104,11 @@ def audit(
         table.add_row(key, f"{s[key]:,}")
     for kind, n in s["flags_by_kind"].items():
         table.add_row(f"flags: {kind}", f"{n:,}")
+    table.add_row("expected wrong labels (audited)", f"{s['expected_wrong_labels']:,.0f}")
+    table.add_row("impressions on pairs that move", f"{s['position_moved_share']:.0%}")
     console.print(table)
+    for warning in s["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if report is not None:
         console.print(f"report: {write_report(store, result, report, settings)}")
     if trigger:

@@ -19,6 +19,13 @@ from auditor.sqlfiles import auditor_sql
 from labelstore.schemes import load_scheme
 from labelstore.store import Store
 
+# A pair "moves" when positions other than its usual one hold at least this share of its impressions.
+POSITION_MOVE_SHARE = 0.05
+# Below this share of impressions on moving pairs, position and product are hard to tell apart.
+MIN_MOVED_SHARE = 0.2
+# Flags beyond this multiple of the expected number of wrong labels (or below its inverse) are suspect.
+FLAG_RATE_TOLERANCE = 1.5
+
 
 @dataclass
 class AuditResult:
@@ -49,6 +56,8 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
         with store.connect() as con:
             attach_events(con, events_path)
             engagement = compute_engagement(con, scheme, settings)
+            moved_share = float(con.execute(auditor_sql("position_variation"),
+                                            {"min_share": POSITION_MOVE_SHARE}).fetchone()[0])
             llm_human = con.execute(auditor_sql("llm_human"), window).df()
             label_windows = con.execute(auditor_sql("label_windows"), window).df()
             retriever = con.execute(auditor_sql("retriever_scores")).df()
@@ -67,6 +76,7 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
             n_queued = queue_issues(con, run.run_id, issues, settings.queue_limit)
         summary = _summary(run.run_id, scheme, engagement, issues, label_drift, agreement, engagement_trend,
                            n_flags, n_queued, settings)
+        summary.update(evidence_checks(engagement.pair_metrics, summary["engagement_flags"], moved_share, settings))
         run.metrics.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k == "flags_by_kind"})
         run.metrics["drift_alarms"] = summary["drift_alarms"]
     return AuditResult(run.run_id, scheme, engagement, issues, label_drift, agreement, engagement_trend, summary)
@@ -99,6 +109,7 @@ def _summary(run_id: str, scheme: str, engagement: EngagementTables, issues: pd.
         "audited_pairs": audited,
         "flags": n_flags,
         "flagged_pairs": int(issues["pair_id"].nunique()) if not issues.empty else 0,
+        "engagement_flags": engagement_flags,
         "engagement_flagged_share": engagement_flags / audited if audited else 0.0,
         "flags_by_kind": issues["kind"].value_counts().to_dict() if not issues.empty else {},
         "queued": n_queued,
@@ -110,3 +121,35 @@ def _summary(run_id: str, scheme: str, engagement: EngagementTables, issues: pd.
         "llm_human_agreement": _records(agreement),
         "engagement_drift": _records(engagement_trend),
     }
+
+
+def evidence_checks(pair_metrics: pd.DataFrame, engagement_flags: int, moved_share: float,
+                    settings: AuditSettings) -> dict[str, Any]:
+    """What the analyst should know before trusting the flags.
+
+    expected_wrong_labels: the audit's own estimate of wrong labels among the audited pairs, the sum
+        of each pair's posterior probability that its label is wrong. A well-calibrated audit flags
+        about that many (fewer when the evidence is weak), so a flag count far above it, or far
+        below it with many expected, means the model does not fit this log.
+    position_moved_share: the share of (sampled) impressions on pairs shown at more than one position.
+    warnings: plain sentences, empty when nothing is off.
+    """
+    audited = engagement_evidence_mask(pair_metrics, settings) if not pair_metrics.empty else None
+    expected_wrong = 0.0
+    if audited is not None and audited.any():
+        expected_wrong = float((1.0 - pair_metrics.loc[audited, "label_posterior"].fillna(1.0)).sum())
+    warnings = []
+    if engagement_flags > FLAG_RATE_TOLERANCE * expected_wrong + 1:
+        warnings.append(f"{engagement_flags:,} engagement flags, but the audit expects about {expected_wrong:,.0f} "
+                        "wrong labels among the audited pairs: the engagement model does not fit this log well, "
+                        "so treat the flags as leads, not verdicts")
+    elif expected_wrong >= 10 and engagement_flags < expected_wrong / (2 * FLAG_RATE_TOLERANCE):
+        warnings.append(f"the audit expects about {expected_wrong:,.0f} wrong labels among the audited pairs but "
+                        f"only {engagement_flags:,} have evidence strong enough to flag: collect more traffic "
+                        "or relabel a sample")
+    if moved_share < MIN_MOVED_SHARE:
+        warnings.append(f"only {moved_share:.0%} of impressions are on pairs that appear at more than one position "
+                        "(no exploration traffic, a fixed ranker?): position bias is weakly identified, so the "
+                        "position curve, and the flags built on it, lean on the model's assumptions")
+    return {"expected_wrong_labels": round(expected_wrong, 1), "position_moved_share": round(moved_share, 4),
+            "warnings": warnings}

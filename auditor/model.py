@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import betaln, gammaln
 from sklearn.isotonic import isotonic_regression
 
 _TINY = 1e-9
+_MIN_RHO = 1e-4
 
 
 def fit_position_curve(pair_index: np.ndarray, position: np.ndarray, impressions: np.ndarray, clicks: np.ndarray,
@@ -50,6 +52,17 @@ def fit_position_curve(pair_index: np.ndarray, position: np.ndarray, impressions
     return positions, examination, float(mean_attractiveness)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """How much pairs of one grade differ. click_shape: shape (n_grades,), each grade's negative-binomial
+    shape of clicks (1 / squared coefficient of variation of attractiveness); cart_rho, buy_rho: the
+    beta-binomial intra-pair correlation of add-to-cart per click and purchase per add-to-cart."""
+
+    click_shape: np.ndarray
+    cart_rho: float = 0.0
+    buy_rho: float = 0.0
+
+
 @dataclass
 class GradeModel:
     """The fitted engagement model of each grade, and each pair's posterior over its true grade.
@@ -62,6 +75,7 @@ class GradeModel:
     posterior: shape (n_pairs, n_grades), P(true grade | engagement, label): the likelihood times the
         label's row of label_noise (a flat prior for unlabelled pairs).
     log_likelihood: shape (n_pairs, n_grades), after dividing by the dispersion.
+    spread: how much pairs of one grade differ (fitted, or from pair_variation).
     """
 
     grades: np.ndarray
@@ -73,6 +87,7 @@ class GradeModel:
     likelihood_posterior: np.ndarray
     posterior: np.ndarray
     pairs_per_grade: np.ndarray
+    spread: Spread
 
 
 def _monotone(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -80,34 +95,61 @@ def _monotone(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
-                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, shape: float, dispersion: float) -> np.ndarray:
+                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, spread: Spread, dispersion: float) -> np.ndarray:
     """Shape (n_pairs, n_grades): log P(clicks, carts, buys | grade), up to terms equal across grades.
 
-    Clicks: negative binomial with mean expected_clicks * coec[grade] and shape `shape` (a pair's
-    attractiveness varies around its grade's by a Gamma factor of variance 1 / shape); add-to-carts
-    given clicks and purchases given add-to-carts: binomial.
+    Clicks: negative binomial with mean expected_clicks * coec[grade] and shape spread.click_shape[grade]
+    (a pair's attractiveness varies around its grade's by a Gamma factor of variance 1 / shape), so
+    the evidence of one pair saturates however much traffic it gets. Add-to-carts given clicks and
+    purchases given add-to-carts: beta-binomial with the grade's rate and intra-pair correlation
+    spread.cart_rho / spread.buy_rho (binomial at 0).
     """
     coec = np.maximum(coec, _TINY)
     expected = np.maximum(expected, _TINY)
     c = clicks[:, None]
+    k = spread.click_shape[None, :]
     mean = expected[:, None] * coec[None, :]
-    clicks_ll = c * np.log(coec)[None, :] - (c + shape) * np.log(mean + shape)
-    atc = np.clip(atc, 1e-6, 1 - 1e-6)
-    buy = np.clip(buy, 1e-6, 1 - 1e-6)
-    counts = np.stack([carts, clicks - carts, buys, carts - buys], axis=1)
-    conversion_ll = counts @ np.stack([np.log(atc), np.log1p(-atc), np.log(buy), np.log1p(-buy)])
+    clicks_ll = gammaln(c + k) - gammaln(k) + k * np.log(k / (k + mean)) + c * np.log(mean / (k + mean))
+    conversion_ll = (_conversion_log_likelihood(carts, clicks, atc, spread.cart_rho)
+                     + _conversion_log_likelihood(buys, carts, buy, spread.buy_rho))
     return (clicks_ll + conversion_ll) / dispersion
 
 
-def _negative_binomial_shape(clicks: np.ndarray, expected: np.ndarray, coec: np.ndarray,
-                             responsibility: np.ndarray) -> float:
-    """Moment estimate of the click model's Gamma shape k: Var(clicks) = mean + mean^2 / k, pooled over
-    pairs and grades weighted by the posterior; 1 / k is kept within [0.05^2, 1]."""
+def _conversion_log_likelihood(successes: np.ndarray, trials: np.ndarray, rate: np.ndarray, rho: float) -> np.ndarray:
+    """Shape (n_pairs, n_grades): log P(successes | trials, rate[grade]) without the binomial coefficient;
+    beta-binomial with intra-pair correlation `rho` (binomial when rho is 0)."""
+    rate = np.clip(rate, 1e-6, 1 - 1e-6)[None, :]
+    x, n = successes[:, None], trials[:, None]
+    if rho <= _MIN_RHO:
+        return x * np.log(rate) + (n - x) * np.log1p(-rate)
+    alpha, beta = rate * (1 - rho) / rho, (1 - rate) * (1 - rho) / rho
+    return betaln(x + alpha, n - x + beta) - betaln(alpha, beta)
+
+
+def _negative_binomial_shapes(clicks: np.ndarray, expected: np.ndarray, coec: np.ndarray,
+                              responsibility: np.ndarray) -> np.ndarray:
+    """Moment estimates of each grade's Gamma shape k, shape (n_grades,): Var(clicks) = mean + mean^2 / k,
+    over the pairs weighted by their posterior on the grade, shrunk towards the pooled estimate by the
+    equivalent of 20 pairs; 1 / k is kept within [0.05^2, 4]."""
     mean = expected[:, None] * coec[None, :]
-    excess = float(np.sum(responsibility * ((clicks[:, None] - mean) ** 2 - mean)))
-    scale = float(np.sum(responsibility * mean ** 2))
-    inverse = np.clip(excess / max(scale, _TINY), 0.05 ** 2, 1.0)
-    return float(1.0 / inverse)
+    excess = np.sum(responsibility * ((clicks[:, None] - mean) ** 2 - mean), axis=0)
+    scale = np.sum(responsibility * mean ** 2, axis=0)
+    weight = responsibility.sum(axis=0)
+    pooled = excess.sum() / max(scale.sum(), _TINY)
+    prior = 20.0 * scale / np.maximum(weight, _TINY)
+    inverse = np.clip((excess + prior * pooled) / np.maximum(scale + prior, _TINY), 0.05 ** 2, 4.0)
+    return 1.0 / inverse
+
+
+def _beta_binomial_rho(successes: np.ndarray, trials: np.ndarray, rate: np.ndarray) -> float:
+    """Moment estimate of the intra-pair correlation of a rate, from Var(x) = n p (1 - p) (1 + (n - 1) rho)
+    with p each pair's expected rate (shape (n_pairs,)); pairs with fewer than 2 trials say nothing.
+    Kept within [0, 0.5]."""
+    used = trials >= 2
+    n, x, p = trials[used], successes[used], np.clip(rate[used], 1e-6, 1 - 1e-6)
+    excess = float(np.sum((x - n * p) ** 2 - n * p * (1 - p)))
+    scale = float(np.sum(n * (n - 1) * p * (1 - p)))
+    return float(np.clip(excess / scale, 0.0, 0.5)) if scale > 0 else 0.0
 
 
 def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
@@ -120,7 +162,9 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
         are the clicks an average pair gets at the positions this pair was shown (the position curve).
     label_grade: shape (n_pairs,), the current label's grade, or -1 for unlabelled pairs.
     The model: true grade t ~ label_noise[label, t]; clicks ~ NegBin(mean expected_clicks * coec[t],
-    shape 1 / pair_variation^2, or estimated from the log by moments when pair_variation <= 0); add-to-carts ~ Bin(clicks, atc[t]); purchases ~ Bin(add-to-carts, buy[t]);
+    shape 1 / pair_variation^2, or each grade's estimated from the log by moments when pair_variation <= 0);
+    add-to-carts ~ BetaBin(clicks, atc[t], rho) and purchases ~ BetaBin(add-to-carts, buy[t], rho), rho
+    estimated by moments (0, binomial, with a fixed pair_variation);
     log-likelihoods divided by `dispersion` (1: trust the model). EM starts from the labels
     (label_noise = label_trust on the diagonal), and each M-step pools the counts of every grade
     weighted by the posterior, then makes coec, atc and buy non-decreasing in grade (isotonic
@@ -141,21 +185,22 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
         fit = np.sort(np.random.default_rng(seed).choice(len(clicks), max_fit_pairs, replace=False))
     params = _fit_parameters(clicks[fit], expected[fit], carts[fit], buys[fit], label_row[fit], n_grades,
                              label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance)
-    coec, atc, buy, shape, noise = params
-    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
+    coec, atc, buy, spread, noise = params
+    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion)
     log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
     return GradeModel(grades=np.arange(n_grades), coec=coec, add_to_cart_rate=atc, purchase_rate=buy,
                       label_noise=noise, log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik),
-                      posterior=_normalise(log_lik + log_prior[label_row]), pairs_per_grade=pairs_per_grade)
+                      posterior=_normalise(log_lik + log_prior[label_row]), pairs_per_grade=pairs_per_grade,
+                      spread=spread)
 
 
 def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
                     label_row: np.ndarray, n_grades: int, label_trust: float, pair_variation: float,
                     dispersion: float, iterations: int, min_pairs_per_grade: int,
-                    tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
-    """The EM loop of `fit_grade_model`; returns (coec, atc, buy, shape, label_noise)."""
+                    tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, Spread, np.ndarray]:
+    """The EM loop of `fit_grade_model`; returns (coec, atc, buy, spread, label_noise)."""
     estimate_variation = pair_variation <= 0
-    shape = 1.0 / max(pair_variation, 1e-3) ** 2
+    spread = Spread(click_shape=np.full(n_grades, 1.0 / max(pair_variation, 1e-3) ** 2))
     pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
     off = (1.0 - label_trust) / max(n_grades - 1, 1)
     start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
@@ -173,8 +218,10 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         atc = _monotone((cart_sum + 10 * overall_atc) / (click_sum + 10), (click_sum + 10) * trusted)
         buy = _monotone((buy_sum + 10 * overall_buy) / (cart_sum + 10), (cart_sum + 10) * trusted)
         if estimate_variation:
-            shape = _negative_binomial_shape(clicks, expected, coec, responsibility)
-        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, shape, dispersion)
+            spread = Spread(click_shape=_negative_binomial_shapes(clicks, expected, coec, responsibility),
+                            cart_rho=_beta_binomial_rho(carts, clicks, responsibility @ atc),
+                            buy_rho=_beta_binomial_rho(buys, carts, responsibility @ buy))
+        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion)
         log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
         responsibility = _normalise(log_lik + log_prior[label_row])
         # P(true | label): the pooled posteriors of each label's pairs, smoothed towards the start
@@ -186,7 +233,7 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         parameters = updated
         if converged:
             break
-    return coec, atc, buy, shape, noise
+    return coec, atc, buy, spread, noise
 
 
 def _prior_rows(noise: np.ndarray) -> np.ndarray:

@@ -1,0 +1,86 @@
+"""The audit on logs it was not built around: a fixed ranker with no exploration, pairs of one grade
+that differ a lot in appeal under heavy traffic, and whether its posterior is calibrated."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from auditor.audit import evidence_checks, run_audit
+from auditor.flags import engagement_evidence_mask
+from auditor.settings import AuditSettings
+from auditor.simulate import SimulationParams, corrupt_grades, simulate_into_store, truth_from_store
+from labelstore.catalog import generate_catalog, write_catalog
+from labelstore.schemes import load_scheme
+from labelstore.store import LabelRecord, Store
+
+ESCI = load_scheme("esci")
+
+
+def _audit(path, rate: float, **simulation) -> tuple[pd.DataFrame, object]:
+    """Catalog labels with `rate` planted errors (70% to a neighbouring grade), engagement simulated
+    from the truth; returns (truth with a `wrong` column, the audit result)."""
+    store = Store(path)
+    write_catalog(store, generate_catalog(seed=1))
+    truth = truth_from_store(store, "esci")
+    noisy = corrupt_grades(truth["grade"].to_numpy(), ESCI.max_grade, rate=rate, neighbour_share=0.7, seed=1)
+    truth["wrong"] = noisy != truth["grade"].to_numpy()
+    if truth["wrong"].any():
+        store.add_labels([LabelRecord(pair, "esci", ESCI.label_for_grade(int(grade)), int(grade), "human", "planted")
+                          for pair, grade in zip(truth["pair_id"][truth["wrong"]], noisy[truth["wrong"]])])
+    simulate_into_store(store, truth, SimulationParams(seed=1, **simulation), ESCI.max_grade)
+    return truth, run_audit(store, "esci")
+
+
+def _audited(truth: pd.DataFrame, result) -> pd.DataFrame:
+    metrics = result.engagement.pair_metrics
+    audited = metrics[engagement_evidence_mask(metrics, AuditSettings())]
+    frame = audited.merge(truth[["pair_id", "wrong"]], on="pair_id")
+    frame["flagged"] = frame["pair_id"].isin(set(result.issues.loc[result.issues["kind"] == "engagement", "pair_id"]))
+    return frame
+
+
+def test_heavy_traffic_on_pairs_that_differ_in_appeal_does_not_create_flags(tmp_path):
+    """No label is wrong, every pair gets hundreds of impressions, and pairs of one grade differ a lot
+    (logit sd 1). A model that took every pair of a grade as equally attractive flagged 34 of 875."""
+    truth, result = _audit(tmp_path / "s.duckdb", rate=0.0, n_sessions=200_000, pair_noise=1.0)
+    frame = _audited(truth, result)
+    assert len(frame) > 0.9 * len(truth) and frame["impressions"].median() > 500
+    assert frame["flagged"].sum() <= 0.005 * len(frame)
+
+
+def test_fixed_ranker_without_exploration_keeps_the_flag_rate_near_the_planted_rate(tmp_path):
+    truth, result = _audit(tmp_path / "s.duckdb", rate=0.1, n_sessions=40_000, ranker="fixed", explore_rate=0.0)
+    frame = _audited(truth, result)
+    planted = frame["wrong"].sum()
+    assert planted > 30
+    assert frame["flagged"].sum() <= 1.5 * planted
+    precision = frame.loc[frame["flagged"], "wrong"].mean()
+    assert precision >= 0.6 and precision > frame["wrong"].mean()
+
+
+def test_the_posterior_that_a_label_is_wrong_is_calibrated(tmp_path):
+    """Among audited pairs, binned by the audit's P(label wrong), the share truly wrong matches the bin."""
+    truth, result = _audit(tmp_path / "s.duckdb", rate=0.1, n_sessions=40_000)
+    frame = _audited(truth, result)
+    score = 1.0 - frame["label_posterior"].to_numpy()
+    wrong = frame["wrong"].to_numpy()
+    bins = np.digitize(score, [0.1, 0.3, 0.5, 0.7, 0.9])
+    calibration_error = sum(abs(score[bins == b].mean() - wrong[bins == b].mean()) * (bins == b).sum()
+                            for b in np.unique(bins)) / len(score)
+    assert calibration_error < 0.05
+    # the expected number of wrong labels the report shows is close to the truth
+    assert abs(result.summary["expected_wrong_labels"] - wrong.sum()) <= 0.25 * wrong.sum()
+    confident = score >= 0.8
+    assert confident.sum() >= 20 and wrong[confident].mean() >= 0.75
+
+
+def test_flag_rate_guard_warns_when_flags_outrun_the_expected_wrong_labels():
+    metrics = pd.DataFrame({"impressions": [100] * 10, "expected_clicks": [10.0] * 10, "grade": [1] * 10,
+                            "implied_grade": [1] * 10, "label_posterior": [0.95] * 10})
+    quiet = evidence_checks(metrics, engagement_flags=1, moved_share=0.9, settings=AuditSettings())
+    assert quiet["expected_wrong_labels"] == pytest.approx(0.5) and quiet["warnings"] == []
+    noisy = evidence_checks(metrics, engagement_flags=6, moved_share=0.9, settings=AuditSettings())
+    assert len(noisy["warnings"]) == 1 and "expects about 1 wrong labels" in noisy["warnings"][0]
+    fixed = evidence_checks(metrics, engagement_flags=1, moved_share=0.05, settings=AuditSettings())
+    assert len(fixed["warnings"]) == 1 and "weakly identified" in fixed["warnings"][0]
