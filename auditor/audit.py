@@ -5,18 +5,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from auditor import drift
+from auditor.evidence import combined_posterior, labeler_matrix
 from auditor.flags import (
-    ISSUE_COLUMNS, engagement_evidence_mask, find_engagement_issues, find_llm_human_issues, find_retriever_issues,
-    write_flags,
+    ISSUE_COLUMNS, engagement_evidence_mask, find_combined_issues, find_engagement_issues, find_llm_human_issues,
+    find_retriever_issues, write_flags,
 )
 from auditor.metrics import EngagementTables, attach_events, compute_engagement
 from auditor.queue import queue_issues
 from auditor.settings import AuditSettings
 from auditor.sqlfiles import auditor_sql
-from labelstore.schemes import load_scheme
+from labelstore.schemes import LabelScheme, load_scheme
 from labelstore.store import Store
 
 # A pair "moves" when positions other than its usual one hold at least this share of its impressions.
@@ -61,8 +63,11 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
             llm_human = con.execute(auditor_sql("llm_human"), window).df()
             label_windows = con.execute(auditor_sql("label_windows"), window).df()
             retriever = con.execute(auditor_sql("retriever_scores")).df()
+            llm_probs = con.execute(auditor_sql("llm_probs"), {"scheme": scheme}).df()
+        add_combined_evidence(engagement, llm_probs, label_scheme)
         names = {label.grade: label.name for label in label_scheme.labels}
         found = [find_engagement_issues(engagement.pair_metrics, settings, names),
+                 find_combined_issues(engagement.pair_metrics, settings, names),
                  find_llm_human_issues(llm_human, settings),
                  find_retriever_issues(retriever, settings, label_scheme.max_grade)]
         found = [frame for frame in found if not frame.empty]
@@ -80,6 +85,36 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
         run.metrics.update({k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or k == "flags_by_kind"})
         run.metrics["drift_alarms"] = summary["drift_alarms"]
     return AuditResult(run.run_id, scheme, engagement, issues, label_drift, agreement, engagement_trend, summary)
+
+
+def add_combined_evidence(engagement: EngagementTables, llm_probs: pd.DataFrame, label_scheme: LabelScheme) -> None:
+    """Add combined_label_posterior and combined_grade to `engagement.pair_metrics` for pairs whose
+    current label a person gave (source human or import) and that also have LLM probabilities (an
+    LLM's own label is not evidence about itself).
+
+    llm_probs: one row per pair, pair_id and llm_probs ({label: p} JSON), from llm_probs.sql.
+    """
+    metrics = engagement.pair_metrics
+    n_grades = label_scheme.max_grade + 1
+    metrics["combined_label_posterior"] = np.nan
+    metrics["combined_grade"] = np.nan
+    if metrics.empty or llm_probs.empty:
+        return
+    joined = metrics[["pair_id", "grade", "label_source"]].merge(llm_probs, on="pair_id", how="left")
+    usable = (joined["llm_probs"].notna() & joined["label_source"].isin(["human", "import"]) & joined["grade"].notna()
+              & metrics["engagement_p0"].notna()).to_numpy()
+    if not usable.any():
+        return
+    labeler = labeler_matrix(joined.loc[usable, "llm_probs"], {l.name: l.grade for l in label_scheme.labels}, n_grades)
+    likelihood = metrics.loc[usable, [f"engagement_p{g}" for g in range(n_grades)]].to_numpy(float)
+    noise = engagement.grade_profile.set_index("grade").reindex(range(n_grades))[
+        [f"true_p{t}" for t in range(n_grades)]].to_numpy(float)
+    labels = metrics.loc[usable, "grade"].to_numpy(int)
+    known = ~np.isnan(labeler).any(axis=1)
+    posterior = combined_posterior(labels[known], labeler[known], likelihood[known], noise)
+    rows = np.flatnonzero(usable)[known]
+    metrics.loc[metrics.index[rows], "combined_label_posterior"] = posterior[np.arange(len(rows)), labels[known]]
+    metrics.loc[metrics.index[rows], "combined_grade"] = posterior.argmax(axis=1)
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@ each `find_*_issues` takes a frame of per-pair evidence and returns a frame of i
 flagged pair, with columns
 
     pair_id   the disputed pair
-    kind      'engagement' | 'llm_vs_human' | 'retriever'
+    kind      'engagement' | 'combined' | 'llm_vs_human' | 'retriever'
     reason    one sentence an analyst can read
     score     how strongly the evidence disagrees (higher: stronger)
     priority  expected impact of fixing it: impressions x disagreement (engagement), else the score
@@ -82,6 +82,39 @@ def find_engagement_issues(pair_metrics: pd.DataFrame, settings: AuditSettings,
         rows.append({"pair_id": row.pair_id, "kind": "engagement", "reason": reason,
                      "score": float(row.log_likelihood_ratio), "priority": float(row.impressions) * gap,
                      "evidence": evidence})
+    return pd.DataFrame(rows, columns=ISSUE_COLUMNS) if rows else _empty()
+
+
+def find_combined_issues(pair_metrics: pd.DataFrame, settings: AuditSettings,
+                         label_names: dict[int, str] | None = None) -> pd.DataFrame:
+    """Human labels that engagement and the LLM, weighed together, dispute.
+
+    pair_metrics: as for `find_engagement_issues`, plus combined_label_posterior and combined_grade
+        (`auditor.evidence.combined_posterior`, NaN where a pair has no LLM probabilities).
+    Flags a pair with enough engagement evidence whose combined posterior of its label is at most
+    max_label_posterior. score: 1 - that posterior (the probability the label is wrong);
+    priority: impressions x score.
+    """
+    if pair_metrics.empty or "combined_label_posterior" not in pair_metrics:
+        return _empty()
+    m = pair_metrics
+    mask = (engagement_evidence_mask(m, settings)
+            & (m["combined_label_posterior"].fillna(1.0) <= settings.max_label_posterior).to_numpy())
+    names = label_names or {}
+    rows = []
+    for row in m[mask].itertuples(index=False):
+        wrong = 1.0 - float(row.combined_label_posterior)
+        likely = names.get(int(row.combined_grade), f"grade {int(row.combined_grade)}")
+        rows.append({
+            "pair_id": row.pair_id, "kind": "combined", "score": wrong, "priority": float(row.impressions) * wrong,
+            "reason": (f"labelled '{row.label}', but engagement over {int(row.impressions)} impressions and the "
+                       f"LLM together say '{likely}': P(label wrong) = {wrong:.2f}"),
+            "evidence": {"label": row.label, "grade": int(row.grade), "combined_grade": int(row.combined_grade),
+                         "combined_label_posterior": _number(row.combined_label_posterior, 5),
+                         "engagement_label_posterior": _number(row.label_posterior, 5),
+                         "impressions": int(row.impressions), "coec": _number(row.coec),
+                         "simulated": bool(row.simulated)},
+        })
     return pd.DataFrame(rows, columns=ISSUE_COLUMNS) if rows else _empty()
 
 

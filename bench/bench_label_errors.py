@@ -32,6 +32,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from sklearn.model_selection import cross_val_predict
 
 from auditor.audit import run_audit
+from auditor.evidence import combined_posterior
 from auditor.flags import engagement_evidence_mask
 from auditor.queue import open_queue
 from auditor.settings import AuditSettings
@@ -126,16 +127,6 @@ def temperature_scaled(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
     fit = minimize_scalar(lambda t: -np.log(scaled(t)[rows, labels] + 1e-12).mean(), bounds=(0.2, 10.0), method="bounded")
     return scaled(float(fit.x))
-
-
-def combined_posterior(labels: np.ndarray, labeler: np.ndarray, likelihood: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """P(true grade | label, text, engagement), shape (n_pairs, n_grades), by Bayes' rule with the
-    three pieces of evidence taken as independent given the true grade:
-    P(t | text) from the labeler's out-of-sample probabilities, P(engagement | t) (the likelihood),
-    and P(label | t), proportional to noise[label, t] / P(t) (P(t): the mean labeler probability)."""
-    base = labeler.mean(axis=0)
-    joint = labeler * likelihood * noise[labels] / np.maximum(base, 1e-9)
-    return joint / joint.sum(axis=1, keepdims=True)
 
 
 def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> dict:

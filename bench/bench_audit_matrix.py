@@ -1,0 +1,185 @@
+"""The audit under click behaviour it was not built for: a matrix of simulated logs.
+
+    python -m bench.bench_audit_matrix [--quick] [--only crowdflower]
+
+For Home Depot (graded3) and CrowdFlower (graded4) in ../shared/data, with 10% planted label errors
+(70% to a neighbouring grade), every cell simulates a log from the TRUE grades with one click model
+(pbm, cascade, dbn, ubm), one ranker (per-session noise, or a fixed production ranker) and an
+exploration share (0 or 2%), products of one grade differing in appeal (pair_noise 0.5), and runs:
+the audit (`mnr audit` on the log read in place); the oracle (Bayes' rule with the simulator's true
+examination probabilities, `bench.audit_oracle`); cleanlab on the same labeler probabilities as
+bench_label_errors; both signals combined; and one audit -> relabel cycle. Every engagement figure
+is SIMULATED. Writes bench/results/audit_matrix.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from cleanlab.filter import find_label_issues
+
+from auditor.audit import run_audit
+from auditor.evidence import combined_posterior
+from auditor.flags import engagement_evidence_mask
+from auditor.queue import open_queue
+from auditor.settings import AuditSettings
+from auditor.simulate import CLICK_MODELS, SimulationParams, corrupt_grades, simulate_to_parquet, truth_from_store
+from bench.audit_oracle import corruption_matrix, oracle_wrong_probability
+from bench.bench_label_errors import (
+    CORRUPTION_RATE, DATASETS, _engagement_evidence, _labeler_probs, _scores, _subsample, temperature_scaled,
+)
+from labelstore.ingest import ingest_file
+from labelstore.paths import shared_data_dir
+from labelstore.schemes import load_scheme
+from labelstore.store import LabelRecord, Store
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NEIGHBOUR_SHARE = 0.7
+PAIR_NOISE = 0.5
+RANKERS = ("noisy", "fixed")
+EXPLORE_RATES = (0.0, 0.02)
+SESSIONS = {"homedepot": (3_000_000, 600_000), "crowdflower": (600_000, 300_000)}
+
+
+def calibration_error(score: np.ndarray, wrong: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of P(label wrong) against the truth, equal-width bins."""
+    index = np.minimum((score * bins).astype(int), bins - 1)
+    return float(sum(abs(score[index == b].mean() - wrong[index == b].mean()) * (index == b).sum()
+                     for b in np.unique(index)) / max(len(score), 1))
+
+
+def _oracle_counts(events: Path, truth: pd.DataFrame) -> pd.DataFrame:
+    with duckdb.connect() as con:
+        counts = con.execute(
+            "SELECT pair_id, coalesce(sum(true_examination), 0) AS exposure, "
+            "count(*) FILTER (WHERE event_type = 'click') AS clicks, "
+            "count(*) FILTER (WHERE event_type = 'add_to_cart') AS carts, "
+            "count(*) FILTER (WHERE event_type = 'purchase') AS buys FROM read_parquet(?) GROUP BY pair_id",
+            [str(events)]).df()
+    return truth[["pair_id"]].merge(counts, on="pair_id", how="left").fillna(0)
+
+
+def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.ndarray, labeler: np.ndarray,
+             scheme_name: str, params: SimulationParams, settings: AuditSettings) -> dict:
+    scheme = load_scheme(scheme_name)
+    n_grades = scheme.max_grade + 1
+    wrong = noisy != truth["grade"].to_numpy()
+    store_path, events = workdir / "cell.duckdb", workdir / "events.parquet"
+    shutil.copy(base_store, store_path)
+    store = Store(store_path)
+    timings = {}
+    started = time.perf_counter()
+    n_events = simulate_to_parquet(truth[["pair_id", "query_id", "query_text", "product_id", "dataset", "grade"]],
+                                   params, scheme.max_grade, events, with_truth=True)
+    timings["simulate_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    result = run_audit(store, scheme_name, settings, events)
+    timings["audit_s"] = time.perf_counter() - started
+    metrics = truth[["pair_id"]].merge(result.engagement.pair_metrics, on="pair_id", how="left")
+    audited = np.zeros(len(truth), bool)
+    known = (metrics["grade"].notna() & metrics["implied_grade"].notna()).to_numpy()
+    audited[known] = engagement_evidence_mask(metrics[known], settings)
+    flagged = truth["pair_id"].isin(set(result.issues.loc[result.issues["kind"] == "engagement", "pair_id"])).to_numpy()
+    score = 1.0 - metrics["label_posterior"].fillna(1.0).to_numpy()
+
+    counts = _oracle_counts(events, truth)
+    prior = np.bincount(truth["grade"], minlength=n_grades) / len(truth)
+    oracle_score = oracle_wrong_probability(noisy, counts["exposure"].to_numpy(float), counts["clicks"].to_numpy(float),
+                                            counts["carts"].to_numpy(float), counts["buys"].to_numpy(float), params,
+                                            scheme.max_grade, prior, corruption_matrix(scheme.max_grade, CORRUPTION_RATE,
+                                                                                       NEIGHBOUR_SHARE))
+    oracle_flags = oracle_score > 0.5
+
+    likelihood, _, noise = _engagement_evidence(result, truth, settings, n_grades)
+    combined = combined_posterior(noisy, temperature_scaled(labeler, noisy), likelihood, noise)
+    combined_flags = combined[np.arange(len(noisy)), noisy] <= settings.max_label_posterior
+
+    # one audit -> relabel cycle: the queued pairs take the combined posterior's most likely grade
+    queue = set(open_queue(store, limit=len(truth))["pair_id"])
+    queued = truth["pair_id"].isin(queue).to_numpy()
+    relabelled = np.where(queued, combined.argmax(axis=1), noisy)
+    true_grade = truth["grade"].to_numpy()
+    return {
+        "click_model": params.click_model, "ranker": params.ranker, "explore_rate": params.explore_rate,
+        "events": int(n_events), "audited_pairs": int(audited.sum()),
+        "true_error_share_audited": round(float(wrong[audited].mean()) if audited.any() else 0.0, 4),
+        "flagged_share_audited": round(float(flagged[audited].mean()) if audited.any() else 0.0, 4),
+        "audit": _scores(flagged[audited], wrong[audited]),
+        "audit_calibration_error": round(calibration_error(score[audited], wrong[audited]), 4),
+        "expected_wrong_labels": result.summary["expected_wrong_labels"], "warnings": result.summary["warnings"],
+        "oracle": _scores(oracle_flags[audited], wrong[audited]),
+        "oracle_all_pairs": _scores(oracle_flags, wrong),
+        "cleanlab": _scores(find_label_issues(noisy, labeler)[audited], wrong[audited]),
+        "combined": _scores(combined_flags[audited], wrong[audited]),
+        "relabel_cycle": {"queued": int(queued.sum()), "errors_before": int(wrong.sum()),
+                          "errors_fixed": int((wrong & (relabelled == true_grade)).sum()),
+                          "errors_introduced": int((~wrong & (relabelled != true_grade)).sum()),
+                          "error_share_after": round(float((relabelled != true_grade).mean()), 4)},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
+                sessions: int | None = None) -> list[dict]:
+    file, preset, scheme_name, _, _, keep_quick = DATASETS[name]
+    scheme = load_scheme(scheme_name)
+    sessions = sessions or SESSIONS[name][1 if quick else 0]
+    cells = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        source = _subsample(shared_data_dir() / file, keep_quick if quick else None, seed, workdir)
+        base = workdir / "base.duckdb"
+        store = Store(base)
+        ingest_file(store, source, preset=preset)
+        truth = truth_from_store(store, scheme_name)
+        noisy = corrupt_grades(truth["grade"].to_numpy(), scheme.max_grade, CORRUPTION_RATE,
+                               neighbour_share=NEIGHBOUR_SHARE, seed=seed)
+        changed = noisy != truth["grade"].to_numpy()
+        store.add_labels([LabelRecord(p, scheme_name, scheme.label_for_grade(int(g)), int(g), "human", "bench:corrupted")
+                          for p, g in zip(truth["pair_id"][changed], noisy[changed])])
+        labeler = _labeler_probs(store, truth, noisy, scheme.max_grade + 1, seed)
+        for click_model, ranker, explore in itertools.product(CLICK_MODELS, RANKERS, EXPLORE_RATES):
+            params = SimulationParams(n_sessions=sessions, seed=seed, click_model=click_model, ranker=ranker,
+                                      explore_rate=explore, pair_noise=PAIR_NOISE)
+            cell = run_cell(base, workdir, truth, noisy, labeler, scheme_name, params, settings)
+            cell["dataset"] = name
+            print(json.dumps({k: cell[k] for k in ("dataset", "click_model", "ranker", "explore_rate", "audit", "oracle",
+                                                   "combined", "cleanlab")}), flush=True)
+            cells.append(cell)
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sessions; Home Depot subsampled")
+    parser.add_argument("--only", default=None, help="one dataset: homedepot or crowdflower")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sessions", type=int, default=None, help="sessions per cell (default: per dataset)")
+    args = parser.parse_args()
+    out: dict = {"name": "audit_matrix", "command": "python -m bench.bench_audit_matrix" + (" --quick" if args.quick else "")
+                 + (f" --sessions {args.sessions}" if args.sessions else ""),
+                 "quick": args.quick, "device": "cpu, 2 cores", "simulated": True, "figures": []}
+    if shared_data_dir() is None:
+        out["skipped"] = "../shared/data is absent"
+    else:
+        settings = AuditSettings(queue_limit=10**9)
+        names = [args.only] if args.only else list(DATASETS)
+        out["cells"] = [cell for name in names for cell in run_dataset(name, args.quick, args.seed, settings, args.sessions)]
+        for cell in out["cells"]:
+            where = f"{cell['dataset']} {cell['click_model']}/{cell['ranker']}/explore {cell['explore_rate']}"
+            out["figures"].append({"name": f"{where}: audit F1 (simulated)", "value": cell["audit"]["f1"], "unit": "F1",
+                                   "target": ">= 0.8 x oracle", "anchor": f"oracle {cell['oracle']['f1']}"})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "audit_matrix.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
