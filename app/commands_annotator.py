@@ -9,6 +9,7 @@ from rich.table import Table
 
 from app.context import console, err_console, open_store
 from labelstore.config import section
+from labelstore.runtime import apply_engine_env_defaults
 
 models_app = typer.Typer(help="Labeler models available without hub access.", no_args_is_help=True)
 
@@ -21,9 +22,7 @@ def _setting(value, key: str, default):
 def _backend_options(backend: str, endpoints: list[str], strategy: str, max_concurrency: int,
                      dtype: str) -> dict:
     """Options for `annotator.labeler.make_backend` from the command line; sets the offline/CPU env defaults."""
-    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    apply_engine_env_defaults()
     if backend == "openai":
         urls = endpoints or section("annotator").get("endpoints", ["http://127.0.0.1:8000/v1"])
         return {"endpoints": urls, "strategy": strategy, "max_concurrency": max_concurrency}

@@ -15,8 +15,8 @@ from auditor.flags import (
 from auditor.metrics import EngagementTables, attach_events, compute_engagement
 from auditor.queue import queue_issues
 from auditor.settings import AuditSettings
-from auditor.sqlfiles import auditor_sql
 from labelstore.schemes import load_scheme
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 
@@ -49,9 +49,9 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
         with store.connect() as con:
             attach_events(con, events_path)
             engagement = compute_engagement(con, scheme, settings)
-            llm_human = con.execute(auditor_sql("llm_human"), window).df()
-            label_windows = con.execute(auditor_sql("label_windows"), window).df()
-            retriever = con.execute(auditor_sql("retriever_scores")).df()
+            llm_human = con.execute(sql("auditor", "llm_human"), window).df()
+            label_windows = con.execute(sql("auditor", "label_windows"), window).df()
+            retriever = con.execute(sql("auditor", "retriever_scores")).df()
         names = {label.grade: label.name for label in label_scheme.labels}
         found = [find_engagement_issues(engagement.pair_metrics, settings, names),
                  find_llm_human_issues(llm_human, settings),

@@ -38,9 +38,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from auditor.sqlfiles import auditor_sql, install_macros
+from auditor.macros import install_macros
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 TRUTH_COLUMNS = ["pair_id", "query_id", "query_text", "product_id", "dataset", "grade"]
@@ -148,7 +149,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
         "drift_at": params.drift_at, "page_size": params.page_size, "batch_id": batch_id,
         "page_continue": params.page_continue, "max_pages": params.max_pages, "explore_rate": params.explore_rate,
     }
-    return auditor_sql("simulate_events"), values
+    return sql("auditor", "simulate_events"), values
 
 
 def simulate_events(truth: pd.DataFrame, params: SimulationParams, max_grade: int) -> pd.DataFrame:
@@ -157,8 +158,8 @@ def simulate_events(truth: pd.DataFrame, params: SimulationParams, max_grade: in
     truth: one row per pair with TRUTH_COLUMNS; `grade` is the true grade, 0..max_grade.
     """
     with duckdb.connect() as con:
-        sql, values = _prepare(con, truth, params, max_grade)
-        return con.execute(sql + " ORDER BY ts, session_id, position, event_type", values).df()
+        query, values = _prepare(con, truth, params, max_grade)
+        return con.execute(query + " ORDER BY ts, session_id, position, event_type", values).df()
 
 
 def simulate_to_parquet(truth: pd.DataFrame, params: SimulationParams, max_grade: int, out: str | Path,
@@ -171,23 +172,23 @@ def simulate_to_parquet(truth: pd.DataFrame, params: SimulationParams, max_grade
     with duckdb.connect() as con:
         if threads:
             con.execute(f"SET threads = {int(threads)}")
-        sql, values = _prepare(con, truth, params, max_grade)
+        query, values = _prepare(con, truth, params, max_grade)
         options = "(FORMAT parquet)" if out.suffix == ".parquet" else "(FORMAT parquet, PER_THREAD_OUTPUT true, OVERWRITE_OR_IGNORE true)"
         if out.suffix == ".parquet":
             out.parent.mkdir(parents=True, exist_ok=True)
         # `options` is one of two fixed strings; the path and every value are bound.
-        rows = con.execute(f"COPY ({sql}) TO $out {options}", {**values, "out": str(out)}).fetchall()
+        rows = con.execute(f"COPY ({query}) TO $out {options}", {**values, "out": str(out)}).fetchall()
         return int(rows[0][0]) if rows else 0
 
 
 def simulate_into_store(store: Store, truth: pd.DataFrame, params: SimulationParams, max_grade: int) -> int:
     """Append the simulated log to `engagement_events`; the same parameters and truth add nothing twice."""
     with store.transaction() as con:
-        sql, values = _prepare(con, truth, params, max_grade)
+        query, values = _prepare(con, truth, params, max_grade)
         if con.execute("SELECT count(*) FROM engagement_events WHERE batch_id = ?", [values["batch_id"]]).fetchone()[0]:
             return 0
         columns = ", ".join(EVENT_COLUMNS)
-        con.execute(f"INSERT INTO engagement_events ({columns}) SELECT {columns} FROM ({sql})", values)
+        con.execute(f"INSERT INTO engagement_events ({columns}) SELECT {columns} FROM ({query})", values)
         return int(con.execute("SELECT count(*) FROM engagement_events WHERE batch_id = ?", [values["batch_id"]]).fetchone()[0])
 
 

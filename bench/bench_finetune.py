@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from labelstore.runtime import apply_engine_env_defaults
+
+apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
