@@ -24,9 +24,8 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from annotator import sql
-from annotator.labeler import Labeler, adapter_tag, check_adapter
-from annotator.prompts import EmptyProductTextError, PairText, Policy, load_policy
-from labelstore.config import section
+from annotator.labeler import Adapter, Labeler, adapter_tag, check_adapter
+from annotator.prompts import EmptyProductTextError, PairText, Policy, load_prompt_policy
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
 from labelstore.store import LabelRecord, Store, new_run_id
@@ -42,7 +41,10 @@ class SelectionError(MnrError):
 
 @dataclass
 class LabelJob:
-    """What to label and how. `backend_options` go to the backend (endpoints, dtype, ...)."""
+    """What to label and how. `backend_options` go to the backend (endpoints, dtype, ...).
+
+    Labels with confidence below `review_threshold` are marked for human review; the caller reads it
+    from its config (`mnr label`: mnr.toml [annotator]; the loop: its config file)."""
 
     model: str
     policy: str = "esci"
@@ -54,7 +56,7 @@ class LabelJob:
     query_file: str | None = None
     mining_run: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    review_threshold: float | None = None
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     backend_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,12 +71,6 @@ class LabelJobResult:
     needs_review: int
     pairs_per_s: float
     author: str
-
-
-def review_threshold(job: LabelJob) -> float:
-    if job.review_threshold is not None:
-        return job.review_threshold
-    return float(section("annotator").get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
 
 
 def read_query_file(path: str | None) -> list[str]:
@@ -94,9 +90,8 @@ def read_query_file(path: str | None) -> list[str]:
     return queries
 
 
-def fingerprint(job: LabelJob, policy: Policy) -> str:
+def fingerprint(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
     """Same selection + policy version + model + adapter weights + backend -> same fingerprint."""
-    adapter = check_adapter(job.adapter) if job.adapter else None
     queries = read_query_file(job.query_file) if job.select == "query-file" else None
     key = {"select": job.select, "limit": job.limit, "dataset": job.dataset, "queries": queries,
            "mining_run": job.mining_run, "policy": policy.name, "policy_version": policy.version,
@@ -172,9 +167,10 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     `labeler` reuses an already built `Labeler` (its policy must be `job.policy`); otherwise one is
     built from the job. `on_chunk(run_id, n_done)` is called after each written chunk.
     """
-    policy = labeler.policy if labeler is not None else load_policy(job.policy)
-    threshold = review_threshold(job)
-    job_fingerprint = fingerprint(job, policy)
+    policy = labeler.policy if labeler is not None else load_prompt_policy(job.policy)
+    threshold = job.review_threshold
+    adapter = check_adapter(job.adapter) if job.adapter else None
+    job_fingerprint = fingerprint(job, policy, adapter)
     run_id = run_id or (None if new_run else store.scalar(sql.FIND_RESUMABLE_RUN, {"fingerprint": job_fingerprint}))
     resumed = run_id is not None and bool(store.fetchall(sql.LABEL_RUN_INFO, {"run_id": run_id}))
     if run_id is not None and not resumed:
@@ -184,7 +180,7 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
         selection = pair_texts(select_pairs(store, job, policy))
         validate_pairs(policy, selection)
     if labeler is None:
-        labeler = Labeler(job.model, policy, backend=job.backend, adapter=job.adapter, **job.backend_options)
+        labeler = Labeler(job.model, policy, backend=job.backend, adapter=adapter, **job.backend_options)
     if resumed:
         info = store.df(sql.LABEL_RUN_INFO, {"run_id": run_id}).iloc[0]
         if info["author"] != labeler.author:

@@ -37,7 +37,7 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, ada
         "--enable-prefix-caching", "--block-size", str(PREFIX_BLOCK_SIZE), "--enforce-eager", "--disable-uvicorn-access-log",
     ]
     if adapter is not None:
-        path = check_adapter(adapter)
+        path = check_adapter(adapter).path
         command += ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(adapter_rank(path)),
                     "--lora-modules", f"{path.name}={path}"]
     return command + list(extra_args or [])

@@ -54,14 +54,15 @@ def label(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
-    from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
+    from annotator.batch import DEFAULT_CHUNK_SIZE, DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
 
     backend = _setting(backend, "backend", "vllm")
     options = _backend_options(backend, endpoint, strategy, max_concurrency, dtype)
     job = LabelJob(model=_setting(model, "model", "smollm2"), policy=_setting(policy, "policy", "esci"), select=select,
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
-                   review_threshold=review_threshold, backend_options=options)
+                   review_threshold=float(_setting(review_threshold, "review_threshold", DEFAULT_REVIEW_THRESHOLD)),
+                   backend_options=options)
     result = run_label_job(open_store(), job, run_id=run_id, new_run=new_run, progress=not quiet)
     verb = "resumed" if result.resumed else "run"
     console.print(f"[bold]{verb}[/] {result.run_id}: {result.n_labelled_now} labelled now, "
