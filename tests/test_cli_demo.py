@@ -1,4 +1,5 @@
-"""The CLI boundary: `--store` on every subcommand, and the demo summary's degenerate-labeler warning."""
+"""The CLI boundary: `--store` on every subcommand, settings from the loop's own config, and the demo
+summary's degenerate-labeler warning."""
 from __future__ import annotations
 
 import subprocess
@@ -40,3 +41,27 @@ def test_a_balanced_labeler_gets_the_distribution_without_a_warning() -> None:
     print_relabel_summary({"relabel": {"label_counts": {"Exact": 50, "Irrelevant": 50}}}, console)
     text = console.export_text()
     assert "50%" in text and "degenerate" not in text
+
+
+def test_a_step_reads_the_sections_it_declares_from_the_loops_own_config(tmp_path: Path) -> None:
+    import pytest
+
+    from app.loop import LoopConfig, Step, run_loop
+    from labelstore.store import Store
+
+    config_path = tmp_path / "other.toml"
+    config_path.write_text('[loop]\nworkspace = "ws"\n[annotator]\nreview_threshold = 0.3\n', encoding="utf-8")
+    seen: dict = {}
+
+    def reads_annotator(ctx) -> dict:
+        seen.update(ctx.section("annotator"))
+        return {}
+
+    def reads_undeclared(ctx) -> dict:
+        return ctx.section("trigger")
+
+    store = Store(tmp_path / "s.duckdb")
+    steps = [Step("one", reads_annotator, sections=("annotator",)), Step("two", reads_undeclared)]
+    with pytest.raises(Exception, match="reads \\[trigger\\] without declaring it"):
+        run_loop(store, LoopConfig.from_file(config_path), steps=steps, log=lambda _line: None)
+    assert seen == {"review_threshold": 0.3}
