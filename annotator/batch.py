@@ -25,9 +25,8 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from annotator import sql
-from annotator.labeler import Labeler, adapter_tag, check_adapter
-from annotator.prompts import EmptyProductTextError, PairText, Policy, load_policy
-from labelstore.config import section
+from annotator.labeler import Adapter, Labeler, adapter_tag, check_adapter
+from annotator.prompts import EmptyProductTextError, PairText, Policy, load_prompt_policy
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
 from labelstore.schemes import LabelScheme
@@ -44,7 +43,10 @@ class SelectionError(MnrError):
 
 @dataclass
 class LabelJob:
-    """What to label and how. `backend_options` go to the backend (endpoints, dtype, ...)."""
+    """What to label and how. `backend_options` go to the backend (endpoints, dtype, ...).
+
+    Labels with confidence below `review_threshold` are marked for human review; the caller reads it
+    from its config (`mnr label`: mnr.toml [annotator]; the loop: its config file)."""
 
     model: str
     policy: str = "esci"
@@ -56,7 +58,7 @@ class LabelJob:
     query_file: str | None = None
     mining_run: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    review_threshold: float | None = None
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     backend_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,12 +73,6 @@ class LabelJobResult:
     needs_review: int
     pairs_per_s: float
     author: str
-
-
-def review_threshold(job: LabelJob) -> float:
-    if job.review_threshold is not None:
-        return job.review_threshold
-    return float(section("annotator").get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
 
 
 def read_query_file(path: str | None) -> list[str]:
@@ -96,9 +92,8 @@ def read_query_file(path: str | None) -> list[str]:
     return queries
 
 
-def fingerprint(job: LabelJob, policy: Policy) -> str:
+def fingerprint(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
     """Same selection + policy version + model + adapter weights + backend -> same fingerprint."""
-    adapter = check_adapter(job.adapter) if job.adapter else None
     queries = read_query_file(job.query_file) if job.select == "query-file" else None
     key = {"select": job.select, "limit": job.limit, "dataset": job.dataset, "queries": queries,
            "mining_run": job.mining_run, "policy": policy.name, "policy_version": policy.version,
@@ -176,11 +171,11 @@ class RunPlan:
     selection: list[PairText]
 
 
-def plan_run(store: Store, job: LabelJob, policy: Policy, *, run_id: str | None = None,
+def plan_run(store: Store, job: LabelJob, policy: Policy, adapter: Adapter | None, *, run_id: str | None = None,
              new_run: bool = False) -> RunPlan:
     """Find the run to resume (`run_id`, else the unfinished run of the same job unless `new_run`), or select
     and validate the pairs of a new one. Writes nothing."""
-    job_fingerprint = fingerprint(job, policy)
+    job_fingerprint = fingerprint(job, policy, adapter)
     run_id = run_id or (None if new_run else store.scalar(sql.FIND_RESUMABLE_RUN, {"fingerprint": job_fingerprint}))
     resumed = run_id is not None and bool(store.fetchall(sql.LABEL_RUN_INFO, {"run_id": run_id}))
     if run_id is not None and not resumed:
@@ -241,16 +236,16 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     `labeler` reuses an already built `Labeler` (its policy must be `job.policy`); otherwise one is
     built from the job. `on_chunk(run_id, n_done)` is called after each written chunk.
     """
-    policy = labeler.policy if labeler is not None else load_policy(job.policy)
-    threshold = review_threshold(job)
-    plan = plan_run(store, job, policy, run_id=run_id, new_run=new_run)
+    policy = labeler.policy if labeler is not None else load_prompt_policy(job.policy)
+    adapter = check_adapter(job.adapter) if job.adapter else None
+    plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     if labeler is None:
-        labeler = Labeler(job.model, policy, backend=job.backend, adapter=job.adapter, **job.backend_options)
+        labeler = Labeler(job.model, policy, backend=job.backend, adapter=adapter, **job.backend_options)
     run_id = open_run(store, job, policy, plan, labeler.author)
     pending = pair_texts(pending_pairs(store, run_id))
     n_selected = selected_count(store, run_id)
     with failing_run(store, run_id, n_selected, len(pending)):
-        labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, threshold, job.chunk_size,
+        labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, job.review_threshold, job.chunk_size,
                                               n_selected, progress, on_chunk)
     return finish_label_run(store, run_id, resumed=plan.resumed, labelled_now=labelled_now, seconds=seconds,
                             author=labeler.author)

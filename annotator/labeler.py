@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
 from annotator.models import resolve_model
-from annotator.prompts import PairText, Policy, load_policy
+from annotator.prompts import PairText, Policy, load_prompt_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
@@ -83,21 +84,30 @@ def read_adapter_meta(adapter: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: not valid JSON: {exc}") from exc
 
 
-def check_adapter(adapter: str) -> Path:
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter folder that `check_adapter` accepted: passed on, it is not checked again."""
+
+    path: Path
+
+
+def check_adapter(adapter: str | Path | Adapter) -> Adapter:
+    if isinstance(adapter, Adapter):
+        return adapter
     path = Path(adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise AdapterError(f"adapter {adapter}: no adapter_config.json there; pass a folder written by "
                            "PEFT save_pretrained (e.g. by `mnr finetune`)")
-    return path.resolve()
+    return Adapter(path.resolve())
 
 
-def adapter_tag(adapter: Path | None) -> str:
+def adapter_tag(adapter: Adapter | None) -> str:
     """`<folder name>-<weights hash>` so a retrained adapter of the same name is told apart."""
     if adapter is None:
         return "base"
-    weights = sorted(adapter.glob("adapter_model.*"))
+    weights = sorted(adapter.path.glob("adapter_model.*"))
     digest = file_hash(str(weights[0]))[:8] if weights else "noweights"
-    return f"{adapter.name}-{digest}"
+    return f"{adapter.path.name}-{digest}"
 
 
 def make_backend(name: str, model: str, adapter: str | None, **options: Any) -> Backend:
@@ -116,19 +126,19 @@ def make_backend(name: str, model: str, adapter: str | None, **options: Any) -> 
     raise MnrError(f"unknown backend '{name}' (use one of: {', '.join(BACKENDS)})")
 
 
-def load_backend(model: str, backend: str = "vllm", adapter: str | None = None,
+def load_backend(model: str, backend: str = "vllm", adapter: str | Adapter | None = None,
                  **backend_options: Any) -> tuple[Backend, str]:
     """The `backend` engine for `model` (a pulled name, HF folder or cached hub id; for `openai` the
     served name) with an optional LoRA `adapter` folder, and its tag `<model>+<adapter>` for authorship."""
     if backend not in BACKENDS:
         raise MnrError(f"unknown backend '{backend}' (use one of: {', '.join(BACKENDS)})")
-    adapter_path = check_adapter(adapter) if adapter is not None else None
+    checked = check_adapter(adapter) if adapter is not None else None
     engine_model = model if backend == "openai" else resolve_model(model)
-    engine = make_backend(backend, engine_model, str(adapter_path) if adapter_path else None, **backend_options)
-    return engine, model_tag(model, adapter_path)
+    engine = make_backend(backend, engine_model, str(checked.path) if checked else None, **backend_options)
+    return engine, model_tag(model, checked)
 
 
-def model_tag(model: str, adapter: Path | None) -> str:
+def model_tag(model: str, adapter: Adapter | None) -> str:
     """`<model>+<adapter tag>`: the model half of a labeler's author, known without loading the model."""
     return f"{_model_tag(model)}+{adapter_tag(adapter)}"
 
@@ -153,19 +163,20 @@ class Labeler:
     """
 
     def __init__(self, model: str, policy: str | Policy = "esci", backend: str = "vllm",
-                 adapter: str | None = None, *, allow_policy_mismatch: bool = False, **backend_options: Any):
-        self.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+                 adapter: str | Adapter | None = None, *, allow_policy_mismatch: bool = False,
+                 **backend_options: Any):
+        self.policy = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
         self.backend_name = backend
         self.model = model
-        adapter_path = check_adapter(adapter) if adapter is not None else None
-        self.adapter = str(adapter_path) if adapter_path is not None else None
-        self.adapter_meta = read_adapter_meta(adapter_path) if adapter_path else {}
+        checked = check_adapter(adapter) if adapter is not None else None
+        self.adapter = str(checked.path) if checked is not None else None
+        self.adapter_meta = read_adapter_meta(checked.path) if checked else {}
         self.allow_policy_mismatch = allow_policy_mismatch
-        self.policy_mismatch = check_policy(adapter_path, self.adapter_meta, self.policy,
+        self.policy_mismatch = check_policy(checked.path if checked else None, self.adapter_meta, self.policy,
                                             allow_mismatch=allow_policy_mismatch)
         self.temperature = float(self.adapter_meta.get("temperature", 1.0))
         self.backend: Backend
-        self.backend, self.model_tag = load_backend(model, backend, self.adapter, **backend_options)
+        self.backend, self.model_tag = load_backend(model, backend, checked, **backend_options)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)
         self.author = labeler_author(self.model_tag, self.policy)
@@ -174,7 +185,7 @@ class Labeler:
         """A labeler for another policy on the same loaded model and backend (no second engine)."""
         other = object.__new__(Labeler)
         other.__dict__.update(self.__dict__)
-        other.policy = policy if isinstance(policy, Policy) else load_policy(policy)
+        other.policy = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
         other.policy_mismatch = check_policy(Path(self.adapter) if self.adapter else None, self.adapter_meta,
                                              other.policy, allow_mismatch=self.allow_policy_mismatch)
         other.options = other.policy.answer_options()

@@ -180,17 +180,18 @@ def list_policies() -> list[str]:
     return sorted(p.stem for p in policies_dir().glob("*.toml"))
 
 
-def load_policy(name: str | Path = DEFAULT_POLICY) -> Policy:
-    """Load a policy by name (`prompts/policies/<name>.toml`) or by the path of its TOML file."""
+def load_prompt_policy(name: str | Path = DEFAULT_POLICY) -> Policy:
+    """Load a prompt policy (how the LLM is asked to label) by name (`prompts/policies/<name>.toml`)
+    or by the path of its TOML file."""
     path = Path(name)
     if path.suffix != ".toml":
         path = policies_dir() / f"{name}.toml"
     if not path.is_file():
         raise PolicyError(f"no policy '{name}' (looked for {path}; known: {', '.join(list_policies()) or 'none'})")
-    return _load_policy_file(path.resolve())
+    return _load_prompt_policy_file(path.resolve())
 
 
-def _load_policy_file(path: Path) -> Policy:
+def _load_prompt_policy_file(path: Path) -> Policy:
     meta = read_toml(path, PolicyError)
     try:
         scheme = load_scheme(str(meta["scheme"]))

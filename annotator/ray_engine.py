@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 
 from annotator import sql
 from annotator.batch import (LabelJob, LabelJobResult, failing_run, finish_label_run, label_records, open_run,
-                             pair_texts, pending_pairs, plan_run, review_threshold, selected_count)
-from annotator.labeler import Labeler, check_adapter, labeler_author, model_tag
-from annotator.prompts import Policy, load_policy
+                             pair_texts, pending_pairs, plan_run, selected_count)
+from annotator.labeler import Adapter, Labeler, check_adapter, labeler_author, model_tag
+from annotator.prompts import Policy, load_prompt_policy
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
 from labelstore.store import Store
@@ -137,7 +137,7 @@ def _actor_kwargs(job: LabelJob) -> dict[str, Any]:
     # Actors do not share the driver's working directory: local folders travel as absolute paths
     # (not resolved, so a symlinked model keeps the folder name its author tag is made of).
     model = str(Path(job.model).absolute()) if Path(job.model).is_dir() else job.model
-    adapter = str(check_adapter(job.adapter)) if job.adapter else None
+    adapter = str(check_adapter(job.adapter).path) if job.adapter else None
     return {"model": model, "policy": job.policy, "backend": job.backend, "adapter": adapter,
             "backend_options": job.backend_options}
 
@@ -231,9 +231,8 @@ def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chun
 
 
 # -- the whole job, and its halves for a Ray cluster that cannot see the store ----------------
-def job_author(job: LabelJob, policy: Policy) -> str:
+def job_author(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
     """The author the job's labeler writes, known without loading the model."""
-    adapter = check_adapter(job.adapter) if job.adapter else None
     return labeler_author(model_tag(job.model, adapter), policy)
 
 
@@ -253,12 +252,13 @@ def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: st
     """Start (or resume) the job's run as in-process, import what an earlier attempt scored, and write the
     still pending pairs to `<work dir>/<run id>/pairs/`. Scores already there stay: importing them again
     adds nothing, and the Ray job adds its files beside them."""
-    policy = load_policy(job.policy)
-    plan = plan_run(store, job, policy, run_id=run_id, new_run=new_run)
-    run_id = open_run(store, job, policy, plan, job_author(job, policy))
+    policy = load_prompt_policy(job.policy)
+    adapter = check_adapter(job.adapter) if job.adapter else None
+    plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
+    run_id = open_run(store, job, policy, plan, job_author(job, policy, adapter))
     folders = run_folders(settings.work_dir, run_id)
     with failing_run(store, run_id, selected_count(store, run_id), len(pending_pairs(store, run_id))):
-        imported = import_scores(store, run_id, folders.scores, threshold=review_threshold(job),
+        imported = import_scores(store, run_id, folders.scores, threshold=job.review_threshold,
                                  chunk_size=job.chunk_size)
         exported = export_pairs(store, run_id, folders.pairs, rows_per_file=settings.rows_per_file)
     return RayRun(run_id=run_id, resumed=plan.resumed, folders=folders, n_exported=exported, n_imported=imported)
@@ -272,7 +272,7 @@ def import_run(store: Store, job: LabelJob, run_id: str, scores_url: str, *, res
         raise RayEngineError(f"no label run '{run_id}' in {store.path} to import scores into")
     pending = len(pending_pairs(store, run_id))
     with failing_run(store, run_id, selected_count(store, run_id), pending):
-        added = import_scores(store, run_id, scores_url, threshold=review_threshold(job), chunk_size=job.chunk_size)
+        added = import_scores(store, run_id, scores_url, threshold=job.review_threshold, chunk_size=job.chunk_size)
         left = len(pending_pairs(store, run_id))
         if left:
             raise RayEngineError(f"{left} pair(s) of run {run_id} got no score in {scores_url}; run "

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import httpx
 
-from annotator.backends.vllm_backend import CPU_ENV_DEFAULTS, PREFIX_BLOCK_SIZE, adapter_rank, preferred_dtype
+from annotator.backends.vllm_backend import PREFIX_BLOCK_SIZE, adapter_rank, preferred_dtype
 from annotator.labeler import check_adapter
 from annotator.models import resolve_model
 from labelstore.errors import MnrError
+from labelstore.runtime import apply_engine_env_defaults
 
 
 class ServerError(MnrError):
@@ -36,17 +37,14 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, ada
         "--enable-prefix-caching", "--block-size", str(PREFIX_BLOCK_SIZE), "--enforce-eager", "--disable-uvicorn-access-log",
     ]
     if adapter is not None:
-        path = check_adapter(adapter)
+        path = check_adapter(adapter).path
         command += ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(adapter_rank(path)),
                     "--lora-modules", f"{path.name}={path}"]
     return command + list(extra_args or [])
 
 
 def server_env() -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in CPU_ENV_DEFAULTS.items():
-        env.setdefault(key, value)
-    return env
+    return dict(apply_engine_env_defaults(dict(os.environ)))
 
 
 def start_server(model: str, *, log_path: Path | None = None, **options) -> subprocess.Popen:

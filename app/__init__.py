@@ -1,1 +1,1 @@
-"""Entry points: the `mnr` CLI, the Streamlit review UI, the end-to-end pipeline."""
+"""Entry points: the `mnr` CLI, the Streamlit review UI (`review`), the Mine and Refine loop (`loop`)."""

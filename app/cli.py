@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Optional
 
 import typer
 from rich.markup import escape
 
-from app.context import err_console, state
+from app.context import STORE_HELP, add_store_option, err_console, state
 from labelstore.errors import MnrError
 
 app = typer.Typer(
@@ -30,21 +31,35 @@ COMMAND_MODULES = (
 )
 
 
+# Warnings from our own packages stay visible; the libraries' (FutureWarning and the like) need --verbose.
+OWN_MODULES = r"(labelstore|annotator|auditor|trainer|app)(\.|$)"
+
+
 @app.callback()
 def _global(
-    store: Optional[str] = typer.Option(
-        None, "--store", help="Store file (default: MNR_STORE, else store.path in mnr.toml, else ./mnr.duckdb).",
-        envvar="MNR_STORE",
-    ),
+    store: Optional[str] = typer.Option(None, "--store", help=STORE_HELP, envvar="MNR_STORE"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library warnings, logs and progress bars "
+                                 "(`mnr demo` otherwise writes them to a log file in its workspace)."),
 ) -> None:
     state.store = store
+    state.verbose = verbose
+    if verbose:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
 
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+add_store_option(app)
+
+
+def quiet_library_warnings() -> None:
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=OWN_MODULES)
 
 
 def main() -> None:
+    quiet_library_warnings()
     try:
         app()
     except MnrError as exc:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 import typer
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from app.context import console, err_console, get_store_path, open_store
 from labelstore.config import section
+from labelstore.runtime import apply_engine_env_defaults
 
 if TYPE_CHECKING:
     from annotator.batch import LabelJob, LabelJobResult
@@ -29,9 +30,7 @@ def _setting(value, key: str, default):
 def _backend_options(backend: str, endpoints: list[str], strategy: str, max_concurrency: int,
                      dtype: str) -> dict:
     """Options for `annotator.labeler.make_backend` from the command line; sets the offline/CPU env defaults."""
-    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
-        os.environ.setdefault(key, value)
+    apply_engine_env_defaults()
     if backend == "openai":
         urls = endpoints or section("annotator").get("endpoints", ["http://127.0.0.1:8000/v1"])
         return {"endpoints": urls, "strategy": strategy, "max_concurrency": max_concurrency}
@@ -79,14 +78,15 @@ def label(
         "version of this one) than --policy; without it that is an error."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
-    from annotator.batch import DEFAULT_CHUNK_SIZE, LabelJob, run_label_job
+    from annotator.batch import DEFAULT_CHUNK_SIZE, DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
 
     backend = _setting(backend, "backend", "vllm")
     options = _backend_options(backend, endpoint, strategy, max_concurrency, dtype)
     job = LabelJob(model=_setting(model, "model", "smollm2"), policy=_setting(policy, "policy", "esci"), select=select,
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
-                   review_threshold=review_threshold, backend_options=options)
+                   review_threshold=float(_setting(review_threshold, "review_threshold", DEFAULT_REVIEW_THRESHOLD)),
+                   backend_options=options)
     if engine == "local":
         labeler = _mismatched_labeler(job) if allow_policy_mismatch and job.adapter else None
         result = run_label_job(open_store(), job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)

@@ -66,11 +66,11 @@ def finetune_command(
     from annotator.evaluation import labelled_pairs
     from annotator.finetune import FinetuneArgs, finetune, split_by_query, subsample
     from annotator.models import resolve_model
-    from annotator.prompts import load_policy
+    from annotator.prompts import load_prompt_policy
 
     if threads:
         torch.set_num_threads(threads)
-    loaded_policy = load_policy(policy)
+    loaded_policy = load_prompt_policy(policy)
     scheme = loaded_policy.scheme
     source_list = _parse_sources(sources, "--sources")
     store = open_store()

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from app.context import console, state
-from app.pipeline import STEP_NAMES, LoopConfig, run_loop
+from app.loop import STEP_NAMES, LoopConfig, run_loop
 from labelstore import Store
 from labelstore.config import DEFAULT_STORE
 

@@ -6,11 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from app.context import console, err_console, get_store_path, open_store, state
+from app.context import console, err_console, get_store_path, open_store
 from app.review.settings import ReviewSettings
 from labelstore.config import config_path
 from labelstore.errors import MnrError
@@ -40,7 +39,6 @@ def streamlit_command(address: str, port: int) -> list[str]:
 
 
 def review(
-    store: Optional[str] = typer.Option(None, "--store", help="Store file (same as `mnr --store PATH review`)."),
     port: int = typer.Option(8501, "--port", min=1, max=65535, help="Port to serve on."),
     address: str = typer.Option(
         LOOPBACK, "--address",
@@ -48,8 +46,6 @@ def review(
     ),
 ) -> None:
     """Start the review UI (Streamlit) on 127.0.0.1: annotators decide the pairs that matter most."""
-    if store:
-        state.store = store
     ReviewSettings.from_config()  # a bad [review] section fails here, not in the browser
     store_file = Path(get_store_path()).resolve()
     open_store()  # creates the store or brings its schema up to date before the UI reads it

@@ -5,11 +5,11 @@ Data: a fixed sample of the Home Depot set from ../shared/data when present (eve
 `labelstore.catalog`, whose ESCI labels are known by construction. Models: SmolLM2-135M-Instruct on
 the in-process vLLM engine (pulled into the cache on first use) and all-MiniLM-L6-v2.
 Everything is written under the workspace folder (default ./demo-workspace/): the store
-`mnr.duckdb`, models, the data sample and the audit report.
+`mnr.duckdb`, models, the data sample, the audit report and `demo.log`, which gets the libraries'
+output (model conversion, engine logs, progress bars) unless `mnr --verbose demo` shows it.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app.pipeline import STEP_NAMES, LoopConfig, latest_loop_run, loop_summary, run_loop, step_statuses
+from app.context import chatter_to_log, state
+from app.loop import STEP_NAMES, LoopConfig, LoopResult, latest_loop_run, loop_summary, run_loop, step_statuses
 from labelstore.paths import shared_data_dir
+from labelstore.runtime import apply_engine_env_defaults
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 STORE_FILE = "mnr.duckdb"
+LOG_FILE = "demo.log"
 # Sized so the whole demo stays under 10 minutes on a 2-core CPU (see the README, "mnr demo", for timings).
 HOMEDEPOT_QUERIES = {False: 300, True: 120}
 CATALOG_FAMILIES = {False: 14, True: 8}
 RELABEL_PAIRS = {False: 200, True: 80}
 TRAIN_STEPS = {False: 40, True: 20}
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-              "VLLM_LOGGING_LEVEL": "ERROR"}
+# A labeler that answers one label for more than this share of the relabelled pairs is reported as degenerate.
+DEGENERATE_SHARE = 0.9
 
 
 def demo_data(quick: bool) -> dict[str, Any]:
@@ -74,8 +77,7 @@ def run_demo(workspace: Path, quick: bool = False, fresh: bool = False, adapter:
              console: Console | None = None) -> str:
     """Run (or continue) the demo loop in `workspace`, print the summary table; returns the loop run id."""
     console = console or Console()
-    for name, value in ENGINE_ENV.items():
-        os.environ.setdefault(name, value)
+    apply_engine_env_defaults()
     workspace = Path(workspace)
     store_file = workspace / STORE_FILE
     store = Store(store_file)
@@ -87,18 +89,31 @@ def run_demo(workspace: Path, quick: bool = False, fresh: bool = False, adapter:
         return latest[0]
     config = demo_config(workspace, quick, adapter)
     console.print(f"mine-refine demo: data = {config.dataset} ({config.scheme}), store = {store_file}")
+    if not state.verbose:
+        console.print(f"library output (model conversion, engine logs) goes to {workspace / LOG_FILE}; "
+                      "`mnr --verbose demo` shows it here")
     started = time.perf_counter()
-    result = run_loop(store, config, fresh=fresh, log=lambda line: console.print(escape(line)),
-                      resume_hint=f"mnr demo --workspace {workspace}" + (" --quick" if quick else ""))
+    hint = f"mnr demo --workspace {workspace}" + (" --quick" if quick else "")
+    result = _run_demo_loop(store, config, fresh, hint, workspace / LOG_FILE, console)
     console.print(f"demo loop finished in {time.perf_counter() - started:.0f} s")
     print_summary(store, result.loop_run_id, workspace, console)
     return result.loop_run_id
 
 
+def _run_demo_loop(store: Store, config: LoopConfig, fresh: bool, hint: str, log_file: Path,
+                   console: Console) -> LoopResult:
+    """The loop with one line per step; the libraries' output goes to `log_file` unless --verbose."""
+    def log(line: str) -> None:
+        console.print(escape(line))
+
+    if state.verbose:
+        return run_loop(store, config, fresh=fresh, log=log, resume_hint=hint)
+    with chatter_to_log(log_file, console):
+        return run_loop(store, config, fresh=fresh, log=log, resume_hint=hint,
+                        status=lambda name: console.status(escape(f"[{name}] running"), spinner="dots"))
+
+
 # -- the summary ---------------------------------------------------------------------------------
-LABELS_BY_SOURCE_SQL = """
-SELECT source, count(*) AS labels, count(DISTINCT pair_id) AS pairs FROM labels GROUP BY source ORDER BY source
-"""
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -150,7 +165,7 @@ def _step_note(step: str, out: dict[str, Any]) -> str:
 
 def labels_table(store: Store) -> Table:
     table = Table("source", "labels written", "pairs", title="Labels by source (whole store)")
-    for source, labels, pairs in store.fetchall(LABELS_BY_SOURCE_SQL):
+    for source, labels, pairs in store.fetchall(sql("app.loop", "labels_by_source")):
         table.add_row(source, f"{labels:,}", f"{pairs:,}")
     return table
 
@@ -167,11 +182,44 @@ def retrieval_table(outputs: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+def relabel_table(label_counts: dict[str, int]) -> Table:
+    """How the relabel step's LLM labelled the mined pairs, with each label's share."""
+    total = sum(label_counts.values())
+    table = Table("label", "pairs", "share", title=f"Relabelled pairs by LLM label ({total:,} pairs)")
+    for label, count in sorted(label_counts.items(), key=lambda item: -item[1]):
+        table.add_row(escape(label), f"{count:,}", f"{count / total:.0%}" if total else "-")
+    return table
+
+
+def degenerate_warning(label_counts: dict[str, int], max_share: float = DEGENERATE_SHARE) -> str | None:
+    """A warning when one label has more than `max_share` of the relabelled pairs, else None."""
+    total = sum(label_counts.values())
+    if total == 0:
+        return None
+    label, count = max(label_counts.items(), key=lambda item: item[1])
+    if count / total <= max_share:
+        return None
+    return (f"degenerate labeler: it answered '{label}' for {count / total:.0%} of the {total:,} relabelled pairs "
+            f"(more than {max_share:.0%}); its labels carry little information; try a fine-tuned adapter "
+            "(`mnr finetune`, then `mnr demo --adapter`) or a larger model")
+
+
+def print_relabel_summary(outputs: dict[str, dict[str, Any]], console: Console) -> None:
+    counts = {str(k): int(v) for k, v in outputs.get("relabel", {}).get("label_counts", {}).items()}
+    if not counts:
+        return
+    console.print(relabel_table(counts))
+    warning = degenerate_warning(counts)
+    if warning:
+        console.print(f"[bold red]warning:[/] [red]{escape(warning)}[/]", highlight=False)
+
+
 def print_summary(store: Store, loop_run_id: str, workspace: Path, console: Console) -> None:
     """The demo's closing table: steps with throughput, labels by source, flags, NDCG@10, report, review."""
     outputs = loop_summary(store, loop_run_id)
     console.print(steps_table(store, loop_run_id))
     console.print(labels_table(store))
+    print_relabel_summary(outputs, console)
     audit = outputs.get("audit", {})
     flags = Table("flags raised", "pairs flagged", "by kind", "queued for review",
                   title="Audit" + (" (engagement is SIMULATED)" if audit.get("simulated") else ""))

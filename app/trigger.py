@@ -41,7 +41,8 @@ class TriggerOutcome:
     returncode: int | None
 
 
-def load_policy() -> TriggerPolicy:
+def load_retrain_policy() -> TriggerPolicy:
+    """The retrain trigger's policy (when to refine the retriever) from mnr.toml [trigger]."""
     return TriggerPolicy.from_config(section("trigger"))
 
 
@@ -64,7 +65,7 @@ def run_trigger(store: Store, scheme: str, policy: TriggerPolicy | None = None, 
 
     A failing command marks the run failed and raises `MnrError` with its exit status.
     """
-    policy = policy or load_policy()
+    policy = policy or load_retrain_policy()
     counts = gather_counts(store, scheme)
     decision = decide_retrain(counts, policy)
     returncode: int | None = None

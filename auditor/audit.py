@@ -17,8 +17,8 @@ from auditor.flags import (
 from auditor.metrics import EngagementTables, attach_events, compute_engagement
 from auditor.queue import queue_issues
 from auditor.settings import AuditSettings
-from auditor.sqlfiles import auditor_sql
 from labelstore.schemes import LabelScheme, load_scheme
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 # A pair "moves" when positions other than its usual one hold at least this share of its impressions.
@@ -58,12 +58,12 @@ def run_audit(store: Store, scheme: str = "esci", settings: AuditSettings | None
         with store.connect() as con:
             attach_events(con, events_path)
             engagement = compute_engagement(con, scheme, settings)
-            moved_share = float(con.execute(auditor_sql("position_variation"),
+            moved_share = float(con.execute(sql("auditor", "position_variation"),
                                             {"min_share": POSITION_MOVE_SHARE}).fetchone()[0])
-            llm_human = con.execute(auditor_sql("llm_human"), window).df()
-            label_windows = con.execute(auditor_sql("label_windows"), window).df()
-            retriever = con.execute(auditor_sql("retriever_scores")).df()
-            llm_probs = con.execute(auditor_sql("llm_probs"), {"scheme": scheme}).df()
+            llm_human = con.execute(sql("auditor", "llm_human"), window).df()
+            label_windows = con.execute(sql("auditor", "label_windows"), window).df()
+            retriever = con.execute(sql("auditor", "retriever_scores")).df()
+            llm_probs = con.execute(sql("auditor", "llm_probs"), {"scheme": scheme}).df()
         add_combined_evidence(engagement, llm_probs, label_scheme)
         names = {label.grade: label.name for label in label_scheme.labels}
         found = [find_engagement_issues(engagement.pair_metrics, settings, names),

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import duckdb
 
-from auditor.sqlfiles import auditor_sql, install_macros
+from auditor.macros import install_macros
 from labelstore.errors import IngestError, MnrError
 from labelstore.ids import file_hash
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 EVENT_FIELDS = ("session_id", "query", "product_id", "position", "event_type", "ts")
@@ -93,7 +94,7 @@ def _stage_tabular(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, mapping
     relation.create_view("raw_source", replace=True)
     # column names come from the file's own header (quoted), never values
     con.execute(f"CREATE OR REPLACE TEMP VIEW raw_events AS SELECT {', '.join(selects)} FROM raw_source")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE staged_events AS {auditor_sql('stage_events')}", {"dataset": dataset})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE staged_events AS {sql('auditor', 'stage_events')}", {"dataset": dataset})
 
 
 def _stage_ubi(con: duckdb.DuckDBPyConnection, queries: Path, events: Path, dataset: str) -> None:
@@ -106,7 +107,7 @@ def _stage_ubi(con: duckdb.DuckDBPyConnection, queries: Path, events: Path, data
             raise IngestError(str(path), [(None, field, "missing UBI field") for field in missing])
         relation.create_view(name, replace=True)
     try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE staged_events AS {auditor_sql('stage_ubi')}", {"dataset": dataset})
+        con.execute(f"CREATE OR REPLACE TEMP TABLE staged_events AS {sql('auditor', 'stage_ubi')}", {"dataset": dataset})
     except duckdb.Error as exc:
         raise IngestError(f"{queries} + {events}", [(None, None, f"not UBI query/event JSON: {exc}")]) from exc
 
@@ -131,10 +132,10 @@ def ingest_events(store: Store, path: str | Path, *, fmt: str | None = None, dat
             _stage_ubi(con, Path(ubi_queries), path, dataset)
         else:
             _stage_tabular(con, path, fmt, mapping or {}, dataset)
-        problems = con.execute(auditor_sql("validate_events")).fetchall()
+        problems = con.execute(sql("auditor", "validate_events")).fetchall()
         if problems:
             raise IngestError(str(path), [(int(row), field, message) for row, field, message in problems])
         rows = con.execute("SELECT count(*) FROM staged_events").fetchone()[0]
-        con.execute(auditor_sql("insert_events"), {"batch_id": batch_id})
+        con.execute(sql("auditor", "insert_events"), {"batch_id": batch_id})
         con.execute("DROP TABLE staged_events")
     return EventIngestResult(str(path), batch_id, int(rows), int(rows))

@@ -29,9 +29,10 @@ import pandas as pd
 
 from auditor.model import fit_grade_model, fit_position_curve
 from auditor.settings import AuditSettings
-from auditor.sqlfiles import auditor_sql, install_macros
+from auditor.macros import install_macros
 from labelstore.errors import MnrError
 from labelstore.schemes import load_scheme
+from labelstore.sqlfiles import sql
 
 
 @dataclass
@@ -90,18 +91,18 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
     raw_events = con.execute("SELECT count(*) FROM audit_events").fetchone()[0]
     sample_modulus = max(1, math.ceil(raw_events / max(settings.sample_events, 1)))
     window = {"window_days": settings.window_days, "origin": settings.window_origin}
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_sample_cells AS {auditor_sql('sample_cells')}",
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_sample_cells AS {sql('auditor', 'sample_cells')}",
                 {**window, "sample_modulus": sample_modulus})
     curve = _position_curve(con, settings)
     reference_ctr = np.zeros(int(curve["position"].max()) if len(curve) else 0)
     reference_ctr[curve["position"].to_numpy(int) - 1] = curve["reference_ctr"].to_numpy(float)
     reference = {"reference_ctr": reference_ctr.tolist()}
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {auditor_sql('event_counts')}", reference)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'event_counts')}", reference)
     n_events, simulated = con.execute(
         "SELECT coalesce(sum(impressions + clicks + add_to_carts + purchases), 0), coalesce(bool_or(simulated), false) "
         "FROM audit_counts").fetchone()
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_labels AS {auditor_sql('audit_labels')}", {"scheme": scheme})
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {auditor_sql('pair_metrics')}", {"z": settings.z})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_labels AS {sql('auditor', 'audit_labels')}", {"scheme": scheme})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {sql('auditor', 'pair_metrics')}", {"z": settings.z})
     metrics = con.execute("SELECT * FROM audit_pair_metrics ORDER BY pair_id").df()
     label_scheme = load_scheme(scheme)
     metrics, profile = implied_grades(metrics, label_scheme.max_grade + 1, settings)
@@ -110,7 +111,7 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         position_curve=curve,
         pair_metrics=metrics,
         grade_profile=profile,
-        windows=con.execute(auditor_sql("engagement_windows"), reference).df(),
+        windows=con.execute(sql("auditor", "engagement_windows"), reference).df(),
         simulated=bool(simulated),
         n_events=int(n_events),
         sample_modulus=sample_modulus,

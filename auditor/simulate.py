@@ -51,9 +51,10 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from auditor.sqlfiles import auditor_sql, install_macros
+from auditor.macros import install_macros
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 TRUTH_COLUMNS = ["pair_id", "query_id", "query_text", "product_id", "dataset", "grade"]
@@ -186,8 +187,8 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
         del values["examination_decay"]  # a sequential shopper's examination comes from what they saw
         values["cascade"] = params.click_model == "cascade"
         values["continue_prob"] = 1.0 if params.click_model == "cascade" else params.continue_prob
-    sql = auditor_sql("simulate_events").replace("/*CLICK_MODEL*/", auditor_sql(click_file))
-    return sql, values
+    query = sql("auditor", "simulate_events").replace("/*CLICK_MODEL*/", sql("auditor", click_file))
+    return query, values
 
 
 def _columns(with_truth: bool) -> str:
@@ -202,8 +203,8 @@ def simulate_events(truth: pd.DataFrame, params: SimulationParams, max_grade: in
     truth: one row per pair with TRUTH_COLUMNS; `grade` is the true grade, 0..max_grade.
     """
     with duckdb.connect() as con:
-        sql, values = _prepare(con, truth, params, max_grade)
-        return con.execute(f"SELECT {_columns(with_truth)} FROM ({sql}) ORDER BY ts, session_id, position, event_type",
+        query, values = _prepare(con, truth, params, max_grade)
+        return con.execute(f"SELECT {_columns(with_truth)} FROM ({query}) ORDER BY ts, session_id, position, event_type",
                            values).df()
 
 
@@ -218,12 +219,12 @@ def simulate_to_parquet(truth: pd.DataFrame, params: SimulationParams, max_grade
     with duckdb.connect() as con:
         if threads:
             con.execute(f"SET threads = {int(threads)}")
-        sql, values = _prepare(con, truth, params, max_grade)
+        query, values = _prepare(con, truth, params, max_grade)
         options = "(FORMAT parquet)" if out.suffix == ".parquet" else "(FORMAT parquet, PER_THREAD_OUTPUT true, OVERWRITE_OR_IGNORE true)"
         if out.suffix == ".parquet":
             out.parent.mkdir(parents=True, exist_ok=True)
         # `options` is one of two fixed strings; the path and every value are bound.
-        rows = con.execute(f"COPY (SELECT {_columns(with_truth)} FROM ({sql})) TO $out {options}",
+        rows = con.execute(f"COPY (SELECT {_columns(with_truth)} FROM ({query})) TO $out {options}",
                            {**values, "out": str(out)}).fetchall()
         return int(rows[0][0]) if rows else 0
 
@@ -231,11 +232,11 @@ def simulate_to_parquet(truth: pd.DataFrame, params: SimulationParams, max_grade
 def simulate_into_store(store: Store, truth: pd.DataFrame, params: SimulationParams, max_grade: int) -> int:
     """Append the simulated log to `engagement_events`; the same parameters and truth add nothing twice."""
     with store.transaction() as con:
-        sql, values = _prepare(con, truth, params, max_grade)
+        query, values = _prepare(con, truth, params, max_grade)
         if con.execute("SELECT count(*) FROM engagement_events WHERE batch_id = ?", [values["batch_id"]]).fetchone()[0]:
             return 0
         columns = ", ".join(EVENT_COLUMNS)
-        con.execute(f"INSERT INTO engagement_events ({columns}) SELECT {columns} FROM ({sql})", values)
+        con.execute(f"INSERT INTO engagement_events ({columns}) SELECT {columns} FROM ({query})", values)
         return int(con.execute("SELECT count(*) FROM engagement_events WHERE batch_id = ?", [values["batch_id"]]).fetchone()[0])
 
 

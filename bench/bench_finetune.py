@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from labelstore.runtime import apply_engine_env_defaults
+
+apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -44,7 +44,7 @@ from annotator.finetune import (  # noqa: E402
     subsample,
 )
 from annotator.calibration import apply_temperature  # noqa: E402
-from annotator.prompts import load_policy  # noqa: E402
+from annotator.prompts import load_prompt_policy  # noqa: E402
 from annotator.scoring import label_token_ids  # noqa: E402
 from bench.common import command_line, read_crowdflower, read_homedepot, skip, tfidf_linear_probs, write_result  # noqa: E402
 
@@ -75,7 +75,7 @@ def labelled_frame(dataset: str, policy_name: str, rating_source: str) -> pd.Dat
     raw = READERS[dataset]()
     if raw is None:
         return None
-    scheme = load_policy(policy_name).scheme
+    scheme = load_prompt_policy(policy_name).scheme
     frame = raw.assign(raw_rating=raw["rating"], label=[scheme.map_rating(rating_source, r) for r in raw["rating"]])
     frame["query_id"] = frame["query"].str.strip().str.lower()
     frame["pair_id"] = [f"{dataset}-{i}" for i in range(len(frame))]
@@ -113,7 +113,7 @@ def llm_probs(model: Any, tokenizer: Any, policy: Any, frame: pd.DataFrame, temp
 
 def run_dataset(dataset: str, model_dir: str, minutes: float, test_pairs: int, work: Path, quick: bool) -> dict[str, Any]:
     policy_name, rating_source, headline, anchor = DATASETS[dataset]
-    policy = load_policy(policy_name)
+    policy = load_prompt_policy(policy_name)
     labels = policy.scheme.label_names
     grades = [policy.scheme.grades[name] for name in labels]
     scale = tuple(float(x) for x in policy.scheme.rating_maps[rating_source].scale)

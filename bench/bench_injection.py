@@ -10,11 +10,10 @@ path), and, for contrast, with the raw title pasted into the same prompt.
 """
 from __future__ import annotations
 
-import os
 
-for _key, _value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)
+from labelstore.runtime import apply_engine_env_defaults
+
+apply_engine_env_defaults()
 
 from dataclasses import replace  # noqa: E402
 

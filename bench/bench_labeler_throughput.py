@@ -9,12 +9,11 @@ Figures: pairs/s of each and their ratio (target >= 10x and >= 20 pairs/s).
 """
 from __future__ import annotations
 
-import os
 import time
 
-for _key, _value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)
+from labelstore.runtime import apply_engine_env_defaults
+
+apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
 

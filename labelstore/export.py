@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from labelstore.errors import MnrError
-from labelstore.store import Store, sql_text
+from labelstore.sqlfiles import sql
+from labelstore.store import Store
 
 EXPORT_FORMATS = ("parquet", "csv", "jsonl")
 
@@ -19,7 +20,7 @@ def export_labels(store: Store, out: str | Path, *, fmt: str | None = None, hist
     fmt = fmt or out.suffix.lstrip(".").lower()
     if fmt not in EXPORT_FORMATS:
         raise MnrError(f"{out}: unknown export format '{fmt}' (use one of {', '.join(EXPORT_FORMATS)})")
-    query = sql_text("export_history" if history else "export_current")
+    query = sql("labelstore", "export_history" if history else "export_current")
     frame = store.df(query, {"scheme": scheme, "source": source})
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")

@@ -33,11 +33,6 @@ MIGRATIONS_DIR = SQL_DIR / "migrations"
 LABEL_SOURCES = ("human", "llm", "audit", "import")
 
 
-def sql_text(name: str) -> str:
-    """The text of `labelstore/sql/<name>.sql`."""
-    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
-
-
 def new_run_id(kind: str) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return f"{kind}-{stamp}-{uuid.uuid4().hex[:8]}"

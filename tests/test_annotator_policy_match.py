@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from annotator.labeler import Labeler, PolicyMismatchError, PolicyMismatchWarning
-from annotator.prompts import PairText, list_policies, load_policy
+from annotator.prompts import PairText, list_policies, load_prompt_policy
 from annotator.scoring import label_token_ids
 from annotator.tiny import build_tiny_adapter, build_tokenizer
 from labelstore import Store
@@ -35,7 +35,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
 @pytest.fixture(scope="module")
 def esci_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny adapter whose meta.json says it was fine-tuned under the esci policy."""
-    esci = load_policy("esci")
+    esci = load_prompt_policy("esci")
     meta = {"policy": esci.name, "policy_hash": esci.version, "scheme": "esci", "temperature": 1.0}
     return build_tiny_adapter(tiny_llama, tmp_path_factory.mktemp("adapter") / "esci-lora", meta=meta)
 
@@ -43,7 +43,7 @@ def esci_adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 # -- policies -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list_policies())
 def test_every_policy_loads_with_single_token_distinct_labels(name: str) -> None:
-    policy = load_policy(name)
+    policy = load_prompt_policy(name)
     tokenizer = build_tokenizer()
     ids = label_token_ids(tokenizer, policy.answer_options())
     assert len(set(ids)) == len(ids)
@@ -51,7 +51,7 @@ def test_every_policy_loads_with_single_token_distinct_labels(name: str) -> None
 
 
 def test_graded4_policy_teaches_the_crowdflower_scale() -> None:
-    policy = load_policy("graded4")
+    policy = load_prompt_policy("graded4")
     assert policy.scheme.name == "graded4"
     assert policy.answer_options() == [" perfect", " good", " fair", " irrelevant"]
     prefix = policy.prefix()
@@ -65,7 +65,7 @@ def test_graded4_policy_teaches_the_crowdflower_scale() -> None:
 
 # -- the policy decides -----------------------------------------------------------------------------------
 def test_adapter_under_another_policy_is_an_error_naming_both(tiny_llama: Path, esci_adapter: Path) -> None:
-    esci, graded4 = load_policy("esci"), load_policy("graded4")
+    esci, graded4 = load_prompt_policy("esci"), load_prompt_policy("graded4")
     with pytest.raises(PolicyMismatchError) as caught:
         Labeler(str(tiny_llama), "graded4", backend="transformers", adapter=str(esci_adapter))
     message = str(caught.value)
@@ -132,7 +132,7 @@ def test_unlabelled_ingest_then_label_unlabeled_and_the_mismatch_flag(tiny_llama
     refused = _mnr(store_path, *label, "--select", "unlabeled", "--adapter", str(esci_adapter))
     stderr = " ".join(refused.stderr.split())
     assert refused.returncode == 2, refused.stderr
-    assert f"(hash {load_policy('esci').version})" in stderr and f"(hash {load_policy('graded4').version})" in stderr
+    assert f"(hash {load_prompt_policy('esci').version})" in stderr and f"(hash {load_prompt_policy('graded4').version})" in stderr
     assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 0
     assert store.scalar("SELECT count(*) FROM label_runs") == 0
 
@@ -147,7 +147,7 @@ def test_unlabelled_ingest_then_label_unlabeled_and_the_mismatch_flag(tiny_llama
     assert overridden.returncode == 0, overridden.stderr
     assert "warning:" in overridden.stderr and "fine-tuned under policy 'esci'" in " ".join(overridden.stderr.split())
     tuned = store.df("SELECT author FROM labels WHERE source = 'llm' AND author LIKE '%esci-lora-%'")
-    assert len(tuned) == 2 and all(a.endswith(f"@graded4:{load_policy('graded4').version}") for a in tuned["author"])
+    assert len(tuned) == 2 and all(a.endswith(f"@graded4:{load_prompt_policy('graded4').version}") for a in tuned["author"])
 
 
 def _queries(tmp_path: Path) -> Path:

@@ -96,7 +96,7 @@ def test_coec_and_intervals_match_hand_computation(hand_store):
 
 def test_wilson_interval_edges():
     with duckdb.connect() as con:
-        from auditor.sqlfiles import install_macros
+        from auditor.macros import install_macros
         install_macros(con)
         low, high = con.execute("SELECT wilson_low(0, 10, 1.96), wilson_high(10, 10, 1.96)").fetchone()
     ci0 = binomtest(0, 10).proportion_ci(method="wilson")
@@ -138,7 +138,7 @@ def test_simulation_is_reproducible_and_seeded(catalog_truth):
 
 def test_sql_ids_match_labelstore_ids():
     with duckdb.connect() as con:
-        from auditor.sqlfiles import install_macros
+        from auditor.macros import install_macros
         install_macros(con)
         text = "  Cordless   DRILL 18v "
         qid, pid, pair = con.execute(

@@ -26,7 +26,7 @@ from annotator.finetune import (
     score_label_logprobs,
     split_by_query,
 )
-from annotator.prompts import PairText, load_policy
+from annotator.prompts import PairText, load_prompt_policy
 from annotator.scoring import label_token_ids
 from app.cli import app
 from labelstore import Store, ids
@@ -123,7 +123,7 @@ def test_loss_goes_down_and_dev_accuracy_rises_well_above_chance(trained: Path, 
     meta = json.loads((trained / "meta.json").read_text())
     assert meta["dev_metrics"]["accuracy"] >= 0.7  # chance is about 0.25
     # the untrained base model on the same dev pairs is at chance
-    policy = load_policy(toy_policy_path)
+    policy = load_prompt_policy(toy_policy_path)
     tokenizer = load_tokenizer(learnable_llama)
     dev = _dev_frame(trained)
     examples = encode_examples(tokenizer, policy, dev)
@@ -139,7 +139,7 @@ def test_output_folder_holds_adapter_meta_and_query_disjoint_split(trained: Path
     assert (trained / "adapter_config.json").is_file() and (trained / "adapter_model.safetensors").is_file()
     assert not (trained / "checkpoint").exists()
     meta = json.loads((trained / "meta.json").read_text())
-    policy = load_policy(toy_policy_path)
+    policy = load_prompt_policy(toy_policy_path)
     assert meta["scheme"] == "esci" and meta["policy_hash"] == policy.version and meta["labels"] == policy.scheme.label_names
     assert len(meta["data_hash"]) == 16 and meta["base_model"].endswith("llama")
     assert meta["training_args"]["learning_rate"] == 5e-3 and meta["training_args"]["lora_r"] == 8
@@ -192,7 +192,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(learnable_llama: Path, toy_
     frame = synthetic_pairs(n_queries=12).rename(columns={"text": "query"})
     train, dev = split_by_query(frame, 0.25)
     args = FinetuneArgs(max_steps=6, eval_every=2, patience=10, learning_rate=5e-3, batch_size=8, max_epochs=50)
-    policy = load_policy(toy_policy_path)
+    policy = load_prompt_policy(toy_policy_path)
 
     def stop_after_first_eval(record: dict) -> None:
         if record["step"] == 2:
@@ -230,7 +230,7 @@ def test_adapter_serves_through_vllm_lora_and_agrees_with_transformers(trained: 
                                                                        toy_policy_path: Path) -> None:
     from annotator.labeler import Labeler
 
-    policy = load_policy(toy_policy_path)
+    policy = load_prompt_policy(toy_policy_path)
     dev = _dev_frame(trained)
     pairs = [PairText(r.query, r.title, pair_id=r.pair_id) for r in dev.itertuples()]
     meta = json.loads((trained / "meta.json").read_text())

@@ -1,7 +1,8 @@
-"""The Mine and Refine loop (`app.pipeline`): step framework, resume after failure, and the whole
+"""The Mine and Refine loop (`app.loop`): step framework, resume after failure, and the whole
 loop on the generated catalog with the tiny Llama and MiniLM; plus `bench.run_all`'s table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.pipeline import (
-    STEP_NAMES, LoopConfig, StepContext, StepFailed, latest_loop_run, loop_summary, plan_loop, run_loop,
+from app.loop import (
+    STEP_NAMES, STEPS, LoopConfig, StepContext, StepFailed, latest_loop_run, loop_summary, plan_loop, run_loop,
     step_statuses, validate_config,
 )
 from labelstore.errors import MnrError
@@ -29,7 +30,7 @@ def step_runs(store: Store, loop_run_id: str) -> dict[str, list[str]]:
 
 
 # -- the framework, with plain step functions ------------------------------------------------------
-def counting_steps(calls: list[str], fail_at: set[str]) -> dict:
+def counting_steps(calls: list[str], fail_at: set[str]) -> list:
     """Step functions that record their call, fail while their name is in `fail_at`, and pass a value on."""
     def make(name: str):
         def step(ctx: StepContext) -> dict:
@@ -39,7 +40,7 @@ def counting_steps(calls: list[str], fail_at: set[str]) -> dict:
             previous = ctx.output(STEP_NAMES[STEP_NAMES.index(name) - 1])["value"] if name != STEP_NAMES[0] else 0
             return {"value": previous + 1, "items": 10, "unit": "things"}
         return step
-    return {name: make(name) for name in STEP_NAMES}
+    return [dataclasses.replace(step, function=make(step.name)) for step in STEPS]
 
 
 def test_failure_stops_the_loop_and_a_rerun_resumes_at_the_failed_step(tmp_path: Path) -> None:

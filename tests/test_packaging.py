@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from annotator.prompts import load_policy
+from annotator.prompts import load_prompt_policy
 
 REPO = Path(__file__).resolve().parents[1]
 # Build outputs and local state that must not reach the build copy.
@@ -77,4 +77,4 @@ def test_installed_mnr_ingests_and_labels_with_the_tiny_model(installed: Path, t
     out = " ".join(label.stdout.split())
     assert "5 labelled now" in out
     # The shipped policy is byte for byte the checkout's: same content hash in the label's author.
-    assert f"@home-improvement:{load_policy('home-improvement').version}" in out
+    assert f"@home-improvement:{load_prompt_policy('home-improvement').version}" in out

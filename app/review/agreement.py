@@ -14,8 +14,8 @@ import pandas as pd
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score, confusion_matrix
 
-from app.review.queue import review_sql
 from labelstore.schemes import LabelScheme
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 AGREEMENT_COLUMNS = ["pair_id", "annotator", "label", "grade", "created_at", "llm_label", "llm_grade"]
@@ -30,7 +30,7 @@ def decisions_frame(store: Store, scheme: LabelScheme) -> pd.DataFrame:
 
     `llm_label` / `llm_grade` are null where the LLM has not labelled the pair.
     """
-    return store.df(review_sql("agreement"), {"scheme": scheme.name})
+    return store.df(sql("app.review", "agreement"), {"scheme": scheme.name})
 
 
 def kappa(labels_a: pd.Series | list[str], labels_b: pd.Series | list[str], scheme: LabelScheme) -> float:

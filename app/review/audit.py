@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from app.review.queue import review_sql
 from labelstore.config import config_path, section
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 REPORT_SUFFIXES = (".md", ".html", ".json")
@@ -27,13 +27,13 @@ class AuditView:
 
 
 def latest_audit(store: Store) -> AuditView:
-    rows = store.df(review_sql("latest_audit"))
+    rows = store.df(sql("app.review", "latest_audit"))
     if rows.empty:
         return AuditView(None, pd.DataFrame())
     run = rows.iloc[0].to_dict()
     for key in ("params", "metrics"):
         run[key] = json.loads(run[key]) if isinstance(run[key], str) and run[key] else {}
-    flags = store.df(review_sql("audit_flags"), {"run_id": run["run_id"]})
+    flags = store.df(sql("app.review", "audit_flags"), {"run_id": run["run_id"]})
     return AuditView(run, flags, report_files(run, report_folders(store, run["run_id"])))
 
 

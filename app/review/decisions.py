@@ -21,10 +21,10 @@ from datetime import datetime
 import duckdb
 
 from app.review.item import ReviewItem
-from app.review.queue import review_sql
 from app.review.settings import check_identity
 from labelstore.errors import MnrError
 from labelstore.schemes import load_scheme
+from labelstore.sqlfiles import sql
 from labelstore.store import LabelRecord, Store, utcnow
 
 
@@ -82,7 +82,7 @@ def record_decision(store: Store, shown: ShownItem, annotator: str | None, label
         author=annotator, comment=(comment or "").strip() or None, dedup_key=shown.dedup_key,
     )
     with store.transaction() as con:
-        newer = con.execute(review_sql("newer_labels"), {
+        newer = con.execute(sql("app.review", "newer_labels"), {
             "pair_id": shown.pair_id, "scheme": shown.scheme, "shown_label_id": shown.shown_label_id or 0,
             "dedup_key": shown.dedup_key,
         }).fetchall()
@@ -111,7 +111,7 @@ def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = ()) 
     """Take back the annotator's newest decision that is still live; None when there is none."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
-        row = con.execute(review_sql("last_decision"), {"annotator": annotator}).fetchone()
+        row = con.execute(sql("app.review", "last_decision"), {"annotator": annotator}).fetchone()
         if row is None:
             return None
         undone = UndoneDecision(int(row[0]), row[1], row[2], row[3])
@@ -133,7 +133,7 @@ def undo_decision(store: Store, label_id: int, annotator: str | None, allow: tup
 
 def _append_event(con: duckdb.DuckDBPyConnection, event_id: str, action: str, shown: ShownItem, annotator: str, label_id: int | None,
                   changed: bool) -> None:
-    con.execute(review_sql("insert_event"), {
+    con.execute(sql("app.review", "insert_event"), {
         "event_id": event_id, "action": action, "pair_id": shown.pair_id, "scheme": shown.scheme,
         "annotator": annotator, "label_id": label_id, "queue_source": shown.queue_source,
         "shown_label_id": shown.shown_label_id, "changed_since_shown": changed, "shown_at": shown.shown_at,

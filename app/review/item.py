@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from app.review.queue import review_sql
 from labelstore.errors import MnrError
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 
@@ -83,12 +83,12 @@ class ReviewItem:
 def load_item(store: Store, pair_id: str, scheme: str) -> ReviewItem:
     """Read one pair for review; raises `MnrError` when the store has no such pair."""
     with store.connect() as con:
-        pair = con.execute(review_sql("item"), {"pair_id": pair_id}).df()
+        pair = con.execute(sql("app.review", "item"), {"pair_id": pair_id}).df()
         if pair.empty:
             raise MnrError(f"{store.path}: no pair '{pair_id}'")
-        history = con.execute(review_sql("item_labels"), {"pair_id": pair_id, "scheme": scheme}).df()
+        history = con.execute(sql("app.review", "item_labels"), {"pair_id": pair_id, "scheme": scheme}).df()
         row = pair.iloc[0]
-        counts = con.execute(review_sql("engagement"), {
+        counts = con.execute(sql("app.review", "engagement"), {
             "pair_id": pair_id, "query_id": row["query_id"], "product_id": row["product_id"],
         }).fetchone()
     engagement = Engagement(int(counts[0]), int(counts[1]), int(counts[2]), int(counts[3]),

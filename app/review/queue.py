@@ -5,25 +5,17 @@ The priority rules live in `sql/queue.sql`; this module binds its parameters and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 
 import pandas as pd
 
 from app.review.settings import ReviewSettings
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
-SQL_DIR = Path(__file__).parent / "sql"
 # Queue sources in priority order (the SQL's tiers).
 QUEUE_SOURCES = ("audit", "uncertain", "disputed", "overlap", "mined")
 QUEUE_COLUMNS = ["pair_id", "scheme", "source", "reason", "score", "tier", "all_sources", "dataset", "query",
                  "title", "current_label", "current_source", "current_confidence", "skipped"]
-
-
-@cache
-def review_sql(name: str) -> str:
-    """The text of `app/review/sql/<name>.sql`."""
-    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
@@ -53,7 +45,7 @@ def load_queue(store: Store, annotator: str | None, filters: QueueFilters = Queu
         "query_text": (filters.query_text or "").strip() or None,
         "dataset": filters.dataset or None,
     }
-    return store.df(review_sql("queue"), params)
+    return store.df(sql("app.review", "queue"), params)
 
 
 def queue_counts(queue: pd.DataFrame) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The review UI's Streamlit entry point: `mnr review` runs `streamlit run` on this file.
 
 The store comes from MNR_STORE (set by `mnr review --store`) or mnr.toml; `[review]` settings
-from mnr.toml. Pages live in `pages/`; what they draw lives in `app/review/views.py`.
+from mnr.toml. Each page draws itself in `screens/<page>.py`; what they share is in `app/review/views.py`.
 """
 from __future__ import annotations
 

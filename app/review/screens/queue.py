@@ -1,4 +1,59 @@
-"""The queue page of the review UI (drawn by `app.review.views.queue_page`)."""
-from app.review import views
+"""The queue page: filter the review queue, see what waits by source, open one item.
 
-views.queue_page()
+A Streamlit page script, run by the navigation in `app/review/ui.py`; the shared state is in `app.review.views`.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from app.review.queue import QUEUE_SOURCES, QueueFilters, filter_choices, queue_counts
+from app.review.views import REVIEW_PAGE, current_filters, focus_on, queue, remaining, require_identity, store
+
+
+QUEUE_TABLE_ROWS = 200
+
+
+def queue_page() -> None:
+    name = require_identity()
+    choices = filter_choices(store())
+    old = current_filters()
+    with st.form("mnr_filters_form"):
+        first, second, third, fourth = st.columns(4)
+        sources = first.multiselect("Source", QUEUE_SOURCES, default=list(old.sources))
+        label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
+                                 index=([None, *choices["label"]].index(old.label) if old.label in choices["label"] else 0))
+        text = third.text_input("Query text contains", value=old.query_text or "")
+        dataset = fourth.selectbox("Dataset", [None, *choices["dataset"]], format_func=_any,
+                                   index=([None, *choices["dataset"]].index(old.dataset) if old.dataset in choices["dataset"] else 0))
+        applied = st.form_submit_button("Apply filters")
+    if applied:
+        st.session_state["mnr_filters"] = QueueFilters(tuple(sources), label, text.strip() or None, dataset)
+        st.session_state.pop("mnr_current", None)
+    refresh = st.button("Refresh queue")
+    frame = queue(refresh=refresh)
+    left = remaining(frame)
+    counts = queue_counts(left)
+    decided = st.session_state.get("mnr_decided", 0)
+    st.markdown(f"**{name}**: {counts['total']} items waiting · decided in this session: {decided} · "
+                f"current position: item {decided + 1} of {decided + counts['total']}")
+    metrics = st.columns(len(QUEUE_SOURCES))
+    for column, source in zip(metrics, QUEUE_SOURCES):
+        column.metric(source, counts[source])
+    st.dataframe(left.head(QUEUE_TABLE_ROWS)[["source", "reason", "query", "title", "current_label", "current_source",
+                                              "dataset", "scheme", "pair_id"]],
+                 hide_index=True, width="stretch")
+    if left.empty:
+        return
+    options = list(range(min(len(left), QUEUE_TABLE_ROWS)))
+    pick = st.selectbox("Open one item", options, format_func=lambda i: f"{left.iloc[i]['query']} → {left.iloc[i]['title']}")
+    if st.button("Review this item", type="primary"):
+        row = left.iloc[pick]
+        focus_on(row["pair_id"], row["scheme"], row["source"])
+        st.switch_page(REVIEW_PAGE)
+
+
+def _any(value: str | None) -> str:
+    return "any" if value is None else value
+
+
+queue_page()

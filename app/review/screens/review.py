@@ -1,4 +1,217 @@
-"""The review page of the review UI (drawn by `app.review.views.review_page`)."""
-from app.review import views
+"""The review page: the best queued pair with its evidence, the label buttons, skip and undo.
 
-views.review_page()
+A Streamlit page script, run by the navigation in `app/review/ui.py`; the shared state is in `app.review.views`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+import streamlit as st
+
+from app.review.decisions import record_decision, record_skip, show, undo_last
+from app.review.item import ReviewItem, load_item, scheme_of_pair
+from app.review.views import (
+    annotator, done, focus_on, notify, queue, remaining, require_identity, settings, show_notices, store,
+)
+from labelstore.errors import MnrError
+from labelstore.schemes import LabelScheme, load_scheme
+
+SKIP_SHORTCUT = "S"
+UNDO_SHORTCUT = "U"
+
+
+def _guarded(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except MnrError as exc:
+        notify("error", str(exc))
+
+
+def _show_item(item: ReviewItem, source: str, reason: str) -> None:
+    st.session_state["mnr_current"] = {"item": item, "shown": show(item, source), "source": source, "reason": reason}
+
+
+def _next_item() -> None:
+    """Put the best item not yet done on screen (reloading the queue once when it runs dry), or nothing."""
+    st.session_state.pop("mnr_current", None)
+    focus = st.session_state.pop("mnr_focus", None)
+    if focus is not None:
+        pair_id, scheme, source = focus
+        scheme = scheme or scheme_of_pair(store(), pair_id, settings().default_scheme)
+        try:
+            _show_item(load_item(store(), pair_id, scheme), source, f"opened from the {source} page")
+            return
+        except MnrError as exc:
+            notify("error", f"{exc}; showing the next item in the queue instead")
+    left = remaining(queue())
+    if left.empty:
+        left = remaining(queue(refresh=True))
+    if left.empty:
+        return
+    row = left.iloc[0]
+    _show_item(load_item(store(), row["pair_id"], row["scheme"]), row["source"], row["reason"])
+
+
+def _decide(label: str) -> None:
+    current = st.session_state.get("mnr_current")
+    if current is None:
+        return
+    shown = current["shown"]
+    comment = st.session_state.get(f"mnr_comment_{shown.decision_id}")
+
+    def write() -> None:
+        result = record_decision(store(), shown, annotator(), label, comment, settings().allow)
+        done().add((shown.pair_id, shown.scheme))
+        st.session_state["mnr_decided"] = st.session_state.get("mnr_decided", 0) + 1
+        if result.changed_since_shown:
+            notify("warning", result.change_message())
+        else:
+            notify("success", f"Saved '{result.label}' for “{current['item'].query}”.")
+        _next_item()
+
+    _guarded(write)
+
+
+def _skip() -> None:
+    current = st.session_state.get("mnr_current")
+    if current is None:
+        return
+    shown = current["shown"]
+
+    def write() -> None:
+        record_skip(store(), shown, annotator(), settings().allow)
+        done().add((shown.pair_id, shown.scheme))
+        notify("info", f"Skipped “{current['item'].query}”.")
+        _next_item()
+
+    _guarded(write)
+
+
+def _undo() -> None:
+    def write() -> None:
+        undone = undo_last(store(), annotator(), settings().allow)
+        if undone is None:
+            notify("info", "Nothing to undo: you have no decision left to take back.")
+            return
+        done().discard((undone.pair_id, undone.scheme))
+        st.session_state["mnr_decided"] = max(0, st.session_state.get("mnr_decided", 0) - 1)
+        notify("success", f"Undid your '{undone.label}'; the pair is shown again.")
+        focus_on(undone.pair_id, undone.scheme, "undo")
+        _next_item()
+
+    _guarded(write)
+
+
+def _reset_skips() -> None:
+    st.session_state["mnr_done"] = set()
+    queue(refresh=True)
+
+
+
+def review_page() -> None:
+    name = require_identity()
+    if "pair" in st.query_params:
+        focus_on(st.query_params["pair"], st.query_params.get("scheme"), "audit")
+        st.query_params.clear()
+    if "mnr_current" not in st.session_state:
+        _next_item()
+    show_notices()
+    current = st.session_state.get("mnr_current")
+    frame = queue()
+    left = len(remaining(frame))
+    decided = st.session_state.get("mnr_decided", 0)
+    if current is None:
+        st.success(f"Nothing left to review for {name} with these filters. Decided in this session: {decided}.")
+        if st.session_state.get("mnr_done"):
+            st.button("Show skipped items again", on_click=_reset_skips)
+        st.button(f"Undo last decision ({UNDO_SHORTCUT})", key="mnr_undo", shortcut=UNDO_SHORTCUT, on_click=_undo)
+        return
+    item: ReviewItem = current["item"]
+    scheme = load_scheme(item.scheme)
+    position = decided + 1
+    total = decided + max(left, 1)
+    st.caption(f"Item {position} of {total} · queued as **{current['source']}**: {current['reason']} · "
+               f"scheme {scheme.name} · dataset {item.dataset}")
+    st.markdown(f"### Query: “{item.query}”")
+    content, evidence = st.columns([3, 2], gap="large")
+    with content:
+        _product(item)
+        _definitions(scheme)
+    with evidence:
+        _llm_label(item, scheme)
+        _engagement(item)
+        _earlier_humans(item, blind=current["source"] == "overlap")
+    _decision_buttons(scheme, current["shown"].decision_id)
+
+
+def _product(item: ReviewItem) -> None:
+    st.markdown(f"**Product:** {item.title}")
+    if item.brand:
+        st.markdown(f"**Brand:** {item.brand}")
+    st.markdown(f"**Description:** {item.description or '_none given_'}")
+    reference = item.reference_label
+    if reference is not None:
+        st.caption(f"Dataset label ({reference['source']}): {reference['label']}")
+
+
+def _definitions(scheme: LabelScheme) -> None:
+    st.markdown("**Label definitions (policy)**")
+    lines = [f"- **{index}** · **{label.name}** — {label.definition}" for index, label in enumerate(scheme.labels, 1)]
+    st.markdown("\n".join(lines))
+
+
+def _llm_label(item: ReviewItem, scheme: LabelScheme) -> None:
+    llm = item.llm_label
+    if llm is None:
+        st.markdown("**LLM label:** none yet")
+        return
+    confidence = f" ({llm['confidence']:.0%})" if pd.notna(llm["confidence"]) else ""
+    st.markdown(f"**LLM label:** {llm['label']}{confidence}")
+    probs = item.llm_probs
+    for name in scheme.label_names:
+        if name in probs:
+            st.progress(min(max(probs[name], 0.0), 1.0), text=f"{name} {probs[name]:.0%}")
+    st.caption(f"by {llm['author']}")
+
+
+def _engagement(item: ReviewItem) -> None:
+    evidence = item.engagement
+    st.markdown("**Engagement**" + (" (simulated)" if evidence.simulated else ""))
+    if not evidence.impressions:
+        st.caption("No engagement logged for this pair.")
+        return
+    impressions, ctr, coec, cart = st.columns(4)
+    impressions.metric("Impressions", f"{evidence.impressions:,}")
+    ctr.metric("CTR", f"{evidence.ctr:.0%}" if evidence.ctr is not None else "–")
+    coec.metric("COEC", f"{evidence.coec:.2f}" if evidence.coec is not None else "–",
+                help="Clicks over expected clicks at the positions shown: above 1 means clicked more than its position predicts.")
+    cart.metric("Add to cart", f"{evidence.add_to_cart:,}")
+
+
+def _earlier_humans(item: ReviewItem, blind: bool) -> None:
+    humans = item.human_labels
+    st.markdown("**Earlier human labels**")
+    if humans.empty:
+        st.caption("None.")
+        return
+    if blind:
+        st.caption(f"{len(humans)} hidden: this is a blind second opinion for the agreement numbers.")
+        return
+    shown = humans.assign(when=humans["created_at"].astype(str).str[:16])
+    shown["label"] = shown["label"].where(~shown["undone"], shown["label"] + " (undone)")
+    st.dataframe(shown[["label", "author", "when", "comment"]], hide_index=True, width="stretch")
+
+
+def _decision_buttons(scheme: LabelScheme, decision_id: str) -> None:
+    st.text_input("Comment (optional)", key=f"mnr_comment_{decision_id}")
+    columns = st.columns(len(scheme.labels) + 2)
+    for index, (column, label) in enumerate(zip(columns, scheme.labels), 1):
+        column.button(label.name, key=f"mnr_label_{label.name}", shortcut=str(index), on_click=_decide,
+                      args=(label.name,), type="primary", width="stretch", help=label.definition)
+    columns[-2].button("Skip", key="mnr_skip", shortcut=SKIP_SHORTCUT, on_click=_skip, width="stretch")
+    columns[-1].button("Undo last", key="mnr_undo", shortcut=UNDO_SHORTCUT, on_click=_undo, width="stretch")
+    st.caption(f"Keys: 1–{len(scheme.labels)} label · {SKIP_SHORTCUT} skip · {UNDO_SHORTCUT} undo last")
+
+
+review_page()

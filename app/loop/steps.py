@@ -1,0 +1,357 @@
+"""The ten steps of the Mine and Refine loop, each a `Step` record: name, function, the keys of its
+`[loop.<step>]` table, and the top-level config tables it reads. The machinery is `app.loop.runner`.
+
+Each step imports its area (trainer, annotator, auditor) when it runs, so `mnr --help` stays fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from app.loop.runner import LoopConfig, Step, StepContext
+from labelstore.errors import MnrError
+from labelstore.sqlfiles import sql
+from labelstore.store import Store
+
+
+def _count_pairs(store: Store, dataset: str) -> int:
+    return int(store.scalar(sql("app.loop", "count_pairs"), {"dataset": dataset}) or 0)
+
+
+def step_ingest(ctx: StepContext) -> dict[str, Any]:
+    """Bring labelled pairs into the store: a generated catalog, a file (optionally sampled), or nothing."""
+    options = ctx.options
+    source = str(options.get("source", "catalog"))
+    dataset = ctx.config.dataset
+    if source == "catalog":
+        from labelstore.catalog import generate_catalog, write_catalog
+
+        if ctx.config.scheme != "esci":
+            raise MnrError(f"{ctx.config.where}: the generated catalog is labelled in scheme 'esci', "
+                           f"but [loop] scheme = '{ctx.config.scheme}'")
+        catalog = generate_catalog(n_families=int(options.get("n_families", 12)), seed=int(options.get("seed", 0)),
+                                   dataset=dataset)
+        inserted = write_catalog(ctx.store, catalog, dataset=dataset)
+        rows = len(catalog.judgments)
+    elif source == "file":
+        from labelstore.ingest import PRESETS, ingest_file
+
+        if "path" not in options:
+            raise MnrError(f"{ctx.config.where}: [loop.ingest] source = 'file' needs a `path`")
+        path = ctx.config.resolve(str(options["path"]))
+        preset = options.get("preset")
+        expected = PRESETS[preset].scheme if preset in PRESETS else options.get("scheme", ctx.config.scheme)
+        if expected != ctx.config.scheme:
+            raise MnrError(f"{ctx.config.where}: [loop.ingest] gives scheme '{expected}' but [loop] scheme = "
+                           f"'{ctx.config.scheme}'; make them the same")
+        if int(options.get("sample_queries", 0)) > 0:
+            from labelstore.sampling import sample_by_query
+
+            path = sample_by_query(path, preset, int(options["sample_queries"]), int(options.get("seed", 0)),
+                                   ctx.workspace / "data", options.get("encoding"))
+        result = ingest_file(ctx.store, path, preset=preset, scheme=ctx.config.scheme, dataset=dataset,
+                             encoding=options.get("encoding"))
+        inserted, rows = result.inserted, result.rows_read
+    elif source == "store":
+        inserted, rows = {}, 0
+    else:
+        raise MnrError(f"{ctx.config.where}: [loop.ingest] source must be 'catalog', 'file' or 'store', not '{source}'")
+    pairs = _count_pairs(ctx.store, dataset)
+    if pairs == 0:
+        raise MnrError(f"{ctx.store.path}: no pairs of dataset '{dataset}' after ingest; check [loop] dataset")
+    return {"source": source, "dataset": dataset, "scheme": ctx.config.scheme, "pairs": pairs,
+            "inserted": inserted, "items": rows, "unit": "rows"}
+
+
+def _dataclass_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that are fields of dataclass `cls` (`validate_config` rejected the rest)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in values.items() if key in names}
+
+
+def _train(ctx: StepContext, stage: str, start_from: str | None, parent_model_id: str | None) -> dict[str, Any]:
+    from trainer.train import TrainConfig, run_training
+
+    values = {**_dataclass_values(TrainConfig, ctx.options), **_shared_split(ctx)}
+    config = TrainConfig(stage=stage, scheme=ctx.config.scheme, dataset=ctx.config.dataset, **values)
+    # A fixed folder per loop run and stage: a re-run of a failed step resumes from its checkpoint.
+    out = ctx.workspace / "models" / f"{stage}-{ctx.loop_run_id}"
+    model_id, result = run_training(ctx.store, config, start_from=start_from, parent_model_id=parent_model_id,
+                                    out=out, evaluate=False, show_progress=False)
+    return {"model_id": model_id, "path": str(result.path), "steps": result.steps,
+            "train_pairs_per_s": round(result.metrics.get("train_pairs_per_s", 0.0), 2),
+            "loss_first": result.metrics.get("loss_first"), "loss_last20": result.metrics.get("loss_last20"),
+            "items": int(result.metrics.get("train_pairs_seen", 0)), "unit": "pairs"}
+
+
+def _shared_split(ctx: StepContext) -> dict[str, Any]:
+    """The held-out split every step agrees on: [loop] holdout_fraction and seed."""
+    return {"holdout_fraction": float(ctx.config.get("holdout_fraction", 0.2)), "seed": int(ctx.config.get("seed", 0))}
+
+
+def step_train_stage1(ctx: StepContext) -> dict[str, Any]:
+    """Stage 1: label-aware SupCon from all-MiniLM-L6-v2 on the current labels."""
+    from trainer.registry import ensure_zero_shot
+
+    return _train(ctx, "stage1", None, ensure_zero_shot(ctx.store))
+
+
+def step_mine(ctx: StepContext) -> dict[str, Any]:
+    """Mine hard pairs with the Stage 1 retriever (faiss): ambiguous unlabelled and label-disputing pairs."""
+    from trainer.mining import REASONS, MiningConfig, mine
+    from trainer.model import TwoTowerModel
+
+    stage1 = ctx.output("train-stage1")
+    values = _dataclass_values(MiningConfig, ctx.options)
+    if values.get("band") is not None:
+        values["band"] = tuple(values["band"])
+    model = TwoTowerModel.from_pretrained(stage1["path"])
+    run_id, candidates, metrics = mine(ctx.store, model, ctx.config.scheme, ctx.config.dataset, MiningConfig(**values),
+                                      model_id=stage1["model_id"])
+    by_reason = {reason: int((candidates["reason"] == reason).sum()) for reason in REASONS}
+    return {"mining_run_id": run_id, "candidates": int(len(candidates)), "by_reason": by_reason,
+            "new_pairs": int(metrics.get("inserted_pairs", 0)), "items": int(metrics.get("n_queries", 0)),
+            "unit": "queries"}
+
+
+def step_relabel(ctx: StepContext) -> dict[str, Any]:
+    """Label the mined pairs with the policy-prompted LLM (LoRA adapter when configured); resumable."""
+    from annotator.batch import DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
+    from annotator.models import PULLABLE, list_models, pull
+
+    options = ctx.options
+    model = str(options.get("model", "smollm2"))
+    if model in PULLABLE and model not in list_models():
+        ctx.log(f"[relabel] pulling {model} into the model cache (once)")
+        pull(model)
+    adapter = options.get("adapter")
+    mining_run = ctx.output("mine")["mining_run_id"]
+    job = LabelJob(model=model, policy=str(options.get("policy", ctx.config.scheme)), select="mined",
+                   backend=str(options.get("backend", "vllm")),
+                   adapter=str(ctx.config.resolve(str(adapter))) if adapter else None,
+                   limit=int(options["max_pairs"]) if options.get("max_pairs") else None, dataset=ctx.config.dataset,
+                   mining_run=mining_run, chunk_size=int(options.get("chunk_size", 64)),
+                   review_threshold=float(options.get("review_threshold", ctx.section("annotator").get(
+                       "review_threshold", DEFAULT_REVIEW_THRESHOLD))),
+                   backend_options=dict(options.get("backend_options", {})))
+    result = run_label_job(ctx.store, job, progress=False)
+    return {"label_run_id": result.run_id, "resumed": result.resumed, "selected": result.n_selected,
+            "labelled_now": result.n_labelled_now, "label_counts": result.label_counts,
+            "mean_confidence": result.mean_confidence, "needs_review": result.needs_review,
+            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author,
+            "items": result.n_selected, "unit": "pairs"}
+
+
+def step_engagement(ctx: StepContext) -> dict[str, Any]:
+    """Add engagement events: simulated from the imported labels, read from a file, or those already stored."""
+    options = dict(ctx.options)
+    source = str(options.pop("source", "simulate"))
+    where = f"{ctx.config.where} [loop.engagement]"
+    if source == "simulate":
+        from auditor.simulate import SimulationParams, simulate_into_store
+
+        truth = ctx.store.df(sql("app.loop", "import_truth"), {"scheme": ctx.config.scheme, "dataset": ctx.config.dataset})
+        if truth.empty:
+            raise MnrError(f"{ctx.store.path}: no imported labels of scheme '{ctx.config.scheme}' in dataset "
+                           f"'{ctx.config.dataset}' to simulate engagement from")
+        params = SimulationParams(**_dataclass_values(SimulationParams, options))
+        from labelstore.schemes import load_scheme
+
+        added = simulate_into_store(ctx.store, truth, params, load_scheme(ctx.config.scheme).max_grade)
+    elif source == "file":
+        from auditor.ingest import ingest_events
+
+        if "path" not in options:
+            raise MnrError(f"{where}: source = 'file' needs a `path` (CSV, Parquet, JSONL or UBI events)")
+        path = ctx.config.resolve(str(options["path"]))
+        if not path.exists():
+            raise MnrError(f"{where}: engagement file {path} does not exist")
+        ubi_queries = ctx.config.resolve(str(options["ubi_queries"])) if options.get("ubi_queries") else None
+        result = ingest_events(ctx.store, path, fmt=options.get("format"), dataset=ctx.config.dataset,
+                               mapping=options.get("mapping"), ubi_queries=ubi_queries)
+        added = result.inserted
+    elif source == "parquet":
+        if "path" not in options:
+            raise MnrError(f"{where}: source = 'parquet' needs a `path` (a Parquet file, folder, glob or s3:// URL)")
+        events_path = _location(ctx.config, str(options["path"]))
+        total, simulated = _parquet_event_counts(events_path)
+        return {"source": source, "events_path": events_path, "events_added": 0, "events_total": total,
+                "simulated": simulated, "items": total, "unit": "events (read in place)"}
+    elif source == "store":
+        added = 0
+    else:
+        raise MnrError(f"{where}: source must be 'simulate', 'file', 'parquet' or 'store', not '{source}'")
+    total, simulated = ctx.store.fetchall(sql("app.loop", "stored_event_counts"), {"dataset": ctx.config.dataset})[0]
+    if total == 0:
+        raise MnrError(f"{ctx.store.path}: no engagement events for dataset '{ctx.config.dataset}'; the audit needs some")
+    return {"source": source, "events_path": None, "events_added": added, "events_total": total,
+            "simulated": simulated, "items": added, "unit": "events"}
+
+
+def _location(config: LoopConfig, value: str) -> str:
+    """A local path resolved against the config's folder; URLs (s3://, gs://, https://) as given."""
+    return value if "://" in value else str(config.resolve(value))
+
+
+def _parquet_event_counts(events_path: str) -> tuple[int, bool]:
+    """(events, any simulated) of Parquet events read in place, through the auditor's own reader."""
+    import duckdb
+
+    from auditor.metrics import attach_events
+
+    with duckdb.connect() as con:
+        attach_events(con, events_path)
+        total, simulated = con.execute(sql("app.loop", "attached_event_counts")).fetchone()
+    if total == 0:
+        raise MnrError(f"{events_path}: no engagement events in it; the audit needs some")
+    return int(total), bool(simulated)
+
+
+def step_audit(ctx: StepContext) -> dict[str, Any]:
+    """Audit the current labels against engagement and the retriever, write the HTML + JSON report."""
+    from auditor.audit import run_audit
+    from auditor.report import write_report
+    from auditor.settings import AuditSettings
+
+    settings = AuditSettings.from_config(ctx.section("auditor"))
+    result = run_audit(ctx.store, ctx.config.scheme, settings, ctx.output("engagement").get("events_path"))
+    report = write_report(ctx.store, result, ctx.workspace / "reports" / result.run_id, settings)
+    summary = result.summary
+    return {"audit_run_id": result.run_id, "report": str(report.resolve()), "flags": summary["flags"],
+            "flagged_pairs": summary["flagged_pairs"], "flags_by_kind": summary["flags_by_kind"],
+            "queued": summary["queued"], "drift_alarms": summary["drift_alarm_total"],
+            "simulated": summary["simulated"], "items": summary["pairs_with_events"], "unit": "pairs"}
+
+
+def step_trigger(ctx: StepContext) -> dict[str, Any]:
+    """Decide whether to refine (the [trigger] policy); `[loop.trigger] force = true` always refines."""
+    from app.trigger import run_trigger
+    from auditor.trigger import TriggerPolicy
+
+    policy = TriggerPolicy.from_config(ctx.section("trigger"))
+    outcome = run_trigger(ctx.store, ctx.config.scheme, policy, launch=False)
+    force = bool(ctx.options.get("force", False))
+    reasons = list(outcome.decision.reasons) + (["forced by [loop.trigger] force = true"] if force else [])
+    return {"trigger_run_id": outcome.run_id, "fired": outcome.decision.fire, "refine": outcome.decision.fire or force,
+            "reasons": reasons, "counts": dataclasses.asdict(outcome.counts)}
+
+
+def step_train_stage2(ctx: StepContext) -> dict[str, Any]:
+    """Stage 2: multi-class circle loss from the Stage 1 model, on the current (relabelled) labels."""
+    decision = ctx.output("trigger")
+    if not decision.get("refine", True):
+        return {"skipped": True, "reason": "the trigger held: " + "; ".join(decision.get("reasons", []))}
+    stage1 = ctx.output("train-stage1")
+    return _train(ctx, "stage2", stage1["path"], stage1["model_id"])
+
+
+def step_evaluate(ctx: StepContext) -> dict[str, Any]:
+    """Graded retrieval metrics on the held-out queries for zero-shot, Stage 1, Stage 2 and the promoted model."""
+    from trainer.data import load_labelled_pairs, load_products
+    from trainer.evaluation import evaluate_systems
+    from trainer.model import TwoTowerModel
+    from trainer.registry import ensure_zero_shot, model_row, promoted_model, record_metrics
+
+    candidates = {"zero-shot": ensure_zero_shot(ctx.store), "stage1": ctx.output("train-stage1")["model_id"]}
+    stage2 = ctx.output("train-stage2")
+    if stage2.get("model_id"):
+        candidates["stage2"] = stage2["model_id"]
+    promoted = promoted_model(ctx.store)
+    if promoted and promoted not in candidates.values():
+        candidates["promoted"] = promoted
+    split = _shared_split(ctx)
+    pairs = load_labelled_pairs(ctx.store, ctx.config.scheme, ctx.config.dataset)
+    _, held_out = pairs.split(split["holdout_fraction"], split["seed"])
+    if str(ctx.options.get("labels", "import")) == "import":
+        held_out = _with_import_grades(ctx, held_out)
+    if held_out.frame.empty:
+        raise MnrError(f"no held-out queries (holdout_fraction {split['holdout_fraction']}); raise [loop] holdout_fraction")
+    products = load_products(ctx.store, ctx.config.dataset)
+    systems = {name: TwoTowerModel.from_pretrained(model_row(ctx.store, model_id)["path"])
+               for name, model_id in candidates.items()}
+    if ctx.options.get("bm25", True):
+        systems["bm25"] = None
+    reports = {report.system: report for report in evaluate_systems(held_out, products, systems,
+                                                                       k=int(ctx.options.get("k", 100)))}
+    for name, model_id in candidates.items():
+        record_metrics(ctx.store, model_id, {f"heldout_{k}": v for k, v in reports[name].metrics.items()})
+    metrics = {name: {k: round(v, 4) for k, v in report.metrics.items()} for name, report in reports.items()}
+    return {"models": candidates, "metrics": metrics,
+            "ndcg@10": {name: metrics[name]["ndcg@10"] for name in metrics},
+            "held_out_queries": int(held_out.frame["query_id"].nunique()),
+            "items": int(held_out.frame["query_id"].nunique()) * len(systems), "unit": "query rankings"}
+
+
+def _with_import_grades(ctx: StepContext, held_out: Any) -> Any:
+    """The held-out pairs graded by their imported labels only: LLM relabels never change the test set."""
+    from trainer.data import LabelledPairs
+
+    truth = ctx.store.df(sql("app.loop", "import_truth"), {"scheme": ctx.config.scheme, "dataset": ctx.config.dataset})
+    frame = held_out.frame.drop(columns=["label", "grade"]).merge(truth[["pair_id", "label", "grade"]], on="pair_id")
+    frame["grade"] = frame["grade"].astype(int)
+    return LabelledPairs(held_out.scheme, frame)
+
+
+def step_promote(ctx: StepContext) -> dict[str, Any]:
+    """Promote the newest trained model if it beats the promoted one (else zero-shot) on held-out NDCG@10."""
+    from trainer.registry import DEFAULT_METRIC, compare_models, ensure_zero_shot, promote, promoted_model
+
+    evaluated = ctx.output("evaluate")["models"]
+    candidate = evaluated.get("stage2") or evaluated["stage1"]
+    baseline = promoted_model(ctx.store) or ensure_zero_shot(ctx.store)
+    metric = str(ctx.options.get("metric", DEFAULT_METRIC))
+    min_gain = float(ctx.options.get("min_gain", 0.0))
+    if candidate == baseline:
+        return {"candidate": candidate, "baseline": baseline, "promoted": False, "reason": "already promoted"}
+    better = compare_models(ctx.store, candidate, baseline, metric, min_gain)
+    if better:
+        promote(ctx.store, candidate)
+    return {"candidate": candidate, "baseline": baseline, "metric": metric, "min_gain": min_gain, "promoted": better,
+            "promoted_model": candidate if better else baseline,
+            "reason": f"{candidate} {'beats' if better else 'does not beat'} {baseline} on {metric} by more than {min_gain}"}
+
+
+# -- the keys each step's table accepts ------------------------------------------------------------
+def _fields(cls: type, drop: tuple[str, ...] = ()) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - set(drop)
+
+
+def _ingest_keys() -> set[str]:
+    return {"source", "n_families", "seed", "path", "preset", "encoding", "sample_queries"}
+
+
+def _train_keys() -> set[str]:
+    from trainer.train import TrainConfig
+
+    return _fields(TrainConfig, ("stage", "scheme", "dataset", "holdout_fraction", "seed"))
+
+
+def _mine_keys() -> set[str]:
+    from trainer.mining import MiningConfig
+
+    return _fields(MiningConfig)
+
+
+def _relabel_keys() -> set[str]:
+    return {"backend", "model", "policy", "adapter", "max_pairs", "chunk_size", "review_threshold", "backend_options"}
+
+
+def _engagement_keys() -> set[str]:
+    from auditor.simulate import SimulationParams
+
+    return {"source", "path", "format", "ubi_queries", "mapping"} | _fields(SimulationParams)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("ingest", step_ingest, _ingest_keys),
+    Step("train-stage1", step_train_stage1, _train_keys),
+    Step("mine", step_mine, _mine_keys),
+    Step("relabel", step_relabel, _relabel_keys, sections=("annotator",)),
+    Step("engagement", step_engagement, _engagement_keys),
+    Step("audit", step_audit, sections=("auditor",)),
+    Step("trigger", step_trigger, lambda: {"force"}, sections=("trigger",)),
+    Step("train-stage2", step_train_stage2, _train_keys),
+    Step("evaluate", step_evaluate, lambda: {"k", "bm25", "labels"}),
+    Step("promote", step_promote, lambda: {"metric", "min_gain"}),
+)
+STEP_NAMES: tuple[str, ...] = tuple(step.name for step in STEPS)
