@@ -27,6 +27,8 @@ POSITION_MOVE_SHARE = 0.05
 MIN_MOVED_SHARE = 0.2
 # Flags beyond this multiple of the expected number of wrong labels (or below its inverse) are suspect.
 FLAG_RATE_TOLERANCE = 1.5
+# A model that believes more than this share of audited labels wrong more likely misfits the log.
+IMPLAUSIBLE_ERROR_SHARE = 0.2
 
 
 @dataclass
@@ -182,6 +184,11 @@ def evidence_checks(pair_metrics: pd.DataFrame, engagement_flags: int, moved_sha
         warnings.append(f"the audit expects about {expected_wrong:,.0f} wrong labels among the audited pairs but "
                         f"only {engagement_flags:,} have evidence strong enough to flag: collect more traffic "
                         "or relabel a sample")
+    n_audited = int(audited.sum()) if audited is not None else 0
+    if n_audited and expected_wrong > IMPLAUSIBLE_ERROR_SHARE * n_audited:
+        warnings.append(f"the audit believes {expected_wrong / n_audited:.0%} of the audited labels wrong: either the "
+                        "labels are very noisy or the engagement model does not fit this log (a click model other "
+                        "than position-based?); relabel a random sample before acting on the flags")
     if moved_share < MIN_MOVED_SHARE:
         warnings.append(f"only {moved_share:.0%} of impressions are on pairs that appear at more than one position "
                         "(no exploration traffic, a fixed ranker?): position bias is weakly identified, so the "

@@ -210,13 +210,18 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
     overall_atc = carts.sum() / max(clicks.sum(), 1.0)
     overall_buy = buys.sum() / max(carts.sum(), 1.0)
-    totals = np.stack([clicks, expected, carts, buys])
-    coec = atc = buy = np.zeros(n_grades)
+    coec = np.full(n_grades, clicks.sum() / max(expected.sum(), _TINY))
+    atc, buy = np.full(n_grades, overall_atc), np.full(n_grades, overall_buy)
     for _ in range(iterations):
-        click_sum, expected_sum, cart_sum, buy_sum = totals @ responsibility
+        # Each pair's weight saturates (the negative-binomial and beta-binomial maximum-likelihood means),
+        # so a few pairs with huge traffic, such as a mislabelled product a fixed ranker keeps on top,
+        # cannot set a grade's profile.
+        click_sum, expected_sum = _saturated_sums(clicks, expected, coec / spread.click_shape, responsibility)
+        cart_sum, cart_trials = _saturated_sums(carts, clicks, np.full(n_grades, spread.cart_rho), responsibility)
+        buy_sum, buy_trials = _saturated_sums(buys, carts, np.full(n_grades, spread.buy_rho), responsibility)
         coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
-        atc = _monotone((cart_sum + 10 * overall_atc) / (click_sum + 10), (click_sum + 10) * trusted)
-        buy = _monotone((buy_sum + 10 * overall_buy) / (cart_sum + 10), (cart_sum + 10) * trusted)
+        atc = _monotone((cart_sum + 10 * overall_atc) / (cart_trials + 10), (cart_trials + 10) * trusted)
+        buy = _monotone((buy_sum + 10 * overall_buy) / (buy_trials + 10), (buy_trials + 10) * trusted)
         if estimate_variation:
             spread = Spread(click_shape=_negative_binomial_shapes(clicks, expected, coec, responsibility),
                             cart_rho=_beta_binomial_rho(carts, clicks, responsibility @ atc),
@@ -234,6 +239,19 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         if converged:
             break
     return coec, atc, buy, spread, noise
+
+
+def _saturated_sums(successes: np.ndarray, exposure: np.ndarray, saturation: np.ndarray,
+                    responsibility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per grade, shape (n_grades,) each: sum_i r_ig x_i / (1 + e_i s_g) and sum_i r_ig e_i / (1 + e_i s_g).
+
+    successes x, exposure e: shape (n_pairs,); saturation s: shape (n_grades,), coec / shape for
+    negative-binomial clicks over expected clicks (e = expected clicks), rho for beta-binomial
+    conversions (e = trials, approximately). Their ratio is the grade's mean with each pair weighted
+    e / (1 + e s): proportional to its exposure while small, at most 1 / s however large.
+    """
+    weight = responsibility / (1.0 + exposure[:, None] * saturation[None, :])
+    return successes @ weight, exposure @ weight
 
 
 def _prior_rows(noise: np.ndarray) -> np.ndarray:

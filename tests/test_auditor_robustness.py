@@ -116,3 +116,28 @@ def test_engagement_and_the_llm_together_beat_either_alone(tmp_path):
     llm_disagrees = frame["pair_id"].map(dict(zip(truth["pair_id"], llm_grade))) != frame["grade"]
     assert f1(combined) >= f1(frame["flagged"]) + 0.05
     assert f1(combined) >= f1(llm_disagrees) + 0.05
+
+
+def test_implausible_error_share_is_reported():
+    metrics = pd.DataFrame({"impressions": [100] * 10, "expected_clicks": [10.0] * 10, "grade": [1] * 10,
+                            "implied_grade": [1] * 10, "label_posterior": [0.5] * 10})
+    checks = evidence_checks(metrics, engagement_flags=5, moved_share=0.9, settings=AuditSettings())
+    assert len(checks["warnings"]) == 1 and "believes 50% of the audited labels wrong" in checks["warnings"][0]
+
+
+def test_a_few_heavily_shown_mislabelled_pairs_do_not_set_a_grades_profile():
+    """Two truly top-grade products labelled irrelevant, which a fixed ranker shows on top to everyone,
+    get 100x the traffic of the 60 genuinely irrelevant ones. Pooled clicks over expected clicks would
+    make 'irrelevant' look attractive; saturating weights keep its COEC near the genuine pairs'."""
+    from auditor.model import fit_grade_model
+
+    rng = np.random.default_rng(0)
+    n_low, n_high = 60, 40
+    expected = np.r_[np.full(n_low, 20.0), np.full(2, 2000.0), np.full(n_high, 20.0)]
+    true_coec = np.r_[np.full(n_low, 0.1), np.full(2, 1.5), np.full(n_high, 1.5)]
+    clicks = rng.poisson(expected * true_coec).astype(float)
+    labels = np.r_[np.zeros(n_low + 2, int), np.ones(n_high, int)]
+    model = fit_grade_model(clicks, expected, np.zeros_like(clicks), np.zeros_like(clicks), labels, 2,
+                            pair_variation=0.0)
+    assert model.coec[0] < 0.2 < 1.2 < model.coec[1]
+    assert model.posterior[n_low:n_low + 2, 1].min() > 0.9  # the two are flagged as top grade
