@@ -37,16 +37,23 @@ def simulate_engagement(
     pair_noise: float = typer.Option(0.25, "--pair-noise", help="Per-pair attractiveness noise (logit sd)."),
     drift_at: Optional[str] = typer.Option(None, "--drift-at", help="Plant drift from this date on (ISO)."),
     drift_strength: float = typer.Option(0.8, "--drift-strength", help="0: none; 1: the grade->click relation inverts."),
+    click_model: str = typer.Option("pbm", "--click-model", help="pbm (position-based), cascade, dbn (dynamic "
+                                    "Bayesian network) or ubm (user browsing model)."),
+    ranker: str = typer.Option("noisy", "--ranker", help="noisy (each session reshuffles around the true grade) or "
+                               "fixed (a production ranker: one score per pair, a little jitter per session)."),
+    explore_rate: float = typer.Option(0.02, "--explore-rate", help="Share of sessions showing a random order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write Parquet here (file.parquet or a folder) instead of the store."),
 ) -> None:
-    """Simulate a position-biased engagement log from the current labels (every event is marked simulated)."""
+    """Simulate an engagement log from the current labels (every event is marked simulated)."""
     from auditor.simulate import SimulationParams, simulate_into_store, simulate_to_parquet, truth_from_store
     from labelstore.schemes import load_scheme
 
     store = open_store()
     params = SimulationParams(n_sessions=sessions, seed=seed, start=_datetime(start, "--start"), days=days,
                               zipf_exponent=zipf, page_size=page_size, examination_decay=decay, pair_noise=pair_noise,
-                              drift_at=_datetime(drift_at, "--drift-at"), drift_strength=drift_strength)
+                              drift_at=_datetime(drift_at, "--drift-at"), drift_strength=drift_strength,
+                              click_model=click_model, ranker=ranker, explore_rate=explore_rate)
+    params.validate()
     truth = truth_from_store(store, scheme)
     max_grade = load_scheme(scheme).max_grade
     with store.run("simulate", {"scheme": scheme, "sessions": sessions, "seed": seed, "out": str(out or "store")}) as run:
