@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from annotator.prompts import load_prompt_policy
+from annotator.prompts import list_policies, load_prompt_policy
+from labelstore.schemes import list_schemes
 
 REPO = Path(__file__).resolve().parents[1]
 # Build outputs and local state that must not reach the build copy.
@@ -57,7 +58,8 @@ def test_installed_package_finds_its_data_outside_the_repository(installed: Path
     lines = _run([sys.executable, "-c", probe], cwd=tmp_path, env=_outside_env(installed)).stdout.splitlines()
     assert Path(lines[0]).is_relative_to(installed), "labelstore came from the install, not the checkout"
     assert Path(lines[1]) == installed / "prompts"
-    assert lines[2:] == ["['esci', 'graded3', 'graded4']", "['esci', 'home-improvement']"]
+    # every scheme and policy of the checkout, and nothing else
+    assert lines[2:] == [str(list_schemes()), str(list_policies())]
     for shipped in ("labelstore/sql/migrations/0001_init.sql", "auditor/templates/report.html.j2",
                     "auditor/sql/macros.sql", "app/review/sql/queue.sql", "app/review/screens/review.py",
                     "prompts/policies/_pair.j2"):
