@@ -6,7 +6,8 @@
 Every backend scores one step: the log-probabilities of the label first tokens at the position
 right after the prompt (`Policy.render`, tokenized with the tokenizer's defaults). No text is
 generated or parsed, so every answer is a valid label. If the adapter folder has a `meta.json`
-with a calibration `temperature`, probabilities are softmax(logprobs / temperature).
+with a calibration `temperature`, probabilities are softmax(logprobs / temperature); if it records
+the adapter's `pair_form`, prompts are rendered in that form.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
 from annotator.models import resolve_model
+from annotator.pair_form import policy_for_adapter
 from annotator.prompts import PairText, Policy, load_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
 from labelstore.errors import MnrError
@@ -105,7 +107,10 @@ class Labeler:
         self.model = model
         adapter_path = check_adapter(adapter) if adapter is not None else None
         self.adapter = str(adapter_path) if adapter_path is not None else None
-        self.temperature = float(read_adapter_meta(adapter_path).get("temperature", 1.0)) if adapter_path else 1.0
+        meta = read_adapter_meta(adapter_path) if adapter_path else {}
+        self.temperature = float(meta.get("temperature", 1.0))
+        # the adapter learnt one pair form (annotator.pair_form): label with the same prompt
+        self.policy = policy_for_adapter(self.policy, meta)
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, self.adapter, **backend_options)
         self.options = self.policy.answer_options()

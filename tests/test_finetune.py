@@ -36,7 +36,7 @@ from labelstore.store import LabelRecord
 MARKERS = {"exact": "black", "substitute": "white", "complement": "red", "irrelevant": "blue"}
 NOUNS = ("drill", "faucet", "paint", "mower", "ladder", "grill", "vacuum", "saw", "lamp", "hose")
 TRAIN_ARGS = ["--max-steps", "40", "--eval-every", "10", "--patience", "10", "--lr", "5e-3", "--batch-size", "16",
-              "--max-epochs", "50", "--select-metric", "accuracy"]
+              "--warmup-steps", "10", "--max-epochs", "50", "--select-metric", "accuracy"]
 
 runner = CliRunner()
 
