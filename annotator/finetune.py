@@ -6,15 +6,29 @@ is supervised on that one token (`label_token_loss`): the cross-entropy of the n
 distribution at the end of the prompt against the reference label's token, over the full vocabulary
 and over the label tokens alone, weighted per class (ratings are skewed). No other token carries loss.
 
-The policy prefix is the same for every pair, so each step runs it once (with the adapter, so
-gradients flow through it) and shares its key/value cache across the batch; only the pair parts
-are run per example. This is what makes training affordable on a CPU.
+Two training paths (``FinetuneArgs.train_top_k``):
+
+- cached (``train_top_k`` = k > 0, the default): LoRA on the top k decoder blocks only (PEFT
+  ``layers_to_transform``). The frozen lower blocks' output for every pair is computed once and
+  cached (`annotator.layer_cache`); each step runs only the top blocks, so a step costs about k/N
+  of a full one and the caching pass one forward of the lower blocks per pair. Training pairs are
+  cached in a random order until their share of the budget is spent: those are the pairs trained on,
+  over several epochs.
+- full (``train_top_k`` = 0): LoRA on every block; each step runs the policy prefix once (with the
+  adapter, so gradients flow through it), shares its key/value cache across the batch and runs the
+  pair parts.
+
+The pair part is the policy's (``pair_form="full"``) or a short one (``"short"``: query, title,
+brand, description cut hard; `annotator.pair_form`), recorded in ``meta.json`` so that labelling
+renders the same prompt.
 
 The train/dev split is by query (no query in both). Every ``eval_every`` steps the dev set is
 scored; the best adapter by ``select_metric`` is kept, training stops after ``patience`` evaluations
-without improvement, at ``max_steps``, or when the ``max_minutes`` wall-clock budget is spent.
-A temperature is then fitted on dev (`annotator.calibration`). The output folder holds the PEFT
-adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``meta.json`` and ``split.json``.
+without improvement, at ``max_steps``, or when the ``max_minutes`` wall-clock budget is spent; that
+budget covers the whole call (caching, training, dev scoring, calibration, saving). A temperature is
+then fitted on dev (`annotator.calibration`); one that ends at a bound of its search is reported as a
+failed calibration (a warning, ``meta["calibration"]["status"] == "failed"``) and 1.0 is stored.
+The output folder holds the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``meta.json`` and ``split.json``.
 ``checkpoint/`` inside it makes an interrupted run resumable.
 """
 from __future__ import annotations
@@ -25,6 +39,7 @@ import os
 import random
 import shutil
 import time
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +65,7 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 LOWER_IS_BETTER = {"log_loss", "rmse_grade", "rmse_rating", "ece"}
+log = logging.getLogger(__name__)
 LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -139,7 +155,7 @@ def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> Enco
     """
     label_index = {name: i for i, name in enumerate(policy.scheme.label_names)}
     prefix = tokenizer(policy.prefix())["input_ids"]
-    full_prompts: list[list[int]] = []
+    prompts: list[str] = []
     targets: list[int] = []
     pair_ids: list[str] = []
     skipped: list[str] = []
@@ -151,12 +167,14 @@ def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> Enco
         except EmptyProductTextError:
             skipped.append(row.pair_id)
             continue
-        full_prompts.append(tokenizer(prompt)["input_ids"])
+        prompts.append(prompt)
         targets.append(label_index[policy.scheme.normalize(row.label)])
         pair_ids.append(row.pair_id)
+    full_prompts: list[list[int]] = tokenizer(prompts)["input_ids"] if prompts else []
     shared = len(prefix)
     for tokens in full_prompts:
-        shared = min(shared, _common_prefix_length(prefix, tokens))
+        if tokens[:shared] != prefix[:shared]:  # rare: the pair part's first token merged with the prefix's last
+            shared = _common_prefix_length(prefix[:shared], tokens)
     # every pair part must keep at least one token so the answer position is its own
     shared = min([shared] + [len(tokens) - 1 for tokens in full_prompts])
     return EncodedExamples(prefix[:shared], [tokens[shared:] for tokens in full_prompts],
@@ -334,6 +352,8 @@ class LoopState:
     n_cached: int | None = None  # train pairs in the layer cache (cached path)
     losses: list[float] = field(default_factory=list)
     step_seconds: float = 0.0
+    train_wall_s: float = 0.0  # in steps, this attempt
+    train_cpu_s: float = 0.0
     eval_seconds: float | None = None
     stop_reason: str = "max_steps"
 
@@ -411,13 +431,16 @@ def cached_path(*, model: Any, split: int, train_examples: EncodedExamples, dev_
     dev_cache = lc.allocate_cache(dev_lengths, hidden_size, max_resident_bytes=2**62, spill_dir=None)
     dev_order = np.random.default_rng(args.seed).permutation(len(dev_lengths))
     n_dev = lc.fill_cache(model, prefix, dev_examples.suffixes, dev_cache, order=dev_order,
-                          batch_size=args.cache_batch_size, deadline=clock.deadline(share=args.dev_cache_share))
+                          batch_size=args.cache_batch_size, deadline=clock.deadline(share=args.dev_cache_share),
+                          at_least=args.eval_batch_size)
     dev_seconds = time.monotonic() - tick
+    log.info("cached %d of %d dev pairs in %.1fs (%.1fs into the budget)", n_dev, len(dev_lengths), dev_seconds,
+             clock.elapsed())
     dev_index = np.sort(dev_order[:n_dev])
     # a forward over k of the blocks, per dev pair, against the caching pass over `split` of them
     eval_estimate = dev_seconds * max(1, args.train_top_k) / max(1, split) * 2 + FINISH_MARGIN_S
 
-    tick = time.monotonic()
+    tick, cpu_tick = time.monotonic(), time.process_time()
     lengths = _lengths(train_examples)
     order = np.random.default_rng(args.seed + 1).permutation(len(lengths))
     max_bytes = int(args.cache_memory_gb * 2**30)
@@ -427,8 +450,10 @@ def cached_path(*, model: Any, split: int, train_examples: EncodedExamples, dev_
     deadline = math.inf if state.n_cached else clock.deadline(share=args.cache_share, reserve_s=eval_estimate)
     n_cached = lc.fill_cache(model, prefix, [train_examples.suffixes[i] for i in order], cache,
                              order=np.arange(len(order)), batch_size=args.cache_batch_size, deadline=deadline,
-                             stop_after=state.n_cached)
-    train_seconds = time.monotonic() - tick
+                             stop_after=state.n_cached, at_least=args.batch_size)
+    train_seconds, train_cpu_seconds = time.monotonic() - tick, time.process_time() - cpu_tick
+    log.info("cached %d of %d train pairs in %.1fs (%.1fs into the budget)", n_cached, len(order), train_seconds,
+             clock.elapsed())
     spilled = isinstance(cache.rows, np.memmap)
     if spilled:
         cache.rows.flush()
@@ -448,6 +473,7 @@ def cached_path(*, model: Any, split: int, train_examples: EncodedExamples, dev_
             "cache_bytes_per_token": hidden_size * cache.rows.itemsize, "train_pairs_cached": n_cached,
             "train_tokens_cached": tokens, "train_cache_seconds": round(train_seconds, 1),
             "train_cache_pairs_per_s": round(n_cached / max(train_seconds, 1e-9), 2),
+            "train_cache_cpu_seconds": round(train_cpu_seconds, 1),
             "dev_pairs_cached": n_dev, "dev_cache_seconds": round(dev_seconds, 1)}
     # cache rows are in `order`: pair j of the cache is train example order[j]
     return TrainingPath(np.arange(n_cached), lengths[order][:n_cached], logits, score_dev, dev_index,
@@ -489,6 +515,8 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     if len(train_examples.targets) == 0 or len(dev_examples.targets) == 0:
         raise FinetuneError("no usable train or dev pairs after rendering the prompts")
 
+    log.info("encoded %d train and %d dev prompts (%.1fs into the budget)", len(train_examples.targets),
+             len(dev_examples.targets), clock.elapsed())
     checkpoint = out_dir / CHECKPOINT_DIR
     saved = _load_checkpoint(checkpoint) if resume else None
     state = LoopState(**{k: saved[k] for k in CHECKPOINTED if k in saved}, spent_s=saved["elapsed_s"]) if saved else LoopState()
@@ -584,7 +612,7 @@ class _Trainer:
         return state.step_seconds * len(self.dev_examples.targets) / max(1, self.args.batch_size) / 3
 
     def _step(self, state: LoopState, batch: np.ndarray) -> None:
-        tick = time.monotonic()
+        tick, cpu_tick = time.monotonic(), time.process_time()
         logits = self.path.logits(self.path.train_index[batch])
         loss = label_token_loss(logits, self.token_targets[batch], self.class_targets[batch], self.label_id_tensor,
                                 self.pair_weights[batch])
@@ -597,6 +625,8 @@ class _Trainer:
         state.pairs_seen += len(batch)
         state.losses.append(float(loss.detach()))
         state.step_seconds = time.monotonic() - tick
+        state.train_wall_s += state.step_seconds
+        state.train_cpu_s += time.process_time() - cpu_tick
 
     def _evaluate(self, state: LoopState) -> None:
         tick = time.monotonic()
@@ -693,6 +723,8 @@ def _finish(*, trainer: _Trainer, state: LoopState, tokenizer: Any, policy: Poli
         "pairs_seen": state.pairs_seen,
         "training_path": trainer.path.info,
         "step_seconds": round(state.step_seconds, 3),
+        "train_step_wall_seconds": round(state.train_wall_s, 1),
+        "train_step_cpu_seconds": round(state.train_cpu_s, 1),
         "stop_reason": state.stop_reason,
         "train_seconds": round(elapsed, 1),
         "dev_metrics": _headline(metrics[temperature]),

@@ -159,7 +159,7 @@ class LayerCache:
         out = torch.zeros(len(indices), max(lengths), self.rows.shape[1], dtype=dtype)
         for b, (i, n) in enumerate(zip(indices, lengths)):
             start = int(self.offsets[i])
-            out[b, :n] = torch.from_numpy(np.asarray(self.rows[start: start + n])).to(dtype)
+            out[b, :n] = torch.from_numpy(np.array(self.rows[start: start + n], dtype=np.float32)).to(dtype)
         return out, lengths
 
 
@@ -198,17 +198,18 @@ def mark_ready(spill_dir: Path, key: str, filled: int) -> None:
 @torch.no_grad()
 def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int]], cache: LayerCache, *,
                order: Sequence[int], batch_size: int, deadline: float = float("inf"),
-               stop_after: int | None = None) -> int:
+               stop_after: int | None = None, at_least: int = 1) -> int:
     """Compute the lower-block states of pairs in ``order`` (``suffixes`` indexes match ``cache``).
 
     Pairs are taken in ``order`` in groups of ``batch_size``, each group sorted by length to cut
-    padding, until all are done, ``stop_after`` are done, or ``time.monotonic()`` passes ``deadline``.
+    padding, until all are done, ``stop_after`` are done, or ``time.monotonic()`` passes ``deadline``
+    with at least ``at_least`` done.
     Returns the number of pairs of ``order`` done (a prefix of it); ``cache.filled`` is set to it.
     """
     decoder = decoder_of(model)
     limit = len(order) if stop_after is None else min(stop_after, len(order))
     done = cache.filled
-    while done < limit and time.monotonic() < deadline:
+    while done < limit and (done < at_least or time.monotonic() < deadline):
         group = sorted(order[done: min(done + batch_size, limit)], key=lambda i: len(suffixes[i]))
         lengths = [len(suffixes[i]) for i in group]
         ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
@@ -240,9 +241,15 @@ def score_cached(model: Any, prefix: PrefixStates, cache: LayerCache, indices: S
     return np.concatenate(rows) if rows else np.zeros((0, len(label_ids)))
 
 
-def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, pool: int = 50):
-    """Endless mini-batches, epoch after epoch: each epoch shuffles, sorts pools of ``pool`` batches by
-    length (little padding), then shuffles the batches. Yields (epoch, indices)."""
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, pool: int = 8,
+                            granularity: int = 8):
+    """Endless mini-batches, epoch after epoch: each epoch shuffles, groups pools of ``pool`` batches by
+    length, then shuffles the batches. Yields (epoch, indices).
+
+    Lengths are grouped in steps of ``granularity`` tokens, in random order within a step: length
+    can go with the label (short titles, say), and batches sorted by exact length would then be
+    nearly one label each.
+    """
     n = len(lengths)
     size = min(batch_size, n)
     epoch = 0
@@ -251,7 +258,7 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
         batches = []
         for start in range(0, n, size * pool):
             chunk = order[start: start + size * pool]
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            chunk = chunk[np.lexsort((rng.random(len(chunk)), lengths[chunk] // granularity))]
             batches.extend(chunk[i: i + size] for i in range(0, len(chunk), size))
         for b in rng.permutation(len(batches)):
             yield epoch, batches[b]
