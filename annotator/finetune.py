@@ -349,7 +349,8 @@ class LoopState:
     bad_evals: int = 0
     spent_s: float = 0.0  # seconds spent by earlier, interrupted attempts
     pairs_seen: int = 0  # training examples processed, repeats included
-    n_cached: int | None = None  # train pairs in the layer cache (cached path)
+    n_take: int | None = None  # train pairs encoded for the layer cache (cached path)
+    n_cached: int | None = None  # of which cached, the pairs trained on
     losses: list[float] = field(default_factory=list)
     step_seconds: float = 0.0
     train_wall_s: float = 0.0  # in steps, this attempt
@@ -358,7 +359,8 @@ class LoopState:
     stop_reason: str = "max_steps"
 
 
-CHECKPOINTED = ("step", "history", "best_value", "best_state", "best_logprobs", "bad_evals", "pairs_seen", "n_cached")
+CHECKPOINTED = ("step", "history", "best_value", "best_state", "best_logprobs", "bad_evals", "pairs_seen", "n_take",
+                "n_cached")
 
 
 @dataclass
@@ -412,48 +414,49 @@ def full_path(*, model: Any, train_examples: EncodedExamples, dev_examples: Enco
                         np.arange(len(dev_examples.targets)), {"path": "full"})
 
 
-def cached_path(*, model: Any, split: int, train_examples: EncodedExamples, dev_examples: EncodedExamples,
+def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: EncodedExamples,
+                encode: Callable[[pd.DataFrame], EncodedExamples], encode_seconds_per_pair: float,
                 label_ids: list[int], args: FinetuneArgs, clock: Clock, state: LoopState, spill_dir: Path,
-                key: str) -> TrainingPath:
+                key: str) -> tuple[TrainingPath, EncodedExamples]:
     """Lower blocks run once per pair into a `LayerCache`; steps run the top blocks over it.
 
-    Dev is cached first (at most ``dev_cache_share`` of the budget), then train pairs in a random
-    order until ``cache_share`` of what is left (less a reserve for evaluation) is spent; the pairs
-    cached are the pairs trained on. A resumed run caches the same pairs again (or reuses a spilled
-    cache with the same ``key``).
+    Dev is cached first (at most ``dev_cache_share`` of the budget); its pace sets how many train
+    pairs, drawn at random, are encoded and cached in ``cache_share`` of what is left (less a reserve
+    for evaluation). The pairs cached are the pairs trained on; a resumed run caches the same ones
+    again (or reuses a spilled cache with the same ``key``). Returns the path and the encoded train
+    pairs, in cache order.
     """
     from annotator import layer_cache as lc
 
     hidden_size = int(model.get_base_model().config.hidden_size)
-    tick = time.monotonic()
-    prefix = lc.prefix_states(model, train_examples.prefix, split)
-    dev_lengths = _lengths(dev_examples)
-    dev_cache = lc.allocate_cache(dev_lengths, hidden_size, max_resident_bytes=2**62, spill_dir=None)
-    dev_order = np.random.default_rng(args.seed).permutation(len(dev_lengths))
-    n_dev = lc.fill_cache(model, prefix, dev_examples.suffixes, dev_cache, order=dev_order,
-                          batch_size=args.cache_batch_size, deadline=clock.deadline(share=args.dev_cache_share),
-                          at_least=args.eval_batch_size)
-    dev_seconds = time.monotonic() - tick
-    log.info("cached %d of %d dev pairs in %.1fs (%.1fs into the budget)", n_dev, len(dev_lengths), dev_seconds,
-             clock.elapsed())
-    dev_index = np.sort(dev_order[:n_dev])
-    # a forward over k of the blocks, per dev pair, against the caching pass over `split` of them
-    eval_estimate = dev_seconds * max(1, args.train_top_k) / max(1, split) * 2 + FINISH_MARGIN_S
-
+    dev_cache, dev_index, prefix, dev_seconds = _cache_dev(model=model, split=split, dev_examples=dev_examples,
+                                                           args=args, clock=clock)
+    # scoring dev runs k of the blocks the caching pass ran `split` of: reserve that for evaluation
+    reserve_s = dev_seconds * max(1, args.train_top_k) / max(1, split) * 2 + FINISH_MARGIN_S
+    n_take = state.n_take or _train_pairs_that_fit(
+        n_train=len(train), seconds_per_pair=dev_seconds / max(1, len(dev_index)) + encode_seconds_per_pair,
+        reserve_s=reserve_s, args=args, clock=clock)
+    state.n_take = n_take
     tick, cpu_tick = time.monotonic(), time.process_time()
+    rows = np.random.default_rng(args.seed + 1).permutation(len(train))[:n_take]
+    train_examples = encode(train.iloc[rows].reset_index(drop=True))
+    if train_examples.prefix != dev_examples.prefix:  # a pair part merged with the prefix's last token
+        common = _common_prefix_length(train_examples.prefix, dev_examples.prefix)
+        train_examples, dev_examples = _reprefix(train_examples, common), _reprefix(dev_examples, common)
+        dev_cache, dev_index, prefix, _ = _cache_dev(model=model, split=split, dev_examples=dev_examples, args=args,
+                                                     clock=clock)
     lengths = _lengths(train_examples)
-    order = np.random.default_rng(args.seed + 1).permutation(len(lengths))
-    max_bytes = int(args.cache_memory_gb * 2**30)
-    cache = lc.reuse_spilled(spill_dir, key, lengths[order]) if state.n_cached else None
+    cache = lc.reuse_spilled(spill_dir, key, lengths) if state.n_cached else None
     if cache is None:
-        cache = lc.allocate_cache(lengths[order], hidden_size, max_resident_bytes=max_bytes, spill_dir=spill_dir)
-    deadline = math.inf if state.n_cached else clock.deadline(share=args.cache_share, reserve_s=eval_estimate)
-    n_cached = lc.fill_cache(model, prefix, [train_examples.suffixes[i] for i in order], cache,
-                             order=np.arange(len(order)), batch_size=args.cache_batch_size, deadline=deadline,
-                             stop_after=state.n_cached, at_least=args.batch_size)
+        cache = lc.allocate_cache(lengths, hidden_size, max_resident_bytes=int(args.cache_memory_gb * 2**30),
+                                  spill_dir=spill_dir)
+    deadline = math.inf if state.n_cached else clock.deadline(share=args.cache_share, reserve_s=reserve_s)
+    n_cached = lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
+                             batch_size=args.cache_batch_size, deadline=deadline, stop_after=state.n_cached,
+                             at_least=args.batch_size)
     train_seconds, train_cpu_seconds = time.monotonic() - tick, time.process_time() - cpu_tick
-    log.info("cached %d of %d train pairs in %.1fs (%.1fs into the budget)", n_cached, len(order), train_seconds,
-             clock.elapsed())
+    log.info("encoded %d and cached %d of %d train pairs in %.1fs (%.1fs into the budget)", len(lengths), n_cached,
+             len(train), train_seconds, clock.elapsed())
     spilled = isinstance(cache.rows, np.memmap)
     if spilled:
         cache.rows.flush()
@@ -467,17 +470,51 @@ def cached_path(*, model: Any, split: int, train_examples: EncodedExamples, dev_
     def score_dev() -> np.ndarray:
         return lc.score_cached(model, prefix, dev_cache, dev_index, label_ids, batch_size=args.eval_batch_size)
 
-    tokens = int(cache.lengths[:n_cached].sum())
     info = {"path": "cached", "split": split, "top_k": args.train_top_k, "prefix_tokens": prefix.length,
             "cache_dtype": str(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
             "cache_bytes_per_token": hidden_size * cache.rows.itemsize, "train_pairs_cached": n_cached,
-            "train_tokens_cached": tokens, "train_cache_seconds": round(train_seconds, 1),
+            "train_tokens_cached": int(cache.lengths[:n_cached].sum()),
+            "train_encode_and_cache_seconds": round(train_seconds, 1),
             "train_cache_pairs_per_s": round(n_cached / max(train_seconds, 1e-9), 2),
             "train_cache_cpu_seconds": round(train_cpu_seconds, 1),
-            "dev_pairs_cached": n_dev, "dev_cache_seconds": round(dev_seconds, 1)}
-    # cache rows are in `order`: pair j of the cache is train example order[j]
-    return TrainingPath(np.arange(n_cached), lengths[order][:n_cached], logits, score_dev, dev_index,
-                        {**info, "order": order})
+            "dev_pairs_cached": len(dev_index), "dev_cache_seconds": round(dev_seconds, 1)}
+    path = TrainingPath(np.arange(n_cached), lengths[:n_cached], logits, score_dev, dev_index, info)
+    return path, train_examples
+
+
+def _cache_dev(*, model: Any, split: int, dev_examples: EncodedExamples, args: FinetuneArgs, clock: Clock):
+    """The prefix states and the dev pairs' cache (as many as ``dev_cache_share`` of the budget allows)."""
+    from annotator import layer_cache as lc
+
+    tick = time.monotonic()
+    prefix = lc.prefix_states(model, dev_examples.prefix, split)
+    dev_lengths = _lengths(dev_examples)
+    dev_cache = lc.allocate_cache(dev_lengths, int(model.get_base_model().config.hidden_size),
+                                  max_resident_bytes=2**62, spill_dir=None)
+    dev_order = np.random.default_rng(args.seed).permutation(len(dev_lengths))
+    n_dev = lc.fill_cache(model, prefix, dev_examples.suffixes, dev_cache, order=dev_order,
+                          batch_size=args.cache_batch_size, deadline=clock.deadline(share=args.dev_cache_share),
+                          at_least=args.eval_batch_size)
+    seconds = time.monotonic() - tick
+    log.info("cached %d of %d dev pairs in %.1fs (%.1fs into the budget)", n_dev, len(dev_lengths), seconds,
+             clock.elapsed())
+    return dev_cache, np.sort(dev_order[:n_dev]), prefix, seconds
+
+
+def _train_pairs_that_fit(*, n_train: int, seconds_per_pair: float, reserve_s: float, args: FinetuneArgs,
+                          clock: Clock) -> int:
+    """How many train pairs to encode: what ``cache_share`` of the budget left can encode and cache, +25%."""
+    if math.isinf(clock.limit_s):
+        return n_train
+    seconds = args.cache_share * max(0.0, clock.left() - reserve_s)
+    return int(min(n_train, max(args.batch_size, 1.25 * seconds / max(seconds_per_pair, 1e-9))))
+
+
+def _reprefix(examples: EncodedExamples, length: int) -> EncodedExamples:
+    """``examples`` with only the first ``length`` prefix tokens shared, the rest moved into each pair part."""
+    moved = examples.prefix[length:]
+    return EncodedExamples(examples.prefix[:length], [moved + s for s in examples.suffixes], examples.targets,
+                           examples.pair_ids, examples.skipped)
 
 
 def _lengths(examples: EncodedExamples) -> np.ndarray:
@@ -510,34 +547,38 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     prompt_policy = policy_in_form(policy, args.pair_form)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
-    train_examples = encode_examples(tokenizer, prompt_policy, train)
-    dev_examples = encode_examples(tokenizer, prompt_policy, dev)
-    if len(train_examples.targets) == 0 or len(dev_examples.targets) == 0:
-        raise FinetuneError("no usable train or dev pairs after rendering the prompts")
-
-    log.info("encoded %d train and %d dev prompts (%.1fs into the budget)", len(train_examples.targets),
-             len(dev_examples.targets), clock.elapsed())
     checkpoint = out_dir / CHECKPOINT_DIR
     saved = _load_checkpoint(checkpoint) if resume else None
     state = LoopState(**{k: saved[k] for k in CHECKPOINTED if k in saved}, spent_s=saved["elapsed_s"]) if saved else LoopState()
     clock.spent_before = state.spent_s
     if saved is None:
         (out_dir / HISTORY_FILE).unlink(missing_ok=True)
+
+    def encode(frame: pd.DataFrame) -> EncodedExamples:
+        return encode_examples(tokenizer, prompt_policy, frame)
+
+    tick = time.monotonic()
+    dev_examples = encode(dev)
+    encode_seconds_per_pair = (time.monotonic() - tick) / max(1, len(dev))
     model = load_lora_model(model_dir, args, checkpoint / "adapter" if saved else None)
     model.train()
     split = _split_block(model, args.train_top_k)
     if split is None:
+        train_examples = encode(train)
+        _check_encoded(train_examples, dev_examples)
         path = full_path(model=model, train_examples=train_examples, dev_examples=dev_examples, label_ids=label_ids,
                          pad_id=int(tokenizer.pad_token_id), eval_batch_size=args.eval_batch_size)
     else:
+        _check_encoded(dev_examples)
         key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed)
-        path = cached_path(model=model, split=split, train_examples=train_examples, dev_examples=dev_examples,
-                           label_ids=label_ids, args=args, clock=clock, state=state, spill_dir=out_dir / "layer-cache",
-                           key=key)
-    order = path.info.pop("order", np.arange(len(train_examples.targets)))
+        path, train_examples = cached_path(model=model, split=split, train=train, dev_examples=dev_examples,
+                                           encode=encode, encode_seconds_per_pair=encode_seconds_per_pair,
+                                           label_ids=label_ids, args=args, clock=clock, state=state,
+                                           spill_dir=out_dir / "layer-cache", key=key)
+        _check_encoded(train_examples, dev_examples)
     dev_examples = _take(dev_examples, path.dev_index)
     trainer = _Trainer(model=model, path=path, args=args, policy=prompt_policy, label_ids=label_ids,
-                       train_targets=train_examples.targets[order], dev_examples=dev_examples,
+                       train_targets=train_examples.targets, dev_examples=dev_examples,
                        dev_ratings=_ratings_for(dev, dev_examples.pair_ids), rating_scale=rating_scale,
                        out_dir=out_dir, clock=clock, progress=progress)
     if saved is not None:
@@ -547,6 +588,11 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     return _finish(trainer=trainer, state=state, tokenizer=tokenizer, policy=policy, prompt_policy=prompt_policy,
                    train=train, dev=dev, train_examples=train_examples,
                    base_model_name=base_model_name or str(model_dir))
+
+
+def _check_encoded(*sets: EncodedExamples) -> None:
+    if any(len(examples.targets) == 0 for examples in sets):
+        raise FinetuneError("no usable train or dev pairs after rendering the prompts")
 
 
 def _split_block(model: Any, top_k: int) -> int | None:
@@ -714,6 +760,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, tokenizer: Any, policy: Poli
         "calibration": calibration,
         "training_args": {**asdict(args), "target_modules": list(args.target_modules)},
         "n_train": len(train_examples.targets),
+        "n_train_available": len(train),
         "n_train_used": trainer.n_train,
         "n_dev": len(dev_examples.targets),
         "skipped_pairs": len(train_examples.skipped) + len(dev_examples.skipped),
