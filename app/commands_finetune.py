@@ -134,7 +134,7 @@ def _print_path(meta: dict[str, Any]) -> None:
     if info["path"] == "cached":
         console.print(f"layer cache: {info['train_pairs_cached']:,} train pairs ({info['train_tokens_cached']:,} tokens, "
                       f"{info['cache_bytes'] / 2**20:,.0f} MiB {info['cache_dtype']}"
-                      f"{', spilled to disk' if info['cache_spilled'] else ''}) in {info['train_cache_seconds']:.0f}s "
+                      f"{', spilled to disk' if info['cache_spilled'] else ''}) in {info['train_encode_and_cache_seconds']:.0f}s "
                       f"({info['train_cache_pairs_per_s']:.1f} pairs/s); top {info['top_k']} blocks trained")
     console.print(f"{meta['pairs_seen']:,} pairs seen over {meta['n_train_used']:,} distinct: {meta['epochs']:.2f} epochs")
 

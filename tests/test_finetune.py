@@ -228,6 +228,17 @@ AGREEMENT_ATOL = 1e-3  # per label probability, float32 on both sides
 @pytest.mark.vllm
 def test_adapter_serves_through_vllm_lora_and_agrees_with_transformers(trained: Path, learnable_llama: Path,
                                                                        toy_policy_path: Path) -> None:
+    _check_vllm_agrees_with_transformers(trained, learnable_llama, toy_policy_path)
+
+
+@pytest.mark.vllm
+def test_top_block_adapter_serves_through_vllm_lora(top_block_run, learnable_llama: Path,
+                                                    toy_policy_path: Path) -> None:
+    """An adapter on a subset of the blocks (PEFT layers_to_transform) is a normal adapter to vLLM."""
+    _check_vllm_agrees_with_transformers(top_block_run.out_dir, learnable_llama, toy_policy_path)
+
+
+def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, toy_policy_path: Path) -> None:
     from annotator.labeler import Labeler
 
     policy = load_policy(toy_policy_path)
