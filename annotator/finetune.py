@@ -632,6 +632,7 @@ class _Trainer:
         warmup = max(1, args.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.n_train = len(path.train_index)
+        self.save_seconds = 0.0
 
     def run(self, state: LoopState) -> None:
         args = self.args
@@ -651,7 +652,8 @@ class _Trainer:
     def _out_of_time(self, state: LoopState, *, steps: int) -> bool:
         """No room for ``steps`` more steps, an evaluation and saving the result."""
         eval_s = state.eval_seconds if state.eval_seconds is not None else self._eval_estimate(state)
-        return self.clock.elapsed() + steps * state.step_seconds + eval_s + FINISH_MARGIN_S > self.clock.limit_s
+        finish_s = FINISH_MARGIN_S + self.save_seconds
+        return self.clock.elapsed() + steps * state.step_seconds + eval_s + finish_s > self.clock.limit_s
 
     def _eval_estimate(self, state: LoopState) -> float:
         # scoring is a forward pass (about a third of a training step per pair)
@@ -679,7 +681,6 @@ class _Trainer:
         logprobs = self.path.score_dev()
         metrics = dev_metrics(logprobs, self.dev_examples.targets, self.grades, 1.0, self.dev_ratings,
                               self.rating_scale, self.labels)
-        state.eval_seconds = time.monotonic() - tick
         record = {"step": state.step, "epoch": round(state.pairs_seen / self.n_train, 3),
                   "train_loss": float(np.mean(state.losses)), "elapsed_s": round(self.clock.elapsed(), 1),
                   **{k: metrics[k] for k in ("accuracy", "macro_f1", "qwk", "log_loss", "rmse_grade", "ece")}}
@@ -692,8 +693,12 @@ class _Trainer:
             state.bad_evals += 1
         state.history.append(record)
         _append_history(self.out_dir, record)
+        saving = time.monotonic()
         _save_checkpoint(self.out_dir / CHECKPOINT_DIR, model=self.model, optimizer=self.optimizer,
                          scheduler=self.scheduler, state=state, elapsed_s=self.clock.elapsed())
+        # the final save writes as much as a checkpoint: what it took sets the margin kept for it
+        self.save_seconds = time.monotonic() - saving
+        state.eval_seconds = time.monotonic() - tick
         if self.progress:
             self.progress(record)
 

@@ -382,7 +382,7 @@ def test_max_minutes_bounds_the_whole_call(learnable_llama: Path, toy_policy_pat
 
     frame = synthetic_pairs(n_queries=120).rename(columns={"text": "query"})
     train, dev = split_by_query(frame, 0.2)
-    budget_s = 12.0
+    budget_s = 20.0
     started = time.monotonic()
     result = finetune(train, dev, load_policy(toy_policy_path), learnable_llama, tmp_path / "run",
                       FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, max_steps=100_000, max_epochs=1000,
