@@ -349,6 +349,7 @@ class LoopState:
     bad_evals: int = 0
     spent_s: float = 0.0  # seconds spent by earlier, interrupted attempts
     pairs_seen: int = 0  # training examples processed, repeats included
+    n_dev: int | None = None  # dev pairs cached (cached path): a resumed run scores the same ones
     n_take: int | None = None  # train pairs encoded for the layer cache (cached path)
     n_cached: int | None = None  # of which cached, the pairs trained on
     losses: list[float] = field(default_factory=list)
@@ -359,8 +360,8 @@ class LoopState:
     stop_reason: str = "max_steps"
 
 
-CHECKPOINTED = ("step", "history", "best_value", "best_state", "best_logprobs", "bad_evals", "pairs_seen", "n_take",
-                "n_cached")
+CHECKPOINTED = ("step", "history", "best_value", "best_state", "best_logprobs", "bad_evals", "pairs_seen", "n_dev",
+                "n_take", "n_cached")
 
 
 @dataclass
@@ -430,7 +431,8 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
 
     hidden_size = int(model.get_base_model().config.hidden_size)
     dev_cache, dev_index, prefix, dev_seconds = _cache_dev(model=model, split=split, dev_examples=dev_examples,
-                                                           args=args, clock=clock)
+                                                           args=args, clock=clock, n_dev=state.n_dev)
+    state.n_dev = len(dev_index)
     # scoring dev runs k of the blocks the caching pass ran `split` of: reserve that for evaluation
     reserve_s = dev_seconds * max(1, args.train_top_k) / max(1, split) * 2 + FINISH_MARGIN_S
     n_take = state.n_take or _train_pairs_that_fit(
@@ -444,7 +446,7 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
         common = _common_prefix_length(train_examples.prefix, dev_examples.prefix)
         train_examples, dev_examples = _reprefix(train_examples, common), _reprefix(dev_examples, common)
         dev_cache, dev_index, prefix, _ = _cache_dev(model=model, split=split, dev_examples=dev_examples, args=args,
-                                                     clock=clock)
+                                                     clock=clock, n_dev=state.n_dev)
     lengths = _lengths(train_examples)
     cache = lc.reuse_spilled(spill_dir, key, lengths) if state.n_cached else None
     if cache is None:
@@ -482,7 +484,8 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
     return path, train_examples
 
 
-def _cache_dev(*, model: Any, split: int, dev_examples: EncodedExamples, args: FinetuneArgs, clock: Clock):
+def _cache_dev(*, model: Any, split: int, dev_examples: EncodedExamples, args: FinetuneArgs, clock: Clock,
+               n_dev: int | None):
     """The prefix states and the dev pairs' cache (as many as ``dev_cache_share`` of the budget allows)."""
     from annotator import layer_cache as lc
 
@@ -493,8 +496,8 @@ def _cache_dev(*, model: Any, split: int, dev_examples: EncodedExamples, args: F
                                   max_resident_bytes=2**62, spill_dir=None)
     dev_order = np.random.default_rng(args.seed).permutation(len(dev_lengths))
     n_dev = lc.fill_cache(model, prefix, dev_examples.suffixes, dev_cache, order=dev_order,
-                          batch_size=args.cache_batch_size, deadline=clock.deadline(share=args.dev_cache_share),
-                          at_least=args.eval_batch_size)
+                          batch_size=args.cache_batch_size, stop_after=n_dev, at_least=args.eval_batch_size,
+                          deadline=math.inf if n_dev else clock.deadline(share=args.dev_cache_share))
     seconds = time.monotonic() - tick
     log.info("cached %d of %d dev pairs in %.1fs (%.1fs into the budget)", n_dev, len(dev_lengths), seconds,
              clock.elapsed())
