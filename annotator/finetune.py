@@ -588,7 +588,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         trainer.optimizer.load_state_dict(saved["optimizer"])
         trainer.scheduler.load_state_dict(saved["scheduler"])
     trainer.run(state)
-    return _finish(trainer=trainer, state=state, tokenizer=tokenizer, policy=policy, prompt_policy=prompt_policy,
+    return _finish(trainer=trainer, state=state, policy=policy, prompt_policy=prompt_policy,
                    train=train, dev=dev, train_examples=train_examples,
                    base_model_name=base_model_name or str(model_dir))
 
@@ -737,7 +737,7 @@ def calibrate(logprobs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[st
     return fitted, record
 
 
-def _finish(*, trainer: _Trainer, state: LoopState, tokenizer: Any, policy: Policy, prompt_policy: Policy,
+def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_policy: Policy,
             train: pd.DataFrame, dev: pd.DataFrame, train_examples: EncodedExamples,
             base_model_name: str) -> FinetuneResult:
     from peft import set_peft_model_state_dict
