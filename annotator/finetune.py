@@ -6,15 +6,29 @@ is supervised on that one token (`label_token_loss`): the cross-entropy of the n
 distribution at the end of the prompt against the reference label's token, over the full vocabulary
 and over the label tokens alone, weighted per class (ratings are skewed). No other token carries loss.
 
-The policy prefix is the same for every pair, so each step runs it once (with the adapter, so
-gradients flow through it) and shares its key/value cache across the batch; only the pair parts
-are run per example. This is what makes training affordable on a CPU.
+Two training paths (``FinetuneArgs.train_top_k``):
+
+- cached (``train_top_k`` = k > 0, the default): LoRA on the top k decoder blocks only (PEFT
+  ``layers_to_transform``). The frozen lower blocks' output for every pair is computed once and
+  cached (`annotator.layer_cache`); each step runs only the top blocks, so a step costs about k/N
+  of a full one and the caching pass one forward of the lower blocks per pair. Training pairs are
+  cached in a random order until their share of the budget is spent: those are the pairs trained on,
+  over several epochs.
+- full (``train_top_k`` = 0): LoRA on every block; each step runs the policy prefix once (with the
+  adapter, so gradients flow through it), shares its key/value cache across the batch and runs the
+  pair parts.
+
+The pair part is the policy's (``pair_form="full"``) or a short one (``"short"``: query, title,
+brand, description cut hard; `annotator.pair_form`), recorded in ``meta.json`` so that labelling
+renders the same prompt.
 
 The train/dev split is by query (no query in both). Every ``eval_every`` steps the dev set is
 scored; the best adapter by ``select_metric`` is kept, training stops after ``patience`` evaluations
-without improvement, at ``max_steps``, or when the ``max_minutes`` wall-clock budget is spent.
-A temperature is then fitted on dev (`annotator.calibration`). The output folder holds the PEFT
-adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``meta.json`` and ``split.json``.
+without improvement, at ``max_steps``, or when the ``max_minutes`` wall-clock budget is spent; that
+budget covers the whole call (caching, training, dev scoring, calibration, saving). A temperature is
+then fitted on dev (`annotator.calibration`); one that ends at a bound of its search is reported as a
+failed calibration (a warning, ``meta["calibration"]["status"] == "failed"``) and 1.0 is stored.
+The output folder holds the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``meta.json`` and ``split.json``.
 ``checkpoint/`` inside it makes an interrupted run resumable.
 """
 from __future__ import annotations
@@ -25,6 +39,8 @@ import os
 import random
 import shutil
 import time
+import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +65,7 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 LOWER_IS_BETTER = {"log_loss", "rmse_grade", "rmse_rating", "ece"}
+log = logging.getLogger(__name__)
 LLAMA_LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -66,11 +83,11 @@ class FinetuneArgs:
     target_modules: tuple[str, ...] = LLAMA_LORA_MODULES
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 10
-    batch_size: int = 16
+    warmup_steps: int = 20
+    batch_size: int = 32
     max_steps: int = 2000
     max_epochs: float = 3.0
-    eval_every: int = 25
+    eval_every: int = 100
     patience: int = 4
     max_minutes: float | None = None
     class_weighting: str = "balanced"  # balanced | sqrt | none
@@ -80,6 +97,13 @@ class FinetuneArgs:
     max_dev: int | None = 1000
     eval_batch_size: int = 32
     seed: int = 0
+    # LoRA on the top `train_top_k` blocks over cached lower-block states (0: every block, no cache)
+    train_top_k: int = 4
+    pair_form: str = "short"  # full | short (see annotator.pair_form)
+    cache_memory_gb: float = 4.0  # resident layer cache; beyond it the cache is a memmap in out_dir
+    cache_share: float = 0.4  # most of the budget left after dev caching that caching train pairs may take
+    dev_cache_share: float = 0.15  # most of the budget that caching dev pairs may take
+    cache_batch_size: int = 64
 
 
 @dataclass
@@ -131,7 +155,7 @@ def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> Enco
     """
     label_index = {name: i for i, name in enumerate(policy.scheme.label_names)}
     prefix = tokenizer(policy.prefix())["input_ids"]
-    full_prompts: list[list[int]] = []
+    prompts: list[str] = []
     targets: list[int] = []
     pair_ids: list[str] = []
     skipped: list[str] = []
@@ -143,12 +167,14 @@ def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> Enco
         except EmptyProductTextError:
             skipped.append(row.pair_id)
             continue
-        full_prompts.append(tokenizer(prompt)["input_ids"])
+        prompts.append(prompt)
         targets.append(label_index[policy.scheme.normalize(row.label)])
         pair_ids.append(row.pair_id)
+    full_prompts: list[list[int]] = tokenizer(prompts)["input_ids"] if prompts else []
     shared = len(prefix)
     for tokens in full_prompts:
-        shared = min(shared, _common_prefix_length(prefix, tokens))
+        if tokens[:shared] != prefix[:shared]:  # rare: the pair part's first token merged with the prefix's last
+            shared = _common_prefix_length(prefix[:shared], tokens)
     # every pair part must keep at least one token so the answer position is its own
     shared = min([shared] + [len(tokens) - 1 for tokens in full_prompts])
     return EncodedExamples(prefix[:shared], [tokens[shared:] for tokens in full_prompts],
@@ -202,8 +228,11 @@ def load_lora_model(model_dir: str | Path, args: FinetuneArgs, adapter_dir: Path
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    n_layers = int(base.config.num_hidden_layers)
+    top = list(range(max(0, n_layers - args.train_top_k), n_layers)) if 0 < args.train_top_k < n_layers else None
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=list(args.target_modules), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(args.target_modules), layers_to_transform=top, bias="none",
+                        task_type="CAUSAL_LM")
     return get_peft_model(base, config)
 
 
@@ -300,164 +329,461 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(n: int, batch_size: int, rng: np.random.Generator):
-    """Endless shuffled mini-batches of indices, epoch after epoch."""
-    while True:
-        order = rng.permutation(n)
-        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            yield order[start: start + batch_size]
-
-
 ProgressFn = Callable[[dict[str, Any]], None]
+FINISH_MARGIN_S = 3.0  # saving the adapter, meta.json and split.json
+
+
+class CalibrationFailedWarning(UserWarning):
+    """The fitted temperature ended at a bound of its search: it calibrates nothing."""
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from step to step; the first fields are checkpointed."""
+
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_value: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_logprobs: np.ndarray | None = None  # dev scores of the best adapter: no rescoring at the end
+    bad_evals: int = 0
+    spent_s: float = 0.0  # seconds spent by earlier, interrupted attempts
+    pairs_seen: int = 0  # training examples processed, repeats included
+    n_dev: int | None = None  # dev pairs cached (cached path): a resumed run scores the same ones
+    n_take: int | None = None  # train pairs encoded for the layer cache (cached path)
+    n_cached: int | None = None  # of which cached, the pairs trained on
+    losses: list[float] = field(default_factory=list)
+    step_seconds: float = 0.0
+    train_wall_s: float = 0.0  # in steps, this attempt
+    train_cpu_s: float = 0.0
+    eval_seconds: float | None = None
+    stop_reason: str = "max_steps"
+
+
+CHECKPOINTED = ("step", "history", "best_value", "best_state", "best_logprobs", "bad_evals", "pairs_seen", "n_dev",
+                "n_take", "n_cached")
+
+
+@dataclass
+class Clock:
+    """The whole command's wall-clock budget, interrupted attempts included."""
+
+    started: float
+    limit_s: float = math.inf
+    spent_before: float = 0.0
+
+    def elapsed(self) -> float:
+        return self.spent_before + time.monotonic() - self.started
+
+    def left(self) -> float:
+        return self.limit_s - self.elapsed()
+
+    def deadline(self, *, share: float, reserve_s: float = 0.0) -> float:
+        """``time.monotonic()`` at which ``share`` of what is left, less ``reserve_s``, is spent."""
+        if math.isinf(self.limit_s):
+            return math.inf
+        return time.monotonic() + max(0.0, share * (self.left() - reserve_s))
+
+
+@dataclass
+class TrainingPath:
+    """How a step gets its answer logits and how dev is scored: the full model, or the top blocks over
+    the layer cache. ``train_index`` lists the trainable pairs (positions in the train examples)."""
+
+    train_index: np.ndarray
+    lengths: np.ndarray
+    logits: Callable[[np.ndarray], torch.Tensor]
+    score_dev: Callable[[], np.ndarray]
+    dev_index: np.ndarray
+    info: dict[str, Any]
+
+
+def full_path(*, model: Any, train_examples: EncodedExamples, dev_examples: EncodedExamples, label_ids: list[int],
+              pad_id: int, eval_batch_size: int) -> TrainingPath:
+    """Every step runs the whole model; the prefix once per step, shared by the batch."""
+    prefix = train_examples.prefix
+
+    def logits(batch: np.ndarray) -> torch.Tensor:
+        prefix_kv = prefix_cache(model, prefix) if prefix else ()
+        return answer_logits(model, prefix_kv, len(prefix), [train_examples.suffixes[i] for i in batch], pad_id)
+
+    def score_dev() -> np.ndarray:
+        return score_label_logprobs(model, dev_examples, label_ids, pad_id, eval_batch_size)
+
+    n = len(train_examples.targets)
+    return TrainingPath(np.arange(n), _lengths(train_examples), logits, score_dev,
+                        np.arange(len(dev_examples.targets)), {"path": "full"})
+
+
+def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: EncodedExamples,
+                encode: Callable[[pd.DataFrame], EncodedExamples], encode_seconds_per_pair: float,
+                label_ids: list[int], args: FinetuneArgs, clock: Clock, state: LoopState, spill_dir: Path,
+                key: str) -> tuple[TrainingPath, EncodedExamples]:
+    """Lower blocks run once per pair into a `LayerCache`; steps run the top blocks over it.
+
+    Dev is cached first (at most ``dev_cache_share`` of the budget); its pace sets how many train
+    pairs, drawn at random, are encoded and cached in ``cache_share`` of what is left (less a reserve
+    for evaluation). The pairs cached are the pairs trained on; a resumed run caches the same ones
+    again (or reuses a spilled cache with the same ``key``). Returns the path and the encoded train
+    pairs, in cache order.
+    """
+    from annotator import layer_cache as lc
+
+    hidden_size = int(model.get_base_model().config.hidden_size)
+    dev_cache, dev_index, prefix, dev_seconds = _cache_dev(model=model, split=split, dev_examples=dev_examples,
+                                                           args=args, clock=clock, n_dev=state.n_dev)
+    state.n_dev = len(dev_index)
+    # scoring dev runs k of the blocks the caching pass ran `split` of: reserve that for evaluation
+    reserve_s = dev_seconds * max(1, args.train_top_k) / max(1, split) * 2 + FINISH_MARGIN_S
+    n_take = state.n_take or _train_pairs_that_fit(
+        n_train=len(train), seconds_per_pair=dev_seconds / max(1, len(dev_index)) + encode_seconds_per_pair,
+        reserve_s=reserve_s, args=args, clock=clock)
+    state.n_take = n_take
+    tick, cpu_tick = time.monotonic(), time.process_time()
+    rows = np.random.default_rng(args.seed + 1).permutation(len(train))[:n_take]
+    train_examples = encode(train.iloc[rows].reset_index(drop=True))
+    if train_examples.prefix != dev_examples.prefix:  # a pair part merged with the prefix's last token
+        common = _common_prefix_length(train_examples.prefix, dev_examples.prefix)
+        train_examples, dev_examples = _reprefix(train_examples, common), _reprefix(dev_examples, common)
+        dev_cache, dev_index, prefix, _ = _cache_dev(model=model, split=split, dev_examples=dev_examples, args=args,
+                                                     clock=clock, n_dev=state.n_dev)
+    lengths = _lengths(train_examples)
+    cache = lc.reuse_spilled(spill_dir, key, lengths) if state.n_cached else None
+    if cache is None:
+        cache = lc.allocate_cache(lengths, hidden_size, max_resident_bytes=int(args.cache_memory_gb * 2**30),
+                                  spill_dir=spill_dir)
+    deadline = math.inf if state.n_cached else clock.deadline(share=args.cache_share, reserve_s=reserve_s)
+    n_cached = lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
+                             batch_size=args.cache_batch_size, deadline=deadline, stop_after=state.n_cached,
+                             at_least=args.batch_size)
+    train_seconds, train_cpu_seconds = time.monotonic() - tick, time.process_time() - cpu_tick
+    log.info("encoded %d and cached %d of %d train pairs in %.1fs (%.1fs into the budget)", len(lengths), n_cached,
+             len(train), train_seconds, clock.elapsed())
+    spilled = isinstance(cache.rows, np.memmap)
+    if spilled:
+        cache.rows.flush()
+        lc.mark_ready(spill_dir, key, n_cached)
+    state.n_cached = n_cached
+
+    def logits(batch: np.ndarray) -> torch.Tensor:
+        hidden, batch_lengths = cache.batch(batch)
+        return lc.top_block_logits(model, prefix, hidden, batch_lengths)
+
+    def score_dev() -> np.ndarray:
+        return lc.score_cached(model, prefix, dev_cache, dev_index, label_ids, batch_size=args.eval_batch_size)
+
+    info = {"path": "cached", "split": split, "top_k": args.train_top_k, "prefix_tokens": prefix.length,
+            "cache_dtype": str(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
+            "cache_bytes_per_token": hidden_size * cache.rows.itemsize, "train_pairs_cached": n_cached,
+            "train_tokens_cached": int(cache.lengths[:n_cached].sum()),
+            "train_encode_and_cache_seconds": round(train_seconds, 1),
+            "train_cache_pairs_per_s": round(n_cached / max(train_seconds, 1e-9), 2),
+            "train_cache_cpu_seconds": round(train_cpu_seconds, 1),
+            "dev_pairs_cached": len(dev_index), "dev_cache_seconds": round(dev_seconds, 1)}
+    path = TrainingPath(np.arange(n_cached), lengths[:n_cached], logits, score_dev, dev_index, info)
+    return path, train_examples
+
+
+def _cache_dev(*, model: Any, split: int, dev_examples: EncodedExamples, args: FinetuneArgs, clock: Clock,
+               n_dev: int | None):
+    """The prefix states and the dev pairs' cache (as many as ``dev_cache_share`` of the budget allows)."""
+    from annotator import layer_cache as lc
+
+    tick = time.monotonic()
+    prefix = lc.prefix_states(model, dev_examples.prefix, split)
+    dev_lengths = _lengths(dev_examples)
+    dev_cache = lc.allocate_cache(dev_lengths, int(model.get_base_model().config.hidden_size),
+                                  max_resident_bytes=2**62, spill_dir=None)
+    dev_order = np.random.default_rng(args.seed).permutation(len(dev_lengths))
+    n_dev = lc.fill_cache(model, prefix, dev_examples.suffixes, dev_cache, order=dev_order,
+                          batch_size=args.cache_batch_size, stop_after=n_dev, at_least=args.eval_batch_size,
+                          deadline=math.inf if n_dev else clock.deadline(share=args.dev_cache_share))
+    seconds = time.monotonic() - tick
+    log.info("cached %d of %d dev pairs in %.1fs (%.1fs into the budget)", n_dev, len(dev_lengths), seconds,
+             clock.elapsed())
+    return dev_cache, np.sort(dev_order[:n_dev]), prefix, seconds
+
+
+def _train_pairs_that_fit(*, n_train: int, seconds_per_pair: float, reserve_s: float, args: FinetuneArgs,
+                          clock: Clock) -> int:
+    """How many train pairs to encode: what ``cache_share`` of the budget left can encode and cache, +25%."""
+    if math.isinf(clock.limit_s):
+        return n_train
+    seconds = args.cache_share * max(0.0, clock.left() - reserve_s)
+    return int(min(n_train, max(args.batch_size, 1.25 * seconds / max(seconds_per_pair, 1e-9))))
+
+
+def _reprefix(examples: EncodedExamples, length: int) -> EncodedExamples:
+    """``examples`` with only the first ``length`` prefix tokens shared, the rest moved into each pair part."""
+    moved = examples.prefix[length:]
+    return EncodedExamples(examples.prefix[:length], [moved + s for s in examples.suffixes], examples.targets,
+                           examples.pair_ids, examples.skipped)
+
+
+def _lengths(examples: EncodedExamples) -> np.ndarray:
+    return np.asarray([len(s) for s in examples.suffixes], dtype=np.int64)
 
 
 def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: str | Path, out_dir: str | Path,
              args: FinetuneArgs | None = None, *, base_model_name: str | None = None,
              rating_scale: tuple[float, float] | None = None, progress: ProgressFn | None = None,
-             resume: bool = False) -> FinetuneResult:
+             resume: bool = False, started_at: float | None = None) -> FinetuneResult:
     """Train a LoRA adapter on ``train``, select and calibrate it on ``dev``, save it to ``out_dir``.
 
     ``train`` and ``dev`` have columns pair_id, query_id, query, title, description, brand, label
     (and optionally raw_rating); no query_id may be in both. ``progress`` receives one dict per
     evaluation (step, epoch, train_loss, dev metrics, elapsed seconds). With ``resume`` a run
-    interrupted in the same ``out_dir`` continues from its last checkpoint.
+    interrupted in the same ``out_dir`` continues from its last checkpoint. ``args.max_minutes``
+    bounds the whole call from ``started_at`` (``time.monotonic()``; default: now), caching, dev
+    scoring and calibration included.
     """
     args = args or FinetuneArgs()
     out_dir = Path(out_dir)
     _check_split(train, dev)
     if args.select_metric not in {"qwk", "kappa", "accuracy", "macro_f1", "log_loss", "rmse_grade", "within_one_accuracy"}:
         raise FinetuneError(f"unknown select metric '{args.select_metric}'")
-    started = time.monotonic()
+    from annotator.pair_form import policy_in_form
+
+    clock = Clock(time.monotonic() if started_at is None else started_at,
+                  args.max_minutes * 60 if args.max_minutes else math.inf)
     _set_seed(args.seed)
+    prompt_policy = policy_in_form(policy, args.pair_form)
     tokenizer = load_tokenizer(model_dir)
-    labels = policy.scheme.label_names
-    grades = [policy.scheme.grades[name] for name in labels]
-    label_ids = label_token_ids(tokenizer, policy.answer_options())
-    train_examples = encode_examples(tokenizer, policy, train)
-    dev_examples = encode_examples(tokenizer, policy, dev)
-    if len(train_examples.targets) == 0 or len(dev_examples.targets) == 0:
-        raise FinetuneError("no usable train or dev pairs after rendering the prompts")
-    dev_ratings = _ratings_for(dev, dev_examples.pair_ids)
-    weights = torch.tensor(class_weights(train_examples.targets, len(labels), args.class_weighting), dtype=torch.float32)
-    label_id_tensor = torch.tensor(label_ids)
-    class_targets = torch.tensor(train_examples.targets)
-    targets = label_id_tensor[class_targets]
-    train_weights = weights[torch.tensor(train_examples.targets)]
-    pad_id = int(tokenizer.pad_token_id)
-
+    label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
     checkpoint = out_dir / CHECKPOINT_DIR
-    state = _load_checkpoint(checkpoint) if resume else None
-    if state is None:
+    saved = _load_checkpoint(checkpoint) if resume else None
+    state = LoopState(**{k: saved[k] for k in CHECKPOINTED if k in saved}, spent_s=saved["elapsed_s"]) if saved else LoopState()
+    clock.spent_before = state.spent_s
+    if saved is None:
         (out_dir / HISTORY_FILE).unlink(missing_ok=True)
-    model = load_lora_model(model_dir, args, checkpoint / "adapter" if state else None)
+
+    def encode(frame: pd.DataFrame) -> EncodedExamples:
+        return encode_examples(tokenizer, prompt_policy, frame)
+
+    tick = time.monotonic()
+    dev_examples = encode(dev)
+    encode_seconds_per_pair = (time.monotonic() - tick) / max(1, len(dev))
+    model = load_lora_model(model_dir, args, checkpoint / "adapter" if saved else None)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup_steps)))
-    step, history, best_value, best_state, bad_evals, spent_before = 0, [], None, None, 0, 0.0
-    rng = np.random.default_rng(args.seed)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, history, best_value, bad_evals = state["step"], state["history"], state["best_value"], state["bad_evals"]
-        best_state, spent_before = state["best_state"], state["elapsed_s"]
-        rng = np.random.default_rng(args.seed + step)
+    split = _split_block(model, args.train_top_k)
+    if split is None:
+        train_examples = encode(train)
+        _check_encoded(train_examples, dev_examples)
+        path = full_path(model=model, train_examples=train_examples, dev_examples=dev_examples, label_ids=label_ids,
+                         pad_id=int(tokenizer.pad_token_id), eval_batch_size=args.eval_batch_size)
+    else:
+        _check_encoded(dev_examples)
+        key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed)
+        path, train_examples = cached_path(model=model, split=split, train=train, dev_examples=dev_examples,
+                                           encode=encode, encode_seconds_per_pair=encode_seconds_per_pair,
+                                           label_ids=label_ids, args=args, clock=clock, state=state,
+                                           spill_dir=out_dir / "layer-cache", key=key)
+        _check_encoded(train_examples, dev_examples)
+    dev_examples = _take(dev_examples, path.dev_index)
+    trainer = _Trainer(model=model, path=path, args=args, policy=prompt_policy, label_ids=label_ids,
+                       train_targets=train_examples.targets, dev_examples=dev_examples,
+                       dev_ratings=_ratings_for(dev, dev_examples.pair_ids), rating_scale=rating_scale,
+                       out_dir=out_dir, clock=clock, progress=progress)
+    if saved is not None:
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.scheduler.load_state_dict(saved["scheduler"])
+    trainer.run(state)
+    return _finish(trainer=trainer, state=state, policy=policy, prompt_policy=prompt_policy,
+                   train=train, dev=dev, train_examples=train_examples,
+                   base_model_name=base_model_name or str(model_dir))
 
-    def elapsed() -> float:
-        return spent_before + time.monotonic() - started
 
-    budget_s = args.max_minutes * 60 if args.max_minutes else math.inf
-    n_train = len(train_examples.targets)
-    max_steps = min(args.max_steps, max(1, math.ceil(args.max_epochs * n_train / args.batch_size)))
-    batches = _batches(n_train, min(args.batch_size, n_train), rng)
-    losses: list[float] = []
-    step_seconds, eval_seconds = 0.0, 0.0
-    stop_reason = "max_steps"
-    while step < max_steps:
-        if elapsed() + step_seconds + eval_seconds > budget_s:
-            stop_reason = "max_minutes"
-            break
-        tick = time.monotonic()
-        batch = next(batches)
-        prefix_kv = prefix_cache(model, train_examples.prefix) if train_examples.prefix else ()
-        logits = answer_logits(model, prefix_kv, len(train_examples.prefix),
-                               [train_examples.suffixes[i] for i in batch], pad_id)
-        loss = label_token_loss(logits, targets[batch], class_targets[batch], label_id_tensor, train_weights[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        step_seconds = time.monotonic() - tick
-        # the budget has no room for another step and its evaluation: evaluate this one, then stop
-        last_in_budget = elapsed() + step_seconds + eval_seconds > budget_s
-        if step % args.eval_every == 0 or step == max_steps or last_in_budget:
-            tick = time.monotonic()
-            logprobs = score_label_logprobs(model, dev_examples, label_ids, pad_id, args.eval_batch_size)
-            metrics = dev_metrics(logprobs, dev_examples.targets, grades, 1.0, dev_ratings, rating_scale, labels)
-            eval_seconds = time.monotonic() - tick
-            record = {"step": step, "epoch": round(step * args.batch_size / n_train, 3),
-                      "train_loss": float(np.mean(losses)), "elapsed_s": round(elapsed(), 1),
-                      **{k: metrics[k] for k in ("accuracy", "macro_f1", "qwk", "log_loss", "rmse_grade", "ece")}}
-            losses = []
-            value = metrics[args.select_metric]
-            if _better(args.select_metric, value, best_value):
-                best_value, best_state, bad_evals = value, _lora_state(model), 0
-                record["best"] = True
-            else:
-                bad_evals += 1
-            history.append(record)
-            _append_history(out_dir, record)
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, step, history, best_value, best_state,
-                             bad_evals, elapsed())
-            if progress:
-                progress(record)
-            if bad_evals >= args.patience:
-                stop_reason = "early_stopping"
+def _check_encoded(*sets: EncodedExamples) -> None:
+    if any(len(examples.targets) == 0 for examples in sets):
+        raise FinetuneError("no usable train or dev pairs after rendering the prompts")
+
+
+def _split_block(model: Any, top_k: int) -> int | None:
+    """The first trainable block of the cached path, or None for the full path (``top_k`` 0)."""
+    if top_k <= 0:
+        return None
+    n_layers = int(model.get_base_model().config.num_hidden_layers)
+    return max(0, n_layers - top_k)
+
+
+def _take(examples: EncodedExamples, index: np.ndarray) -> EncodedExamples:
+    if len(index) == len(examples.targets):
+        return examples
+    return EncodedExamples(examples.prefix, [examples.suffixes[i] for i in index], examples.targets[index],
+                           [examples.pair_ids[i] for i in index], examples.skipped)
+
+
+class _Trainer:
+    """The optimisation loop over a `TrainingPath`, with evaluation, selection and checkpoints."""
+
+    def __init__(self, *, model: Any, path: TrainingPath, args: FinetuneArgs, policy: Policy, label_ids: list[int],
+                 train_targets: np.ndarray, dev_examples: EncodedExamples, dev_ratings: np.ndarray | None,
+                 rating_scale: tuple[float, float] | None, out_dir: Path, clock: Clock, progress: ProgressFn | None):
+        self.model, self.path, self.args, self.clock, self.progress = model, path, args, clock, progress
+        self.out_dir, self.dev_examples, self.dev_ratings, self.rating_scale = out_dir, dev_examples, dev_ratings, rating_scale
+        self.labels = policy.scheme.label_names
+        self.grades = [policy.scheme.grades[name] for name in self.labels]
+        self.label_ids = label_ids
+        targets = train_targets[path.train_index]
+        weights = torch.tensor(class_weights(targets, len(self.labels), args.class_weighting), dtype=torch.float32)
+        self.class_targets = torch.tensor(targets)
+        self.label_id_tensor = torch.tensor(label_ids)
+        self.token_targets = self.label_id_tensor[self.class_targets]
+        self.pair_weights = weights[self.class_targets]
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                           weight_decay=args.weight_decay)
+        warmup = max(1, args.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.n_train = len(path.train_index)
+        self.save_seconds = 0.0
+
+    def run(self, state: LoopState) -> None:
+        args = self.args
+        max_steps = min(args.max_steps, max(1, math.ceil(args.max_epochs * self.n_train / args.batch_size)))
+        batches = length_batches(self.path.lengths, args.batch_size, np.random.default_rng(args.seed + state.step))
+        while state.step < max_steps:
+            if self._out_of_time(state, steps=1):
+                state.stop_reason = "max_minutes"
                 break
-    return _finish(model, tokenizer, policy, train, dev, train_examples, dev_examples, dev_ratings, label_ids, grades,
-                   args, out_dir, best_state, history, step, stop_reason, elapsed(), base_model_name or str(model_dir),
-                   rating_scale, pad_id)
+            self._step(state, next(batches))
+            if state.step % args.eval_every == 0 or state.step == max_steps or self._out_of_time(state, steps=1):
+                self._evaluate(state)
+                if state.bad_evals >= args.patience:
+                    state.stop_reason = "early_stopping"
+                    break
+
+    def _out_of_time(self, state: LoopState, *, steps: int) -> bool:
+        """No room for ``steps`` more steps, an evaluation and saving the result."""
+        eval_s = state.eval_seconds if state.eval_seconds is not None else self._eval_estimate(state)
+        finish_s = FINISH_MARGIN_S + self.save_seconds
+        return self.clock.elapsed() + steps * state.step_seconds + eval_s + finish_s > self.clock.limit_s
+
+    def _eval_estimate(self, state: LoopState) -> float:
+        # scoring is a forward pass (about a third of a training step per pair)
+        return state.step_seconds * len(self.dev_examples.targets) / max(1, self.args.batch_size) / 3
+
+    def _step(self, state: LoopState, batch: np.ndarray) -> None:
+        tick, cpu_tick = time.monotonic(), time.process_time()
+        logits = self.path.logits(self.path.train_index[batch])
+        loss = label_token_loss(logits, self.token_targets[batch], self.class_targets[batch], self.label_id_tensor,
+                                self.pair_weights[batch])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        state.step += 1
+        state.pairs_seen += len(batch)
+        state.losses.append(float(loss.detach()))
+        state.step_seconds = time.monotonic() - tick
+        state.train_wall_s += state.step_seconds
+        state.train_cpu_s += time.process_time() - cpu_tick
+
+    def _evaluate(self, state: LoopState) -> None:
+        tick = time.monotonic()
+        logprobs = self.path.score_dev()
+        metrics = dev_metrics(logprobs, self.dev_examples.targets, self.grades, 1.0, self.dev_ratings,
+                              self.rating_scale, self.labels)
+        record = {"step": state.step, "epoch": round(state.pairs_seen / self.n_train, 3),
+                  "train_loss": float(np.mean(state.losses)), "elapsed_s": round(self.clock.elapsed(), 1),
+                  **{k: metrics[k] for k in ("accuracy", "macro_f1", "qwk", "log_loss", "rmse_grade", "ece")}}
+        state.losses = []
+        value = metrics[self.args.select_metric]
+        if _better(self.args.select_metric, value, state.best_value):
+            state.best_value, state.best_state, state.best_logprobs, state.bad_evals = value, _lora_state(self.model), logprobs, 0
+            record["best"] = True
+        else:
+            state.bad_evals += 1
+        state.history.append(record)
+        _append_history(self.out_dir, record)
+        saving = time.monotonic()
+        _save_checkpoint(self.out_dir / CHECKPOINT_DIR, model=self.model, optimizer=self.optimizer,
+                         scheduler=self.scheduler, state=state, elapsed_s=self.clock.elapsed())
+        # the final save writes as much as a checkpoint: what it took sets the margin kept for it
+        self.save_seconds = time.monotonic() - saving
+        state.eval_seconds = time.monotonic() - tick
+        if self.progress:
+            self.progress(record)
 
 
-def _finish(model: Any, tokenizer: Any, policy: Policy, train: pd.DataFrame, dev: pd.DataFrame,
-            train_examples: EncodedExamples, dev_examples: EncodedExamples, dev_ratings: np.ndarray | None,
-            label_ids: list[int], grades: list[int], args: FinetuneArgs, out_dir: Path,
-            best_state: dict[str, torch.Tensor] | None, history: list[dict[str, Any]], step: int, stop_reason: str,
-            elapsed_s: float, base_model_name: str, rating_scale: tuple[float, float] | None, pad_id: int) -> FinetuneResult:
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Endless mini-batches of similar length (positions into ``lengths``), epoch after epoch."""
+    from annotator.layer_cache import length_bucketed_batches
+
+    for _, batch in length_bucketed_batches(lengths, batch_size, rng):
+        yield batch
+
+
+def calibrate(logprobs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, Any]]:
+    """The temperature to store and a record of the fit for ``meta.json``.
+
+    A fit that ends at a bound of `TEMPERATURE_BOUNDS` found no interior optimum (e.g. scores that
+    carry no information about the labels, which the largest T flattens to the prior): it is
+    reported as failed with a warning, and the identity temperature 1.0 is stored instead.
+    """
+    from annotator.calibration import TEMPERATURE_BOUNDS
+
+    fitted = fit_temperature(logprobs, targets)
+    low, high = TEMPERATURE_BOUNDS
+    record: dict[str, Any] = {"status": "ok", "fitted_temperature": fitted, "bounds": [low, high]}
+    if fitted >= high * 0.99 or fitted <= low * 1.01:
+        why = ("the dev scores carry (almost) no information about the labels" if fitted > 1 else
+               "dev is separated perfectly, so the likelihood keeps rising as T shrinks")
+        record["status"] = "failed"
+        record["reason"] = f"the fitted temperature {fitted:.3g} is at a bound of the search [{low}, {high}]: {why}"
+        warnings.warn(f"calibration failed: {record['reason']}; storing temperature 1.0", CalibrationFailedWarning,
+                      stacklevel=2)
+        return 1.0, record
+    return fitted, record
+
+
+def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_policy: Policy,
+            train: pd.DataFrame, dev: pd.DataFrame, train_examples: EncodedExamples,
+            base_model_name: str) -> FinetuneResult:
     from peft import set_peft_model_state_dict
 
-    if best_state is not None:
-        set_peft_model_state_dict(model, best_state)
-    labels = policy.scheme.label_names
-    logprobs = score_label_logprobs(model, dev_examples, label_ids, pad_id, args.eval_batch_size)
-    temperature = fit_temperature(logprobs, dev_examples.targets)
-    uncalibrated = dev_metrics(logprobs, dev_examples.targets, grades, 1.0, dev_ratings, rating_scale, labels)
-    calibrated = dev_metrics(logprobs, dev_examples.targets, grades, temperature, dev_ratings, rating_scale, labels)
+    from annotator.pair_form import form_record
+
+    model, args, out_dir, dev_examples = trainer.model, trainer.args, trainer.out_dir, trainer.dev_examples
+    if state.best_state is not None:
+        set_peft_model_state_dict(model, state.best_state)
+    logprobs = state.best_logprobs if state.best_logprobs is not None else trainer.path.score_dev()
+    temperature, calibration = calibrate(logprobs, dev_examples.targets)
+    metrics = {t: dev_metrics(logprobs, dev_examples.targets, trainer.grades, t, trainer.dev_ratings,
+                              trainer.rating_scale, trainer.labels) for t in (1.0, temperature)}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
+    elapsed = trainer.clock.elapsed()
     meta = {
         "format": "mine-refine labeler adapter v1",
         "base_model": base_model_name,
         "scheme": policy.scheme.name,
-        "labels": labels,
+        "labels": trainer.labels,
         "policy": policy.name,
         "policy_hash": policy.version,
+        "pair_form": form_record(prompt_policy, args.pair_form),
         "data_hash": data_hash(pd.concat([train, dev])),
-        "label_token_ids": label_ids,
+        "label_token_ids": trainer.label_ids,
         "temperature": temperature,
+        "calibration": calibration,
         "training_args": {**asdict(args), "target_modules": list(args.target_modules)},
         "n_train": len(train_examples.targets),
+        "n_train_available": len(train),
+        "n_train_used": trainer.n_train,
         "n_dev": len(dev_examples.targets),
         "skipped_pairs": len(train_examples.skipped) + len(dev_examples.skipped),
         "prefix_tokens": len(train_examples.prefix),
-        "steps": step,
-        "stop_reason": stop_reason,
-        "train_seconds": round(elapsed_s, 1),
-        "dev_metrics": _headline(calibrated),
-        "dev_metrics_uncalibrated": _headline(uncalibrated),
+        "steps": state.step,
+        "epochs": round(state.pairs_seen / max(1, trainer.n_train), 3),
+        "pairs_seen": state.pairs_seen,
+        "training_path": trainer.path.info,
+        "step_seconds": round(state.step_seconds, 3),
+        "train_step_wall_seconds": round(state.train_wall_s, 1),
+        "train_step_cpu_seconds": round(state.train_cpu_s, 1),
+        "stop_reason": state.stop_reason,
+        "train_seconds": round(elapsed, 1),
+        "dev_metrics": _headline(metrics[temperature]),
+        "dev_metrics_uncalibrated": _headline(metrics[1.0]),
         "dev_metrics_note": "dev is also used for early stopping and for fitting the temperature, so these are "
                             "optimistic; evaluate on held-out queries with `mnr eval-labeler`",
     }
@@ -466,7 +792,8 @@ def _finish(model: Any, tokenizer: Any, policy: Policy, train: pd.DataFrame, dev
              "dev_query_texts": sorted(set(dev["query"].astype(str))), "dev_pair_ids": list(dev_examples.pair_ids)}
     (out_dir / SPLIT_FILE).write_text(json.dumps(split), encoding="utf-8")
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return FinetuneResult(out_dir, meta, history)
+    shutil.rmtree(out_dir / "layer-cache", ignore_errors=True)
+    return FinetuneResult(out_dir, meta, state.history)
 
 
 HEADLINE_KEYS = ("n", "accuracy", "macro_f1", "kappa", "qwk", "within_one_accuracy", "rmse_grade", "rmse_rating",
@@ -498,16 +825,15 @@ def _append_history(out_dir: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, step: int, history: list, best_value: Any,
-                     best_state: Any, bad_evals: int, elapsed_s: float) -> None:
+def _save_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any, state: LoopState,
+                     elapsed_s: float) -> None:
     """Write the checkpoint beside, then swap it in, so a crash never leaves half of one."""
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save_pretrained(str(staging / "adapter"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "history": history, "best_value": best_value, "best_state": best_state, "bad_evals": bad_evals,
-                "elapsed_s": elapsed_s}, staging / "state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "elapsed_s": elapsed_s,
+                **{name: getattr(state, name) for name in CHECKPOINTED}}, staging / "state.pt")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(staging, path)
 

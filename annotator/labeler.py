@@ -6,7 +6,8 @@
 Every backend scores one step: the log-probabilities of the label first tokens at the position
 right after the prompt (`Policy.render`, tokenized with the tokenizer's defaults). No text is
 generated or parsed, so every answer is a valid label. If the adapter folder has a `meta.json`
-with a calibration `temperature`, probabilities are softmax(logprobs / temperature).
+with a calibration `temperature`, probabilities are softmax(logprobs / temperature); if it records
+the adapter's `pair_form`, prompts are rendered in that form.
 
 The policy decides: an adapter whose `meta.json` records the policy it was fine-tuned under
 (`policy`, `policy_hash`) only labels under that same policy version. Another policy, or the same
@@ -26,6 +27,7 @@ import numpy as np
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
 from annotator.models import resolve_model
+from annotator.pair_form import policy_for_adapter
 from annotator.prompts import PairText, Policy, load_prompt_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
 from labelstore.errors import MnrError
@@ -175,6 +177,8 @@ class Labeler:
         self.policy_mismatch = check_policy(checked.path if checked else None, self.adapter_meta, self.policy,
                                             allow_mismatch=allow_policy_mismatch)
         self.temperature = float(self.adapter_meta.get("temperature", 1.0))
+        # the adapter learnt one pair form (annotator.pair_form): label with the same prompt
+        self.policy = policy_for_adapter(self.policy, self.adapter_meta)
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, checked, **backend_options)
         self.options = self.policy.answer_options()
@@ -185,9 +189,10 @@ class Labeler:
         """A labeler for another policy on the same loaded model and backend (no second engine)."""
         other = object.__new__(Labeler)
         other.__dict__.update(self.__dict__)
-        other.policy = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
+        base = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
         other.policy_mismatch = check_policy(Path(self.adapter) if self.adapter else None, self.adapter_meta,
-                                             other.policy, allow_mismatch=self.allow_policy_mismatch)
+                                             base, allow_mismatch=self.allow_policy_mismatch)
+        other.policy = policy_for_adapter(base, self.adapter_meta)
         other.options = other.policy.answer_options()
         other.token_ids = label_token_ids(self.backend, other.options)
         other.author = labeler_author(self.model_tag, other.policy)

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from annotator import sql
 from annotator.batch import (LabelJob, LabelJobResult, failing_run, finish_label_run, label_records, open_run,
                              pair_texts, pending_pairs, plan_run, selected_count)
-from annotator.labeler import Adapter, Labeler, check_adapter, labeler_author, model_tag
+from annotator.labeler import Adapter, Labeler, check_adapter, labeler_author, model_tag, read_adapter_meta
+from annotator.pair_form import policy_for_adapter
 from annotator.prompts import Policy, load_prompt_policy
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
@@ -232,7 +233,10 @@ def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chun
 
 # -- the whole job, and its halves for a Ray cluster that cannot see the store ----------------
 def job_author(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
-    """The author the job's labeler writes, known without loading the model."""
+    """The author the job's labeler writes, known without loading the model (in the adapter's pair form,
+    as `Labeler` renders it)."""
+    if adapter is not None:
+        policy = policy_for_adapter(policy, read_adapter_meta(adapter.path))
     return labeler_author(model_tag(job.model, adapter), policy)
 
 

@@ -41,14 +41,17 @@ def finetune_command(
     model: str = typer.Option("smollm2", "--model", help="Base model: pulled name, local HF folder or cached hub id."),
     out: Path = typer.Option(..., "--out", help="Output folder for the adapter, meta.json and split.json."),
     sources: str = typer.Option("human", "--sources", help="Label sources to train on, e.g. human or human,import."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Wall-clock budget for training."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                help="Wall-clock budget of the whole command (caching, training, dev "
+                                                     "scoring and calibration)."),
     max_steps: int = typer.Option(2000, "--max-steps", help="Most optimiser steps."),
     max_epochs: float = typer.Option(3.0, "--max-epochs", help="Most passes over the training pairs."),
-    eval_every: int = typer.Option(25, "--eval-every", help="Score the dev split every this many steps."),
+    eval_every: int = typer.Option(100, "--eval-every", help="Score the dev split every this many steps."),
     patience: int = typer.Option(4, "--patience", help="Stop after this many dev evaluations without improvement."),
     select_metric: str = typer.Option("qwk", "--select-metric",
                                       help="Dev metric for early stopping: qwk, kappa, accuracy, macro_f1, log_loss, ..."),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    warmup_steps: int = typer.Option(20, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
     learning_rate: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     lora_alpha: int = typer.Option(16, "--lora-alpha"),
@@ -58,10 +61,22 @@ def finetune_command(
     max_dev: Optional[int] = typer.Option(1000, "--max-dev", help="Score at most this many dev pairs."),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    train_top_k: int = typer.Option(4, "--train-top-k",
+                                    help="LoRA on the top K blocks only, over cached outputs of the frozen lower "
+                                         "blocks (computed once per pair); 0 trains every block, no cache."),
+    pair_form: str = typer.Option("short", "--pair-form",
+                                  help="Pair part of the prompt: short (query, title, brand, description cut hard) "
+                                       "or full (the policy's limits); recorded in meta.json for labelling."),
+    cache_memory_gb: float = typer.Option(4.0, "--cache-memory-gb",
+                                          help="Layer cache kept in memory up to this size, else spilled to disk."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoint."),
 ) -> None:
     """Train a LoRA adapter on the store's human labels under a policy; calibrate it on dev."""
+    import time
+
     import torch
+
+    started_at = time.monotonic()
 
     from annotator.evaluation import labelled_pairs
     from annotator.finetune import FinetuneArgs, finetune, split_by_query, subsample
@@ -83,7 +98,9 @@ def finetune_command(
     args = FinetuneArgs(lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate, batch_size=batch_size,
                         max_steps=max_steps, max_epochs=max_epochs, eval_every=eval_every, patience=patience,
                         max_minutes=max_minutes, class_weighting=class_weighting, select_metric=select_metric,
-                        dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed)
+                        dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
+                        warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
+                        cache_memory_gb=cache_memory_gb)
     train, dev = split_by_query(frame, dev_fraction, seed)
     train, dev = subsample(train, max_train, seed), subsample(dev, max_dev, seed)
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
@@ -93,7 +110,8 @@ def finetune_command(
               "sources": source_list, "args": {**args.__dict__, "target_modules": list(args.target_modules)}}
     with store.run("finetune", params) as run:
         result = finetune(train, dev, loaded_policy, model_dir, out, args, base_model_name=model,
-                          rating_scale=rating_scale_for(dev, scheme), progress=_print_progress, resume=resume)
+                          rating_scale=rating_scale_for(dev, scheme), progress=_print_progress, resume=resume,
+                          started_at=started_at)
         meta = result.meta
         run.metrics.update({"dev": meta["dev_metrics"], "temperature": meta["temperature"], "steps": meta["steps"],
                             "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"]})
@@ -101,11 +119,24 @@ def finetune_command(
                              parent_model_id=model, data_hash=meta["data_hash"], metrics=meta["dev_metrics"],
                              run_id=run.run_id)
     dev_metrics = meta["dev_metrics"]
+    _print_path(meta)
+    if meta["calibration"]["status"] != "ok":
+        console.print(f"[yellow]warning: calibration failed: {meta['calibration']['reason']}; stored temperature 1.0[/]")
     console.print(f"stopped after {meta['steps']} steps ({meta['stop_reason']}, {meta['train_seconds']:.0f}s); "
                   f"temperature {meta['temperature']:.3f}; dev accuracy {dev_metrics['accuracy']:.3f}, "
                   f"QWK {dev_metrics['qwk']:.3f}, ECE {meta['dev_metrics_uncalibrated']['ece']:.3f} -> "
                   f"{dev_metrics['ece']:.3f}")
     console.print(f"adapter written to {out} (label with: mnr label --model {model} --adapter {out} --policy {policy})")
+
+
+def _print_path(meta: dict[str, Any]) -> None:
+    info = meta["training_path"]
+    if info["path"] == "cached":
+        console.print(f"layer cache: {info['train_pairs_cached']:,} train pairs ({info['train_tokens_cached']:,} tokens, "
+                      f"{info['cache_bytes'] / 2**20:,.0f} MiB {info['cache_dtype']}"
+                      f"{', spilled to disk' if info['cache_spilled'] else ''}) in {info['train_encode_and_cache_seconds']:.0f}s "
+                      f"({info['train_cache_pairs_per_s']:.1f} pairs/s); top {info['top_k']} blocks trained")
+    console.print(f"{meta['pairs_seen']:,} pairs seen over {meta['n_train_used']:,} distinct: {meta['epochs']:.2f} epochs")
 
 
 def _print_progress(record: dict[str, Any]) -> None:

@@ -152,7 +152,11 @@ def run_dataset(dataset: str, model_dir: str, minutes: float, test_pairs: int, w
 
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                                       str(work / f"{dataset}-lora"))
-    probs, seconds = llm_probs(tuned, tokenizer, policy, test_sample, result.meta["temperature"])
+    from annotator.pair_form import policy_for_adapter
+
+    # the adapter is scored with the prompt it was trained on (its recorded pair form)
+    probs, seconds = llm_probs(tuned, tokenizer, policy_for_adapter(policy, result.meta), test_sample,
+                               result.meta["temperature"])
     report["lora"] = {**metrics_of(probs, test_sample, labels, grades, scale), "score_seconds": round(seconds, 1),
                       "budget_minutes": minutes, "steps": result.meta["steps"],
                       "train_pairs_seen": min(result.meta["steps"] * args.batch_size, len(llm_train)),

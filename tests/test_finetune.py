@@ -36,7 +36,7 @@ from labelstore.store import LabelRecord
 MARKERS = {"exact": "black", "substitute": "white", "complement": "red", "irrelevant": "blue"}
 NOUNS = ("drill", "faucet", "paint", "mower", "ladder", "grill", "vacuum", "saw", "lamp", "hose")
 TRAIN_ARGS = ["--max-steps", "40", "--eval-every", "10", "--patience", "10", "--lr", "5e-3", "--batch-size", "16",
-              "--max-epochs", "50", "--select-metric", "accuracy"]
+              "--warmup-steps", "10", "--max-epochs", "50", "--select-metric", "accuracy"]
 
 runner = CliRunner()
 
@@ -228,6 +228,17 @@ AGREEMENT_ATOL = 1e-3  # per label probability, float32 on both sides
 @pytest.mark.vllm
 def test_adapter_serves_through_vllm_lora_and_agrees_with_transformers(trained: Path, learnable_llama: Path,
                                                                        toy_policy_path: Path) -> None:
+    _check_vllm_agrees_with_transformers(trained, learnable_llama, toy_policy_path)
+
+
+@pytest.mark.vllm
+def test_top_block_adapter_serves_through_vllm_lora(top_block_run, learnable_llama: Path,
+                                                    toy_policy_path: Path) -> None:
+    """An adapter on a subset of the blocks (PEFT layers_to_transform) is a normal adapter to vLLM."""
+    _check_vllm_agrees_with_transformers(top_block_run.out_dir, learnable_llama, toy_policy_path)
+
+
+def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, toy_policy_path: Path) -> None:
     from annotator.labeler import Labeler
 
     policy = load_prompt_policy(toy_policy_path)
@@ -244,3 +255,138 @@ def test_adapter_serves_through_vllm_lora_and_agrees_with_transformers(trained: 
     assert np.array_equal(vllm_probs.argmax(1), transformers_probs.argmax(1))
     np.testing.assert_allclose(vllm_probs, transformers_probs, atol=AGREEMENT_ATOL)
     assert float(np.mean(vllm_probs.argmax(1) == truth)) == pytest.approx(meta["dev_metrics"]["accuracy"], abs=0.02)
+
+
+# -- the cached top-k path (issue #18) ---------------------------------------------------------------
+def _lora_with_random_b(model_dir: Path, top_k: int):
+    """A LoRA model on the top ``top_k`` blocks whose B matrices are non-zero, so the adapter matters."""
+    import torch
+
+    model = load_lora_model(model_dir, FinetuneArgs(train_top_k=top_k, lora_dropout=0.0))
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def test_top_k_forward_over_the_cache_equals_the_full_forward(learnable_llama: Path, toy_policy_path: Path) -> None:
+    import torch
+
+    from annotator import layer_cache as lc
+    from annotator.finetune import answer_logits, prefix_cache
+
+    model = _lora_with_random_b(learnable_llama, top_k=1)
+    split = model.get_base_model().config.num_hidden_layers - 1
+    assert split >= 1 and not any(f"layers.{i}." in n for n, p in model.named_parameters() if p.requires_grad
+                                  for i in range(split))
+    tokenizer = load_tokenizer(learnable_llama)
+    frame = synthetic_pairs(n_queries=4).rename(columns={"text": "query"})
+    examples = encode_examples(tokenizer, load_prompt_policy(toy_policy_path), frame)
+    prefix = lc.prefix_states(model, examples.prefix, split)
+    cache = lc.allocate_cache([len(s) for s in examples.suffixes], model.config.hidden_size,
+                              max_resident_bytes=2**30, spill_dir=None, dtype=np.float32)
+    order = np.random.default_rng(0).permutation(len(examples.suffixes))  # batches mix lengths: padding is exercised
+    lc.fill_cache(model, prefix, examples.suffixes, cache, order=order, batch_size=5)
+    index = list(range(len(examples.suffixes)))
+    with torch.no_grad():
+        hidden, lengths = cache.batch(index)
+        cached = lc.top_block_logits(model, prefix, hidden, lengths)
+        full = answer_logits(model, prefix_cache(model, examples.prefix), len(examples.prefix), examples.suffixes,
+                             tokenizer.pad_token_id)
+    label_ids = label_token_ids(tokenizer, load_prompt_policy(toy_policy_path).answer_options())
+    torch.testing.assert_close(cached[:, label_ids], full[:, label_ids], atol=1e-4, rtol=0)
+    assert len(set(map(len, examples.suffixes))) > 1
+
+
+def test_spilled_cache_is_a_memmap_and_reads_back(tmp_path: Path) -> None:
+    from annotator import layer_cache as lc
+
+    cache = lc.allocate_cache([3, 1, 2], 4, max_resident_bytes=10, spill_dir=tmp_path / "spill")
+    assert isinstance(cache.rows, np.memmap) and cache.rows.dtype == np.float16
+    cache.rows[:] = np.arange(24, dtype=np.float16).reshape(6, 4)
+    lc.mark_ready(tmp_path / "spill", "k", 3)
+    again = lc.reuse_spilled(tmp_path / "spill", "k", [3, 1, 2])
+    hidden, lengths = again.batch([2, 1])
+    assert lengths == [2, 1] and hidden.shape == (2, 2, 4) and float(hidden[1, 1].abs().sum()) == 0.0
+    assert hidden[0, 0].tolist() == [16.0, 17.0, 18.0, 19.0]
+    assert lc.reuse_spilled(tmp_path / "spill", "other", [3, 1, 2]) is None
+
+
+@pytest.fixture(scope="module")
+def top_block_run(learnable_llama: Path, toy_policy_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    frame = synthetic_pairs().rename(columns={"text": "query"})
+    train, dev = split_by_query(frame, 0.2)
+    args = FinetuneArgs(train_top_k=1, max_steps=40, eval_every=10, patience=10, learning_rate=5e-3, batch_size=16,
+                        warmup_steps=10, max_epochs=50, select_metric="accuracy")
+    return finetune(train, dev, load_prompt_policy(toy_policy_path), learnable_llama, tmp_path_factory.mktemp("topk") / "a", args)
+
+
+def test_top_block_path_learns_the_rule_and_writes_a_partial_peft_adapter(top_block_run) -> None:
+    meta, history = top_block_run.meta, top_block_run.history
+    assert meta["training_path"]["path"] == "cached" and meta["training_path"]["split"] == 1
+    # the full-vocabulary term dominates the loss and falls slowly with one trainable block
+    assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
+    assert meta["dev_metrics"]["accuracy"] >= 0.7  # chance is about 0.25
+    assert meta["epochs"] > 1 and meta["n_train_used"] == meta["n_train"]
+    config = json.loads((top_block_run.out_dir / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]
+    assert not (top_block_run.out_dir / "layer-cache").exists()
+
+
+def test_labeler_serves_the_adapter_with_its_pair_form_and_reproduces_dev(top_block_run, learnable_llama: Path,
+                                                                         toy_policy_path: Path) -> None:
+    from annotator.labeler import Labeler
+
+    meta = top_block_run.meta
+    assert meta["pair_form"]["name"] == "short"
+    dev = _dev_frame(top_block_run.out_dir)
+    dev = dev.set_index("pair_id").loc[json.loads((top_block_run.out_dir / "split.json").read_text())["dev_pair_ids"]]
+    pairs = [PairText(r.query, r.title, pair_id=pid) for pid, r in dev.iterrows()]
+    with Labeler(str(learnable_llama), load_prompt_policy(toy_policy_path), backend="transformers",
+                 adapter=str(top_block_run.out_dir)) as labeler:
+        assert labeler.policy.version == meta["pair_form"]["prompt_hash"]
+        probs = labeler.score(pairs)
+    truth = np.array([labeler.label_names.index(label) for label in dev["label"]])
+    assert float(np.mean(probs.argmax(1) == truth)) == pytest.approx(meta["dev_metrics"]["accuracy"], abs=0.02)
+
+
+def test_short_pair_form_cuts_the_description_and_round_trips_through_meta() -> None:
+    from annotator.pair_form import form_record, policy_for_adapter, policy_in_form
+
+    policy = load_prompt_policy("esci")
+    short = policy_in_form(policy, "short")
+    pair = PairText("drill", "DeWalt 20V drill " * 20, description="long words " * 100, brand="DeWalt")
+    assert len(short.pair_part(pair)) < len(policy.pair_part(pair)) - 200
+    assert short.version != policy.version and "description" in short.pair_part(pair)
+    assert policy_for_adapter(policy, {"pair_form": form_record(short, "short")}).render(pair) == short.render(pair)
+    assert policy_for_adapter(policy, {}).render(pair) == policy.render(pair)
+
+
+def test_a_temperature_at_its_bound_is_a_failed_calibration() -> None:
+    from annotator.finetune import CalibrationFailedWarning, calibrate
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 5, size=(200, 4))  # confident scores unrelated to the labels: T runs to the upper bound
+    with pytest.warns(CalibrationFailedWarning, match="bound"):
+        temperature, record = calibrate(noise, rng.integers(0, 4, size=200))
+    assert temperature == 1.0 and record["status"] == "failed" and record["fitted_temperature"] > 19
+    targets = rng.integers(0, 4, size=200)
+    informative = np.eye(4)[targets] * 2 + rng.normal(0, 1, size=(200, 4))
+    temperature, record = calibrate(informative, targets)
+    assert record["status"] == "ok" and temperature == record["fitted_temperature"]
+
+
+def test_max_minutes_bounds_the_whole_call(learnable_llama: Path, toy_policy_path: Path, tmp_path: Path) -> None:
+    import time
+
+    frame = synthetic_pairs(n_queries=120).rename(columns={"text": "query"})
+    train, dev = split_by_query(frame, 0.2)
+    budget_s = 20.0
+    started = time.monotonic()
+    result = finetune(train, dev, load_prompt_policy(toy_policy_path), learnable_llama, tmp_path / "run",
+                      FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, max_steps=100_000, max_epochs=1000,
+                                   eval_every=5, patience=1000, batch_size=8), started_at=started)
+    wall = time.monotonic() - started
+    assert result.meta["stop_reason"] == "max_minutes"
+    assert wall <= 1.1 * budget_s and result.meta["train_seconds"] <= 1.1 * budget_s

@@ -1,0 +1,265 @@
+"""Train LoRA on the top k decoder blocks over cached outputs of the frozen lower blocks.
+
+With LoRA only on blocks ``split..N-1`` (PEFT ``layers_to_transform``), blocks ``0..split-1`` are
+the frozen base model, so their output for a pair never changes during training. It is computed
+once per pair (`build_layer_cache`) and stored, token by token, as float16 rows of width
+``hidden_size``; a pair of T pair-part tokens costs ``T * hidden_size * 2`` bytes (SmolLM2-135M:
+1,152 bytes a token). Each training step then runs only the top blocks, the final norm and the
+LM head at the answer position.
+
+The prompt is ``prefix + pair part``. The prefix is shared: its lower-block keys/values and its
+hidden state at ``split`` are computed once (`PrefixStates`); its upper-block keys/values depend
+on the adapter, so they are recomputed once per step (with gradients) and shared by the batch.
+
+Pair parts are right-padded after the prefix, at positions ``P .. P+T-1``, with a causal mask
+that hides padding. A real token never attends to padding, so its hidden states equal those of
+the unpadded prompt: the cache stores exactly what a full forward of the prompt computes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+KV = tuple[torch.Tensor, torch.Tensor]
+CACHE_DTYPE = np.float16
+READY_FILE = "ready.json"
+
+
+# -- running a range of blocks ----------------------------------------------------------------------
+class _PrefixKV:
+    """Duck-typed KV cache for the decoder layers: puts each layer's prefix keys/values (expanded to
+    the batch) before the new ones, and records the new ones (the prefix recompute needs them)."""
+
+    def __init__(self, prefix: dict[int, KV], batch: int):
+        self.prefix = prefix
+        self.batch = batch
+        self.new: dict[int, KV] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_: Any, **__: Any) -> KV:
+        self.new[layer_idx] = (keys, values)
+        if layer_idx not in self.prefix:
+            return keys, values
+        old_k, old_v = self.prefix[layer_idx]
+        return (torch.cat([old_k.expand(self.batch, -1, -1, -1), keys], dim=2),
+                torch.cat([old_v.expand(self.batch, -1, -1, -1), values], dim=2))
+
+
+def attention_bias(prefix_len: int, lengths: Sequence[int], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, W, P+W) additive mask: every token sees the prefix and the real tokens up to itself."""
+    lengths_t = torch.as_tensor(list(lengths))
+    query = torch.arange(width)
+    key = torch.arange(width)
+    causal = key[None, :] <= query[:, None]
+    real_key = key[None, :] < lengths_t[:, None]
+    allowed = torch.cat([torch.ones(len(lengths), width, prefix_len, dtype=torch.bool),
+                         causal[None] & real_key[:, None, :]], dim=2)
+    bias = torch.zeros(allowed.shape, dtype=dtype)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
+def decoder_of(model: Any) -> Any:
+    """The ``LlamaModel``-like stack (``layers``, ``rotary_emb``, ``norm``) of a causal LM or PEFT model."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.model
+
+
+def lm_head_of(model: Any) -> Any:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.lm_head
+
+
+def run_blocks(model: Any, blocks: range, hidden: torch.Tensor, *, prefix_kv: dict[int, KV], prefix_len: int,
+               lengths: Sequence[int]) -> tuple[torch.Tensor, dict[int, KV]]:
+    """Run decoder ``blocks`` on right-padded ``hidden`` (B, W, H) placed after a prefix of ``prefix_len``.
+
+    Returns the output hidden states (B, W, H) and each block's new keys/values.
+    """
+    decoder = decoder_of(model)
+    batch, width, _ = hidden.shape
+    positions = torch.arange(prefix_len, prefix_len + width).unsqueeze(0).expand(batch, -1)
+    rotary = decoder.rotary_emb(hidden, positions)
+    bias = attention_bias(prefix_len, lengths, width, hidden.dtype)
+    cache = _PrefixKV(prefix_kv, batch)
+    for index in blocks:
+        hidden = decoder.layers[index](hidden, attention_mask=bias, position_ids=positions, past_key_values=cache,
+                                       use_cache=True, position_embeddings=rotary)
+    return hidden, cache.new
+
+
+@dataclass
+class PrefixStates:
+    """The shared prefix through the frozen blocks: its keys/values there and its hidden state at ``split``."""
+
+    split: int
+    length: int
+    lower_kv: dict[int, KV]
+    hidden: torch.Tensor  # (1, P, H) float32
+
+
+@torch.no_grad()
+def prefix_states(model: Any, prefix: Sequence[int], split: int) -> PrefixStates:
+    decoder = decoder_of(model)
+    if not prefix:
+        empty = torch.zeros(1, 0, decoder.config.hidden_size)
+        return PrefixStates(split, 0, {}, empty)
+    hidden = decoder.embed_tokens(torch.tensor([list(prefix)]))
+    hidden, kv = run_blocks(model, range(split), hidden, prefix_kv={}, prefix_len=0, lengths=[len(prefix)])
+    return PrefixStates(split, len(prefix), kv, hidden)
+
+
+def upper_prefix_kv(model: Any, prefix: PrefixStates) -> dict[int, KV]:
+    """The prefix's keys/values in the trainable blocks, under the current adapter (with gradients)."""
+    if prefix.length == 0:
+        return {}
+    n_layers = len(decoder_of(model).layers)
+    _, kv = run_blocks(model, range(prefix.split, n_layers), prefix.hidden, prefix_kv=prefix.lower_kv,
+                       prefix_len=0, lengths=[prefix.length])
+    return kv
+
+
+def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """(B, vocab) answer-position logits from cached lower-block states ``hidden`` (B, W, H)."""
+    n_layers = len(decoder_of(model).layers)
+    kv = {**prefix.lower_kv, **upper_prefix_kv(model, prefix)}
+    out, _ = run_blocks(model, range(prefix.split, n_layers), hidden, prefix_kv=kv, prefix_len=prefix.length,
+                        lengths=lengths)
+    last = out[torch.arange(len(lengths)), torch.as_tensor(list(lengths)) - 1]
+    return lm_head_of(model)(decoder_of(model).norm(last))
+
+
+# -- the cache --------------------------------------------------------------------------------------
+@dataclass
+class LayerCache:
+    """Lower-block outputs of pairs, flat: pair i is rows ``offsets[i]:offsets[i]+lengths[i]`` of ``rows``.
+
+    ``rows`` is (total tokens, H) float16, in memory or a ``np.memmap`` on disk; ``filled`` pairs
+    (the first ones in ``order``) are computed so far.
+    """
+
+    rows: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    filled: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.lengths[: self.filled].sum()) * self.rows.shape[1] * self.rows.itemsize
+
+    def batch(self, indices: Sequence[int], dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[int]]:
+        """(B, W, H) right-padded states of pairs ``indices`` and their lengths."""
+        lengths = [int(self.lengths[i]) for i in indices]
+        out = torch.zeros(len(indices), max(lengths), self.rows.shape[1], dtype=dtype)
+        for b, (i, n) in enumerate(zip(indices, lengths)):
+            start = int(self.offsets[i])
+            out[b, :n] = torch.from_numpy(np.array(self.rows[start: start + n], dtype=np.float32)).to(dtype)
+        return out, lengths
+
+
+def allocate_cache(lengths: Sequence[int], hidden_size: int, *, max_resident_bytes: int, spill_dir: Path | None,
+                   dtype: Any = CACHE_DTYPE) -> LayerCache:
+    """Room for every pair: in memory up to ``max_resident_bytes``, else a memmap file in ``spill_dir``."""
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
+    shape = (int(lengths_a.sum()), hidden_size)
+    if np.prod(shape) * np.dtype(dtype).itemsize <= max_resident_bytes or spill_dir is None:
+        rows = np.empty(shape, dtype=dtype)
+    else:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        (spill_dir / READY_FILE).unlink(missing_ok=True)
+        rows = np.lib.format.open_memmap(spill_dir / "rows.npy", mode="w+", dtype=dtype, shape=shape)
+    return LayerCache(rows, offsets, lengths_a)
+
+
+def reuse_spilled(spill_dir: Path | None, key: str, lengths: Sequence[int]) -> LayerCache | None:
+    """A spilled cache left by an interrupted run with the same ``key`` (data, model, split, prompts)."""
+    if spill_dir is None or not (spill_dir / READY_FILE).is_file():
+        return None
+    ready = json.loads((spill_dir / READY_FILE).read_text())
+    if ready.get("key") != key:
+        return None
+    rows = np.load(spill_dir / "rows.npy", mmap_mode="r")
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
+    return LayerCache(rows, offsets, lengths_a, filled=int(ready["filled"]))
+
+
+def mark_ready(spill_dir: Path, key: str, filled: int) -> None:
+    (spill_dir / READY_FILE).write_text(json.dumps({"key": key, "filled": filled}))
+
+
+@torch.no_grad()
+def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int]], cache: LayerCache, *,
+               order: Sequence[int], batch_size: int, deadline: float = float("inf"),
+               stop_after: int | None = None, at_least: int = 1) -> int:
+    """Compute the lower-block states of pairs in ``order`` (``suffixes`` indexes match ``cache``).
+
+    Pairs are taken in ``order`` in groups of ``batch_size``, each group sorted by length to cut
+    padding, until all are done, ``stop_after`` are done, or ``time.monotonic()`` passes ``deadline``
+    with at least ``at_least`` done.
+    Returns the number of pairs of ``order`` done (a prefix of it); ``cache.filled`` is set to it.
+    """
+    decoder = decoder_of(model)
+    limit = len(order) if stop_after is None else min(stop_after, len(order))
+    done = cache.filled
+    while done < limit and (done < at_least or time.monotonic() < deadline):
+        group = sorted(order[done: min(done + batch_size, limit)], key=lambda i: len(suffixes[i]))
+        lengths = [len(suffixes[i]) for i in group]
+        ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for b, i in enumerate(group):
+            ids[b, : lengths[b]] = torch.tensor(list(suffixes[i]))
+        hidden, _ = run_blocks(model, range(prefix.split), decoder.embed_tokens(ids), prefix_kv=prefix.lower_kv,
+                               prefix_len=prefix.length, lengths=lengths)
+        states = hidden.float().numpy()
+        for b, i in enumerate(group):
+            start = int(cache.offsets[i])
+            cache.rows[start: start + lengths[b]] = states[b, : lengths[b]]
+        done += len(group)
+        cache.filled = done
+    return done
+
+
+@torch.no_grad()
+def score_cached(model: Any, prefix: PrefixStates, cache: LayerCache, indices: Sequence[int], label_ids: Sequence[int],
+                 *, batch_size: int = 64) -> np.ndarray:
+    """(n, K) full-vocabulary log-probabilities of the label tokens for cached pairs ``indices``."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    for start in range(0, len(indices), batch_size):
+        hidden, lengths = cache.batch(indices[start: start + batch_size])
+        logits = top_block_logits(model, prefix, hidden, lengths)
+        rows.append(torch.log_softmax(logits.float(), dim=-1)[:, list(label_ids)].numpy())
+    model.train(was_training)
+    return np.concatenate(rows) if rows else np.zeros((0, len(label_ids)))
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, pool: int = 8,
+                            granularity: int = 8):
+    """Endless mini-batches, epoch after epoch: each epoch shuffles, groups pools of ``pool`` batches by
+    length, then shuffles the batches. Yields (epoch, indices).
+
+    Lengths are grouped in steps of ``granularity`` tokens, in random order within a step: length
+    can go with the label (short titles, say), and batches sorted by exact length would then be
+    nearly one label each.
+    """
+    n = len(lengths)
+    size = min(batch_size, n)
+    epoch = 0
+    while True:
+        order = rng.permutation(n)
+        batches = []
+        for start in range(0, n, size * pool):
+            chunk = order[start: start + size * pool]
+            chunk = chunk[np.lexsort((rng.random(len(chunk)), lengths[chunk] // granularity))]
+            batches.extend(chunk[i: i + size] for i in range(0, len(chunk), size))
+        for b in rng.permutation(len(batches)):
+            yield epoch, batches[b]
+        epoch += 1
