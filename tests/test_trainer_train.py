@@ -42,6 +42,10 @@ def coded_catalog():
     return catalog
 
 
+# the `trained` fixture trains three models (Stage 1, Stage 2, the control): room for a loaded machine
+FIXTURE_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = Store(tmp_path_factory.mktemp("train") / "store.duckdb")
@@ -59,6 +63,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "stage2_id": stage2_id, "stage2": stage2.metrics, "stage2_path": stage2.path, "control": control.metrics}
 
 
+@FIXTURE_TIMEOUT
 def test_stage1_then_stage2_each_improve_heldout_ndcg(trained: dict) -> None:
     zero, stage1, stage2 = trained["zero"]["ndcg@10"], trained["stage1"]["heldout_ndcg@10"], trained["stage2"]["heldout_ndcg@10"]
     assert zero < 0.8, "the made-up family words should defeat zero-shot MiniLM"
@@ -74,6 +79,7 @@ def test_stage1_then_stage2_each_improve_heldout_ndcg(trained: dict) -> None:
     assert trained["stage1"]["steps"] == STEPS and trained["stage1"]["train_pairs_per_s"] > 0
 
 
+@FIXTURE_TIMEOUT
 def test_models_are_registered_with_lineage_and_saved_in_st_format(trained: dict) -> None:
     store: Store = trained["store"]
     rows = store.df("SELECT * FROM models WHERE model_id IN (?, ?) ORDER BY stage",
@@ -89,6 +95,7 @@ def test_models_are_registered_with_lineage_and_saved_in_st_format(trained: dict
     assert runs["status"].tolist() == ["ok", "ok", "ok"] and all('"stage2"' in p or '"stage1"' in p for p in runs["params"])
 
 
+@FIXTURE_TIMEOUT
 def test_compare_and_promote(trained: dict) -> None:
     store: Store = trained["store"]
     assert compare_models(store, trained["stage2_id"], trained["stage1_id"])
@@ -99,6 +106,7 @@ def test_compare_and_promote(trained: dict) -> None:
         compare_models(store, trained["stage2_id"], ensure_zero_shot(store))
 
 
+@FIXTURE_TIMEOUT
 def test_cli_eval_retrieval_mine_and_errors(trained: dict) -> None:
     store: Store = trained["store"]
     runner = CliRunner()
