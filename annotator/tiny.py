@@ -3,7 +3,8 @@
 The tokenizer is a byte-level BPE trained (with the `tokenizers` library) on the policy prompts,
 the label names of every scheme and some catalogue words, so prompts encode to a few hundred
 tokens and every label name is one token. Weights are random but seeded, with a wide init so the
-label probabilities differ clearly from uniform. Head size 32 is the smallest vLLM's CPU
+label probabilities differ clearly from uniform; the output layer is
+scaled down so they stay clear of 0 and 1. Head size 32 is the smallest vLLM's CPU
 attention backend supports.
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 from labelstore.paths import prompts_dir
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+# The wide init (0.3) gives label probabilities down to 0.002; halving the output layer keeps them in
+# about [0.03, 0.75], so backends compared at 1e-3 differ measurably if they disagree.
+LM_HEAD_SCALE = 0.5
 CATALOG_WORDS = (
     "drill cordless battery charger bit screwdriver hammer saw blade wrench socket set kit paint brush roller tape "
     "faucet sink kitchen bathroom shower head toilet seat lamp bulb led light switch outlet cable wire extension cord "
@@ -82,6 +86,8 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # a softer output layer: label probabilities clear of 0 and 1, argmax (greedy) unchanged
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     _set_json(out_dir / "config.json", torch_dtype="float32", dtype="float32")

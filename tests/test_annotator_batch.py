@@ -42,12 +42,41 @@ def _job(tiny_llama: Path, **changes) -> LabelJob:
     return LabelJob(**{**settings, **changes})
 
 
-def test_labeler_scores_every_label_with_probabilities(labeler: Labeler) -> None:
-    pairs = [PairText("cordless drill", "Philips 18v cordless drill"), PairText("drill bit", "Bosch drill bit set")]
+def _direct_label_probs(model, tokenizer, prompts: list[str], labels: list[str], temperature: float = 1.0) -> np.ndarray:
+    """One unpadded forward pass per prompt; softmax over the last position's logits at the label tokens.
+
+    The label token ids are looked up by hand: the tiny tokenizer is byte-level BPE, so " relevant"
+    is the single token "Ġrelevant"."""
+    import torch
+
+    ids = [tokenizer.convert_tokens_to_ids("\u0120" + label) for label in labels]
+    assert len(set(ids)) == len(labels) and tokenizer.unk_token_id not in ids
+    rows = []
+    for prompt in prompts:
+        encoded = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            last = model(**encoded).logits[0, -1, ids].double() / temperature
+        rows.append(torch.softmax(last, dim=-1).numpy())
+    return np.array(rows)
+
+
+def test_labeler_scores_every_label_with_probabilities(labeler: Labeler, tiny_llama: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # prompts of different lengths: the batch is left-padded, and the label is read after the last real token
+    pairs = [PairText("cordless drill", "Philips 18v cordless drill"), PairText("drill bit", "Bosch drill bit set"),
+             PairText("garden hose", "Heavy duty 50 ft garden hose with brass nozzle, kink free")]
     probs = labeler.score(pairs)
-    assert probs.shape == (2, 3)
+    assert probs.shape == (3, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
-    assert (probs > 0).all()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [labeler.policy.render(pair) for pair in pairs]
+    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 3
+    expected = _direct_label_probs(model, tokenizer, prompts, ["relevant", "partial", "irrelevant"])
+    assert expected.min() > 0.02 and expected.max() < 0.98, expected  # away from 0 and 1: the tolerance means something
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert labeler.author.endswith(f"+base@home-improvement:{labeler.policy.version}")
     assert labeler.score([]).shape == (0, 3)
 
@@ -58,9 +87,20 @@ def test_adapter_loads_and_meta_temperature_is_applied(tiny_llama: Path, tmp_pat
     pairs = [PairText("cordless drill", "Philips 18v cordless drill")]
     logprobs = tuned.logprobs(pairs)
     assert not np.allclose(logprobs, labeler.logprobs(pairs), atol=1e-3), "the adapter changes the scores"
-    scaled = logprobs.astype(np.float64) / 2.0
-    expected = np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(tuned.score(pairs), expected, rtol=1e-6, atol=1e-9)
+    # reference: the adapter merged into the base weights by PEFT, scored directly, temperature 2 from meta.json
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [tuned.policy.render(pair) for pair in pairs]
+    labels = ["relevant", "partial", "irrelevant"]
+    expected = _direct_label_probs(merged, tokenizer, prompts, labels, temperature=2.0)
+    unscaled = _direct_label_probs(merged, tokenizer, prompts, labels)
+    assert np.abs(expected - unscaled).max() > 0.01, "temperature 2 visibly changes these probabilities"
+    np.testing.assert_allclose(tuned.score(pairs), expected, atol=1e-5)
     assert "+lora-" in tuned.author
 
 

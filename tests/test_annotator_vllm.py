@@ -21,6 +21,7 @@ from labelstore.catalog import generate_catalog, write_catalog
 pytestmark = pytest.mark.vllm
 
 AGREEMENT_ATOL = 1e-3  # absolute, per label probability, float32 on both sides
+PROB_FLOOR = 0.02  # every compared probability in [0.02, 0.98]
 
 PAIRS = [
     PairText("cordless drill 18v", "Philips 18v cordless drill", "Drives screws and bores holes.", "Philips", "a"),
@@ -62,6 +63,8 @@ def test_vllm_with_lora_agrees_with_transformers_with_lora(vllm_labeler: Labeler
     reference = Labeler(str(tiny_llama), "esci", backend="transformers", adapter=str(adapter))
     hf_probs = reference.score(PAIRS)
     assert (vllm_probs.argmax(axis=1) == hf_probs.argmax(axis=1)).all()
+    # clear of 0 and 1, so an absolute tolerance of 1e-3 compares something (0.002 vs 0.0029 would pass it)
+    assert hf_probs.min() > PROB_FLOOR and hf_probs.max() < 1 - PROB_FLOOR, (hf_probs.min(), hf_probs.max())
     np.testing.assert_allclose(vllm_probs, hf_probs, atol=AGREEMENT_ATOL)
     base = Labeler(str(tiny_llama), "esci", backend="transformers")
     assert np.abs(base.score(PAIRS) - hf_probs).max() > 0.01, "the LoRA adapter is applied, not ignored"

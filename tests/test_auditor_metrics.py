@@ -44,21 +44,25 @@ def _events_for(pair_id: str, position: int, impressions: int, clicks: int, cart
     return rows
 
 
-@pytest.fixture()
-def hand_store(tmp_path) -> Store:
-    """Pair A: 4/10 clicks at position 1, 2/10 at position 2; pair B: 2/10 and 1/10.
-    Both click twice as often at 1 as at 2, so the fitted examination at 2 is exactly 0.5;
-    attractiveness A = 6 / 15 = 0.4, B = 3 / 15 = 0.2, mean = 9 clicks / 30 examined = 0.3;
-    reference CTR: 0.3 at 1, 0.15 at 2; expected clicks 4.5 each; COEC A = 4/3, B = 2/3."""
-    store = Store(tmp_path / "hand.duckdb")
-    rows = (_events_for("A", 1, 10, 4, carts=3, buys=1) + _events_for("A", 2, 10, 2, carts=1)
-            + _events_for("B", 1, 10, 2) + _events_for("B", 2, 10, 1))
+def _store_with(path, rows: list[dict]) -> Store:
+    store = Store(path)
     frame = pd.DataFrame(rows)
     with store.transaction() as con:
         con.register("hand", frame)
         con.execute("INSERT INTO engagement_events SELECT * FROM hand")
     store.add_labels([LabelRecord("A", "esci", "exact", 3, "import", "t"), LabelRecord("B", "esci", "irrelevant", 0, "import", "t")])
     return store
+
+
+@pytest.fixture()
+def hand_store(tmp_path) -> Store:
+    """Pair A: 4/10 clicks at position 1, 2/10 at position 2; pair B: 2/10 and 1/10.
+    Both click twice as often at 1 as at 2, so the fitted examination at 2 is exactly 0.5;
+    attractiveness A = 6 / 15 = 0.4, B = 3 / 15 = 0.2, mean = 9 clicks / 30 examined = 0.3;
+    reference CTR: 0.3 at 1, 0.15 at 2; expected clicks 4.5 each; COEC A = 4/3, B = 2/3."""
+    rows = (_events_for("A", 1, 10, 4, carts=3, buys=1) + _events_for("A", 2, 10, 2, carts=1)
+            + _events_for("B", 1, 10, 2) + _events_for("B", 2, 10, 1))
+    return _store_with(tmp_path / "hand.duckdb", rows)
 
 
 def _poisson_score(k: float, e: float) -> tuple[float, float]:
@@ -94,6 +98,30 @@ def test_coec_and_intervals_match_hand_computation(hand_store):
     assert a.label_posterior > 0.5
 
 
+def test_non_harmonic_curve_matches_hand_computation(tmp_path):
+    """Examination 1, 0.6, 0.4 (not 1/position); attractiveness A = 0.5, B = 0.25.
+    A: 10/20 clicks at 1, 3/10 at 2, 1/5 at 3; B: 1/4 at 1, 3/20 at 2, 3/30 at 3. The pairs are shown
+    at different positions, so the naive per-position CTR ratio (0.44, 0.25) is confounded; the fit is
+    exact because the counts follow the model. Examined: A 20 + 6 + 2 = 28, B 4 + 12 + 12 = 28;
+    mean attractiveness 21 / 56 = 0.375; reference CTR 0.375, 0.225, 0.15; expected clicks 10.5 each;
+    COEC A = 14 / 10.5 = 4/3, B = 7 / 10.5 = 2/3."""
+    rows = (_events_for("A", 1, 20, 10) + _events_for("A", 2, 10, 3) + _events_for("A", 3, 5, 1)
+            + _events_for("B", 1, 4, 1) + _events_for("B", 2, 20, 3) + _events_for("B", 3, 30, 3))
+    store = _store_with(tmp_path / "curve.duckdb", rows)
+    with store.connect() as con:
+        attach_events(con)
+        tables = compute_engagement(con, "esci", AuditSettings(min_pairs_per_grade=1))
+    curve = tables.position_curve.set_index("position")
+    assert curve.index.tolist() == [1, 2, 3]
+    assert curve["examination"].to_numpy() == pytest.approx([1.0, 0.6, 0.4], rel=1e-3)
+    assert curve["reference_ctr"].to_numpy() == pytest.approx([0.375, 0.225, 0.15], rel=1e-3)
+    assert curve["observed_ctr"].to_numpy() == pytest.approx([11 / 24, 6 / 30, 4 / 35])
+    pairs = tables.pair_metrics.set_index("pair_id")
+    assert pairs.loc["A", "expected_clicks"] == pytest.approx(10.5, rel=1e-3)
+    assert pairs.loc["B", "expected_clicks"] == pytest.approx(10.5, rel=1e-3)
+    assert pairs.loc["A", "coec"] == pytest.approx(4 / 3, rel=1e-3) and pairs.loc["B", "coec"] == pytest.approx(2 / 3, rel=1e-3)
+
+
 def test_wilson_interval_edges():
     with duckdb.connect() as con:
         from auditor.macros import install_macros
@@ -107,7 +135,7 @@ def test_wilson_interval_edges():
 def test_position_bias_of_the_simulator_is_recovered(tmp_path):
     store = Store(tmp_path / "sim.duckdb")
     write_catalog(store, generate_catalog(seed=0))
-    params = SimulationParams(n_sessions=20_000, seed=3, examination_decay=1.0)
+    params = SimulationParams(n_sessions=20_000, seed=3, examination_decay=0.6)  # not 1/position
     assert simulate_into_store(store, truth_from_store(store, "esci"), params, max_grade=3) > 0
     with store.connect() as con:
         attach_events(con)
@@ -116,9 +144,11 @@ def test_position_bias_of_the_simulator_is_recovered(tmp_path):
     # the first page, which every session sees; later pages are sparse (page_continue)
     curve = tables.position_curve.set_index("position").loc[1:params.page_size]
     assert len(curve) == params.page_size
-    truth = 1.0 / curve.index.to_numpy()
+    truth = curve.index.to_numpy(float) ** -params.examination_decay
     estimated = curve["examination"].to_numpy()
     assert np.max(np.abs(estimated - truth) / truth) < 0.1
+    harmonic = 1.0 / curve.index.to_numpy(float)
+    assert np.max(np.abs(harmonic - truth) / truth) > 0.5  # a curve fixed at 1/position would be far off
     # the naive CTR ratio is confounded by the ranker putting better products on top
     naive = (curve["observed_ctr"] / curve.loc[1, "observed_ctr"]).to_numpy()
     assert np.max(np.abs(naive - truth) / truth) > np.max(np.abs(estimated - truth) / truth)

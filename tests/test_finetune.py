@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import annotator.finetune as finetune_module
 from annotator.finetune import (
     FinetuneArgs,
     class_weights,
@@ -27,7 +28,7 @@ from annotator.finetune import (
     split_by_query,
 )
 from annotator.prompts import PairText, load_prompt_policy
-from annotator.scoring import label_token_ids
+from annotator.scoring import label_token_ids, probs_from_logprobs
 from app.cli import app
 from labelstore import Store, ids
 from labelstore.ingest import write_pairs
@@ -188,7 +189,11 @@ def test_eval_labeler_rejects_a_bad_label_with_row_and_field(store_path: Path, t
     assert "row 3, field 'label'" in str(result.exception) and "maybe" in str(result.exception)
 
 
-def test_interrupted_run_resumes_from_its_checkpoint(learnable_llama: Path, toy_policy_path: Path, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_from_its_checkpoint(learnable_llama: Path, toy_policy_path: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     frame = synthetic_pairs(n_queries=12).rename(columns={"text": "query"})
     train, dev = split_by_query(frame, 0.25)
     args = FinetuneArgs(max_steps=6, eval_every=2, patience=10, learning_rate=5e-3, batch_size=8, max_epochs=50)
@@ -200,10 +205,36 @@ def test_interrupted_run_resumes_from_its_checkpoint(learnable_llama: Path, toy_
 
     with pytest.raises(KeyboardInterrupt):
         finetune(train, dev, policy, learnable_llama, tmp_path / "run", args, progress=stop_after_first_eval)
-    assert (tmp_path / "run" / "checkpoint" / "state.pt").is_file()
+    checkpoint = tmp_path / "run" / "checkpoint"
+    assert (checkpoint / "state.pt").is_file()
+    saved = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    first_record = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[0])
+
+    steps_trained, loaded = {"n": 0}, {}
+    real_loss, real_load = finetune_module.label_token_loss, finetune_module.load_lora_model
+
+    def counting_loss(*a, **k):
+        steps_trained["n"] += 1
+        return real_loss(*a, **k)
+
+    def spying_load(model_dir, args_, adapter_dir=None):
+        model = real_load(model_dir, args_, adapter_dir)
+        loaded.update({k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k})
+        return model
+
+    monkeypatch.setattr(finetune_module, "label_token_loss", counting_loss)
+    monkeypatch.setattr(finetune_module, "load_lora_model", spying_load)
     result = finetune(train, dev, policy, learnable_llama, tmp_path / "run", args, resume=True)
+    assert steps_trained["n"] == 4  # only steps 3-6 were trained again; steps 1-2 came from the checkpoint
     assert [h["step"] for h in result.history] == [2, 4, 6]
+    assert result.history[0] == first_record  # step 2's evaluation is the interrupted run's, not a new one
     assert result.meta["steps"] == 6
+    # the resumed model started from the checkpoint's LoRA weights, not from a fresh (identity) adapter
+    assert len(saved) == len(loaded) > 0
+    loaded = {k.replace(".default", ""): v for k, v in loaded.items()}
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items())
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in saved.items() if "lora_B" in k)
 
 
 def test_split_by_query_and_class_weights() -> None:
@@ -223,6 +254,8 @@ def _dev_frame(adapter: Path) -> pd.DataFrame:
 
 # -- serving: the adapter in vLLM, agreeing with transformers ----------------------------------------
 AGREEMENT_ATOL = 1e-3  # per label probability, float32 on both sides
+PROB_FLOOR = 0.02  # every compared probability in [0.02, 0.98]
+LOGPROB_ATOL = 1e-2  # per label log-probability (nats)
 
 
 @pytest.mark.vllm
@@ -249,11 +282,22 @@ def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, t
                  max_model_len=512, max_num_seqs=32) as served:
         assert served.temperature == pytest.approx(meta["temperature"])
         vllm_probs = served.score(pairs)
+        vllm_logprobs = served.logprobs(pairs)
     with Labeler(str(learnable_llama), policy, backend="transformers", adapter=str(trained)) as local:
         transformers_probs = local.score(pairs)
+        transformers_logprobs = local.logprobs(pairs)
     truth = np.array([policy.scheme.label_names.index(label) for label in dev["label"]])
     assert np.array_equal(vllm_probs.argmax(1), transformers_probs.argmax(1))
     np.testing.assert_allclose(vllm_probs, transformers_probs, atol=AGREEMENT_ATOL)
+    # The trained adapter is confident: most probabilities are within 1e-6 of 0 or 1, where a 1e-3
+    # probability tolerance says nothing. So the label log-probabilities are compared too (a 1e-2 nat
+    # tolerance bounds every probability ratio within 1%), and the probabilities wherever they lie in
+    # [0.02, 0.98] at a temperature that spreads them (the largest log-probability gap / ln 40).
+    np.testing.assert_allclose(vllm_logprobs, transformers_logprobs, atol=LOGPROB_ATOL)
+    spread = float((transformers_logprobs.max(1) - transformers_logprobs.min(1)).max()) / np.log(40)
+    soft_hf, soft_vllm = (probs_from_logprobs(lp, max(spread, 1.0)) for lp in (transformers_logprobs, vllm_logprobs))
+    assert soft_hf.min() > PROB_FLOOR and soft_hf.max() < 1 - PROB_FLOOR, (soft_hf.min(), soft_hf.max())
+    np.testing.assert_allclose(soft_vllm, soft_hf, atol=AGREEMENT_ATOL)
     assert float(np.mean(vllm_probs.argmax(1) == truth)) == pytest.approx(meta["dev_metrics"]["accuracy"], abs=0.02)
 
 

@@ -281,9 +281,17 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     assert Path(out["audit"]["report"]).is_file()
     assert set(out["evaluate"]["ndcg@10"]) >= {"zero-shot", "stage1", "stage2", "bm25"}
     assert all(0.0 <= v <= 1.0 for v in out["evaluate"]["ndcg@10"].values())
-    assert out["train-stage2"]["model_id"] in out["promote"]["candidate"]
-    promoted = store.scalar("SELECT count(*) FROM models WHERE promoted")
-    assert promoted == (1 if out["promote"]["promoted"] else 0)
+    # the promotion decision follows the evaluated metrics: Stage 2 against zero-shot (nothing promoted before)
+    candidate, baseline = out["train-stage2"]["model_id"], out["evaluate"]["models"]["zero-shot"]
+    assert (out["promote"]["candidate"], out["promote"]["baseline"]) == (candidate, baseline)
+    recorded = {model_id: json.loads(store.scalar("SELECT metrics FROM models WHERE model_id = ?", [model_id]))
+                ["heldout_ndcg@10"] for model_id in (candidate, baseline)}
+    assert recorded[candidate] == pytest.approx(out["evaluate"]["ndcg@10"]["stage2"], abs=5e-5)
+    assert recorded[baseline] == pytest.approx(out["evaluate"]["ndcg@10"]["zero-shot"], abs=5e-5)
+    should_promote = recorded[candidate] > recorded[baseline]  # min_gain 0
+    assert out["promote"]["promoted"] is should_promote, (recorded, out["promote"])
+    promoted_ids = [row[0] for row in store.fetchall("SELECT model_id FROM models WHERE promoted")]
+    assert promoted_ids == ([candidate] if should_promote else [])
     for step in STEP_NAMES:
         assert out[step]["wall_s"] >= 0
 

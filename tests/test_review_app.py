@@ -7,6 +7,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import app.review
+from app.review.decisions import record_decision, record_skip, undo_last
+from app.review.settings import IdentityError
 from test_review_support import (
     ReviewFixture, build_review_store, copy_review_store, human_label, llm_label, write_config,
 )
@@ -54,6 +56,39 @@ def test_identity_is_required_before_anything_is_written(fixture: ReviewFixture)
     assert human_rows(fixture) == []
     at.sidebar.text_input(key="mnr_identity").set_value("bob").run()
     assert at.button(key="mnr_label_exact")
+
+
+def all_review_rows(fixture: ReviewFixture) -> tuple[int, int]:
+    return (fixture.store.scalar("SELECT count(*) FROM labels WHERE source = 'human' AND author <> 'carol'"),
+            fixture.store.scalar("SELECT count(*) FROM review_events"))
+
+
+@pytest.mark.parametrize("identity, error", [(None, "annotator id"), ("mallory", "allow-list")])
+def test_a_write_attempted_without_an_accepted_identity_is_refused(fixture: ReviewFixture, identity: str | None,
+                                                                   error: str) -> None:
+    """The buttons are hidden without an identity; the handlers behind them (and their keyboard
+    shortcuts) check it again: a click that reaches them with a missing or rejected one writes nothing."""
+    at = start()
+    before = all_review_rows(fixture)
+    assert before == (0, 0)
+    for key in ("mnr_label_exact", "mnr_skip", "mnr_undo"):
+        at.session_state["mnr_annotator"] = identity  # what the handler sees, as if the sidebar check were bypassed
+        at.button(key=key).click().run()
+        assert not at.exception, at.exception
+        assert any(error in message.value for message in at.error), (key, [m.value for m in at.error])
+        assert all_review_rows(fixture) == before, key
+    # the decisions layer the handlers call refuses too
+    shown = at.session_state["mnr_current"]["shown"]
+    with pytest.raises(IdentityError, match=error):
+        record_decision(fixture.store, shown, identity, "exact", allow=("alice", "bob"))
+    with pytest.raises(IdentityError, match=error):
+        record_skip(fixture.store, shown, identity, allow=("alice", "bob"))
+    with pytest.raises(IdentityError, match=error):
+        undo_last(fixture.store, identity, allow=("alice", "bob"))
+    assert all_review_rows(fixture) == before
+    # the same click with the accepted identity writes
+    at.button(key="mnr_label_exact").click().run()
+    assert human_rows(fixture) == [(shown.pair_id, "exact", "alice")]
 
 
 def test_label_by_button_follows_the_queue_order(fixture: ReviewFixture) -> None:

@@ -108,29 +108,42 @@ def test_status_counts(store: Store) -> None:
 
 
 WRITER = """
-import sys
+import sys, time
+from pathlib import Path
 from labelstore import LabelRecord, Store
-path, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path, name, count, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 store = Store(path, lock_timeout=120)
 pairs = [r[0] for r in store.fetchall("SELECT pair_id FROM pairs ORDER BY pair_id")]
+(gate / f"ready-{name}").touch()
+deadline = time.monotonic() + 120
+while len(list(gate.glob("ready-*"))) < 2:  # start barrier: neither writes before both are ready
+    assert time.monotonic() < deadline, "the other writer never became ready"
+    time.sleep(0.005)
 for i in range(count):
     record = LabelRecord(pairs[i % len(pairs)], "esci", "exact", 3, "human" if name == "ui" else "llm", name,
                          dedup_key=f"{name}:{i}")
     assert store.add_labels([record]) == 1
+    time.sleep(0.01)  # a writer pauses between labels, as the UI and a batch job do
 """
 
 
 def test_two_writer_processes_lose_nothing(store: Store, tmp_path: Path) -> None:
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
+    gate = tmp_path / "gate"
+    gate.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    writers = [subprocess.Popen([sys.executable, str(script), str(store.path), name, "60"], env=env,
+    writers = [subprocess.Popen([sys.executable, str(script), str(store.path), name, "60", str(gate)], env=env,
                                 stderr=subprocess.PIPE, text=True) for name in ("batch", "ui")]
     for writer in writers:
         _, err = writer.communicate(timeout=300)
         assert writer.returncode == 0, err
     rows = store.df("SELECT author, count(*) AS n FROM labels WHERE source <> 'import' GROUP BY author")
     assert dict(zip(rows["author"], rows["n"])) == {"batch": 60, "ui": 60}
+    # the two writers overlapped: in write order their labels interleave, not one block after the other
+    authors = [row[0] for row in store.fetchall("SELECT author FROM labels WHERE source <> 'import' ORDER BY label_id")]
+    switches = sum(a != b for a, b in zip(authors, authors[1:]))
+    assert switches >= 10, f"the writes hardly interleave ({switches} switches): {''.join(a[0] for a in authors)}"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

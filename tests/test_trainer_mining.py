@@ -121,9 +121,17 @@ def test_mining_writes_candidates_pairs_and_run(planted: dict) -> None:
     assert set(rows["model_id"]) == {"zero-shot-test"} and rows["rank"].min() >= 1
     run = store.df("SELECT status, params, metrics FROM runs WHERE run_id = ?", [planted["run_id"]]).iloc[0]
     assert run["status"] == "ok" and '"index_kind": "flat"' in run["metrics"] and '"band"' in run["params"]
-    # labelled pairs flagged against their label are candidates but not new pairs
-    assert planted["metrics"]["inserted_pairs"] == planted["metrics"]["n_ambiguous_unlabelled"] or \
-        planted["metrics"]["inserted_pairs"] <= planted["metrics"]["n_ambiguous_unlabelled"]
+    assert planted["metrics"]["inserted_mining_candidates"] == len(rows)
+    # labelled pairs flagged against their label are candidates but not new pairs: the new pairs are
+    # exactly the unlabelled candidates, and the count reported is the store's count of mined pairs
+    candidates = planted["candidates"]
+    unlabelled = candidates[candidates["reason"] == "ambiguous_unlabelled"]
+    expected = {pair_id(q, p) for q, p in zip(unlabelled["query_id"], unlabelled["product_id"])}
+    mined_ids = set(store.df("SELECT pair_id FROM pairs WHERE origin = 'mined'")["pair_id"])
+    assert mined_ids == expected and len(expected) > 0
+    assert planted["metrics"]["inserted_pairs"] == len(mined_ids) == planted["metrics"]["n_ambiguous_unlabelled"]
+    labelled_ids = {pair_id(q, p) for q, p in zip(candidates["query_id"], candidates["product_id"])} - expected
+    assert labelled_ids and not labelled_ids & mined_ids
 
 
 def test_hard_negatives_are_each_querys_nearest_unlabelled_products(planted: dict) -> None:

@@ -42,6 +42,10 @@ def coded_catalog():
     return catalog
 
 
+# the `trained` fixture trains three models (Stage 1, Stage 2, the control): room for a loaded machine
+FIXTURE_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store = Store(tmp_path_factory.mktemp("train") / "store.duckdb")
@@ -52,19 +56,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     stage1_id, stage1 = run_training(store, TrainConfig(stage="stage1", **COMMON), show_progress=False)
     stage2_id, stage2 = run_training(store, TrainConfig(stage="stage2", **COMMON), start_from=stage1.path,
                                      parent_model_id=stage1_id, show_progress=False)
+    # the control: Stage 1's loss for Stage 2's extra steps, from the same Stage 1 model
+    _, control = run_training(store, TrainConfig(stage="stage1", **COMMON), start_from=stage1.path,
+                              parent_model_id=stage1_id, show_progress=False)
     return {"store": store, "zero": zero.metrics, "stage1_id": stage1_id, "stage1": stage1.metrics,
-            "stage2_id": stage2_id, "stage2": stage2.metrics, "stage2_path": stage2.path}
+            "stage2_id": stage2_id, "stage2": stage2.metrics, "stage2_path": stage2.path, "control": control.metrics}
 
 
+@FIXTURE_TIMEOUT
 def test_stage1_then_stage2_each_improve_heldout_ndcg(trained: dict) -> None:
     zero, stage1, stage2 = trained["zero"]["ndcg@10"], trained["stage1"]["heldout_ndcg@10"], trained["stage2"]["heldout_ndcg@10"]
     assert zero < 0.8, "the made-up family words should defeat zero-shot MiniLM"
-    print(f"held-out NDCG@10: zero-shot {zero:.4f}, stage1 {stage1:.4f}, stage2 {stage2:.4f}")
+    control = trained["control"]["heldout_ndcg@10"]
+    print(f"held-out NDCG@10: zero-shot {zero:.4f}, stage1 {stage1:.4f}, stage2 {stage2:.4f}, "
+          f"control (stage1 loss, same extra steps) {control:.4f}")
     assert stage1 > zero, (zero, stage1)
     assert stage2 > stage1, (stage1, stage2)
+    # not just more training: Stage 2's loss beats Stage 1's loss given the same extra steps
+    # (0.78 against 0.63 when written; seeded, so the margin is stable)
+    assert stage2 > control + 0.05, (control, stage2)
+    assert trained["control"]["steps"] == STEPS
     assert trained["stage1"]["steps"] == STEPS and trained["stage1"]["train_pairs_per_s"] > 0
 
 
+@FIXTURE_TIMEOUT
 def test_models_are_registered_with_lineage_and_saved_in_st_format(trained: dict) -> None:
     store: Store = trained["store"]
     rows = store.df("SELECT * FROM models WHERE model_id IN (?, ?) ORDER BY stage",
@@ -77,9 +92,10 @@ def test_models_are_registered_with_lineage_and_saved_in_st_format(trained: dict
     path = Path(trained["stage2_path"])
     assert (path / "two_tower.json").is_file() and (path / "modules.json").is_file()
     runs = store.df("SELECT status, params FROM runs WHERE kind = 'train'")
-    assert runs["status"].tolist() == ["ok", "ok"] and all('"stage2"' in p or '"stage1"' in p for p in runs["params"])
+    assert runs["status"].tolist() == ["ok", "ok", "ok"] and all('"stage2"' in p or '"stage1"' in p for p in runs["params"])
 
 
+@FIXTURE_TIMEOUT
 def test_compare_and_promote(trained: dict) -> None:
     store: Store = trained["store"]
     assert compare_models(store, trained["stage2_id"], trained["stage1_id"])
@@ -90,6 +106,7 @@ def test_compare_and_promote(trained: dict) -> None:
         compare_models(store, trained["stage2_id"], ensure_zero_shot(store))
 
 
+@FIXTURE_TIMEOUT
 def test_cli_eval_retrieval_mine_and_errors(trained: dict) -> None:
     store: Store = trained["store"]
     runner = CliRunner()
@@ -116,13 +133,27 @@ def test_cli_eval_retrieval_mine_and_errors(trained: dict) -> None:
 
 
 def test_separate_towers_round_trip(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+
     model = TwoTowerModel.from_pretrained(separate_towers=True, product_fields=("title", "brand"), max_seq_length=24)
     assert not model.shared and len(model.parameters()) == 2 * len(list(model.query_encoder.parameters()))
+    texts = ["Dewalt 18v cordless drill", "white vinyl fence post cap"]
+    # change the product tower only: the two towers now encode the same text differently
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.product_encoder.parameters():
+            if parameter.dim() == 2:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    queries, products = model.encode_queries(texts), model.encode_products(texts)
+    assert np.min(np.sum(queries * products, axis=1)) < 0.99
     loaded = TwoTowerModel.from_pretrained(model.save(tmp_path / "towers"))
     assert not loaded.shared and loaded.product_fields == ("title", "brand") and loaded.max_seq_length == 24
     assert (tmp_path / "towers" / "query" / "modules.json").is_file()
-    vectors = loaded.encode_products(["Dewalt 18v cordless drill"])
-    assert vectors.shape == (1, 384) and abs(float((vectors ** 2).sum()) - 1.0) < 1e-4
+    np.testing.assert_allclose(loaded.encode_queries(texts), queries, atol=1e-5)
+    np.testing.assert_allclose(loaded.encode_products(texts), products, atol=1e-5)
+    vectors = loaded.encode_products(texts)
+    assert vectors.shape == (2, 384) and np.allclose((vectors ** 2).sum(axis=1), 1.0, atol=1e-4)
 
 
 def test_stage2_requires_a_start_model(tmp_path: Path) -> None:
