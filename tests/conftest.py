@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Area owners may add fixtures here; keep each one small."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest

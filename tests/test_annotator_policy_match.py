@@ -4,7 +4,6 @@ Also the way in for unlabelled pairs: `mnr ingest` of a file without labels, the
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -19,17 +18,10 @@ from annotator.prompts import PairText, list_policies, load_prompt_policy
 from annotator.scoring import label_token_ids
 from annotator.tiny import build_tiny_adapter, build_tokenizer
 from labelstore import Store
+from test_store_ingest import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR = PairText("red running shoes", "Nike Pegasus running shoe, red", pair_id="p1")
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Ingest of unlabelled files and of ratings on the user's own scale (`--rating-map`, [ingest] rating_map)."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from labelstore import IngestError, Store
 from labelstore.ingest import ingest_file
+from test_store_ingest import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_TABLES = ("products", "queries", "pairs", "labels", "runs")
@@ -21,14 +21,6 @@ MY_ROWS = [[1, "cordless drill", "Ryobi 18V cordless drill", 3], [2, "cordless d
 
 def counts(store: Store) -> dict[str, int]:
     return {t: store.scalar(f"SELECT count(*) FROM {t}") for t in DATA_TABLES}
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def labels_by_title(store: Store) -> dict[str, str]:
