@@ -189,10 +189,17 @@ def main() -> None:
     else:
         settings = AuditSettings(queue_limit=10**9)
         names = [args.only] if args.only else list(DATASETS)
-        out["cells"] = [cell for name in names for cell in run_dataset(name, args.quick, args.seed, settings, args.sessions)]
+        cells = [cell for name in names for cell in run_dataset(name, args.quick, args.seed, settings, args.sessions)]
+        # --only one dataset keeps the other dataset's cells of an earlier run
+        out["cells"] = [cell for cell in _earlier_cells() if cell["dataset"] not in names] + cells
         out["figures"] = figures(out["cells"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "audit_matrix.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+
+
+def _earlier_cells() -> list[dict]:
+    path = RESULTS / "audit_matrix.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("cells", []) if path.is_file() else []
 
 
 if __name__ == "__main__":
