@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from annotator import sql
 from annotator.batch import (LabelJob, LabelJobResult, failing_run, finish_label_run, label_records, open_run,
                              pair_texts, pending_pairs, plan_run, selected_count)
-from annotator.labeler import Adapter, Labeler, check_adapter, labeler_author, model_tag, read_adapter_meta
+from annotator.labeler import (Adapter, Labeler, check_adapter, check_policy, labeler_author, model_tag,
+                               read_adapter_meta)
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import Policy, load_prompt_policy
 from labelstore.errors import MnrError
@@ -258,6 +259,8 @@ def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: st
     adds nothing, and the Ray job adds its files beside them."""
     policy = load_prompt_policy(job.policy)
     adapter = check_adapter(job.adapter) if job.adapter else None
+    if adapter is not None:  # refuse a mismatched adapter before a run is recorded, as the in-process engine does
+        check_policy(adapter.path, read_adapter_meta(adapter.path), policy)
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     run_id = open_run(store, job, policy, plan, job_author(job, policy, adapter))
     folders = run_folders(settings.work_dir, run_id)

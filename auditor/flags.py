@@ -92,14 +92,16 @@ def find_combined_issues(pair_metrics: pd.DataFrame, settings: AuditSettings,
     pair_metrics: as for `find_engagement_issues`, plus combined_label_posterior and combined_grade
         (`auditor.evidence.combined_posterior`, NaN where a pair has no LLM probabilities).
     Flags a pair with enough engagement evidence whose combined posterior of its label is at most
-    max_label_posterior. score: 1 - that posterior (the probability the label is wrong);
+    max_label_posterior and whose most likely grade is at least min_grade_gap from its label. score: 1 - that posterior (the probability the label is wrong);
     priority: impressions x score.
     """
     if pair_metrics.empty or "combined_label_posterior" not in pair_metrics:
         return _empty()
     m = pair_metrics
+    combined = m["combined_label_posterior"]
     mask = (engagement_evidence_mask(m, settings)
-            & (m["combined_label_posterior"].fillna(1.0) <= settings.max_label_posterior).to_numpy())
+            & (combined.notna() & (combined <= settings.max_label_posterior)).to_numpy()
+            & ((m["combined_grade"] - m["grade"]).abs() >= settings.min_grade_gap).to_numpy())
     names = label_names or {}
     rows = []
     for row in m[mask].itertuples(index=False):

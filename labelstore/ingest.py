@@ -231,6 +231,7 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
             variance = _number(get("rating_variance")) if "rating_variance" in mapping else None
         except ValueError:
             problems.append((number, mapping.get("rating"), f"not a number: '{_text(get('rating'))}'"))
+            continue
         try:
             label = _row_label(get, mapping, scheme, rating_source or dataset, rating, rating_map)
         except SchemeError as exc:

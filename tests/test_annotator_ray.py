@@ -143,3 +143,21 @@ def test_ray_stays_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(RayEngineError, match=r"pip install 'mine-refine\[ray\]'"):
         require_ray()
+
+
+def test_export_refuses_an_adapter_of_another_policy_before_recording_a_run(tmp_path: Path, tiny_llama: Path) -> None:
+    from annotator.batch import LabelJob
+    from annotator.labeler import PolicyMismatchError
+    from annotator.prompts import load_prompt_policy
+    from annotator.ray_engine import RaySettings, export_run
+    from annotator.tiny import build_tiny_adapter
+
+    esci = load_prompt_policy("esci")
+    adapter = build_tiny_adapter(tiny_llama, tmp_path / "esci-lora",
+                                 meta={"policy": esci.name, "policy_hash": esci.version, "scheme": "esci"})
+    store = _store(tmp_path / "store.duckdb")
+    job = LabelJob(model=str(tiny_llama), policy="home-improvement", backend="transformers", adapter=str(adapter),
+                   limit=4)
+    with pytest.raises(PolicyMismatchError, match="esci"):
+        export_run(store, job, RaySettings(work_dir=str(tmp_path / "work")))
+    assert store.scalar("SELECT count(*) FROM label_runs") == 0 and not (tmp_path / "work").exists()

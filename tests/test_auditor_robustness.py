@@ -141,3 +141,19 @@ def test_a_few_heavily_shown_mislabelled_pairs_do_not_set_a_grades_profile():
                             pair_variation=0.0)
     assert model.coec[0] < 0.2 < 1.2 < model.coec[1]
     assert model.posterior[n_low:n_low + 2, 1].min() > 0.9  # the two are flagged as top grade
+
+
+def test_combined_flags_need_another_likely_grade_and_survive_a_permissive_threshold():
+    """A label whose combined posterior is low but still the most likely grade is not disputed; pairs
+    without LLM probabilities are never combined-flagged, whatever max_label_posterior says."""
+    from auditor.flags import find_combined_issues
+
+    metrics = pd.DataFrame({
+        "pair_id": ["still-best", "disputed", "no-llm"], "impressions": [500] * 3, "expected_clicks": [50.0] * 3,
+        "grade": [0, 0, 0], "implied_grade": [0, 2, 0], "label": ["irrelevant"] * 3, "label_posterior": [0.6, 0.2, 0.6],
+        "combined_label_posterior": [0.45, 0.1, np.nan], "combined_grade": [0, 2, np.nan], "coec": [1.0] * 3,
+        "simulated": [True] * 3})
+    flagged = find_combined_issues(metrics, AuditSettings())
+    assert flagged["pair_id"].tolist() == ["disputed"]
+    permissive = find_combined_issues(metrics, AuditSettings(max_label_posterior=1.0))
+    assert permissive["pair_id"].tolist() == ["disputed"]

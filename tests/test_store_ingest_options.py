@@ -149,3 +149,12 @@ def test_cli_rating_map_flag_config_and_errors(tmp_path: Path) -> None:
     assert bad_config.returncode == 2 and "rating_map in mnr.toml must be a string" in " ".join(bad_config.stderr.split())
     helptext = _mnr(tmp_path, "ingest", "--help")
     assert "<1.5=irrelevant,<2.5=partial,>=2.5=relevant" in helptext.stdout and "[ingest] rating_map" in helptext.stdout
+
+
+def test_a_rating_that_is_not_a_number_is_reported_once(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.duckdb")
+    path = write_csv(tmp_path / "ratings.csv", ["query", "title", "rating"], [["drill", "Ryobi drill", "high"]])
+    with pytest.raises(IngestError) as error:
+        ingest_file(store, path, scheme="graded3", rating_map="1=irrelevant,2=partial,3=relevant")
+    message = str(error.value)
+    assert "not a number: 'high'" in message and "empty rating" not in message
