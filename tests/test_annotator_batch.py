@@ -191,9 +191,14 @@ def test_cli_errors_exit_2_with_the_message(store: Store, tmp_path: Path) -> Non
     assert done.returncode == 2 and "not found" in " ".join(done.stderr.split())
 
 
+# Enough chunks that the job is still running when the poll sees its first labels, even on an idle machine
+# (24 pairs once finished between two polls).
+SIGKILL_PAIRS = 160
+
+
 def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_llama: Path) -> None:
     command = _mnr(store.path, "label", "--model", str(tiny_llama), "--backend", "transformers", "--policy",
-                   "home-improvement", "--chunk-size", "2", "--limit", "24", "--quiet")
+                   "home-improvement", "--chunk-size", "2", "--limit", str(SIGKILL_PAIRS), "--quiet")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
@@ -202,12 +207,12 @@ def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_
         written = store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'")
         if written >= 4:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'")
     run_id, selected = store.fetchall("SELECT run_id, n_selected FROM label_runs")[0]
-    assert 0 < killed_at < selected == 24, "killed mid-run"
+    assert 0 < killed_at < selected == SIGKILL_PAIRS, "killed mid-run"
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "running"
     resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
@@ -215,5 +220,5 @@ def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_
     counts = store.df("SELECT pair_id, count(*) AS n FROM labels WHERE run_id = ? GROUP BY pair_id", [run_id])
     selected_ids = set(store.df("SELECT pair_id FROM label_run_items WHERE run_id = ?", [run_id])["pair_id"])
     assert set(counts["pair_id"]) == selected_ids and (counts["n"] == 1).all()
-    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == 24
+    assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == SIGKILL_PAIRS
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "ok"
