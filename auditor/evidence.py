@@ -36,12 +36,11 @@ def combined_posterior(labels: np.ndarray, labeler_probs: np.ndarray, engagement
 def labeler_matrix(probs_json: pd.Series, grade_of: dict[str, int], n_grades: int) -> np.ndarray:
     """Shape (n_pairs, n_grades) from stored label probabilities ({label: p} JSON per row; NaN rows
     for missing JSON), renormalised over the scheme's grades."""
-    matrix = np.full((len(probs_json), n_grades), np.nan)
+    matrix = np.zeros((len(probs_json), n_grades))
     for row, text in enumerate(probs_json):
         if isinstance(text, str):
             for name, p in json.loads(text).items():
                 if name in grade_of:
                     matrix[row, grade_of[name]] = float(p)
-    matrix = np.nan_to_num(matrix, nan=0.0)
     total = matrix.sum(axis=1, keepdims=True)
     return np.where(total > 0, matrix / np.maximum(total, _TINY), np.nan)

@@ -34,7 +34,7 @@ from auditor.settings import AuditSettings
 from auditor.simulate import CLICK_MODELS, SimulationParams, corrupt_grades, simulate_to_parquet, truth_from_store
 from bench.audit_oracle import corruption_matrix, oracle_wrong_probability
 from bench.bench_label_errors import (
-    CORRUPTION_RATE, DATASETS, _engagement_evidence, _labeler_probs, _scores, _subsample, temperature_scaled,
+    CORRUPTION_RATE, DATASETS, engagement_evidence, labeler_probs, scores, subsample_queries, temperature_scaled,
 )
 from labelstore.ingest import ingest_file
 from labelstore.paths import shared_data_dir
@@ -98,7 +98,7 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
                                                                                        NEIGHBOUR_SHARE))
     oracle_flags = oracle_score > 0.5
 
-    likelihood, _, noise = _engagement_evidence(result, truth, settings, n_grades)
+    likelihood, _, noise = engagement_evidence(result, truth, settings, n_grades)
     combined = combined_posterior(noisy, temperature_scaled(labeler, noisy), likelihood, noise)
     combined_flags = combined[np.arange(len(noisy)), noisy] <= settings.max_label_posterior
 
@@ -112,13 +112,13 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
         "events": int(n_events), "audited_pairs": int(audited.sum()),
         "true_error_share_audited": round(float(wrong[audited].mean()) if audited.any() else 0.0, 4),
         "flagged_share_audited": round(float(flagged[audited].mean()) if audited.any() else 0.0, 4),
-        "audit": _scores(flagged[audited], wrong[audited]),
+        "audit": scores(flagged[audited], wrong[audited]),
         "audit_calibration_error": round(calibration_error(score[audited], wrong[audited]), 4),
         "expected_wrong_labels": result.summary["expected_wrong_labels"], "warnings": result.summary["warnings"],
-        "oracle": _scores(oracle_flags[audited], wrong[audited]),
-        "oracle_all_pairs": _scores(oracle_flags, wrong),
-        "cleanlab": _scores(find_label_issues(noisy, labeler)[audited], wrong[audited]),
-        "combined": _scores(combined_flags[audited], wrong[audited]),
+        "oracle": scores(oracle_flags[audited], wrong[audited]),
+        "oracle_all_pairs": scores(oracle_flags, wrong),
+        "cleanlab": scores(find_label_issues(noisy, labeler)[audited], wrong[audited]),
+        "combined": scores(combined_flags[audited], wrong[audited]),
         "relabel_cycle": {"queued": int(queued.sum()), "errors_before": int(wrong.sum()),
                           "errors_fixed": int((wrong & (relabelled == true_grade)).sum()),
                           "errors_introduced": int((~wrong & (relabelled != true_grade)).sum()),
@@ -135,7 +135,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        source = _subsample(shared_data_dir() / file, keep_quick if quick else None, seed, workdir)
+        source = subsample_queries(shared_data_dir() / file, keep_quick if quick else None, seed, workdir)
         base = workdir / "base.duckdb"
         store = Store(base)
         ingest_file(store, source, preset=preset)
@@ -145,7 +145,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
         changed = noisy != truth["grade"].to_numpy()
         store.add_labels([LabelRecord(p, scheme_name, scheme.label_for_grade(int(g)), int(g), "human", "bench:corrupted")
                           for p, g in zip(truth["pair_id"][changed], noisy[changed])])
-        labeler = _labeler_probs(store, truth, noisy, scheme.max_grade + 1, seed)
+        labeler = labeler_probs(store, truth, noisy, scheme.max_grade + 1, seed)
         for click_model, ranker, explore in itertools.product(CLICK_MODELS, RANKERS, EXPLORE_RATES):
             params = SimulationParams(n_sessions=sessions, seed=seed, click_model=click_model, ranker=ranker,
                                       explore_rate=explore, pair_noise=PAIR_NOISE)

@@ -56,13 +56,13 @@ LABELER_VERSION = "tfidf-match-lr-c4-v2"
 DUMP_DIR: Path | None = None  # --dump: save each dataset's arrays for analysis
 
 
-def _scores(flagged: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
+def scores(flagged: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
     precision, recall, f1, _ = precision_recall_fscore_support(corrupted, flagged, average="binary", zero_division=0)
     return {"precision": round(float(precision), 4), "recall": round(float(recall), 4), "f1": round(float(f1), 4),
             "flagged": int(flagged.sum())}
 
 
-def _subsample(path: Path, keep_queries: int | None, seed: int, workdir: Path) -> Path:
+def subsample_queries(path: Path, keep_queries: int | None, seed: int, workdir: Path) -> Path:
     if keep_queries is None:
         return path
     frame = pd.read_csv(path, encoding="utf-8")
@@ -75,7 +75,7 @@ def _subsample(path: Path, keep_queries: int | None, seed: int, workdir: Path) -
     return out
 
 
-def _labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int, seed: int) -> np.ndarray:
+def labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int, seed: int) -> np.ndarray:
     """Out-of-sample class probabilities, shape (n_pairs, n_grades), columns = grades 0..max.
 
     Cached under cache_dir()/bench_label_errors, keyed by the pairs and the corrupted labels (the
@@ -84,13 +84,13 @@ def _labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grad
     cached = cache_dir() / "bench_label_errors" / f"labeler-{key}.npy"
     if cached.exists():
         return np.load(cached)
-    full = _fit_labeler(store, truth, labels, n_grades)
+    full = fit_labeler(store, truth, labels, n_grades)
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.save(cached, full)
     return full
 
 
-def _fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int) -> np.ndarray:
+def fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int) -> np.ndarray:
     frame = store.df("SELECT p.pair_id, q.text AS query, pr.title FROM pairs p "
                      "JOIN queries q USING (query_id) JOIN products pr USING (product_id)")
     frame = truth[["pair_id"]].merge(frame, on="pair_id", how="left").fillna({"query": "", "title": ""})
@@ -100,7 +100,7 @@ def _fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades
     return full
 
 
-def _engagement_evidence(result, truth: pd.DataFrame, settings: AuditSettings,
+def engagement_evidence(result, truth: pd.DataFrame, settings: AuditSettings,
                          n_grades: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair of `truth` (n_pairs rows): the engagement likelihood over grades under a flat prior,
     shape (n_pairs, n_grades) (uniform where a pair has too little engagement); the has-evidence mask;
@@ -136,7 +136,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        source = _subsample(shared_data_dir() / file, keep_quick if quick else None, seed, workdir)
+        source = subsample_queries(shared_data_dir() / file, keep_quick if quick else None, seed, workdir)
         store = Store(workdir / "bench.duckdb")
         started = time.perf_counter()
         ingest_file(store, source, preset=preset)
@@ -159,10 +159,10 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
         audit_flags = truth["pair_id"].isin(flagged_pairs).to_numpy()
 
         started = time.perf_counter()
-        labeler = _labeler_probs(store, truth, noisy, n_grades, seed)
+        labeler = labeler_probs(store, truth, noisy, n_grades, seed)
         timings["labeler_cv_s"] = time.perf_counter() - started
         cleanlab_flags = find_label_issues(noisy, labeler)
-        likelihood, has_evidence, noise = _engagement_evidence(result, truth, settings, n_grades)
+        likelihood, has_evidence, noise = engagement_evidence(result, truth, settings, n_grades)
         combined = combined_posterior(noisy, temperature_scaled(labeler, noisy), likelihood, noise)
         combined_flags = combined[np.arange(len(noisy)), noisy] <= settings.max_label_posterior
         if DUMP_DIR is not None:
@@ -188,11 +188,11 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings) -> d
         "dataset": name, "scheme": scheme_name, "pairs": int(len(truth)), "corrupted": int(corrupted.sum()),
         "simulated_events": int(n_events), "simulated_sessions": sessions,
         "corrupted_with_enough_engagement": round(coverage, 4),
-        "audit": _scores(audit_flags, corrupted),
-        "audit_on_pairs_with_evidence": _scores(audit_flags[has_evidence], corrupted[has_evidence]),
-        "cleanlab": _scores(cleanlab_flags, corrupted),
-        "combined": _scores(combined_flags, corrupted),
-        "combined_via_cleanlab": _scores(product_flags, corrupted),
+        "audit": scores(audit_flags, corrupted),
+        "audit_on_pairs_with_evidence": scores(audit_flags[has_evidence], corrupted[has_evidence]),
+        "cleanlab": scores(cleanlab_flags, corrupted),
+        "combined": scores(combined_flags, corrupted),
+        "combined_via_cleanlab": scores(product_flags, corrupted),
         "labeler": "TF-IDF + match features + logistic regression (bench.common.tfidf_linear_model), 5-fold cross_val_predict on the corrupted labels",
         "relabel_cycle": {
             "queued": int(len(queue)), "errors_before": int(corrupted.sum()), "errors_after": errors_after,
