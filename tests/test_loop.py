@@ -178,7 +178,7 @@ def test_results_table_tolerates_partial_results() -> None:
 def test_text_baseline_scores_unseen_queries_by_their_match_with_the_title() -> None:
     import numpy as np
     import pandas as pd
-    from bench.common import tfidf_linear_probs
+    from annotator.text_baseline import tfidf_linear_probs
 
     words = ["drill", "paint", "hose", "ladder", "saw", "tile", "lamp", "rake", "glue", "fence", "brush", "valve"]
     rows = []
