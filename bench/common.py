@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from annotator.text_baseline import QueryTitleFeatures, tfidf_linear_model, tfidf_linear_probs  # noqa: F401  (re-exported)
