@@ -7,7 +7,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app.review.queue import QUEUE_SOURCES, QueueFilters, filter_choices, queue_counts
-from app.review.views import REVIEW_PAGE, current_filters, focus_on, queue, remaining, require_identity, store
+from app.review.views import (
+    REVIEW_PAGE, current_filters, focus_on, is_admin, queue, remaining, require_identity, store,
+)
 
 
 QUEUE_TABLE_ROWS = 200
@@ -39,9 +41,11 @@ def queue_page() -> None:
     metrics = st.columns(len(QUEUE_SOURCES))
     for column, source in zip(metrics, QUEUE_SOURCES):
         column.metric(source, counts[source])
-    st.dataframe(left.head(QUEUE_TABLE_ROWS)[["source", "reason", "query", "title", "current_label", "current_source",
-                                              "dataset", "scheme", "pair_id"]],
-                 hide_index=True, width="stretch")
+    # an annotator sees only their own decisions: not the labels others gave the queued pairs
+    columns = ["source", "reason", "query", "title", "current_label", "current_source", "dataset", "scheme", "pair_id"]
+    if not is_admin():
+        columns = [column for column in columns if column not in ("current_label", "current_source")]
+    st.dataframe(left.head(QUEUE_TABLE_ROWS)[columns], hide_index=True, width="stretch")
     if left.empty:
         return
     options = list(range(min(len(left), QUEUE_TABLE_ROWS)))

@@ -11,8 +11,9 @@ import streamlit as st
 
 from app.review.decisions import record_decision, record_skip, show, undo_last
 from app.review.item import ReviewItem, load_item, scheme_of_pair
+from app.review.queue import is_blind
 from app.review.views import (
-    annotator, done, focus_on, notify, queue, remaining, require_identity, settings, show_notices, store,
+    annotator, done, focus_on, is_admin, notify, queue, remaining, require_identity, settings, show_notices, store,
 )
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
@@ -138,10 +139,15 @@ def review_page() -> None:
     with content:
         _product(item)
         _definitions(scheme)
+    review_settings = settings()
+    blind = is_blind(store(), item.pair_id, item.scheme, review_settings)
     with evidence:
-        _llm_label(item, scheme)
+        if blind and review_settings.blind_llm:
+            st.markdown("**LLM label:** hidden until you decide (blind overlap item)")
+        else:
+            _llm_label(item, scheme)
         _engagement(item)
-        _earlier_humans(item, blind=current["source"] == "overlap")
+        _earlier_humans(item, name, blind=blind, own_only=not is_admin())
     _decision_buttons(scheme, current["shown"].decision_id)
 
 
@@ -189,14 +195,18 @@ def _engagement(item: ReviewItem) -> None:
     cart.metric("Add to cart", f"{evidence.add_to_cart:,}")
 
 
-def _earlier_humans(item: ReviewItem, blind: bool) -> None:
+def _earlier_humans(item: ReviewItem, me: str, blind: bool, own_only: bool) -> None:
+    """The pair's human labels; only the reviewer's own on a blind item or for an annotator (not an admin)."""
     humans = item.human_labels
     st.markdown("**Earlier human labels**")
+    if blind or own_only:
+        others = int((humans["author"] != me).sum()) if not humans.empty else 0
+        humans = humans[humans["author"] == me] if not humans.empty else humans
+        if others:
+            why = "a blind overlap item, for the agreement numbers" if blind else "annotators see only their own"
+            st.caption(f"{others} by others hidden: {why}.")
     if humans.empty:
         st.caption("None.")
-        return
-    if blind:
-        st.caption(f"{len(humans)} hidden: this is a blind second opinion for the agreement numbers.")
         return
     shown = humans.assign(when=humans["created_at"].astype(str).str[:16])
     shown["label"] = shown["label"].where(~shown["undone"], shown["label"] + " (undone)")

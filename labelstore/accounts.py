@@ -1,0 +1,188 @@
+"""Annotator accounts: who may write labels through the review UI, in which role.
+
+A token is shown once, when it is made (`add_account`, `reset_token`); the store keeps only a salted
+scrypt hash of it and compares in constant time. Every change to an account and every login attempt,
+accepted or refused, is appended to `account_events` (migration 0009), so the trail survives a
+disabled or re-keyed account. The CLI (`mnr annotators`) and the review UI both go through here.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+import duckdb
+import pandas as pd
+
+from labelstore.errors import MnrError
+from labelstore.sqlfiles import sql
+from labelstore.store import Store, utcnow
+
+ROLES = ("annotator", "admin")
+ANNOTATOR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+TOKEN_BYTES = 24
+# scrypt at n=2**14, r=8 costs ~16 MiB and tens of milliseconds a try: cheap for one login, dear for a guesser.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+REFUSED = "name or token not accepted"
+
+
+class AccountError(MnrError):
+    """An account command cannot be done: a bad name or role, an account that exists or does not."""
+
+
+class AuthError(MnrError):
+    """A login or a write was refused: wrong token, unknown or disabled account."""
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    role: str
+    disabled: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def check_name(name: str) -> str:
+    """`name` stripped; raises `AccountError` unless it is a valid annotator id."""
+    name = (name or "").strip()
+    if not ANNOTATOR_ID.match(name):
+        raise AccountError(f"annotator id '{name}' is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
+                           "starting with a letter or digit")
+    return name
+
+
+def hash_token(token: str, salt: bytes | None = None) -> str:
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.scrypt(token.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def token_matches(token: str, stored: str) -> bool:
+    """Whether `token` hashes to `stored` (made by `hash_token`); the comparison takes constant time."""
+    kind, n, r, p, salt, digest = stored.split("$")
+    if kind != "scrypt":
+        return False
+    candidate = hashlib.scrypt(token.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p))
+    return hmac.compare_digest(candidate, bytes.fromhex(digest))
+
+
+def add_account(store: Store, name: str, role: str) -> str:
+    """Create an account; returns its token, which is not stored and cannot be shown again."""
+    name = check_name(name)
+    if role not in ROLES:
+        raise AccountError(f"role must be one of {', '.join(ROLES)}, not '{role}'")
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    with store.transaction() as con:
+        if _get(con, name) is not None:
+            raise AccountError(f"account '{name}' exists already; `mnr annotators reset-token {name}` gives it a new token")
+        con.execute(sql("labelstore", "account_insert"),
+                    {"name": name, "role": role, "token_hash": hash_token(token), "created_at": utcnow()})
+        _event(con, "add", name, "cli", f"role {role}")
+    return token
+
+
+def reset_token(store: Store, name: str) -> str:
+    """A new token for `name` (the old one stops working); returns it."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    with store.transaction() as con:
+        _existing(con, name)
+        con.execute(sql("labelstore", "account_update"), {"name": name, "disabled": None, "token_hash": hash_token(token)})
+        _event(con, "reset_token", name, "cli", None)
+    return token
+
+
+def disable_account(store: Store, name: str) -> None:
+    """`name` can no longer log in or write; its decisions and events stay."""
+    with store.transaction() as con:
+        _existing(con, name)
+        con.execute(sql("labelstore", "account_update"), {"name": name, "disabled": True, "token_hash": None})
+        _event(con, "disable", name, "cli", None)
+
+
+def list_accounts(store: Store) -> pd.DataFrame:
+    """Columns name, role, disabled, created_at, last_login, failed_logins."""
+    return store.df(sql("labelstore", "accounts_list"))
+
+
+def has_accounts(store: Store) -> bool:
+    """Whether any account may log in: then the review UI asks for a token."""
+    return bool(store.scalar(sql("labelstore", "accounts_enabled")))
+
+
+def authenticate(store: Store, name: str, token: str) -> Account:
+    """The account when `token` is its token and it is enabled; else `AuthError`. Both outcomes are logged."""
+    name = (name or "").strip()
+    with store.transaction() as con:
+        account, stored = _get(con, name) or (None, None)
+        if account is None or not token or not token_matches(token, stored):
+            _event(con, "login_failed", name, "token", "unknown account" if account is None else "wrong token")
+            failure: AuthError | None = AuthError(REFUSED)
+        elif account.disabled:
+            _event(con, "login_failed", name, "token", "account disabled")
+            failure = AuthError(f"account '{name}' is disabled; ask an admin")
+        else:
+            _event(con, "login", name, "token", None)
+            failure = None
+    # the failed attempt is committed before the refusal is raised: it belongs to the audit trail
+    if failure is not None:
+        raise failure
+    return account
+
+
+def admit_header(store: Store, name: str, header: str) -> Account:
+    """The identity a trusted proxy vouched for in `header`: its account's role when it has one, else annotator.
+
+    A disabled account is refused. The login is logged with method 'header'.
+    """
+    with store.transaction() as con:
+        if not ANNOTATOR_ID.match(name or ""):
+            _event(con, "login_failed", (name or "")[:64], "header", f"malformed {header}")
+            failure: AuthError | None = AuthError(f"the {header} header holds no valid annotator id")
+        else:
+            found = _get(con, name)
+            account = found[0] if found else Account(name, "annotator")
+            if account.disabled:
+                _event(con, "login_failed", name, "header", "account disabled")
+                failure = AuthError(f"account '{name}' is disabled; ask an admin")
+            else:
+                _event(con, "login", name, "header", header)
+                failure = None
+    if failure is not None:
+        raise failure
+    return account
+
+
+def check_writer(con: duckdb.DuckDBPyConnection, name: str, need_admin: bool = False) -> None:
+    """Inside a write transaction: when accounts exist, `name` must be an enabled account (an admin for
+    `need_admin`), so an account disabled mid-session writes nothing more."""
+    if not con.execute(sql("labelstore", "accounts_enabled")).fetchone()[0]:
+        if need_admin:
+            raise AuthError("only an admin account can do this; create one with `mnr annotators add NAME --role admin`")
+        return
+    found = _get(con, name)
+    if found is None or found[0].disabled:
+        raise AuthError(f"'{name}' is not an enabled account: nothing was written")
+    if need_admin and not found[0].is_admin:
+        raise AuthError(f"'{name}' is not an admin: only admins adjudicate")
+
+
+def _get(con: duckdb.DuckDBPyConnection, name: str) -> tuple[Account, str] | None:
+    row = con.execute(sql("labelstore", "account_get"), {"name": name}).fetchone()
+    return None if row is None else (Account(row[0], row[1], bool(row[3])), row[2])
+
+
+def _existing(con: duckdb.DuckDBPyConnection, name: str) -> Account:
+    found = _get(con, name)
+    if found is None:
+        raise AccountError(f"no account '{name}' (see `mnr annotators list`)")
+    return found[0]
+
+
+def _event(con: duckdb.DuckDBPyConnection, action: str, account: str, method: str | None, detail: str | None) -> None:
+    con.execute(sql("labelstore", "account_event"),
+                {"action": action, "account": account, "method": method, "detail": detail, "created_at": utcnow()})
