@@ -7,7 +7,7 @@ from rich.table import Table
 from app.context import console, open_store
 from labelstore.accounts import ROLES, add_account, disable_account, list_accounts, reset_token
 
-annotators_app = typer.Typer(help="Review UI accounts: add, list, disable, reset a token.", no_args_is_help=True)
+annotators_app = typer.Typer(help="Review UI accounts: add, list, disable, enable, reset a token.", no_args_is_help=True)
 
 
 def _print_token(name: str, token: str) -> None:
@@ -45,6 +45,13 @@ def disable(name: str = typer.Argument(..., help="The account to disable.")) -> 
     """Stop an account from logging in or writing; its decisions stay."""
     disable_account(open_store(), name)
     console.print(f"disabled {name}")
+
+
+@annotators_app.command("enable")
+def enable(name: str = typer.Argument(..., help="The disabled account to enable again.")) -> None:
+    """Let a disabled account log in again (with its old token; `reset-token` gives a new one)."""
+    disable_account(open_store(), name, disabled=False)
+    console.print(f"enabled {name}")
 
 
 @annotators_app.command("reset-token")

@@ -96,12 +96,12 @@ def reset_token(store: Store, name: str) -> str:
     return token
 
 
-def disable_account(store: Store, name: str) -> None:
-    """`name` can no longer log in or write; its decisions and events stay."""
+def disable_account(store: Store, name: str, disabled: bool = True) -> None:
+    """`name` can no longer log in or write (or can again, with `disabled=False`); its decisions and events stay."""
     with store.transaction() as con:
         _existing(con, name)
-        con.execute(sql("labelstore", "account_update"), {"name": name, "disabled": True, "token_hash": None})
-        _event(con, "disable", name, "cli", None)
+        con.execute(sql("labelstore", "account_update"), {"name": name, "disabled": disabled, "token_hash": None})
+        _event(con, "disable" if disabled else "enable", name, "cli", None)
 
 
 def list_accounts(store: Store) -> pd.DataFrame:
@@ -110,8 +110,8 @@ def list_accounts(store: Store) -> pd.DataFrame:
 
 
 def has_accounts(store: Store) -> bool:
-    """Whether any account may log in: then the review UI asks for a token."""
-    return bool(store.scalar(sql("labelstore", "accounts_enabled")))
+    """Whether the store has accounts (disabled ones count): then the review UI asks for a token."""
+    return bool(store.scalar(sql("labelstore", "accounts_count")))
 
 
 def authenticate(store: Store, name: str, token: str) -> Account:
@@ -157,17 +157,22 @@ def admit_header(store: Store, name: str, header: str) -> Account:
     return account
 
 
-def check_writer(con: duckdb.DuckDBPyConnection, name: str, need_admin: bool = False) -> None:
-    """Inside a write transaction: when accounts exist, `name` must be an enabled account (an admin for
-    `need_admin`), so an account disabled mid-session writes nothing more."""
-    if not con.execute(sql("labelstore", "accounts_enabled")).fetchone()[0]:
-        if need_admin:
-            raise AuthError("only an admin account can do this; create one with `mnr annotators add NAME --role admin`")
-        return
+def check_writer(con: duckdb.DuckDBPyConnection, name: str, need_admin: bool = False, vouched: bool = False) -> None:
+    """Inside a write transaction, raise `AuthError` unless `name` may write now: an enabled account (an admin
+    for `need_admin`), so an account disabled mid-session writes nothing more. A name without an account
+    writes only while the store has no accounts (single-user mode) or when a trusted proxy `vouched` for it."""
     found = _get(con, name)
-    if found is None or found[0].disabled:
+    if found is None:
+        if need_admin:
+            raise AuthError(f"'{name}' is not an admin account: only admins adjudicate "
+                            "(`mnr annotators add NAME --role admin`)")
+        if vouched or not con.execute(sql("labelstore", "accounts_count")).fetchone()[0]:
+            return
         raise AuthError(f"'{name}' is not an enabled account: nothing was written")
-    if need_admin and not found[0].is_admin:
+    account = found[0]
+    if account.disabled:
+        raise AuthError(f"'{name}' is not an enabled account: nothing was written")
+    if need_admin and not account.is_admin:
         raise AuthError(f"'{name}' is not an admin: only admins adjudicate")
 
 

@@ -74,11 +74,12 @@ class DecisionResult:
 
 
 def record_decision(store: Store, shown: ShownItem, annotator: str | None, label: str,
-                    comment: str | None = None, allow: tuple[str, ...] = ()) -> DecisionResult:
+                    comment: str | None = None, allow: tuple[str, ...] = (), vouched: bool = False) -> DecisionResult:
     """Append the annotator's label for `shown`. Saved even when the pair changed since it was shown.
 
-    Raises `IdentityError` without writing when there is no (allowed) identity, `SchemeError`
-    for a label outside the scheme.
+    Raises `IdentityError` without writing when there is no (allowed) identity, `AuthError` when the
+    store has accounts and `annotator` is not an enabled one (unless a trusted proxy `vouched` for it),
+    `SchemeError` for a label outside the scheme.
     """
     annotator = check_identity(annotator, allow)
     scheme = load_scheme(shown.scheme)
@@ -88,7 +89,7 @@ def record_decision(store: Store, shown: ShownItem, annotator: str | None, label
         author=annotator, comment=(comment or "").strip() or None, dedup_key=shown.dedup_key,
     )
     with store.transaction() as con:
-        check_writer(con, annotator)
+        check_writer(con, annotator, vouched=vouched)
         newer = con.execute(sql("app.review", "newer_labels"), {
             "pair_id": shown.pair_id, "scheme": shown.scheme, "shown_label_id": shown.shown_label_id or 0,
             "dedup_key": shown.dedup_key,
@@ -99,11 +100,12 @@ def record_decision(store: Store, shown: ShownItem, annotator: str | None, label
     return DecisionResult(int(label_id), label, written, [(row[1], row[2], row[3]) for row in newer])
 
 
-def record_skip(store: Store, shown: ShownItem, annotator: str | None, allow: tuple[str, ...] = ()) -> None:
+def record_skip(store: Store, shown: ShownItem, annotator: str | None, allow: tuple[str, ...] = (),
+                vouched: bool = False) -> None:
     """Note that the annotator skipped `shown`: it moves behind everything else in their queue."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
-        check_writer(con, annotator)
+        check_writer(con, annotator, vouched=vouched)
         _append_event(con, f"skip:{shown.decision_id}", "skip", shown, annotator, None, changed=False)
 
 
@@ -115,11 +117,12 @@ class UndoneDecision:
     label: str
 
 
-def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = ()) -> UndoneDecision | None:
+def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = (),
+              vouched: bool = False) -> UndoneDecision | None:
     """Take back the annotator's newest decision that is still live; None when there is none."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
-        check_writer(con, annotator)
+        check_writer(con, annotator, vouched=vouched)
         row = con.execute(sql("app.review", "last_decision"), {"annotator": annotator}).fetchone()
         if row is None:
             return None
@@ -129,11 +132,12 @@ def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = ()) 
     return undone
 
 
-def undo_decision(store: Store, label_id: int, annotator: str | None, allow: tuple[str, ...] = ()) -> None:
+def undo_decision(store: Store, label_id: int, annotator: str | None, allow: tuple[str, ...] = (),
+                  vouched: bool = False) -> None:
     """Take back one of the annotator's own decisions by its label id (idempotent)."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
-        check_writer(con, annotator)
+        check_writer(con, annotator, vouched=vouched)
         row = con.execute("SELECT pair_id, scheme, source, author FROM labels WHERE label_id = ?", [label_id]).fetchone()
         if row is None or row[2] != "human" or row[3] != annotator:
             raise MnrError(f"label {label_id} is not a decision of '{annotator}'; only your own decisions can be undone")

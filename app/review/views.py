@@ -132,6 +132,11 @@ def reviewer() -> Account | None:
     return st.session_state.get("mnr_reviewer")
 
 
+def vouched() -> bool:
+    """Whether a trusted proxy vouched for the reviewer (header mode): writes then need no account."""
+    return auth_mode(settings()) == "header"
+
+
 def is_admin() -> bool:
     account = reviewer()
     return account is not None and account.is_admin

@@ -14,6 +14,7 @@ from app.review.item import ReviewItem, load_item, scheme_of_pair
 from app.review.queue import is_blind
 from app.review.views import (
     annotator, done, focus_on, is_admin, notify, queue, remaining, require_identity, settings, show_notices, store,
+    vouched,
 )
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
@@ -62,7 +63,7 @@ def _decide(label: str) -> None:
     comment = st.session_state.get(f"mnr_comment_{shown.decision_id}")
 
     def write() -> None:
-        result = record_decision(store(), shown, annotator(), label, comment, settings().allow)
+        result = record_decision(store(), shown, annotator(), label, comment, settings().allow, vouched())
         done().add((shown.pair_id, shown.scheme))
         st.session_state["mnr_decided"] = st.session_state.get("mnr_decided", 0) + 1
         if result.changed_since_shown:
@@ -81,7 +82,7 @@ def _skip() -> None:
     shown = current["shown"]
 
     def write() -> None:
-        record_skip(store(), shown, annotator(), settings().allow)
+        record_skip(store(), shown, annotator(), settings().allow, vouched())
         done().add((shown.pair_id, shown.scheme))
         notify("info", f"Skipped “{current['item'].query}”.")
         _next_item()
@@ -91,7 +92,7 @@ def _skip() -> None:
 
 def _undo() -> None:
     def write() -> None:
-        undone = undo_last(store(), annotator(), settings().allow)
+        undone = undo_last(store(), annotator(), settings().allow, vouched())
         if undone is None:
             notify("info", "Nothing to undo: you have no decision left to take back.")
             return

@@ -20,7 +20,7 @@ CREATE TABLE accounts (
 CREATE SEQUENCE account_event_seq START 1;
 CREATE TABLE account_events (
     event_id    BIGINT PRIMARY KEY DEFAULT nextval('account_event_seq'),
-    action      VARCHAR NOT NULL CHECK (action IN ('add', 'disable', 'reset_token', 'login', 'login_failed')),
+    action      VARCHAR NOT NULL CHECK (action IN ('add', 'disable', 'enable', 'reset_token', 'login', 'login_failed')),
     account     VARCHAR NOT NULL,          -- the name given (for a failed login, maybe no account's)
     method      VARCHAR,                   -- login: token | header; management: cli
     detail      VARCHAR,                   -- why a login failed, the role given, ...

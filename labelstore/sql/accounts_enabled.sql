@@ -1,2 +1,0 @@
--- How many accounts may log in.
-SELECT count(*) FROM accounts WHERE NOT disabled;
