@@ -4,6 +4,7 @@ No tests here; the `test_review_*` modules import `build_review_store`.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -103,9 +104,11 @@ def copy_review_store(template: ReviewFixture, path: Path) -> ReviewFixture:
     return replace(template, store=Store(path))
 
 
-def write_config(path: Path, overlap: float = 0.0, allow: list[str] | None = None) -> Path:
+def write_config(path: Path, overlap: float = 0.0, allow: list[str] | None = None, **review: object) -> Path:
+    """mnr.toml with a [review] section: `overlap`, `allow` and any other `[review]` key given."""
     lines = ["[review]", f"overlap = {overlap}"]
     if allow is not None:
         lines.append("allow = [" + ", ".join(f'"{name}"' for name in allow) + "]")
+    lines += [f"{key} = {json.dumps(value)}" for key, value in review.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
