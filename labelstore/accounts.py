@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import duckdb
@@ -117,21 +118,14 @@ def has_accounts(store: Store) -> bool:
 def authenticate(store: Store, name: str, token: str) -> Account:
     """The account when `token` is its token and it is enabled; else `AuthError`. Both outcomes are logged."""
     name = (name or "").strip()
-    with store.transaction() as con:
-        account, stored = _get(con, name) or (None, None)
-        if account is None or not token or not token_matches(token, stored):
-            _event(con, "login_failed", name, "token", "unknown account" if account is None else "wrong token")
-            failure: AuthError | None = AuthError(REFUSED)
-        elif account.disabled:
-            _event(con, "login_failed", name, "token", "account disabled")
-            failure = AuthError(f"account '{name}' is disabled; ask an admin")
-        else:
-            _event(con, "login", name, "token", None)
-            failure = None
-    # the failed attempt is committed before the refusal is raised: it belongs to the audit trail
-    if failure is not None:
-        raise failure
-    return account
+
+    def judge(con: duckdb.DuckDBPyConnection) -> tuple[Account | None, str | None, str | None]:
+        found = _get(con, name)
+        if found is None or not token or not token_matches(token, found[1]):
+            return None, REFUSED, "unknown account" if found is None else "wrong token"
+        return _enabled(found[0])
+
+    return _log_in(store, name, "token", judge)
 
 
 def admit_header(store: Store, name: str, header: str) -> Account:
@@ -139,21 +133,30 @@ def admit_header(store: Store, name: str, header: str) -> Account:
 
     A disabled account is refused. The login is logged with method 'header'.
     """
-    with store.transaction() as con:
+    def judge(con: duckdb.DuckDBPyConnection) -> tuple[Account | None, str | None, str | None]:
         if not ANNOTATOR_ID.match(name or ""):
-            _event(con, "login_failed", (name or "")[:64], "header", f"malformed {header}")
-            failure: AuthError | None = AuthError(f"the {header} header holds no valid annotator id")
-        else:
-            found = _get(con, name)
-            account = found[0] if found else Account(name, "annotator")
-            if account.disabled:
-                _event(con, "login_failed", name, "header", "account disabled")
-                failure = AuthError(f"account '{name}' is disabled; ask an admin")
-            else:
-                _event(con, "login", name, "header", header)
-                failure = None
-    if failure is not None:
-        raise failure
+            return None, f"the {header} header holds no valid annotator id", f"malformed {header}"
+        found = _get(con, name)
+        return _enabled(found[0]) if found else (Account(name, "annotator"), None, header)
+
+    return _log_in(store, (name or "")[:64], "header", judge)
+
+
+def _enabled(account: Account) -> tuple[Account | None, str | None, str | None]:
+    if account.disabled:
+        return None, f"account '{account.name}' is disabled; ask an admin", "account disabled"
+    return account, None, None
+
+
+def _log_in(store: Store, name: str, method: str,
+            judge: Callable[[duckdb.DuckDBPyConnection], tuple[Account | None, str | None, str | None]]) -> Account:
+    """`judge` gives (account, refusal, detail); the attempt is logged and committed before a refusal is raised,
+    so failed logins stay in the audit trail."""
+    with store.transaction() as con:
+        account, refusal, detail = judge(con)
+        _event(con, "login_failed" if refusal else "login", name, method, detail)
+    if refusal is not None or account is None:
+        raise AuthError(refusal or REFUSED)
     return account
 
 

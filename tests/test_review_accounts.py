@@ -22,19 +22,9 @@ from labelstore.errors import MnrError
 from labelstore.export import events_path, export_labels
 from labelstore.schemes import load_scheme
 from labelstore.sqlfiles import sql
-from test_review_support import ReviewFixture, build_review_store, copy_review_store, llm_label
+from test_review_support import ReviewFixture, fixture, llm_label, template  # noqa: F401  (fixtures)
 
 ESCI = load_scheme("esci")
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> ReviewFixture:
-    return build_review_store(tmp_path_factory.mktemp("accounts-template") / "review.duckdb")
-
-
-@pytest.fixture
-def fixture(template: ReviewFixture, tmp_path: Path) -> ReviewFixture:
-    return copy_review_store(template, tmp_path / "review.duckdb")
 
 
 def decide(store: Store, pair_id: str, annotator: str, label: str, source: str = "test"):

@@ -1,6 +1,7 @@
 """Test data for the review UI tests: a small real store with one item per queue source.
 
-No tests here; the `test_review_*` modules import `build_review_store`.
+No tests here; the `test_review_*` modules import `build_review_store`, or the fixtures `template` (built
+once per module) and `fixture` (a fresh copy of it per test).
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from labelstore import LabelRecord, Store
 from labelstore.catalog import generate_catalog, write_catalog
@@ -112,3 +115,13 @@ def write_config(path: Path, overlap: float = 0.0, allow: list[str] | None = Non
     lines += [f"{key} = {json.dumps(value)}" for key, value in review.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> ReviewFixture:
+    return build_review_store(tmp_path_factory.mktemp("review-template") / "review.duckdb")
+
+
+@pytest.fixture
+def fixture(template: ReviewFixture, tmp_path: Path) -> ReviewFixture:
+    return copy_review_store(template, tmp_path / "review.duckdb")

@@ -1,13 +1,8 @@
--- Each annotator's live decision per pair (their newest, undone ones left out) beside the pair's
+-- Each annotator's live decision per pair (`human_decisions`, migration 0009) beside the pair's
 -- newest live LLM label and its newest adjudicated label, for one scheme. Adjudication labels are not
 -- decisions. `blind` marks blind-overlap items. Parameters: $scheme, $overlap.
 WITH
-decisions AS (
-    SELECT pair_id, author AS annotator, label, grade, created_at
-    FROM live_labels
-    WHERE source = 'human' AND scheme = $scheme AND label_id NOT IN (SELECT label_id FROM adjudications)
-    QUALIFY row_number() OVER (PARTITION BY pair_id, author ORDER BY created_at DESC, label_id DESC) = 1
-),
+decisions AS (SELECT * FROM human_decisions WHERE scheme = $scheme),
 latest_llm AS (
     SELECT pair_id, label AS llm_label, grade AS llm_grade
     FROM live_labels

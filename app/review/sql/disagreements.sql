@@ -1,12 +1,7 @@
 -- Pairs whose annotators disagree and that no admin has adjudicated since their newest decision, with
--- each annotator's live decision. Adjudication labels are not decisions. Parameters: $scheme.
+-- each annotator's live decision (`human_decisions`). Parameters: $scheme.
 WITH
-decisions AS (
-    SELECT pair_id, author AS annotator, label, grade, created_at
-    FROM live_labels
-    WHERE source = 'human' AND scheme = $scheme AND label_id NOT IN (SELECT label_id FROM adjudications)
-    QUALIFY row_number() OVER (PARTITION BY pair_id, author ORDER BY created_at DESC, label_id DESC) = 1
-),
+decisions AS (SELECT * FROM human_decisions WHERE scheme = $scheme),
 pairs_in_dispute AS (
     SELECT pair_id, max(created_at) AS last_decision_at
     FROM decisions

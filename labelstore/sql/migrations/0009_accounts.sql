@@ -38,6 +38,14 @@ CREATE TABLE adjudications (
     created_at      TIMESTAMP NOT NULL DEFAULT current_timestamp
 );
 
+-- Each annotator's live decision per (pair, scheme): their newest label not undone, adjudications left
+-- out. Agreement, disagreements and adjudication read it.
+CREATE VIEW human_decisions AS
+SELECT pair_id, scheme, author AS annotator, label, grade, created_at, label_id
+FROM live_labels
+WHERE source = 'human' AND label_id NOT IN (SELECT label_id FROM adjudications)
+QUALIFY row_number() OVER (PARTITION BY pair_id, scheme, author ORDER BY created_at DESC, label_id DESC) = 1;
+
 -- Whether a (pair, scheme) falls in the blind-overlap share: deterministic, so every annotator and
 -- every page agrees. The queue and the review page both ask this.
 CREATE MACRO in_overlap(pair_id, scheme, share) AS (md5_number(pair_id || '|' || scheme) % 10000) < share * 10000;
