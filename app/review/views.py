@@ -183,7 +183,10 @@ def queue(refresh: bool = False) -> pd.DataFrame:
     """The queue for this annotator and filters, loaded once and kept until refreshed."""
     key = (annotator(), current_filters())
     if refresh or st.session_state.get("mnr_queue_key") != key or "mnr_queue" not in st.session_state:
-        st.session_state["mnr_queue"] = load_queue(store(), annotator(), current_filters(), settings())
+        frame = load_queue(store(), annotator(), current_filters(), settings())
+        if not is_admin():  # a dispute's reason names the human label, which annotators do not see
+            frame.loc[frame["source"] == "disputed", "reason"] = "a human label differs from the LLM's"
+        st.session_state["mnr_queue"] = frame
         st.session_state["mnr_queue_key"] = key
     return st.session_state["mnr_queue"]
 
