@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import duckdb
 import pandas as pd
@@ -27,6 +28,8 @@ TOKEN_BYTES = 24
 # scrypt at n=2**14, r=8 costs ~16 MiB and tens of milliseconds a try: cheap for one login, dear for a guesser.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 REFUSED = "name or token not accepted"
+# After this many failed logins under one name in the window, that name is refused without a token check.
+MAX_FAILURES, FAILURE_WINDOW = 10, timedelta(minutes=15)
 
 
 class AccountError(MnrError):
@@ -116,10 +119,19 @@ def has_accounts(store: Store) -> bool:
 
 
 def authenticate(store: Store, name: str, token: str) -> Account:
-    """The account when `token` is its token and it is enabled; else `AuthError`. Both outcomes are logged."""
+    """The account when `token` is its token and it is enabled; else `AuthError`. Both outcomes are logged.
+
+    After `MAX_FAILURES` failed logins under one name within `FAILURE_WINDOW`, even the right token is
+    refused until the window has passed: guessing costs a scrypt per try and stops soon.
+    """
     name = (name or "").strip()
 
     def judge(con: duckdb.DuckDBPyConnection) -> tuple[Account | None, str | None, str | None]:
+        failures = con.execute(sql("labelstore", "account_recent_failures"),
+                               {"name": name, "since": utcnow() - FAILURE_WINDOW}).fetchone()[0]
+        if failures >= MAX_FAILURES:
+            minutes = int(FAILURE_WINDOW.total_seconds() // 60)
+            return None, f"too many failed logins for '{name}': try again in {minutes} minutes", "too many failures"
         found = _get(con, name)
         if found is None or not token or not token_matches(token, found[1]):
             return None, REFUSED, "unknown account" if found is None else "wrong token"

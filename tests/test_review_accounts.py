@@ -16,7 +16,7 @@ from app.review.queue import is_blind, load_queue
 from app.review.settings import ReviewSettings
 from labelstore import Store
 from labelstore.accounts import (
-    AuthError, add_account, admit_header, authenticate, disable_account, has_accounts, list_accounts, reset_token,
+    MAX_FAILURES, AuthError, add_account, admit_header, authenticate, disable_account, has_accounts, list_accounts, reset_token,
 )
 from labelstore.errors import MnrError
 from labelstore.export import events_path, export_labels
@@ -67,6 +67,18 @@ def test_tokens_are_stored_hashed_and_checked(fixture: ReviewFixture) -> None:
     ]
     listed = list_accounts(store).set_index("name")
     assert listed.loc["alice", "disabled"] and listed.loc["alice", "failed_logins"] == 3
+
+
+def test_repeated_failures_lock_the_name_out(fixture: ReviewFixture) -> None:
+    store = fixture.store
+    token = add_account(store, "alice", "annotator")
+    for _ in range(MAX_FAILURES):
+        with pytest.raises(AuthError, match="name or token not accepted"):
+            authenticate(store, "alice", "guess")
+    with pytest.raises(AuthError, match="too many failed logins for 'alice'"):
+        authenticate(store, "alice", token)  # even the right token, until the window has passed
+    store.execute("UPDATE account_events SET created_at = created_at - INTERVAL 16 MINUTE")
+    assert authenticate(store, "alice", token).name == "alice"
 
 
 def test_trusted_header_identity(fixture: ReviewFixture) -> None:
