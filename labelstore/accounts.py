@@ -51,11 +51,11 @@ class Account:
         return self.role == "admin"
 
 
-def check_name(name: str) -> str:
-    """`name` stripped; raises `AccountError` unless it is a valid annotator id."""
+def check_name(name: str | None, error: type[MnrError] = AccountError) -> str:
+    """`name` stripped; raises `error` unless it is a valid annotator id."""
     name = (name or "").strip()
     if not ANNOTATOR_ID.match(name):
-        raise AccountError(f"annotator id '{name}' is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
+        raise error(f"annotator id '{name}' is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
                            "starting with a letter or digit")
     return name
 

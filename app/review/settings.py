@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from labelstore.accounts import ANNOTATOR_ID
+from labelstore.accounts import check_name
 from labelstore.config import config_path, section
 from labelstore.errors import MnrError
 
@@ -83,10 +83,7 @@ def check_identity(annotator: str | None, allow: tuple[str, ...] = ()) -> str:
     name = (annotator or "").strip()
     if not name:
         raise IdentityError("enter your name or annotator id before reviewing: no decision is written without one")
-    if not ANNOTATOR_ID.match(name):
-        raise IdentityError(
-            f"annotator id '{name}' is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
-        )
+    check_name(name, IdentityError)
     if allow and name not in allow:
         raise IdentityError(f"'{name}' is not on the review allow-list (review.allow in {config_path()})")
     return name
