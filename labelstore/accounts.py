@@ -113,6 +113,13 @@ def list_accounts(store: Store) -> pd.DataFrame:
     return store.df(sql("labelstore", "accounts_list"))
 
 
+def get_account(store: Store, name: str) -> Account | None:
+    """The account as it is now (role, disabled), or None."""
+    with store.connect() as con:
+        found = _get(con, name)
+    return None if found is None else found[0]
+
+
 def has_accounts(store: Store) -> bool:
     """Whether the store has accounts (disabled ones count): then the review UI asks for a token."""
     return bool(store.scalar(sql("labelstore", "accounts_count")))

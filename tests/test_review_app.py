@@ -9,7 +9,7 @@ from streamlit.testing.v1 import AppTest
 import app.review
 from app.review.decisions import record_decision, record_skip, undo_last
 from app.review.settings import IdentityError
-from labelstore.accounts import add_account
+from labelstore.accounts import add_account, disable_account
 from test_review_support import (
     ReviewFixture, build_review_store, copy_review_store, human_label, llm_label, write_config,
 )
@@ -231,3 +231,13 @@ def test_with_accounts_an_annotator_sees_only_her_own_labels_and_an_admin_all(fi
     at.switch_page("screens/queue.py").run()
     queue_table = at.dataframe[0].value
     assert "current_label" not in queue_table and "human said" not in " ".join(queue_table["reason"])
+
+
+def test_an_account_disabled_mid_session_is_logged_out(fixture: ReviewFixture) -> None:
+    alice = add_account(fixture.store, "alice", "annotator")
+    at = log_in_app("alice", alice)
+    assert at.button(key="mnr_label_exact")
+    disable_account(fixture.store, "alice")
+    at.run()
+    assert "Your account was disabled" in at.sidebar.error[0].value
+    assert not [button for button in at.button if button.key and button.key.startswith("mnr_label_")]

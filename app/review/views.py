@@ -20,7 +20,7 @@ import streamlit as st
 
 from app.review.queue import QueueFilters, load_queue
 from app.review.settings import ADDRESS_ENV, IdentityError, ReviewSettings, check_identity, is_loopback
-from labelstore.accounts import Account, AuthError, admit_header, authenticate, has_accounts
+from labelstore.accounts import Account, AuthError, admit_header, authenticate, get_account, has_accounts
 from labelstore.config import store_path
 from labelstore.store import Store
 
@@ -88,6 +88,12 @@ def _header_sign_in(header: str) -> Account | None:
 def _token_sign_in() -> Account | None:
     account: Account | None = st.session_state.get("mnr_account")
     if account is not None:
+        account = get_account(store(), account.name)  # a role changed or an account disabled takes effect now
+        if account is None or account.disabled:
+            st.session_state.pop("mnr_account", None)
+            st.sidebar.error("Your account was disabled; you are logged out.")
+            return None
+        st.session_state["mnr_account"] = account
         st.sidebar.success(f"Logged in as **{account.name}** ({account.role})")
         if st.sidebar.button("Log out", key="mnr_logout"):
             st.session_state.pop("mnr_account", None)

@@ -22,8 +22,10 @@ def queue_page() -> None:
     with st.form("mnr_filters_form"):
         first, second, third, fourth = st.columns(4)
         sources = first.multiselect("Source", QUEUE_SOURCES, default=list(old.sources))
-        label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
-                                 index=([None, *choices["label"]].index(old.label) if old.label in choices["label"] else 0))
+        label = None
+        if is_admin():  # annotators see only their own decisions: no filtering by others' labels
+            label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
+                                     index=([None, *choices["label"]].index(old.label) if old.label in choices["label"] else 0))
         text = third.text_input("Query text contains", value=old.query_text or "")
         dataset = fourth.selectbox("Dataset", [None, *choices["dataset"]], format_func=_any,
                                    index=([None, *choices["dataset"]].index(old.dataset) if old.dataset in choices["dataset"] else 0))
