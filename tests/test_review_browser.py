@@ -174,5 +174,6 @@ def test_trusted_header_mode_in_chromium(fixture: ReviewFixture, start_review, b
     page.get_by_text("Item 2 of 6").wait_for(timeout=60_000)
     assert fixture.store.fetchall("SELECT pair_id, label, author FROM labels WHERE author = 'dana'") == [
         (fixture.expected_order[0], "exact", "dana")]
-    assert fixture.store.fetchall("SELECT action, account, method FROM account_events") == [
-        ("login", "dana", "header")]
+    # one login per browser session (a reconnect under load is a new session, and logs again)
+    assert set(fixture.store.fetchall("SELECT action, account, method FROM account_events")) == {
+        ("login", "dana", "header")}
