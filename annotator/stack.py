@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 from scipy.special import log_softmax
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import GroupKFold, KFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -56,7 +56,7 @@ STACK_ARRAYS = "stack.npz"
 STACK_FORMAT = "mine-refine stack v1"
 INPUTS = ("llm", "lexical", "cosine")
 LOG_FLOOR = -20.0  # log-probabilities below this (or -inf: a label an engine did not return) are clipped
-STACK_C = 1.0
+STACK_CS = (0.01, 0.1, 1.0, 10.0)
 CV_FOLDS = 5
 MIN_DEV_PAIRS = 20  # fewer dev pairs (or one class) fit no stack
 
@@ -104,8 +104,10 @@ def design(inputs: Sequence[str], *, llm: np.ndarray | None = None, lexical: np.
     return np.column_stack([given[group] for group in INPUTS if group in inputs]).astype(np.float64)
 
 
-def stack_model(C: float = STACK_C) -> Pipeline:
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+def stack_model() -> Pipeline:
+    """Standardised inputs, then a multinomial logistic regression whose L2 strength is chosen among
+    `STACK_CS` by inner 3-fold cross-validation of the log-loss (dev sets are small)."""
+    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=STACK_CS, cv=3, scoring="neg_log_loss", max_iter=2000))
 
 
 @dataclass
@@ -210,14 +212,14 @@ def _read_params(folder: Path) -> dict[str, Any]:
 
 # -- fitting and its honest dev quality ---------------------------------------------------------------
 def fit_stack(labels: Sequence[str], inputs: Sequence[str], lexical: Pipeline, matrix: np.ndarray,
-              targets: np.ndarray, C: float = STACK_C) -> Stack:
+              targets: np.ndarray) -> Stack:
     """A stack over the ``inputs`` groups, fitted on ``matrix`` (`design` of the dev pairs) and class indices ``targets``."""
-    model = stack_model(C).fit(matrix, targets)
+    model = stack_model().fit(matrix, targets)
     return Stack(labels=list(labels), inputs=tuple(inputs), lexical=lexical, model=model)
 
 
 def cross_validate(matrix: np.ndarray, targets: np.ndarray, groups: Sequence[Any], n_classes: int,
-                   folds: int = CV_FOLDS, C: float = STACK_C) -> np.ndarray:
+                   folds: int = CV_FOLDS) -> np.ndarray:
     """(n, K) out-of-fold probabilities of `stack_model` on ``matrix``, folds grouped by query (``groups``)
     when there are enough queries, else at random."""
     groups = np.asarray(groups)
@@ -230,7 +232,7 @@ def cross_validate(matrix: np.ndarray, targets: np.ndarray, groups: Sequence[Any
         if len(np.unique(targets[train_index])) < 2:  # nothing to learn: the fold's prior
             probs[test_index] = np.bincount(targets[train_index], minlength=n_classes) / len(train_index)
             continue
-        probs[test_index] = class_probs(stack_model(C).fit(matrix[train_index], targets[train_index]),
+        probs[test_index] = class_probs(stack_model().fit(matrix[train_index], targets[train_index]),
                                         matrix[test_index], n_classes)
     return probs
 
