@@ -28,6 +28,9 @@ without improvement, at ``max_steps``, or when the ``max_minutes`` wall-clock bu
 budget covers the whole call (caching, training, dev scoring, calibration, saving). A temperature is
 then fitted on dev (`annotator.calibration`); one that ends at a bound of its search is reported as a
 failed calibration (a warning, ``meta["calibration"]["status"] == "failed"``) and 1.0 is stored.
+With ``args.stack`` (the default) the calibrated stack (`annotator.stack`: a logistic regression over the
+dev label log-probabilities and the text baseline's lexical features) is fitted on dev and saved beside the
+adapter (``stack.json``, ``stack.npz``); ``meta["stack"]`` holds its version and cross-validated dev report.
 The output folder holds the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``meta.json`` and ``split.json``.
 ``checkpoint/`` inside it makes an interrupted run resumable.
 """
