@@ -207,7 +207,8 @@ SYSTEM_NAMES = {"tfidf_linear": "TF-IDF + linear", "adapter": "adapter alone (Lo
                 "stack_without_llm": "stack without the LLM", "stack": "full stack (adapter + lexical)"}
 
 
-def figures_of(reports: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[dict[str, Any]]:
+    mark = " (quick: numbers are noise)" if quick else ""
     figures = []
     for dataset, splits in reports.items():
         for split, report in splits.items():
@@ -219,11 +220,11 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, 
                 for system in SYSTEMS:
                     target = ("reference" if system == "tfidf_linear" else
                               "better than TF-IDF + linear" if system == "stack" else "")
-                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}",
+                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}{mark}",
                                     "value": round(report[system][metric], 4), "unit": unit, "target": target,
                                     "anchor": f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test "
                                               f"pairs; {report['anchor']}"})
-            figures.append({"name": f"{PRETTY[dataset]} {split} split: training pairs/s (epochs reached)",
+            figures.append({"name": f"{PRETTY[dataset]} {split} split: training pairs/s (epochs reached){mark}",
                             "value": training["pairs_per_s"], "unit": "pairs/s",
                             "target": ">= 20,000 distinct pairs, > 1 epoch in 30 min",
                             "anchor": f"{training['pairs_seen']:,} pairs seen, {training['epochs']:.2f} epochs of "
@@ -258,7 +259,7 @@ def main() -> None:
 
     def save(partial: bool) -> None:
         # written after every split, so a run cut short still leaves what it measured
-        path = write_result(NAME, args.quick, data, figures_of(reports), datasets=reports, sizes=sizes,
+        path = write_result(NAME, args.quick, data, figures_of(reports, args.quick), datasets=reports, sizes=sizes,
                             total_seconds=round(time.monotonic() - started, 1), partial=partial)
         result = json.loads(path.read_text())
         result["command"] = command
