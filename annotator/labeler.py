@@ -37,7 +37,7 @@ from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import PairText, Policy, load_prompt_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
-from annotator.stack import load_stack
+from annotator.stack import load_stack, stack_version
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
 
@@ -156,8 +156,6 @@ def model_tag(model: str, adapter: Adapter | None, stack: str | None = None) -> 
 
 def adapter_stack_version(adapter: Adapter | None, use_stack: bool = True) -> str | None:
     """The version of the stack a labeler with this adapter applies (None: no stack, or `use_stack` off)."""
-    from annotator.stack import stack_version
-
     return stack_version(adapter.path) if adapter is not None and use_stack else None
 
 
@@ -197,10 +195,11 @@ class Labeler:
         # the adapter learnt one pair form (annotator.pair_form): label with the same prompt
         self.policy = policy_for_adapter(self.policy, self.adapter_meta)
         self.stack = load_stack(checked.path) if checked is not None and use_stack else None
+        if self.stack is not None:
+            self._check_stack_labels()
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, checked, **backend_options)
         if self.stack is not None:
-            self._check_stack_labels()
             self.model_tag = model_tag(model, checked, self.stack.version)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)

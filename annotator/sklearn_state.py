@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 State = tuple[dict[str, Any], dict[str, np.ndarray]]
@@ -50,10 +50,8 @@ def scaler_from_state(_params: dict[str, Any], arrays: dict[str, np.ndarray]) ->
     return scaler
 
 
-def logistic_state(model: LogisticRegression | LogisticRegressionCV) -> State:
-    """A fitted regression (a `LogisticRegressionCV` is stored as the plain one with the C it chose)."""
-    C = float(np.ravel(model.C_)[0]) if hasattr(model, "C_") else float(model.C)
-    return ({"C": C, "classes": [int(c) for c in model.classes_]},
+def logistic_state(model: LogisticRegression) -> State:
+    return ({"C": float(model.C), "classes": [int(c) for c in model.classes_]},
             {"coef": np.asarray(model.coef_, dtype=np.float64), "intercept": np.asarray(model.intercept_, dtype=np.float64)})
 
 
