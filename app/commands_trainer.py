@@ -205,6 +205,60 @@ def eval_retrieval(
                       "per-query NDCG@10 against it (ranx)")
 
 
+def bands(
+    model: str = typer.Option(..., "--model", help="Model id, 'zero-shot', 'latest-stage1|2', or a folder (not stored)."),
+    scheme: str = typer.Option("esci", "--scheme"),
+    dataset: Optional[str] = typer.Option(None, "--dataset"),
+    holdout: float = typer.Option(0.2, "--holdout", help="Same split as training: the bands are fitted on the held-out queries."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fit score bands: per-grade similarity thresholds and a calibrated P(grade >= g | score), stored with the model."""
+    from trainer.data import load_labelled_pairs
+    from trainer.evaluation import model_bands
+    from trainer.model import TwoTowerModel
+    from trainer.registry import save_bands, resolve_model
+
+    store = open_store()
+    model_id, path = resolve_model(store, model)
+    retriever = TwoTowerModel.from_pretrained(path)
+    _, held_out = load_labelled_pairs(store, scheme, dataset, retriever.product_fields).split(holdout, seed)
+    if held_out.frame.empty:
+        raise MnrError("no held-out queries: raise --holdout")
+    with store.run("bands", {"model": model_id or str(path), "scheme": scheme, "dataset": dataset,
+                             "holdout": holdout, "seed": seed}) as run:
+        fitted, report = model_bands(retriever, held_out, seed=seed)
+        run.metrics.update(report)
+    if model_id:
+        save_bands(store, model_id, fitted, report)
+    if as_json:
+        console.print_json(json.dumps({"model": model_id, "bands": fitted.to_dict(), "report": report}, default=str))
+        return
+    _print_bands(report, model_id or str(path))
+
+
+def _print_bands(report: dict, name: str) -> None:
+    table = Table("boundary", "threshold", "precision", "recall", "AUC", "overlap", "precision other half", "gap",
+                  "precision head", "precision tail",
+                  title=f"Score bands of {name}: {report['n_pairs']:,} held-out pairs, {report['n_queries']:,} queries")
+    for boundary, precision in report["precision"].items():
+        half = report["split_half"][boundary]
+        head_tail = report["head_tail"]
+        table.add_row(boundary, _cell(precision["threshold"]), _cell(precision["precision"]), _cell(precision["recall"]),
+                      _cell(report["adjacent_auc"].get(boundary, float("nan"))),
+                      _cell(report["adjacent_overlap"].get(boundary, float("nan"))),
+                      _cell(half["precision_other"]), _cell(half["gap"]),
+                      *(_cell(head_tail.get(group, {}).get(boundary, {}).get("precision", float("nan")))
+                        for group in ("head", "tail")))
+    console.print(table)
+    grades = Table("grade", *next(iter(report["distributions"].values())).keys(), title="Similarity per grade")
+    for grade, stats in report["distributions"].items():
+        grades.add_row(grade, *(_cell(float(v)) if isinstance(v, float) else str(v) for v in stats.values()))
+    console.print(grades)
+    console.print("threshold: maximises TPR - FPR for grade >= upper; precision other half: thresholds fitted on one "
+                  "half of the queries, applied to the other; head: queries with at least the median number of judged pairs")
+
+
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.4f}"
@@ -231,4 +285,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
     app.command()(mine)
     app.command("eval-retrieval")(eval_retrieval)
+    app.command()(bands)
     app.command()(augment)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from labelstore.schemes import LabelScheme
+from trainer.bands import ScoreBands, adjacent_aucs, band_report, grade_distributions
 from trainer.data import LabelledPairs
 from trainer.model import TwoTowerModel
 
@@ -101,20 +101,10 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run, top_grade: int
 
 def band_separation(pair_scores: pd.DataFrame, scheme: LabelScheme) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-grade score distribution and adjacent-grade AUC of labelled pairs (columns grade, score)."""
-    bands: dict[str, dict[str, float]] = {}
-    for label in scheme.labels:
-        scores = pair_scores.loc[pair_scores["grade"] == label.grade, "score"]
-        if len(scores):
-            q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
-            bands[label.name] = {"n": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std(ddof=0)),
-                                 "p10": float(q10), "p50": float(q50), "p90": float(q90)}
-    auc: dict[str, float] = {}
-    ordered = sorted(scheme.labels, key=lambda label: -label.grade)
-    for upper, lower in zip(ordered, ordered[1:]):
-        both = pair_scores[pair_scores["grade"].isin([upper.grade, lower.grade])]
-        if both["grade"].nunique() == 2:
-            auc[f"{upper.name}>{lower.name}"] = float(roc_auc_score(both["grade"] == upper.grade, both["score"]))
-    return bands, auc
+    labels = sorted(scheme.labels, key=lambda label: label.grade)
+    options = {"grade_values": [label.grade for label in labels], "names": [label.name for label in labels]}
+    scores, grades = pair_scores["score"].to_numpy(), pair_scores["grade"].to_numpy()
+    return grade_distributions(scores, grades, **options), adjacent_aucs(scores, grades, **options)
 
 
 def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -125,6 +115,14 @@ def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
     product_vectors = dict(zip(products["product_id"], model.encode_products(products["product_text"].tolist())))
     scores = [float(query_vectors[q] @ product_vectors[p]) for q, p in zip(pairs["query_id"], pairs["product_id"])]
     return pairs.assign(score=scores)
+
+
+def model_bands(model: TwoTowerModel, pairs: LabelledPairs, *, seed: int = 0) -> tuple[ScoreBands, dict]:
+    """Score bands of `model` fitted on labelled `pairs` (usually held out), with their report (`trainer.bands.band_report`)."""
+    scored = pair_scores(model, pairs.frame)
+    labels = sorted(pairs.scheme.labels, key=lambda label: label.grade)
+    return band_report(scored["score"].to_numpy(), scored["grade"].to_numpy(), scored["query_id"].tolist(),
+                       grade_values=[label.grade for label in labels], names=[label.name for label in labels], seed=seed)
 
 
 def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: dict[str, TwoTowerModel | None],
