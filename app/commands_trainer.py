@@ -159,6 +159,10 @@ def eval_retrieval(
     bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Include the BM25 baseline."),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Include zero-shot MiniLM."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store each model's metrics in models.metrics."),
+    hybrid: bool = typer.Option(
+        False, "--hybrid",
+        help="Blend BM25 with the last --model (default zero-shot): held-out queries split into dev (bands, blend "
+             "weight) and test (the table)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Rank the dataset's whole product set for held-out queries: graded NDCG@10, Recall@100, MRR, band AUCs."""
@@ -178,6 +182,10 @@ def eval_retrieval(
     if held_out.frame.empty:
         raise MnrError("no held-out queries: raise --holdout")
     products = load_products(store, dataset, fields)
+    if hybrid:
+        name, (_, model) = next(reversed(loaded.items())) if loaded else ("zero-shot", (None, TwoTowerModel.from_pretrained()))
+        _eval_hybrid(store, name, model, held_out, products, seed, as_json)
+        return
     systems = ({"bm25": None} if bm25 else {}) | {name: model for name, (_, model) in loaded.items()}
     params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "systems": list(systems)}
     with store.run("eval-retrieval", params) as run:
@@ -203,6 +211,29 @@ def eval_retrieval(
     if p_values is not None:
         console.print("lift and p: relative NDCG@10 over zero-shot MiniLM, and the two-sided paired t-test of "
                       "per-query NDCG@10 against it (ranx)")
+
+
+def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json: bool) -> None:
+    from trainer.evaluation import evaluate_hybrid, reports_table
+
+    dev, test = held_out.split(0.5, seed + 1)
+    if dev.frame.empty or test.frame.empty:
+        raise MnrError(f"--hybrid splits the {held_out.frame['query_id'].nunique()} held-out queries into dev and test "
+                       "and one side is empty: raise --holdout")
+    with store.run("eval-hybrid", {"model": name, "seed": seed}) as run:
+        reports, info = evaluate_hybrid(model, dev, test, products)
+        run.metrics.update({"systems": [r.as_dict() for r in reports], **info})
+    if as_json:
+        console.print_json(json.dumps({"model": name, "systems": [r.as_dict() for r in reports], **info}, default=str))
+        return
+    frame = reports_table(reports, "neural")
+    table = Table(*frame.columns, title=f"Hybrid retrieval, {name}: {info['n_test_queries']} test queries "
+                                        f"({info['n_dev_queries']} dev), {len(products):,} products")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_cell(value) for value in row))
+    console.print(table)
+    console.print(f"calibrated blend: {info['calibrated_weight']:.2f} x P(grade | similarity) from the dev bands + "
+                  f"{1 - info['calibrated_weight']:.2f} x BM25 (min-max); tuned min-max weight {info['minmax_weight']:.2f}")
 
 
 def bands(
@@ -238,8 +269,7 @@ def bands(
 
 
 def _print_bands(report: dict, name: str) -> None:
-    table = Table("boundary", "threshold", "precision", "recall", "AUC", "overlap", "precision other half", "gap",
-                  "precision head", "precision tail",
+    table = Table("boundary", "thr", "prec", "rec", "AUC", "ovl", "prec B", "gap", "head", "tail",
                   title=f"Score bands of {name}: {report['n_pairs']:,} held-out pairs, {report['n_queries']:,} queries")
     for boundary, precision in report["precision"].items():
         half = report["split_half"][boundary]
@@ -255,8 +285,10 @@ def _print_bands(report: dict, name: str) -> None:
     for grade, stats in report["distributions"].items():
         grades.add_row(grade, *(_cell(float(v)) if isinstance(v, float) else str(v) for v in stats.values()))
     console.print(grades)
-    console.print("threshold: maximises TPR - FPR for grade >= upper; precision other half: thresholds fitted on one "
-                  "half of the queries, applied to the other; head: queries with at least the median number of judged pairs")
+    console.print("thr: the threshold for grade >= upper (maximises TPR - FPR); prec / rec: precision and recall there; "
+                  "ovl: overlap of the two grades' scores; prec B: thresholds fitted on half A of the queries, precision on "
+                  "half B; gap: |prec A - prec B|; head / tail: precision on the half of the queries with the most / "
+                  "fewest judged pairs")
 
 
 def _cell(value: object) -> str:
