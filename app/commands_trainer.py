@@ -214,9 +214,9 @@ def eval_retrieval(
 
 
 def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json: bool) -> None:
-    from trainer.evaluation import evaluate_hybrid, reports_table
+    from trainer.evaluation import dev_test_split, evaluate_hybrid, reports_table
 
-    dev, test = held_out.split(0.5, seed + 1)
+    dev, test = dev_test_split(held_out, seed)
     if dev.frame.empty or test.frame.empty:
         raise MnrError(f"--hybrid splits the {held_out.frame['query_id'].nunique()} held-out queries into dev and test "
                        "and one side is empty: raise --holdout")

@@ -152,6 +152,11 @@ def _queries(pairs: LabelledPairs, qrels: dict[str, dict[str, int]]) -> pd.DataF
     return queries[queries["query_id"].isin(qrels)]
 
 
+def dev_test_split(held_out: LabelledPairs, seed: int = 0) -> tuple[LabelledPairs, LabelledPairs]:
+    """(dev, test): the held-out queries halved by a hash independent of the train / held-out split."""
+    return held_out.split(0.5, seed + 1)
+
+
 def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPairs, products: pd.DataFrame, *,
                     k: int = 100, stemmer: str | None = STEMMER,
                     grid: Sequence[float] = WEIGHT_GRID) -> tuple[list[RetrievalReport], dict]:
