@@ -35,7 +35,7 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
            max_seq_length: int, holdout: float, seed: int, fields: List[str], separate_towers: bool,
            temperature: float, gamma: float, margin: float, gap_margins: List[str], checkpoint_every: int,
            product_anchors: bool = False, hard_negatives: int = 0, hard_negative_pool: int = 30,
-           hard_negative_margin: float = 0.05) -> None:
+           hard_negative_margin: float = 0.05, relabelled: bool = False, confidence_floor: float = 0.5) -> None:
     from trainer.registry import resolve_model
     from trainer.train import TrainConfig, run_training
 
@@ -50,7 +50,17 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
                          hard_negative_pool=hard_negative_pool, hard_negative_margin=hard_negative_margin)
     store = open_store()
     parent_id, start_path = resolve_model(store, start_from) if start_from else (None, None)
-    model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out)
+    relabels = None
+    if relabelled and stage != "stage2":
+        raise MnrError("--relabelled trains Stage 2 only (Stage 1 learns from the human labels)")
+    if relabelled:
+        from app.relabel import relabelled_mined_pairs
+
+        relabels, queued = relabelled_mined_pairs(store, scheme, dataset, floor=confidence_floor)
+        console.print(f"relabelled mined pairs: {len(relabels.pair_ids)} at confidence >= {confidence_floor:.2f} train "
+                      f"with it as weight; {queued} below it queued for review, not trained on")
+    model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out,
+                                    relabels=relabels)
     metrics = result.metrics
     console.print(f"{stage}: trained {int(metrics['steps'])} steps on {int(metrics['train_pairs_seen'])} pairs "
                   f"({metrics['train_pairs_per_s']:.1f} pairs/s, {metrics['train_wall_s']:.0f} s); "
@@ -96,11 +106,16 @@ def _options(stage: str):
         hard_negative_margin: float = typer.Option(
             0.05, "--hard-negative-margin",
             help="Keep a hard negative only if it scores <= (1 - margin) x the query's best positive (likely-relevant ones are skipped)."),
+        relabelled: bool = typer.Option(
+            False, "--relabelled",
+            help="Stage 2: mined pairs relabelled by the LLM train with its confidence as weight; those below "
+                 "--confidence-floor go to the review queue instead."),
+        confidence_floor: float = typer.Option(0.5, "--confidence-floor", help="With --relabelled: the floor."),
     ) -> None:
         _train(stage, scheme, dataset, start_from, out, epochs, max_steps, queries_per_batch, products_per_query, lr,
                max_seq_length, holdout, seed, fields, separate_towers, temperature, gamma, margin, gap_margins,
                checkpoint_every, product_anchors, hard_negatives, hard_negative_pool,
-               hard_negative_margin)
+               hard_negative_margin, relabelled, confidence_floor)
 
     command.__doc__ = ("Stage 1: label-aware supervised contrastive training (same grade attracts, other grades "
                        "and in-batch products repel)." if stage == "stage1" else
