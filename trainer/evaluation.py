@@ -92,10 +92,15 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run, top_grade: int
 
 def band_separation(pair_scores: pd.DataFrame, scheme: LabelScheme) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-grade score distribution and adjacent-grade AUC of labelled pairs (columns grade, score)."""
-    labels = sorted(scheme.labels, key=lambda label: label.grade)
-    options = {"grade_values": [label.grade for label in labels], "names": [label.name for label in labels]}
+    options = _grade_options(scheme)
     scores, grades = pair_scores["score"].to_numpy(), pair_scores["grade"].to_numpy()
     return grade_distributions(scores, grades, **options), adjacent_aucs(scores, grades, **options)
+
+
+def _grade_options(scheme: LabelScheme) -> dict[str, list]:
+    """The scheme's grades ascending and their label names, as `trainer.bands` takes them."""
+    labels = sorted(scheme.labels, key=lambda label: label.grade)
+    return {"grade_values": [label.grade for label in labels], "names": [label.name for label in labels]}
 
 
 def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -111,9 +116,8 @@ def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
 def _scored_arrays(model: TwoTowerModel, pairs: LabelledPairs) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     """(scores, grades, query_ids, {grade_values, names}) of labelled pairs under `model`."""
     scored = pair_scores(model, pairs.frame)
-    labels = sorted(pairs.scheme.labels, key=lambda label: label.grade)
-    options = {"grade_values": [label.grade for label in labels], "names": [label.name for label in labels]}
-    return scored["score"].to_numpy(), scored["grade"].to_numpy(), scored["query_id"].tolist(), options
+    return (scored["score"].to_numpy(), scored["grade"].to_numpy(), scored["query_id"].tolist(),
+            _grade_options(pairs.scheme))
 
 
 def model_bands(model: TwoTowerModel, pairs: LabelledPairs, *, seed: int = 0) -> tuple[ScoreBands, dict]:
@@ -127,8 +131,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
     """Evaluate each system (a model, or None for BM25) on the held-out queries against all `products`."""
     frame = held_out.frame
     qrels = qrels_from_pairs(frame)
-    queries = frame.drop_duplicates("query_id")[["query_id", "query_text"]]
-    queries = queries[queries["query_id"].isin(qrels)]
+    queries = _queries(held_out, qrels)
     top_grade = held_out.scheme.max_grade
     reports = []
     for name, model in systems.items():
