@@ -81,6 +81,17 @@ def test_complete_runs_score_every_candidate_with_both_systems() -> None:
     assert neural == {"q": {"a": 0.9, "b": 0.1}} and lexical == {"q": {"a": 0.5, "b": 2.0}}
 
 
+def test_bm25_index_stems_and_scores_a_stopword_only_query_as_zero() -> None:
+    import pandas as pd
+
+    from trainer.hybrid import Bm25Index
+
+    index = Bm25Index(pd.DataFrame({"product_id": ["a", "b"], "product_text": ["cordless drills", "fence post"]}))
+    assert list(index.run(pd.DataFrame({"query_id": ["q"], "query_text": ["drilling"]}))["q"]) == ["a"]  # stemmed
+    assert index.scores("the of and").tolist() == [0.0, 0.0]
+    assert index.scores("drill")[0] > 0 == index.scores("drill")[1]
+
+
 def test_cli_eval_retrieval_hybrid_on_the_catalog(tmp_path) -> None:
     store = Store(tmp_path / "store.duckdb")
     write_catalog(store, generate_catalog(n_families=6, seed=0))

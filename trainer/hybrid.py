@@ -53,8 +53,11 @@ class Bm25Index:
                 for qid, row_scores, row_indices in zip(queries["query_id"], scores, indices)}
 
     def scores(self, query_text: str) -> np.ndarray:
-        """(n_products,) BM25 score of every product for one query."""
-        return np.asarray(self.retriever.get_scores(self.tokens([query_text])[0]), dtype=float)
+        """(n_products,) BM25 score of every product for one query (all 0 when no token is left after stopwords)."""
+        tokens = self.tokens([query_text])[0]
+        if not tokens:
+            return np.zeros(len(self.product_ids))
+        return np.asarray(self.retriever.get_scores(tokens), dtype=float)
 
 
 def _stemmer(language: str | None):
