@@ -29,7 +29,7 @@ from trainer.train import TrainConfig
 
 NAME = "bands"
 OVERRIDES = {  # on top of bench_retrieval's quick / full settings
-    True: {"queries": 1500, "holdout": 0.3, "max_heldout": 400, "max_steps": 30},
+    True: {"queries": 800, "holdout": 0.4, "max_heldout": 300, "max_steps": 10},
     False: {},
 }
 CALIBRATED, FIFTY, RRF = "hybrid: calibrated (dev weight)", "hybrid: min-max 50/50", "hybrid: RRF"
