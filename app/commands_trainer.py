@@ -35,7 +35,7 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
            max_seq_length: int, holdout: float, seed: int, fields: List[str], separate_towers: bool,
            temperature: float, gamma: float, margin: float, gap_margins: List[str], checkpoint_every: int,
            product_anchors: bool = False, hard_negatives: int = 0, hard_negative_pool: int = 30,
-           hard_negative_margin: float = 0.05) -> None:
+           hard_negative_margin: float = 0.05, relabelled: bool = False, confidence_floor: float = 0.5) -> None:
     from trainer.registry import resolve_model
     from trainer.train import TrainConfig, run_training
 
@@ -50,7 +50,17 @@ def _train(stage: str, scheme: str, dataset: Optional[str], start_from: Optional
                          hard_negative_pool=hard_negative_pool, hard_negative_margin=hard_negative_margin)
     store = open_store()
     parent_id, start_path = resolve_model(store, start_from) if start_from else (None, None)
-    model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out)
+    relabels = None
+    if relabelled and stage != "stage2":
+        raise MnrError("--relabelled trains Stage 2 only (Stage 1 learns from the human labels)")
+    if relabelled:
+        from app.relabel import relabelled_mined_pairs
+
+        relabels, queued = relabelled_mined_pairs(store, scheme, dataset, floor=confidence_floor)
+        console.print(f"relabelled mined pairs: {len(relabels.pair_ids)} at confidence >= {confidence_floor:.2f} train "
+                      f"with it as weight; {queued} below it queued for review, not trained on")
+    model_id, result = run_training(store, config, start_from=start_path, parent_model_id=parent_id, out=out,
+                                    relabels=relabels)
     metrics = result.metrics
     console.print(f"{stage}: trained {int(metrics['steps'])} steps on {int(metrics['train_pairs_seen'])} pairs "
                   f"({metrics['train_pairs_per_s']:.1f} pairs/s, {metrics['train_wall_s']:.0f} s); "
@@ -96,11 +106,16 @@ def _options(stage: str):
         hard_negative_margin: float = typer.Option(
             0.05, "--hard-negative-margin",
             help="Keep a hard negative only if it scores <= (1 - margin) x the query's best positive (likely-relevant ones are skipped)."),
+        relabelled: bool = typer.Option(
+            False, "--relabelled",
+            help="Stage 2: mined pairs relabelled by the LLM train with its confidence as weight; those below "
+                 "--confidence-floor go to the review queue instead."),
+        confidence_floor: float = typer.Option(0.5, "--confidence-floor", help="With --relabelled: the floor."),
     ) -> None:
         _train(stage, scheme, dataset, start_from, out, epochs, max_steps, queries_per_batch, products_per_query, lr,
                max_seq_length, holdout, seed, fields, separate_towers, temperature, gamma, margin, gap_margins,
                checkpoint_every, product_anchors, hard_negatives, hard_negative_pool,
-               hard_negative_margin)
+               hard_negative_margin, relabelled, confidence_floor)
 
     command.__doc__ = ("Stage 1: label-aware supervised contrastive training (same grade attracts, other grades "
                        "and in-batch products repel)." if stage == "stage1" else
@@ -159,6 +174,10 @@ def eval_retrieval(
     bm25: bool = typer.Option(True, "--bm25/--no-bm25", help="Include the BM25 baseline."),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Include zero-shot MiniLM."),
     record: bool = typer.Option(True, "--record/--no-record", help="Store each model's metrics in models.metrics."),
+    hybrid: bool = typer.Option(
+        False, "--hybrid",
+        help="Blend BM25 with the last --model (default zero-shot): held-out queries split into dev (bands, blend "
+             "weight) and test (the table)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Rank the dataset's whole product set for held-out queries: graded NDCG@10, Recall@100, MRR, band AUCs."""
@@ -178,6 +197,10 @@ def eval_retrieval(
     if held_out.frame.empty:
         raise MnrError("no held-out queries: raise --holdout")
     products = load_products(store, dataset, fields)
+    if hybrid:
+        name, (_, model) = next(reversed(loaded.items())) if loaded else ("zero-shot", (None, TwoTowerModel.from_pretrained()))
+        _eval_hybrid(store, name, model, held_out, products, seed, as_json)
+        return
     systems = ({"bm25": None} if bm25 else {}) | {name: model for name, (_, model) in loaded.items()}
     params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "systems": list(systems)}
     with store.run("eval-retrieval", params) as run:
@@ -203,6 +226,84 @@ def eval_retrieval(
     if p_values is not None:
         console.print("lift and p: relative NDCG@10 over zero-shot MiniLM, and the two-sided paired t-test of "
                       "per-query NDCG@10 against it (ranx)")
+
+
+def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json: bool) -> None:
+    from trainer.evaluation import dev_test_split, evaluate_hybrid, reports_table
+
+    dev, test = dev_test_split(held_out, seed)
+    if dev.frame.empty or test.frame.empty:
+        raise MnrError(f"--hybrid splits the {held_out.frame['query_id'].nunique()} held-out queries into dev and test "
+                       "and one side is empty: raise --holdout")
+    with store.run("eval-hybrid", {"model": name, "seed": seed}) as run:
+        reports, info = evaluate_hybrid(model, dev, test, products)
+        run.metrics.update({"systems": [r.as_dict() for r in reports], **info})
+    if as_json:
+        console.print_json(json.dumps({"model": name, "systems": [r.as_dict() for r in reports], **info}, default=str))
+        return
+    frame = reports_table(reports, "neural")
+    table = Table(*frame.columns, title=f"Hybrid retrieval, {name}: {info['n_test_queries']} test queries "
+                                        f"({info['n_dev_queries']} dev), {len(products):,} products")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_cell(value) for value in row))
+    console.print(table)
+    console.print(f"calibrated blend: {info['calibrated_weight']:.2f} x P(grade | similarity) from the dev bands + "
+                  f"{1 - info['calibrated_weight']:.2f} x BM25 (min-max); tuned min-max weight {info['minmax_weight']:.2f}")
+
+
+def bands(
+    model: str = typer.Option(..., "--model", help="Model id, 'zero-shot', 'latest-stage1|2', or a folder (not stored)."),
+    scheme: str = typer.Option("esci", "--scheme"),
+    dataset: Optional[str] = typer.Option(None, "--dataset"),
+    holdout: float = typer.Option(0.2, "--holdout", help="Same split as training: the bands are fitted on the held-out queries."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Fit score bands: per-grade similarity thresholds and a calibrated P(grade >= g | score), stored with the model."""
+    from trainer.data import load_labelled_pairs
+    from trainer.evaluation import model_bands
+    from trainer.model import TwoTowerModel
+    from trainer.registry import save_bands, resolve_model
+
+    store = open_store()
+    model_id, path = resolve_model(store, model)
+    retriever = TwoTowerModel.from_pretrained(path)
+    _, held_out = load_labelled_pairs(store, scheme, dataset, retriever.product_fields).split(holdout, seed)
+    if held_out.frame.empty:
+        raise MnrError("no held-out queries: raise --holdout")
+    with store.run("bands", {"model": model_id or str(path), "scheme": scheme, "dataset": dataset,
+                             "holdout": holdout, "seed": seed}) as run:
+        fitted, report = model_bands(retriever, held_out, seed=seed)
+        run.metrics.update(report)
+    if model_id:
+        save_bands(store, model_id, fitted, report)
+    if as_json:
+        console.print_json(json.dumps({"model": model_id, "bands": fitted.to_dict(), "report": report}, default=str))
+        return
+    _print_bands(report, model_id or str(path))
+
+
+def _print_bands(report: dict, name: str) -> None:
+    table = Table("boundary", "thr", "prec", "rec", "AUC", "ovl", "prec B", "gap", "head", "tail",
+                  title=f"Score bands of {name}: {report['n_pairs']:,} held-out pairs, {report['n_queries']:,} queries")
+    for boundary, precision in report["precision"].items():
+        half = report["split_half"][boundary]
+        head_tail = report["head_tail"]
+        table.add_row(boundary, _cell(precision["threshold"]), _cell(precision["precision"]), _cell(precision["recall"]),
+                      _cell(report["adjacent_auc"].get(boundary, float("nan"))),
+                      _cell(report["adjacent_overlap"].get(boundary, float("nan"))),
+                      _cell(half["precision_other"]), _cell(half["gap"]),
+                      *(_cell(head_tail.get(group, {}).get(boundary, {}).get("precision", float("nan")))
+                        for group in ("head", "tail")))
+    console.print(table)
+    grades = Table("grade", *next(iter(report["distributions"].values())).keys(), title="Similarity per grade")
+    for grade, stats in report["distributions"].items():
+        grades.add_row(grade, *(_cell(float(v)) if isinstance(v, float) else str(v) for v in stats.values()))
+    console.print(grades)
+    console.print("thr: the threshold for grade >= upper (maximises TPR - FPR); prec / rec: precision and recall there; "
+                  "ovl: overlap of the two grades' scores; prec B: thresholds fitted on half A of the queries, precision on "
+                  "half B; gap: |prec A - prec B|; head / tail: precision on the half of the queries with the most / "
+                  "fewest judged pairs")
 
 
 def _cell(value: object) -> str:
@@ -231,4 +332,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
     app.command()(mine)
     app.command("eval-retrieval")(eval_retrieval)
+    app.command()(bands)
     app.command()(augment)

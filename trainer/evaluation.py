@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from labelstore.schemes import LabelScheme
+from trainer.bands import ScoreBands, adjacent_aucs, band_report, fit_bands, grade_distributions
 from trainer.data import LabelledPairs
+from trainer.hybrid import STEMMER, WEIGHT_GRID, Bm25Index, complete_runs, hybrid_runs
 from trainer.model import TwoTowerModel
 
 Run = dict[str, dict[str, float]]
@@ -68,19 +69,9 @@ def dense_run(model: TwoTowerModel, queries: pd.DataFrame, products: pd.DataFram
             for qid, row_scores, row_indices in zip(queries["query_id"], scores, indices)}
 
 
-def bm25_run(queries: pd.DataFrame, products: pd.DataFrame, k: int = 100) -> Run:
-    """The BM25 baseline (bm25s, English stopwords) over the same product texts."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(products["product_text"].tolist(), stopwords="en", show_progress=False),
-                    show_progress=False)
-    query_tokens = bm25s.tokenize(queries["query_text"].tolist(), stopwords="en", show_progress=False)
-    k = min(k, len(products))
-    indices, scores = retriever.retrieve(query_tokens, k=k, show_progress=False, n_threads=0)
-    product_ids = products["product_id"].to_numpy()
-    return {qid: {product_ids[i]: float(s) for s, i in zip(row_scores, row_indices) if s > 0}
-            for qid, row_scores, row_indices in zip(queries["query_id"], scores, indices)}
+def bm25_run(queries: pd.DataFrame, products: pd.DataFrame, k: int = 100, stemmer: str | None = STEMMER) -> Run:
+    """The BM25 baseline (bm25s, English stopwords, Snowball stemming) over the same product texts."""
+    return Bm25Index(products, stemmer=stemmer).run(queries, k)
 
 
 def ranx_run(qrels: dict[str, dict[str, int]], run: Run, name: str | None = None):
@@ -101,20 +92,15 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run, top_grade: int
 
 def band_separation(pair_scores: pd.DataFrame, scheme: LabelScheme) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-grade score distribution and adjacent-grade AUC of labelled pairs (columns grade, score)."""
-    bands: dict[str, dict[str, float]] = {}
-    for label in scheme.labels:
-        scores = pair_scores.loc[pair_scores["grade"] == label.grade, "score"]
-        if len(scores):
-            q10, q50, q90 = np.quantile(scores, [0.1, 0.5, 0.9])
-            bands[label.name] = {"n": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std(ddof=0)),
-                                 "p10": float(q10), "p50": float(q50), "p90": float(q90)}
-    auc: dict[str, float] = {}
-    ordered = sorted(scheme.labels, key=lambda label: -label.grade)
-    for upper, lower in zip(ordered, ordered[1:]):
-        both = pair_scores[pair_scores["grade"].isin([upper.grade, lower.grade])]
-        if both["grade"].nunique() == 2:
-            auc[f"{upper.name}>{lower.name}"] = float(roc_auc_score(both["grade"] == upper.grade, both["score"]))
-    return bands, auc
+    options = _grade_options(scheme)
+    scores, grades = pair_scores["score"].to_numpy(), pair_scores["grade"].to_numpy()
+    return grade_distributions(scores, grades, **options), adjacent_aucs(scores, grades, **options)
+
+
+def _grade_options(scheme: LabelScheme) -> dict[str, list]:
+    """The scheme's grades ascending and their label names, as `trainer.bands` takes them."""
+    labels = sorted(scheme.labels, key=lambda label: label.grade)
+    return {"grade_values": [label.grade for label in labels], "names": [label.name for label in labels]}
 
 
 def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
@@ -127,13 +113,25 @@ def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
     return pairs.assign(score=scores)
 
 
+def _scored_arrays(model: TwoTowerModel, pairs: LabelledPairs) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """(scores, grades, query_ids, {grade_values, names}) of labelled pairs under `model`."""
+    scored = pair_scores(model, pairs.frame)
+    return (scored["score"].to_numpy(), scored["grade"].to_numpy(), scored["query_id"].tolist(),
+            _grade_options(pairs.scheme))
+
+
+def model_bands(model: TwoTowerModel, pairs: LabelledPairs, *, seed: int = 0) -> tuple[ScoreBands, dict]:
+    """Score bands of `model` fitted on labelled `pairs` (usually held out), with their report (`trainer.bands.band_report`)."""
+    scores, grades, query_ids, options = _scored_arrays(model, pairs)
+    return band_report(scores, grades, query_ids, seed=seed, **options)
+
+
 def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: dict[str, TwoTowerModel | None],
                      k: int = 100) -> list[RetrievalReport]:
     """Evaluate each system (a model, or None for BM25) on the held-out queries against all `products`."""
     frame = held_out.frame
     qrels = qrels_from_pairs(frame)
-    queries = frame.drop_duplicates("query_id")[["query_id", "query_text"]]
-    queries = queries[queries["query_id"].isin(qrels)]
+    queries = _queries(held_out, qrels)
     top_grade = held_out.scheme.max_grade
     reports = []
     for name, model in systems.items():
@@ -150,6 +148,52 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
         report.metrics["n_products"] = float(len(products))
     return reports
+
+
+def _queries(pairs: LabelledPairs, qrels: dict[str, dict[str, int]]) -> pd.DataFrame:
+    queries = pairs.frame.drop_duplicates("query_id")[["query_id", "query_text"]]
+    return queries[queries["query_id"].isin(qrels)]
+
+
+def dev_test_split(held_out: LabelledPairs, seed: int = 0) -> tuple[LabelledPairs, LabelledPairs]:
+    """(dev, test): the held-out queries halved by a hash independent of the train / held-out split."""
+    return held_out.split(0.5, seed + 1)
+
+
+def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPairs, products: pd.DataFrame, *,
+                    k: int = 100, stemmer: str | None = STEMMER,
+                    grid: Sequence[float] = WEIGHT_GRID) -> tuple[list[RetrievalReport], dict]:
+    """BM25, `model` and their blends (`trainer.hybrid`) on the `test` queries; the bands and the blend
+    weights are fitted on the `dev` queries' labelled pairs. Returns (reports, {weights, dev curves, sizes})."""
+    product_vectors = model.encode_products(products["product_text"].tolist())
+    position = {pid: i for i, pid in enumerate(products["product_id"])}
+    index = Bm25Index(products, stemmer=stemmer)
+    qrels, base, neural, lexical = {}, {}, {}, {}
+    for part, pairs in (("dev", dev), ("test", test)):
+        qrels[part] = qrels_from_pairs(pairs.frame)
+        queries = _queries(pairs, qrels[part])
+        vectors = dict(zip(queries["query_id"], model.encode_queries(queries["query_text"].tolist())))
+        texts = dict(zip(queries["query_id"], queries["query_text"]))
+        base[part] = (dense_run(model, queries, products, k, product_vectors), index.run(queries, k))
+        neural[part], lexical[part] = complete_runs(
+            *base[part],
+            lambda qid, ids: product_vectors[[position[p] for p in ids]] @ vectors[qid],
+            lambda qid, ids: index.scores(texts[qid])[[position[p] for p in ids]])
+    scores, grades, _, options = _scored_arrays(model, dev)
+    bands = fit_bands(scores, grades, **options)
+    top_grade = test.scheme.max_grade
+    blends = hybrid_runs(neural, lexical, lambda run: retrieval_metrics(qrels["dev"], run, top_grade)["ndcg@10"],
+                         bands, grid=grid)
+    runs = {"BM25 (bm25s, stemmed)": base["test"][1], "neural": base["test"][0], **blends.runs}
+    reports = [RetrievalReport(name, retrieval_metrics(qrels["test"], run, top_grade), run=run)
+               for name, run in runs.items()]
+    for report in reports:
+        report.metrics["n_queries"] = float(len(qrels["test"]))
+        report.metrics["n_products"] = float(len(products))
+    info = {"calibrated_weight": blends.calibrated_weight, "minmax_weight": blends.minmax_weight,
+            "dev_ndcg@10_by_weight": blends.dev_curve, "dev_ndcg@10_by_weight_minmax": blends.dev_curve_minmax,
+            "n_dev_queries": len(qrels["dev"]), "n_test_queries": len(qrels["test"]), "bands": bands.to_dict()}
+    return reports, info
 
 
 def paired_p_values(held_out: LabelledPairs, reports: Sequence[RetrievalReport], baseline: str,

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from labelstore.errors import MnrError
 from labelstore.store import Store
 from trainer.model import ZERO_SHOT_MODEL_ID, base_model_path
+
+if TYPE_CHECKING:
+    from trainer.bands import ScoreBands
 
 DEFAULT_METRIC = "heldout_ndcg@10"
 
@@ -72,3 +76,21 @@ def record_metrics(store: Store, model_id: str, metrics: dict) -> None:
     row = model_row(store, model_id)
     merged = {**row["metrics"], **metrics}
     store.execute("UPDATE models SET metrics = ? WHERE model_id = ?", [json.dumps(merged, sort_keys=True, default=str), model_id])
+
+
+BANDS_KEY = "score_bands"
+
+
+def save_bands(store: Store, model_id: str, bands: ScoreBands, report: dict) -> None:
+    """Store fitted score bands (and their report) with the model, in its metrics JSON."""
+    record_metrics(store, model_id, {BANDS_KEY: bands.to_dict(), f"{BANDS_KEY}_report": report})
+
+
+def load_bands(store: Store, model_id: str) -> ScoreBands:
+    """The score bands stored with `model_id` (`mnr bands --model` fits them)."""
+    from trainer.bands import ScoreBands
+
+    stored = model_row(store, model_id)["metrics"].get(BANDS_KEY)
+    if stored is None:
+        raise MnrError(f"{store.path}: model '{model_id}' has no score bands yet; run mnr bands --model {model_id}")
+    return ScoreBands.from_dict(stored)

@@ -81,6 +81,7 @@ class GradedBatch:
     query_index: torch.Tensor  # (N,)
     grades: torch.Tensor  # (N,)
     grade_matrix: torch.Tensor  # (B, N), UNJUDGED where a batch query did not judge a product
+    weight_matrix: torch.Tensor | None = None  # (B, N) float when the pairs carry a `weight` column
 
 
 @dataclass
@@ -93,8 +94,11 @@ class TrainResult:
 
 def graded_batches(pairs: pd.DataFrame, queries_per_batch: int, products_per_query: int,
                    rng: random.Random) -> Iterator[GradedBatch]:
-    """One epoch of batches over the queries of `pairs` (query_id, query_text, product_id, product_text, grade)."""
+    """One epoch of batches over the queries of `pairs` (query_id, query_text, product_id, product_text, grade,
+    optionally weight: then each batch has a weight matrix, 1 where unjudged)."""
     judged = {(q, p): int(g) for q, p, g in zip(pairs["query_id"], pairs["product_id"], pairs["grade"])}
+    weighted = {(q, p): float(w) for q, p, w in zip(pairs["query_id"], pairs["product_id"], pairs["weight"])} \
+        if "weight" in pairs else None
     by_query = {qid: group for qid, group in pairs.groupby("query_id", sort=True)}
     order = sorted(by_query)
     rng.shuffle(order)
@@ -117,9 +121,13 @@ def graded_batches(pairs: pd.DataFrame, queries_per_batch: int, products_per_que
         for b, qid in enumerate(batch_queries):
             for n, pid in enumerate(product_ids):
                 matrix[b, n] = judged.get((qid, pid), UNJUDGED)
+        weights = None
+        if weighted is not None:
+            weights = torch.tensor([[weighted.get((qid, pid), 1.0) for pid in product_ids] for qid in batch_queries],
+                                   dtype=torch.float32).reshape(len(batch_queries), len(product_ids))
         query_index = torch.tensor(owners, dtype=torch.long)
         yield GradedBatch([by_query[q]["query_text"].iat[0] for q in batch_queries], product_texts, query_index,
-                          matrix[query_index, torch.arange(len(product_ids))], matrix)
+                          matrix[query_index, torch.arange(len(product_ids))], matrix, weights)
 
 
 def build_loss(config: TrainConfig, pairs: LabelledPairs) -> GradedBatchLoss:
@@ -140,6 +148,35 @@ def with_hard_negatives(model: TwoTowerModel, train_pairs: LabelledPairs, produc
     mined = hard_negatives(model, train_pairs.frame, products, config.hard_negatives, config.hard_negative_pool,
                            lowest.grade, lowest.name, config.hard_negative_margin)
     return LabelledPairs(train_pairs.scheme, pd.concat([train_pairs.frame, mined], ignore_index=True))
+
+
+@dataclass
+class Relabels:
+    """LLM relabels of mined pairs for Stage 2, as arrays: `pair_ids` (n,), `grades` (n,), `weights` (n,) in
+    [0, 1] (the labeler's confidence), and `exclude`: pairs kept out of training (sent to review instead)."""
+
+    pair_ids: list[str]
+    grades: np.ndarray
+    weights: np.ndarray
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.grades, self.weights = np.asarray(self.grades, dtype=int), np.asarray(self.weights, dtype=float)
+        if not len(self.pair_ids) == len(self.grades) == len(self.weights):
+            raise MnrError(f"relabels: {len(self.pair_ids)} pair ids, {len(self.grades)} grades, {len(self.weights)} weights")
+        if len(self.weights) and not ((self.weights >= 0) & (self.weights <= 1)).all():
+            raise MnrError("relabel weights must lie in [0, 1]")
+
+
+def with_relabels(pairs: LabelledPairs, relabels: Relabels) -> LabelledPairs:
+    """`pairs` without `relabels.exclude`, with a `weight` column: each relabelled pair's grade and weight
+    from `relabels`, weight 1 for every other pair. Relabelled pairs not in `pairs` (other queries) are ignored."""
+    frame = pairs.frame[~pairs.frame["pair_id"].isin(set(relabels.exclude))].copy()
+    grade = dict(zip(relabels.pair_ids, relabels.grades.tolist()))
+    weight = dict(zip(relabels.pair_ids, relabels.weights.tolist()))
+    frame["grade"] = [grade.get(p, g) for p, g in zip(frame["pair_id"], frame["grade"])]
+    frame["weight"] = frame["pair_id"].map(weight).fillna(1.0).astype(float)
+    return LabelledPairs(pairs.scheme, frame.reset_index(drop=True))
 
 
 def _seed_everything(seed: int) -> random.Random:
@@ -190,7 +227,8 @@ def train_model(model: TwoTowerModel, train_pairs: LabelledPairs, config: TrainC
                 optimizer.zero_grad()
                 query_emb = model.embed_queries(batch.query_texts)
                 product_emb = model.embed_products(batch.product_texts)
-                loss = loss_fn(query_emb, product_emb, batch.query_index, batch.grades, batch.grade_matrix)
+                loss = loss_fn(query_emb, product_emb, batch.query_index, batch.grades, batch.grade_matrix,
+                               batch.weight_matrix)
                 if loss.requires_grad:
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -254,18 +292,21 @@ def default_out(store: Store, stage: str, run_id: str) -> Path:
 
 def run_training(store: Store, config: TrainConfig, *, start_from: str | Path | None = None,
                  parent_model_id: str | None = None, out: Path | None = None, evaluate: bool = True,
-                 show_progress: bool = True) -> tuple[str, TrainResult]:
+                 show_progress: bool = True, relabels: Relabels | None = None) -> tuple[str, TrainResult]:
     """Load labels, train, evaluate on the held-out queries, save and register. Returns (model_id, result).
 
     Stage 2 must start from a model (`start_from`, usually a Stage 1 model); Stage 1 starts from it
     when given, else from all-MiniLM-L6-v2. Trains on the store's *current* labels, so LLM relabels of
-    mined pairs (and human corrections) are included.
+    mined pairs (and human corrections) are included; `relabels` (Stage 2) gives them their weights and
+    keeps the excluded ones out (see `with_relabels`).
     """
     from trainer.evaluation import evaluate_systems
     from trainer.data import load_products
 
     if config.stage == "stage2" and start_from is None:
         raise MnrError("stage2 starts from a trained model: pass --from MODEL_ID (usually a stage1 model)")
+    if relabels is not None and config.stage != "stage2":
+        raise MnrError("weighted LLM relabels train Stage 2 only")
     pairs = load_labelled_pairs(store, config.scheme, config.dataset, config.product_fields)
     train_pairs, held_out = pairs.split(config.holdout_fraction, config.seed)
     params = {**asdict(config), "start_from": str(start_from) if start_from else "all-MiniLM-L6-v2",
@@ -279,8 +320,16 @@ def run_training(store: Store, config: TrainConfig, *, start_from: str | Path | 
         n_labelled = len(train_pairs)
         if config.hard_negatives:
             train_pairs = with_hard_negatives(model, train_pairs, products, config)
+        relabel_metrics = {}
+        if relabels is not None:  # after the hard negatives, so an excluded pair never comes back as one
+            before = len(train_pairs)
+            train_pairs = with_relabels(train_pairs, relabels)
+            used = train_pairs.frame["pair_id"].isin(set(relabels.pair_ids))
+            relabel_metrics = {"relabelled_pairs": float(used.sum()), "relabels_excluded": float(before - len(train_pairs)),
+                               "relabel_weight_mean": float(train_pairs.frame.loc[used, "weight"].mean()) if used.any() else 0.0}
+            n_labelled -= int(relabel_metrics["relabels_excluded"])
         result = train_model(model, train_pairs, config, out, show_progress)
-        metrics = {**result.metrics, "hard_negatives_added": float(len(train_pairs) - n_labelled)}
+        metrics = {**result.metrics, "hard_negatives_added": float(len(train_pairs) - n_labelled), **relabel_metrics}
         if evaluate and len(held_out):
             report = evaluate_systems(held_out, products, {config.stage: model})[0]
             metrics.update({f"heldout_{k}": v for k, v in report.metrics.items()})

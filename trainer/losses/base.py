@@ -12,7 +12,7 @@ class GradedBatchLoss(nn.Module):
     with grade `grades[n]` (higher is more relevant). Every product of the batch is also an
     in-batch candidate for the other B - 1 queries.
 
-    forward(query_emb, product_emb, query_index, grades, grade_matrix=None) -> scalar loss
+    forward(query_emb, product_emb, query_index, grades, grade_matrix=None, weight_matrix=None) -> scalar loss
         query_emb:    (B, d) float, L2-normalised (cosine similarity = dot product)
         product_emb:  (N, d) float, L2-normalised
         query_index:  (N,) long in [0, B), the query each product was sampled for
@@ -21,17 +21,29 @@ class GradedBatchLoss(nn.Module):
                       the batch, -1 where unjudged. Pass it when a product is judged for several
                       queries of the batch (then it must appear once); default: built from
                       query_index and grades.
+        weight_matrix: optional (B, N) float, the weight of each judged entry (e.g. the labeler's
+                      confidence in an LLM relabel; 1 for human labels). Only losses that support
+                      weights take it (`supports_weights`); default: all 1.
     """
 
+    supports_weights = False
+
     def forward(self, query_emb: torch.Tensor, product_emb: torch.Tensor, query_index: torch.Tensor,
-                grades: torch.Tensor, grade_matrix: torch.Tensor | None = None) -> torch.Tensor:
+                grades: torch.Tensor, grade_matrix: torch.Tensor | None = None,
+                weight_matrix: torch.Tensor | None = None) -> torch.Tensor:
         check_batch(query_emb, product_emb, query_index, grades)
         if grade_matrix is None:
             grade_matrix = grade_matrix_from(query_emb.shape[0], query_index.long(), grades.long())
         elif grade_matrix.shape != (query_emb.shape[0], product_emb.shape[0]):
             raise ValueError(f"grade_matrix must have shape {(query_emb.shape[0], product_emb.shape[0])}, "
                              f"got {tuple(grade_matrix.shape)}")
-        return self.compute_loss(query_emb, product_emb, grade_matrix.long())
+        if weight_matrix is None:
+            return self.compute_loss(query_emb, product_emb, grade_matrix.long())
+        if not self.supports_weights:
+            raise ValueError(f"{type(self).__name__} does not take pair weights")
+        if weight_matrix.shape != grade_matrix.shape:
+            raise ValueError(f"weight_matrix must have shape {tuple(grade_matrix.shape)}, got {tuple(weight_matrix.shape)}")
+        return self.compute_loss(query_emb, product_emb, grade_matrix.long(), weight_matrix)
 
     def compute_loss(self, query_emb: torch.Tensor, product_emb: torch.Tensor, grade_matrix: torch.Tensor) -> torch.Tensor:
         """The loss from embeddings and the (B, N) grade matrix (-1 = unjudged)."""

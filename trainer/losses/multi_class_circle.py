@@ -24,6 +24,9 @@ violations, so a grade pair with many products does not drown the others. The hi
 inside the exponent (with e^x - 1) makes the loss exactly zero when every band is separated from
 every lower band by its margin, and its gradient then vanishes too.
 
+With pair weights w (e.g. the labeler's confidence in an LLM relabel), each violation term is
+multiplied by w_i w_j, so a pair of weight 0 adds nothing and one of weight 1 counts in full.
+
 The inner sum is computed in float64: gamma * alpha * delta reaches ~170 for gamma = 32, beyond
 float32's exp range.
 """
@@ -47,6 +50,8 @@ class MultiClassCircleLoss(GradedBatchLoss):
             query (they are unjudged but almost always irrelevant); None ignores them.
     """
 
+    supports_weights = True
+
     def __init__(self, gamma: float = 32.0, margin: float = 0.1, margins: Mapping[int, float] | None = None,
                  in_batch_grade: int | None = 0):
         super().__init__()
@@ -69,13 +74,16 @@ class MultiClassCircleLoss(GradedBatchLoss):
         filled = torch.where(judged, grade_matrix, torch.full_like(grade_matrix, int(self.in_batch_grade)))
         return filled, torch.ones_like(judged)
 
-    def compute_loss(self, query_emb: torch.Tensor, product_emb: torch.Tensor, grade_matrix: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, query_emb: torch.Tensor, product_emb: torch.Tensor, grade_matrix: torch.Tensor,
+                     weight_matrix: torch.Tensor | None = None) -> torch.Tensor:
         similarities = query_emb @ product_emb.T  # (B, N)
         grade, valid = self.query_grades(grade_matrix)
-        return self.loss_from_similarities(similarities, grade, valid)
+        return self.loss_from_similarities(similarities, grade, valid, weight_matrix)
 
-    def loss_from_similarities(self, similarities: torch.Tensor, grade: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The loss from (B, N) similarities, (B, N) long grades and a (B, N) bool mask of judged entries."""
+    def loss_from_similarities(self, similarities: torch.Tensor, grade: torch.Tensor, valid: torch.Tensor,
+                               weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss from (B, N) similarities, (B, N) long grades, a (B, N) bool mask of judged entries and
+        optional (B, N) entry weights."""
         n_queries, n_products = similarities.shape
         if n_products == 0 or not bool(valid.any()):
             return similarities.sum() * 0.0
@@ -92,6 +100,8 @@ class MultiClassCircleLoss(GradedBatchLoss):
         alpha = torch.relu(delta + margin).detach()
         exponent = (self.gamma * alpha * torch.relu(delta)).double()
         terms = torch.where(pair_mask, torch.expm1(exponent), torch.zeros_like(exponent))
+        if weights is not None:
+            terms = terms * (weights.unsqueeze(2) * weights.unsqueeze(1)).double()
         grade_pair = (grade.unsqueeze(2) - low) * n_grades + (grade.unsqueeze(1) - low)
         grade_pair = grade_pair.clamp(min=0).reshape(n_queries, -1)
         per_grade_pair = torch.zeros(n_queries, n_grades * n_grades, dtype=terms.dtype, device=terms.device)

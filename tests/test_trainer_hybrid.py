@@ -1,0 +1,109 @@
+"""Hybrid retrieval on a small set whose blended scores and NDCG@10 are worked out by hand.
+
+Grades 0 / 1 / 2. Bands by hand: P(grade >= 1 | s) = s, P(grade >= 2 | s) = clip(2s - 1, 0, 1), so the
+calibrated neural score (expected grade / 2) is (s + clip(2s - 1, 0, 1)) / 2.
+
+q1: neural a 0.9, b 0.6, c 0.3; BM25 a 0, b 10, c 5; judged a 2, c 1 (b irrelevant).
+q2: neural d 0.35, e 0.20, f 0.05; BM25 d 3, e 4, f 0; judged e 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from app.cli import app
+from labelstore import Store
+from labelstore.catalog import generate_catalog, write_catalog
+from trainer.bands import ScoreBands
+from trainer.evaluation import retrieval_metrics
+from trainer.hybrid import calibrated, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax_blend, rrf
+
+BANDS = ScoreBands((0, 1, 2), ("irrelevant", "partial", "relevant"), (0.4, 0.6),
+                   (((0.0, 1.0), (0.0, 1.0)), ((0.5, 1.0), (0.0, 1.0))))
+NEURAL = {"q1": {"a": 0.9, "b": 0.6, "c": 0.3}, "q2": {"d": 0.35, "e": 0.20, "f": 0.05}}
+LEXICAL = {"q1": {"a": 0.0, "b": 10.0, "c": 5.0}, "q2": {"d": 3.0, "e": 4.0, "f": 0.0}}
+QRELS = {"q1": {"a": 2, "c": 1}, "q2": {"e": 2}}
+L2 = math.log2
+IDCG_Q1 = 2 / L2(2) + 1 / L2(3)
+NDCG_Q1_BAC = (2 / L2(3) + 1 / L2(4)) / IDCG_Q1  # ranking b, a, c
+NDCG_Q1_ABC = (2 / L2(2) + 1 / L2(4)) / IDCG_Q1  # ranking a, b, c
+NDCG_Q2_E_SECOND = (2 / L2(3)) / (2 / L2(2))
+
+
+def ndcg(run: dict) -> float:
+    return retrieval_metrics(QRELS, run, top_grade=2)["ndcg@10"]
+
+
+def test_calibrated_blend_matches_hand_computation() -> None:
+    assert calibrated(NEURAL, BANDS)["q1"] == pytest.approx({"a": 0.85, "b": 0.4, "c": 0.15})
+    assert calibrated(NEURAL, BANDS)["q2"] == pytest.approx({"d": 0.175, "e": 0.10, "f": 0.025})
+    blended = calibrated_blend(NEURAL, LEXICAL, BANDS, weight=0.5)
+    # q1: BM25 min-max a 0, b 1, c 0.5; q2: d 0.75, e 1, f 0
+    assert blended["q1"] == pytest.approx({"a": 0.425, "b": 0.7, "c": 0.325})
+    assert blended["q2"] == pytest.approx({"d": 0.4625, "e": 0.55, "f": 0.0125})
+    # q1 ranks b, a, c; q2 puts e first
+    assert ndcg(blended) == pytest.approx((NDCG_Q1_BAC + 1.0) / 2)
+
+
+def test_untuned_minmax_and_rrf_match_hand_computation() -> None:
+    # q2: neural min-max d 1, e 0.5, f 0; with BM25 d 0.875, e 0.75: e drops to second
+    fifty = minmax_blend(NEURAL, LEXICAL, weight=0.5)
+    assert fifty["q2"] == pytest.approx({"d": 0.875, "e": 0.75, "f": 0.0})
+    assert ndcg(fifty) == pytest.approx((NDCG_Q1_BAC + NDCG_Q2_E_SECOND) / 2)
+    # RRF (k = 60): q1 b 1/62 + 1/61 > a 1/61 + 1/63 > c; q2 d 1/61 + 1/62 = e 1/62 + 1/61, ties by id: d, e
+    fused = rrf(NEURAL, LEXICAL)
+    assert fused["q1"]["b"] == pytest.approx(1 / 62 + 1 / 61) and fused["q1"]["a"] == pytest.approx(1 / 61 + 1 / 63)
+    assert ndcg(rrf(NEURAL, LEXICAL)) == pytest.approx((NDCG_Q1_BAC + NDCG_Q2_E_SECOND) / 2)
+
+
+def test_weight_is_chosen_on_dev_and_applied_to_test() -> None:
+    weight, curve = choose_weight(ndcg, lambda w: calibrated_blend(NEURAL, LEXICAL, BANDS, weight=w),
+                                  grid=(0.0, 0.5, 1.0))
+    # w = 1: neural alone (q1 a, b, c; q2 d, e); w = 0: BM25 alone (q1 b, c, a; q2 e first)
+    assert curve[1.0] == pytest.approx((NDCG_Q1_ABC + NDCG_Q2_E_SECOND) / 2)
+    assert curve[0.0] == pytest.approx(((1 / L2(3) + 2 / L2(4)) / IDCG_Q1 + 1.0) / 2)
+    assert curve[0.5] == pytest.approx((NDCG_Q1_BAC + 1.0) / 2)
+    assert weight == 0.5 and curve[0.5] > max(curve[0.0], curve[1.0])
+    blends = hybrid_runs({"dev": NEURAL, "test": NEURAL}, {"dev": LEXICAL, "test": LEXICAL}, ndcg, BANDS,
+                         grid=(0.0, 0.5, 1.0))
+    assert blends.calibrated_weight == 0.5
+    assert ndcg(blends.runs["hybrid: calibrated (dev weight)"]) == pytest.approx(curve[0.5])
+    assert ndcg(blends.runs["hybrid: min-max 50/50"]) == pytest.approx((NDCG_Q1_BAC + NDCG_Q2_E_SECOND) / 2)
+
+
+def test_complete_runs_score_every_candidate_with_both_systems() -> None:
+    neural, lexical = complete_runs({"q": {"a": 0.9}}, {"q": {"b": 2.0}},
+                                    lambda q, ids: [{"a": 0.9, "b": 0.1}[p] for p in ids],
+                                    lambda q, ids: [{"a": 0.5, "b": 2.0}[p] for p in ids])
+    assert neural == {"q": {"a": 0.9, "b": 0.1}} and lexical == {"q": {"a": 0.5, "b": 2.0}}
+
+
+def test_bm25_index_stems_and_scores_a_stopword_only_query_as_zero() -> None:
+    import pandas as pd
+
+    from trainer.hybrid import Bm25Index
+
+    index = Bm25Index(pd.DataFrame({"product_id": ["a", "b"], "product_text": ["cordless drills", "fence post"]}))
+    assert list(index.run(pd.DataFrame({"query_id": ["q"], "query_text": ["drilling"]}))["q"]) == ["a"]  # stemmed
+    assert index.scores("the of and").tolist() == [0.0, 0.0]
+    assert index.scores("drill")[0] > 0 == index.scores("drill")[1]
+
+
+def test_cli_eval_retrieval_hybrid_on_the_catalog(tmp_path) -> None:
+    store = Store(tmp_path / "store.duckdb")
+    write_catalog(store, generate_catalog(n_families=6, seed=0))
+    result = CliRunner().invoke(app, ["--store", str(store.path), "eval-retrieval", "--dataset", "synthetic",
+                                      "--holdout", "0.6", "--hybrid", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    systems = {s["system"]: s for s in printed["systems"]}
+    assert set(systems) == {"BM25 (bm25s, stemmed)", "neural", "hybrid: calibrated (dev weight)", "hybrid: RRF",
+                            "hybrid: min-max 50/50", "hybrid: min-max (dev weight)"}
+    assert all(0 < s["ndcg@10"] <= 1 and 0 <= s["recall@100"] <= 1 for s in systems.values())
+    curve = {float(w): value for w, value in printed["dev_ndcg@10_by_weight"].items()}
+    assert len(curve) == 21 and curve[printed["calibrated_weight"]] == max(curve.values())
+    assert printed["n_dev_queries"] > 0 and printed["n_test_queries"] > 0
+    assert store.scalar("SELECT count(*) FROM runs WHERE kind = 'eval-hybrid' AND status = 'ok'") == 1
