@@ -95,14 +95,16 @@ def _monotone(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
-                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, spread: Spread, dispersion: float) -> np.ndarray:
+                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, spread: Spread, dispersion: float,
+                    all_clicks: np.ndarray | None = None) -> np.ndarray:
     """Shape (n_pairs, n_grades): log P(clicks, carts, buys | grade), up to terms equal across grades.
 
     Clicks: negative binomial with mean expected_clicks * coec[grade] and shape spread.click_shape[grade]
     (a pair's attractiveness varies around its grade's by a Gamma factor of variance 1 / shape), so
-    the evidence of one pair saturates however much traffic it gets. Add-to-carts given clicks and
-    purchases given add-to-carts: beta-binomial with the grade's rate and intra-pair correlation
-    spread.cart_rho / spread.buy_rho (binomial at 0).
+    the evidence of one pair saturates however much traffic it gets. Add-to-carts given clicks
+    (all_clicks when given: every click, also those that are not click evidence) and purchases given
+    add-to-carts: beta-binomial with the grade's rate and intra-pair correlation spread.cart_rho /
+    spread.buy_rho (binomial at 0).
     """
     coec = np.maximum(coec, _TINY)
     expected = np.maximum(expected, _TINY)
@@ -110,7 +112,8 @@ def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     k = spread.click_shape[None, :]
     mean = expected[:, None] * coec[None, :]
     clicks_ll = gammaln(c + k) - gammaln(k) + k * np.log(k / (k + mean)) + c * np.log(mean / (k + mean))
-    conversion_ll = (_conversion_log_likelihood(carts, clicks, atc, spread.cart_rho)
+    trials = clicks if all_clicks is None else all_clicks
+    conversion_ll = (_conversion_log_likelihood(carts, trials, atc, spread.cart_rho)
                      + _conversion_log_likelihood(buys, carts, buy, spread.buy_rho))
     return (clicks_ll + conversion_ll) / dispersion
 
@@ -155,11 +158,16 @@ def _beta_binomial_rho(successes: np.ndarray, trials: np.ndarray, rate: np.ndarr
 def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
                     label_grade: np.ndarray, n_grades: int, label_trust: float = 0.8, pair_variation: float = 0.3,
                     dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5,
-                    tolerance: float = 1e-3, max_fit_pairs: int | None = None, seed: int = 0) -> GradeModel:
+                    tolerance: float = 1e-3, max_fit_pairs: int | None = None, seed: int = 0,
+                    all_clicks: np.ndarray | None = None) -> GradeModel:
     """EM over each pair's latent true grade, from per-pair counts.
 
     clicks, expected_clicks, add_to_carts, purchases: float arrays, shape (n_pairs,); expected_clicks
-        are the clicks an average pair gets at the positions this pair was shown (the position curve).
+        are the clicks an average pair gets at the positions this pair was shown (the position curve),
+        and clicks the clicks on those impressions.
+    all_clicks: shape (n_pairs,), every click of the pair, the trials of add-to-cart (None: clicks);
+        more than clicks when some impressions are not click evidence (below a click in a session,
+        under a sequential click model).
     label_grade: shape (n_pairs,), the current label's grade, or -1 for unlabelled pairs.
     The model: true grade t ~ label_noise[label, t]; clicks ~ NegBin(mean expected_clicks * coec[t],
     shape 1 / pair_variation^2, or each grade's estimated from the log by moments when pair_variation <= 0);
@@ -176,6 +184,7 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     """
     clicks, expected = clicks.astype(float), expected_clicks.astype(float)
     carts, buys = add_to_carts.astype(float), purchases.astype(float)
+    trials = clicks if all_clicks is None else all_clicks.astype(float)
     labels = label_grade.astype(int)
     # row n_grades of the prior is the flat prior of unlabelled pairs
     label_row = np.where(labels >= 0, labels, n_grades)
@@ -184,9 +193,10 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     if max_fit_pairs is not None and len(clicks) > max_fit_pairs:
         fit = np.sort(np.random.default_rng(seed).choice(len(clicks), max_fit_pairs, replace=False))
     params = _fit_parameters(clicks[fit], expected[fit], carts[fit], buys[fit], label_row[fit], n_grades,
-                             label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance)
+                             label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance,
+                             trials[fit])
     coec, atc, buy, spread, noise = params
-    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion)
+    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion, trials)
     log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
     return GradeModel(grades=np.arange(n_grades), coec=coec, add_to_cart_rate=atc, purchase_rate=buy,
                       label_noise=noise, log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik),
@@ -197,8 +207,9 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
 def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
                     label_row: np.ndarray, n_grades: int, label_trust: float, pair_variation: float,
                     dispersion: float, iterations: int, min_pairs_per_grade: int,
-                    tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, Spread, np.ndarray]:
-    """The EM loop of `fit_grade_model`; returns (coec, atc, buy, spread, label_noise)."""
+                    tolerance: float, trials: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Spread, np.ndarray]:
+    """The EM loop of `fit_grade_model` (trials: every click, add-to-cart's trials); returns
+    (coec, atc, buy, spread, label_noise)."""
     estimate_variation = pair_variation <= 0
     spread = Spread(click_shape=np.full(n_grades, 1.0 / max(pair_variation, 1e-3) ** 2))
     pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
@@ -208,7 +219,7 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     responsibility = _prior_rows(noise)[label_row]
     parameters = np.zeros(0)
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
-    overall_atc = carts.sum() / max(clicks.sum(), 1.0)
+    overall_atc = carts.sum() / max(trials.sum(), 1.0)
     overall_buy = buys.sum() / max(carts.sum(), 1.0)
     coec = np.full(n_grades, clicks.sum() / max(expected.sum(), _TINY))
     atc, buy = np.full(n_grades, overall_atc), np.full(n_grades, overall_buy)
@@ -217,16 +228,16 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         # so a few pairs with huge traffic, such as a mislabelled product a fixed ranker keeps on top,
         # cannot set a grade's profile.
         click_sum, expected_sum = _saturated_sums(clicks, expected, coec / spread.click_shape, responsibility)
-        cart_sum, cart_trials = _saturated_sums(carts, clicks, np.full(n_grades, spread.cart_rho), responsibility)
+        cart_sum, cart_trials = _saturated_sums(carts, trials, np.full(n_grades, spread.cart_rho), responsibility)
         buy_sum, buy_trials = _saturated_sums(buys, carts, np.full(n_grades, spread.buy_rho), responsibility)
         coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
         atc = _monotone((cart_sum + 10 * overall_atc) / (cart_trials + 10), (cart_trials + 10) * trusted)
         buy = _monotone((buy_sum + 10 * overall_buy) / (buy_trials + 10), (buy_trials + 10) * trusted)
         if estimate_variation:
             spread = Spread(click_shape=_negative_binomial_shapes(clicks, expected, coec, responsibility),
-                            cart_rho=_beta_binomial_rho(carts, clicks, responsibility @ atc),
+                            cart_rho=_beta_binomial_rho(carts, trials, responsibility @ atc),
                             buy_rho=_beta_binomial_rho(buys, carts, responsibility @ buy))
-        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion)
+        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion, trials)
         log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
         responsibility = _normalise(log_lik + log_prior[label_row])
         # P(true | label): the pooled posteriors of each label's pairs, smoothed towards the start

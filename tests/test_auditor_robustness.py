@@ -59,6 +59,30 @@ def test_fixed_ranker_without_exploration_keeps_the_flag_rate_near_the_planted_r
     assert precision >= 0.6 and precision > frame["wrong"].mean()
 
 
+def test_a_cascade_log_is_recognised_and_only_impressions_above_the_first_click_are_evidence(tmp_path):
+    """Shoppers stop at their first click, and a fixed ranker shows each product at one position. Read
+    as position-based, a product under a popular one looks unattractive (it is rarely examined); the
+    audit sees that examination collapses below a click and uses only the impressions above it."""
+    truth, result = _audit(tmp_path / "s.duckdb", rate=0.1, n_sessions=40_000, click_model="cascade",
+                           ranker="fixed", explore_rate=0.0)
+    assert result.summary["click_model"] == "sequential" and result.summary["after_click_examination"] < 0.2
+    frame = _audited(truth, result)
+    planted = frame["wrong"].sum()
+    assert planted > 30
+    assert frame["flagged"].sum() <= 1.5 * planted
+    precision = frame.loc[frame["flagged"], "wrong"].mean()
+    assert precision >= 0.6
+    assert (result.engagement.position_curve["reference_ctr_after_click"] == 0).all()
+
+
+def test_a_position_based_log_keeps_every_impression_as_evidence(tmp_path):
+    truth, result = _audit(tmp_path / "s.duckdb", rate=0.0, n_sessions=5_000, click_model="pbm")
+    assert result.summary["click_model"] == "position-based"
+    assert 0.75 < result.summary["after_click_examination"] < 1.3
+    metrics = result.engagement.pair_metrics
+    assert (metrics["evidence_clicks"] == metrics["clicks"]).all()
+
+
 def test_the_posterior_that_a_label_is_wrong_is_calibrated(tmp_path):
     """Among audited pairs, binned by the audit's P(label wrong), the share truly wrong matches the bin."""
     truth, result = _audit(tmp_path / "s.duckdb", rate=0.1, n_sessions=40_000)
