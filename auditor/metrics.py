@@ -227,7 +227,7 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
                             n_grades, label_trust=settings.label_trust, pair_variation=settings.pair_variation,
                             dispersion=settings.dispersion, iterations=settings.em_iterations,
                             min_pairs_per_grade=settings.min_pairs_per_grade, max_fit_pairs=settings.em_sample_pairs,
-                            all_clicks=m["clicks"].to_numpy(float))
+                            all_clicks=m["clicks"].to_numpy(float), min_pair_variation=settings.min_pair_variation)
     rows = np.arange(int(observed.sum()))
     labelled = grade[observed] >= 0
     label_index = np.where(labelled, grade[observed], 0)

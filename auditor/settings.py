@@ -26,7 +26,8 @@ class AuditSettings:
         min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
         label_trust: the EM's starting P(true grade = label) (refitted from the log).
         pair_variation: how much a pair's attractiveness varies around its grade's (coefficient of
-            variation of the Gamma factor of the negative-binomial click model); 0: estimated from the log.
+            variation of the Gamma factor of the negative-binomial click model); 0: estimated from the log,
+            at least min_pair_variation (so one pair's evidence saturates even where clicks are few).
         dispersion: divides log-likelihoods (1 trusts the model fully). em_iterations: at most this many EM steps.
         em_sample_pairs: the EM fits the grade profiles on a seeded sample of at most this many pairs,
             then gives every pair its posterior (a few dozen parameters need no more).
@@ -59,6 +60,7 @@ class AuditSettings:
     min_pairs_per_grade: int = 5
     label_trust: float = 0.8
     pair_variation: float = 0.0
+    min_pair_variation: float = 0.15
     dispersion: float = 1.0
     em_iterations: int = 30
     em_sample_pairs: int = 100_000
