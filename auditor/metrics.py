@@ -130,15 +130,20 @@ class ClickContext:
     """Whether examination depends on an earlier click in the session, as the log shows it.
 
     after_click_examination: impression-weighted mean, over positions, of the examination of an
-        impression below the session's first click relative to one with no click above it (about 1
-        under a position-based model, well below 1 under a cascade or DBN, where shoppers stop once
-        satisfied); NaN when the log has no sessions with an impression below a click.
-    after_click_evidence: whether impressions below a click count as evidence (position-based logs).
-        When not, the curve is fitted per (position, no click above), and only those impressions and
-        their clicks inform the grade model.
+        impression below the session's first click relative to one with no click above it; NaN when
+        the log has no sessions with an impression below a click.
+    click_context_effect: how far that ratio is from 1: exp of the impression-weighted root mean
+        square of its log (less sampling noise), minus 1: about 0 under a position-based model (a click changes
+        nothing below it), large under a cascade or DBN (shoppers stop once satisfied, or go on
+        after an unsatisfying click) or a user-browsing model (examination restarts below a click).
+    after_click_evidence: whether impressions below a click count as evidence (position-based logs:
+        click_context_effect at most AuditSettings.max_click_context_effect). When not, only the
+        impressions with no click above, and their clicks, inform the grade model: their examination
+        depends on position alone under each of these models.
     """
 
     after_click_examination: float
+    click_context_effect: float
     after_click_evidence: bool
 
     @property
@@ -157,7 +162,7 @@ def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> 
                         "sum(clicks) AS clicks FROM audit_sample_cells WHERE position BETWEEN 1 AND ? "
                         "GROUP BY ALL", [settings.max_position]).fetchnumpy()
     if len(cells["position"]) == 0:
-        return pd.DataFrame(columns=columns), ClickContext(float("nan"), True)
+        return pd.DataFrame(columns=columns), ClickContext(float("nan"), float("nan"), True)
     _, pair_index = np.unique(cells["pair_hash"], return_inverse=True)
     position = np.asarray(cells["position"], dtype=np.int64)
     after = np.asarray(cells["after_click"], dtype=bool)
@@ -168,10 +173,11 @@ def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> 
     before = _at_keys(keys, key_examination, 2 * positions - 1)
     below = _at_keys(keys, key_examination, 2 * positions)
     shown_below = np.bincount(position[after], weights=shown[after], minlength=positions.max() + 1)[positions]
+    clicks_below = np.bincount(position[after], weights=clicked[after], minlength=positions.max() + 1)[positions]
+    clicks_above = np.bincount(position[~after], weights=clicked[~after], minlength=positions.max() + 1)[positions]
     both = ~np.isnan(before) & ~np.isnan(below) & (before > 0)
-    ratio = (float(np.sum(shown_below[both] * below[both] / before[both]) / shown_below[both].sum())
-             if shown_below[both].sum() > 0 else float("nan"))
-    context = ClickContext(ratio, bool(np.isnan(ratio) or ratio >= settings.min_after_click_examination))
+    context = _click_context(below[both] / before[both], shown_below[both], clicks_below[both], clicks_above[both],
+                             settings.max_click_context_effect)
     shown_at = np.bincount(position, weights=shown)[positions]
     clicked_at = np.bincount(position, weights=clicked)[positions]
     curve = pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown_at.astype(np.int64),
@@ -187,6 +193,25 @@ def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> 
         curve["examination_after_click"] = below / np.where(before > 0, before, np.nan)
         curve["reference_ctr_after_click"] = 0.0
     return curve, context
+
+
+def _click_context(ratio: np.ndarray, weight: np.ndarray, clicks_below: np.ndarray, clicks_above: np.ndarray,
+                   max_effect: float) -> ClickContext:
+    """ClickContext from the examination below a click relative to no click above, per position.
+
+    ratio, weight, clicks_below, clicks_above: shape (n_positions,): the ratio, the impressions below a
+    click there, and the clicks below a click and with no click above. The effect is the root mean
+    square of log(ratio), less each position's sampling variance (1 / clicks in each context, by the
+    delta method), so that a small position-based log does not look sequential by chance.
+    """
+    if weight.sum() <= 0:
+        return ClickContext(float("nan"), float("nan"), True)
+    mean_ratio = float(np.sum(weight * ratio) / weight.sum())
+    log_ratio = np.log(np.clip(ratio, 0.01, 100.0))
+    noise = 1.0 / np.maximum(clicks_below, 0.5) + 1.0 / np.maximum(clicks_above, 0.5)
+    spread = np.sum(weight * (log_ratio ** 2 - noise)) / weight.sum()
+    effect = float(np.expm1(np.sqrt(max(spread, 0.0))))
+    return ClickContext(mean_ratio, effect, effect <= max_effect)
 
 
 def _at_keys(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:

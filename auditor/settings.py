@@ -19,9 +19,10 @@ class AuditSettings:
         sample_events: the position curve and the engagement-drift windows are computed on the pairs of a
             hash sample holding about this many events (every pair of a smaller log); per-pair metrics
             always read every event.
-        min_after_click_examination: when impressions below a session's first click are examined at
-            less than this share of the rate of those with no click above (a cascade or DBN log:
-            shoppers stop once satisfied), only impressions with no click above are click evidence.
+        max_click_context_effect: when impressions below a session's first click are examined at a
+            rate that differs from that of impressions with no click above by more than this (relative,
+            averaged over positions: a cascade, DBN or user-browsing log), only impressions with no
+            click above are click evidence.
         z: normal quantile of every interval (1.96: 95%).
         min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
         label_trust: the EM's starting P(true grade = label) (refitted from the log).
@@ -55,7 +56,7 @@ class AuditSettings:
     curve_iterations: int = 50
     curve_tolerance: float = 1e-4
     sample_events: int = 5_000_000
-    min_after_click_examination: float = 0.75
+    max_click_context_effect: float = 0.5
     z: float = 1.96
     min_pairs_per_grade: int = 5
     label_trust: float = 0.8

@@ -75,10 +75,22 @@ def test_a_cascade_log_is_recognised_and_only_impressions_above_the_first_click_
     assert (result.engagement.position_curve["reference_ctr_after_click"] == 0).all()
 
 
+def test_a_dbn_log_from_a_fixed_ranker_is_recognised_as_sequential(tmp_path):
+    """Shoppers go on after an unsatisfying click and abandon; on average a click barely changes the
+    examination below it, but position by position it does."""
+    truth, result = _audit(tmp_path / "s.duckdb", rate=0.1, n_sessions=40_000, click_model="dbn",
+                           ranker="fixed", explore_rate=0.0)
+    assert result.summary["click_model"] == "sequential" and result.summary["click_context_effect"] > AuditSettings().max_click_context_effect
+    frame = _audited(truth, result)
+    assert frame["flagged"].sum() <= 1.5 * frame["wrong"].sum()
+    assert frame.loc[frame["flagged"], "wrong"].mean() >= 0.6
+
+
 def test_a_position_based_log_keeps_every_impression_as_evidence(tmp_path):
     truth, result = _audit(tmp_path / "s.duckdb", rate=0.0, n_sessions=5_000, click_model="pbm")
     assert result.summary["click_model"] == "position-based"
     assert 0.75 < result.summary["after_click_examination"] < 1.3
+    assert result.summary["click_context_effect"] < AuditSettings().max_click_context_effect
     metrics = result.engagement.pair_metrics
     assert (metrics["evidence_clicks"] == metrics["clicks"]).all()
 
