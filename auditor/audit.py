@@ -141,6 +141,11 @@ def _summary(run_id: str, scheme: str, engagement: EngagementTables, issues: pd.
         "simulated": engagement.simulated,
         "events": engagement.n_events,
         "sample_one_pair_in": engagement.sample_modulus,
+        "click_model": engagement.click_context.click_model,
+        "after_click_examination": (None if np.isnan(engagement.click_context.after_click_examination)
+                                    else round(engagement.click_context.after_click_examination, 4)),
+        "click_context_effect": (None if np.isnan(engagement.click_context.click_context_effect)
+                                 else round(engagement.click_context.click_context_effect, 4)),
         "pairs_with_events": int(len(metrics)),
         "pairs_labelled_with_events": int(metrics["grade"].notna().sum()) if not metrics.empty else 0,
         "audited_pairs": audited,

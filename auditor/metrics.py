@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import duckdb
@@ -47,6 +48,7 @@ class EngagementTables:
     simulated: whether any event came from the simulator.
     n_events: number of raw events read.
     sample_modulus: the curve and the windows read one pair in this many (1: every pair).
+    click_context: whether examination depends on an earlier click in the session (ClickContext).
     """
 
     position_curve: pd.DataFrame
@@ -56,6 +58,7 @@ class EngagementTables:
     simulated: bool
     n_events: int
     sample_modulus: int
+    click_context: "ClickContext"
 
 
 def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None = None) -> None:
@@ -77,26 +80,29 @@ def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None
     if missing:
         raise MnrError(f"{events_path}: Parquet events lack column(s) {missing}; "
                        "ingest them with `mnr ingest-events` to fill pair ids, or add the columns")
+    if "session_id" not in relation.columns:  # no sessions: no click context, every impression is evidence
+        relation = relation.select("*, CAST(NULL AS VARCHAR) AS session_id")
     relation.create_view("audit_events", replace=True)
 
 
 def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: AuditSettings) -> EngagementTables:
     """Run the engagement SQL on `con` (which must have `audit_events`, see `attach_events`).
 
-    Two passes over the events (sample_cells.sql, then event_counts.sql with the fitted curve); the
-    position curve and the grade model are fitted in numpy on the small tables they produce. Leaves
-    the temp table audit_labels (the scheme's current labels) on `con` for the audit's other queries.
+    Two passes over the events (sample_cells.sql, then event_counts.sql with the fitted curve), both
+    reading each event with its click context (first_clicks.sql, events_in_context.sql); the position
+    curve and the grade model are fitted in numpy on the small tables they produce. Leaves the temp
+    table audit_labels (the scheme's current labels) on `con` for the audit's other queries.
     """
     install_macros(con)
     raw_events = con.execute("SELECT count(*) FROM audit_events").fetchone()[0]
     sample_modulus = max(1, math.ceil(raw_events / max(settings.sample_events, 1)))
     window = {"window_days": settings.window_days, "origin": settings.window_origin}
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_first_clicks AS {sql('auditor', 'first_clicks')}")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW audit_context_events AS {sql('auditor', 'events_in_context')}")
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_sample_cells AS {sql('auditor', 'sample_cells')}",
                 {**window, "sample_modulus": sample_modulus})
-    curve = _position_curve(con, settings)
-    reference_ctr = np.zeros(int(curve["position"].max()) if len(curve) else 0)
-    reference_ctr[curve["position"].to_numpy(int) - 1] = curve["reference_ctr"].to_numpy(float)
-    reference = {"reference_ctr": reference_ctr.tolist()}
+    curve, context = _position_curve(con, settings)
+    reference = {"reference_ctr": _reference_list(curve).tolist(), "after_click_evidence": context.after_click_evidence}
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'event_counts')}", reference)
     n_events, simulated = con.execute(
         "SELECT coalesce(sum(impressions + clicks + add_to_carts + purchases), 0), coalesce(bool_or(simulated), false) "
@@ -115,28 +121,113 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         simulated=bool(simulated),
         n_events=int(n_events),
         sample_modulus=sample_modulus,
+        click_context=context,
     )
 
 
-def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> pd.DataFrame:
+@dataclass(frozen=True)
+class ClickContext:
+    """Whether examination depends on an earlier click in the session, as the log shows it.
+
+    after_click_examination: impression-weighted mean, over positions, of the examination of an
+        impression below the session's first click relative to one with no click above it; NaN when
+        the log has no sessions with an impression below a click.
+    click_context_effect: how far that ratio is from 1: exp of the impression-weighted root mean
+        square of its log (less sampling noise), minus 1: about 0 under a position-based model (a click changes
+        nothing below it), large under a cascade or DBN (shoppers stop once satisfied, or go on
+        after an unsatisfying click) or a user-browsing model (examination restarts below a click).
+    after_click_evidence: whether impressions below a click count as evidence (position-based logs:
+        click_context_effect at most AuditSettings.max_click_context_effect). When not, only the
+        impressions with no click above, and their clicks, inform the grade model: their examination
+        depends on position alone under each of these models.
+    """
+
+    after_click_examination: float
+    click_context_effect: float
+    after_click_evidence: bool
+
+    @property
+    def click_model(self) -> str:
+        return "position-based" if self.after_click_evidence else "sequential"
+
+
+def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> tuple[pd.DataFrame, ClickContext]:
     """One row per position up to max_position: impressions, clicks, observed_ctr, examination
-    (fitted) and reference_ctr, all from the sampled pairs of audit_sample_cells."""
-    columns = ["position", "impressions", "clicks", "observed_ctr", "examination", "reference_ctr"]
-    cells = con.execute("SELECT hash(pair_id) AS pair_hash, position, sum(impressions) AS impressions, "
+    (fitted), reference_ctr (what an average pair gets there with no click above it), and
+    reference_ctr_after_click (below the session's first click; 0 when such impressions are not
+    evidence), all from the sampled pairs of audit_sample_cells; and the log's click context."""
+    columns = ["position", "impressions", "clicks", "observed_ctr", "examination", "reference_ctr",
+               "examination_after_click", "reference_ctr_after_click"]
+    cells = con.execute("SELECT hash(pair_id) AS pair_hash, position, after_click, sum(impressions) AS impressions, "
                         "sum(clicks) AS clicks FROM audit_sample_cells WHERE position BETWEEN 1 AND ? "
-                        "GROUP BY pair_id, position", [settings.max_position]).fetchnumpy()
+                        "GROUP BY ALL", [settings.max_position]).fetchnumpy()
     if len(cells["position"]) == 0:
-        return pd.DataFrame(columns=columns)
+        return pd.DataFrame(columns=columns), ClickContext(float("nan"), float("nan"), True)
     _, pair_index = np.unique(cells["pair_hash"], return_inverse=True)
     position = np.asarray(cells["position"], dtype=np.int64)
+    after = np.asarray(cells["after_click"], dtype=bool)
     shown, clicked = np.asarray(cells["impressions"], float), np.asarray(cells["clicks"], float)
-    positions, examination, mean_attractiveness = fit_position_curve(
-        pair_index, position, shown, clicked, settings.curve_iterations, settings.curve_tolerance)
+    fit = partial(fit_position_curve, iterations=settings.curve_iterations, tolerance=settings.curve_tolerance)
+    positions, examination, mean_attractiveness = fit(pair_index, position, shown, clicked)
+    keys, key_examination, key_attractiveness = fit(pair_index, 2 * position - 1 + after, shown, clicked)
+    before = _at_keys(keys, key_examination, 2 * positions - 1)
+    below = _at_keys(keys, key_examination, 2 * positions)
+    shown_below = np.bincount(position[after], weights=shown[after], minlength=positions.max() + 1)[positions]
+    clicks_below = np.bincount(position[after], weights=clicked[after], minlength=positions.max() + 1)[positions]
+    clicks_above = np.bincount(position[~after], weights=clicked[~after], minlength=positions.max() + 1)[positions]
+    both = ~np.isnan(before) & ~np.isnan(below) & (before > 0)
+    context = _click_context(below[both] / before[both], shown_below[both], clicks_below[both], clicks_above[both],
+                             settings.max_click_context_effect)
     shown_at = np.bincount(position, weights=shown)[positions]
     clicked_at = np.bincount(position, weights=clicked)[positions]
-    return pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown_at.astype(np.int64),
-                         "clicks": clicked_at.astype(np.int64), "observed_ctr": clicked_at / np.maximum(shown_at, 1),
-                         "examination": examination, "reference_ctr": examination * mean_attractiveness})
+    curve = pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown_at.astype(np.int64),
+                          "clicks": clicked_at.astype(np.int64), "observed_ctr": clicked_at / np.maximum(shown_at, 1)})
+    if context.after_click_evidence:
+        curve["examination"] = examination
+        curve["reference_ctr"] = examination * mean_attractiveness
+        curve["examination_after_click"] = below / np.where(before > 0, before, np.nan)
+        curve["reference_ctr_after_click"] = curve["reference_ctr"]
+    else:
+        curve["examination"] = before
+        curve["reference_ctr"] = np.nan_to_num(before) * key_attractiveness
+        curve["examination_after_click"] = below / np.where(before > 0, before, np.nan)
+        curve["reference_ctr_after_click"] = 0.0
+    return curve, context
+
+
+def _click_context(ratio: np.ndarray, weight: np.ndarray, clicks_below: np.ndarray, clicks_above: np.ndarray,
+                   max_effect: float) -> ClickContext:
+    """ClickContext from the examination below a click relative to no click above, per position.
+
+    ratio, weight, clicks_below, clicks_above: shape (n_positions,): the ratio, the impressions below a
+    click there, and the clicks below a click and with no click above. The effect is the root mean
+    square of log(ratio), less each position's sampling variance (1 / clicks in each context, by the
+    delta method), so that a small position-based log does not look sequential by chance.
+    """
+    if weight.sum() <= 0:
+        return ClickContext(float("nan"), float("nan"), True)
+    mean_ratio = float(np.sum(weight * ratio) / weight.sum())
+    log_ratio = np.log(np.clip(ratio, 0.01, 100.0))
+    noise = 1.0 / np.maximum(clicks_below, 0.5) + 1.0 / np.maximum(clicks_above, 0.5)
+    spread = np.sum(weight * (log_ratio ** 2 - noise)) / weight.sum()
+    effect = float(np.expm1(np.sqrt(max(spread, 0.0))))
+    return ClickContext(mean_ratio, effect, effect <= max_effect)
+
+
+def _at_keys(keys: np.ndarray, values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """values at `wanted` keys (keys sorted), NaN where a key is absent."""
+    index = np.clip(np.searchsorted(keys, wanted), 0, max(len(keys) - 1, 0))
+    return np.where((len(keys) > 0) & (keys[index] == wanted), values[index], np.nan)
+
+
+def _reference_list(curve: pd.DataFrame) -> np.ndarray:
+    """The reference CTR list the SQL reads (macros.sql curve_key): two entries per position from 1."""
+    size = int(curve["position"].max()) if len(curve) else 0
+    reference = np.zeros(2 * size)
+    index = 2 * (curve["position"].to_numpy(int) - 1)
+    reference[index] = curve["reference_ctr"].to_numpy(float)
+    reference[index + 1] = curve["reference_ctr_after_click"].to_numpy(float)
+    return np.nan_to_num(reference)
 
 
 def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -156,11 +247,12 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
     grade = metrics["grade"].fillna(-1).to_numpy(dtype=np.int64)
     grade = np.where(grade < n_grades, grade, -1)
     m = metrics[observed]
-    model = fit_grade_model(m["clicks"].to_numpy(float), m["expected_clicks"].to_numpy(float),
+    model = fit_grade_model(m["evidence_clicks"].to_numpy(float), m["expected_clicks"].to_numpy(float),
                             m["add_to_carts"].to_numpy(float), m["purchases"].to_numpy(float), grade[observed],
                             n_grades, label_trust=settings.label_trust, pair_variation=settings.pair_variation,
                             dispersion=settings.dispersion, iterations=settings.em_iterations,
-                            min_pairs_per_grade=settings.min_pairs_per_grade, max_fit_pairs=settings.em_sample_pairs)
+                            min_pairs_per_grade=settings.min_pairs_per_grade, max_fit_pairs=settings.em_sample_pairs,
+                            all_clicks=m["clicks"].to_numpy(float), min_pair_variation=settings.min_pair_variation)
     rows = np.arange(int(observed.sum()))
     labelled = grade[observed] >= 0
     label_index = np.where(labelled, grade[observed], 0)

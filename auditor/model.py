@@ -18,6 +18,11 @@ from sklearn.isotonic import isotonic_regression
 
 _TINY = 1e-9
 _MIN_RHO = 1e-4
+START_VARIATION = 0.5
+# Products of one grade differ in appeal by at least this coefficient of variation (price, image, brand).
+MIN_PAIR_VARIATION = 0.15
+# The prior over true grades is the labels' distribution until this many pairs' engagement says otherwise.
+PRIOR_PAIRS = 200.0
 
 
 def fit_position_curve(pair_index: np.ndarray, position: np.ndarray, impressions: np.ndarray, clicks: np.ndarray,
@@ -95,14 +100,16 @@ def _monotone(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
-                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, spread: Spread, dispersion: float) -> np.ndarray:
+                    coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, spread: Spread, dispersion: float,
+                    all_clicks: np.ndarray | None = None) -> np.ndarray:
     """Shape (n_pairs, n_grades): log P(clicks, carts, buys | grade), up to terms equal across grades.
 
     Clicks: negative binomial with mean expected_clicks * coec[grade] and shape spread.click_shape[grade]
     (a pair's attractiveness varies around its grade's by a Gamma factor of variance 1 / shape), so
-    the evidence of one pair saturates however much traffic it gets. Add-to-carts given clicks and
-    purchases given add-to-carts: beta-binomial with the grade's rate and intra-pair correlation
-    spread.cart_rho / spread.buy_rho (binomial at 0).
+    the evidence of one pair saturates however much traffic it gets. Add-to-carts given clicks
+    (all_clicks when given: every click, also those that are not click evidence) and purchases given
+    add-to-carts: beta-binomial with the grade's rate and intra-pair correlation spread.cart_rho /
+    spread.buy_rho (binomial at 0).
     """
     coec = np.maximum(coec, _TINY)
     expected = np.maximum(expected, _TINY)
@@ -110,7 +117,8 @@ def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     k = spread.click_shape[None, :]
     mean = expected[:, None] * coec[None, :]
     clicks_ll = gammaln(c + k) - gammaln(k) + k * np.log(k / (k + mean)) + c * np.log(mean / (k + mean))
-    conversion_ll = (_conversion_log_likelihood(carts, clicks, atc, spread.cart_rho)
+    trials = clicks if all_clicks is None else all_clicks
+    conversion_ll = (_conversion_log_likelihood(carts, trials, atc, spread.cart_rho)
                      + _conversion_log_likelihood(buys, carts, buy, spread.buy_rho))
     return (clicks_ll + conversion_ll) / dispersion
 
@@ -127,17 +135,21 @@ def _conversion_log_likelihood(successes: np.ndarray, trials: np.ndarray, rate: 
 
 
 def _negative_binomial_shapes(clicks: np.ndarray, expected: np.ndarray, coec: np.ndarray,
-                              responsibility: np.ndarray) -> np.ndarray:
+                              responsibility: np.ndarray, min_variation: float = MIN_PAIR_VARIATION) -> np.ndarray:
     """Moment estimates of each grade's Gamma shape k, shape (n_grades,): Var(clicks) = mean + mean^2 / k,
     over the pairs weighted by their posterior on the grade, shrunk towards the pooled estimate by the
-    equivalent of 20 pairs; 1 / k is kept within [0.05^2, 4]."""
+    equivalent of 20 pairs; 1 / k is kept within [min_variation^2, 4].
+
+    The floor matters: where Poisson noise hides the spread (few clicks a pair), the moment estimate
+    drops to 0, no pair's weight saturates, and a few heavily shown mislabelled pairs, each with a
+    sliver of a grade's posterior, set that grade's profile."""
     mean = expected[:, None] * coec[None, :]
     excess = np.sum(responsibility * ((clicks[:, None] - mean) ** 2 - mean), axis=0)
     scale = np.sum(responsibility * mean ** 2, axis=0)
     weight = responsibility.sum(axis=0)
     pooled = excess.sum() / max(scale.sum(), _TINY)
     prior = 20.0 * scale / np.maximum(weight, _TINY)
-    inverse = np.clip((excess + prior * pooled) / np.maximum(scale + prior, _TINY), 0.05 ** 2, 4.0)
+    inverse = np.clip((excess + prior * pooled) / np.maximum(scale + prior, _TINY), min_variation ** 2, 4.0)
     return 1.0 / inverse
 
 
@@ -155,14 +167,20 @@ def _beta_binomial_rho(successes: np.ndarray, trials: np.ndarray, rate: np.ndarr
 def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_carts: np.ndarray, purchases: np.ndarray,
                     label_grade: np.ndarray, n_grades: int, label_trust: float = 0.8, pair_variation: float = 0.3,
                     dispersion: float = 1.0, iterations: int = 30, min_pairs_per_grade: int = 5,
-                    tolerance: float = 1e-3, max_fit_pairs: int | None = None, seed: int = 0) -> GradeModel:
+                    tolerance: float = 1e-3, max_fit_pairs: int | None = None, seed: int = 0,
+                    all_clicks: np.ndarray | None = None, min_pair_variation: float = MIN_PAIR_VARIATION) -> GradeModel:
     """EM over each pair's latent true grade, from per-pair counts.
 
     clicks, expected_clicks, add_to_carts, purchases: float arrays, shape (n_pairs,); expected_clicks
-        are the clicks an average pair gets at the positions this pair was shown (the position curve).
+        are the clicks an average pair gets at the positions this pair was shown (the position curve),
+        and clicks the clicks on those impressions.
+    all_clicks: shape (n_pairs,), every click of the pair, the trials of add-to-cart (None: clicks);
+        more than clicks when some impressions are not click evidence (below a click in a session,
+        under a sequential click model).
     label_grade: shape (n_pairs,), the current label's grade, or -1 for unlabelled pairs.
     The model: true grade t ~ label_noise[label, t]; clicks ~ NegBin(mean expected_clicks * coec[t],
-    shape 1 / pair_variation^2, or each grade's estimated from the log by moments when pair_variation <= 0);
+    shape 1 / pair_variation^2, or each grade's estimated from the log by moments when pair_variation <= 0,
+    with a coefficient of variation of at least min_pair_variation);
     add-to-carts ~ BetaBin(clicks, atc[t], rho) and purchases ~ BetaBin(add-to-carts, buy[t], rho), rho
     estimated by moments (0, binomial, with a fixed pair_variation);
     log-likelihoods divided by `dispersion` (1: trust the model). EM starts from the labels
@@ -176,6 +194,7 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     """
     clicks, expected = clicks.astype(float), expected_clicks.astype(float)
     carts, buys = add_to_carts.astype(float), purchases.astype(float)
+    trials = clicks if all_clicks is None else all_clicks.astype(float)
     labels = label_grade.astype(int)
     # row n_grades of the prior is the flat prior of unlabelled pairs
     label_row = np.where(labels >= 0, labels, n_grades)
@@ -184,10 +203,11 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
     if max_fit_pairs is not None and len(clicks) > max_fit_pairs:
         fit = np.sort(np.random.default_rng(seed).choice(len(clicks), max_fit_pairs, replace=False))
     params = _fit_parameters(clicks[fit], expected[fit], carts[fit], buys[fit], label_row[fit], n_grades,
-                             label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance)
-    coec, atc, buy, spread, noise = params
-    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion)
-    log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
+                             label_trust, pair_variation, dispersion, iterations, min_pairs_per_grade, tolerance,
+                             trials[fit], min_pair_variation)
+    coec, atc, buy, spread, noise, grade_prior = params
+    log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion, trials)
+    log_prior = np.log(np.maximum(_prior_rows(noise, grade_prior), _TINY))
     return GradeModel(grades=np.arange(n_grades), coec=coec, add_to_cart_rate=atc, purchase_rate=buy,
                       label_noise=noise, log_likelihood=log_lik, likelihood_posterior=_normalise(log_lik),
                       posterior=_normalise(log_lik + log_prior[label_row]), pairs_per_grade=pairs_per_grade,
@@ -197,18 +217,32 @@ def fit_grade_model(clicks: np.ndarray, expected_clicks: np.ndarray, add_to_cart
 def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
                     label_row: np.ndarray, n_grades: int, label_trust: float, pair_variation: float,
                     dispersion: float, iterations: int, min_pairs_per_grade: int,
-                    tolerance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, Spread, np.ndarray]:
-    """The EM loop of `fit_grade_model`; returns (coec, atc, buy, spread, label_noise)."""
+                    tolerance: float, trials: np.ndarray,
+                    min_pair_variation: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, Spread, np.ndarray, np.ndarray]:
+    """The EM loop of `fit_grade_model` (trials: every click, add-to-cart's trials); returns
+    (coec, atc, buy, spread, label_noise, grade_prior).
+
+    The labels are modelled the way they are made: a pair's true grade t has prior grade_prior[t] among
+    the pairs in the log, and a label l with P(l | t) = confusion[t, l]. The confusion is a property of
+    the labelling, the same for every pair; the prior is not: a ranker shows mostly good products, so
+    among pairs with traffic a rare label (irrelevant) can hold more mislabelled good products than
+    truly irrelevant ones. P(true | label) = label_noise follows from both by Bayes' rule.
+    """
     estimate_variation = pair_variation <= 0
-    spread = Spread(click_shape=np.full(n_grades, 1.0 / max(pair_variation, 1e-3) ** 2))
+    # An estimated spread starts wide (coefficient of variation 0.5): the first M-step then saturates each
+    # pair's weight, so a few heavily shown mislabelled pairs cannot set the starting profiles.
+    spread = Spread(click_shape=np.full(n_grades, 1.0 / (START_VARIATION if estimate_variation else pair_variation) ** 2))
     pairs_per_grade = np.bincount(label_row, minlength=n_grades + 1)[:n_grades]
     off = (1.0 - label_trust) / max(n_grades - 1, 1)
     start = np.full((n_grades, n_grades), off) + np.eye(n_grades) * (label_trust - off)
-    noise = start
-    responsibility = _prior_rows(noise)[label_row]
+    confusion = start
+    label_share = (pairs_per_grade + 1.0) / (pairs_per_grade.sum() + n_grades)
+    grade_prior = label_share
+    noise = _label_noise(grade_prior, confusion)
+    responsibility = _prior_rows(noise, grade_prior)[label_row]
     parameters = np.zeros(0)
     trusted = (pairs_per_grade >= min_pairs_per_grade).astype(float)
-    overall_atc = carts.sum() / max(clicks.sum(), 1.0)
+    overall_atc = carts.sum() / max(trials.sum(), 1.0)
     overall_buy = buys.sum() / max(carts.sum(), 1.0)
     coec = np.full(n_grades, clicks.sum() / max(expected.sum(), _TINY))
     atc, buy = np.full(n_grades, overall_atc), np.full(n_grades, overall_buy)
@@ -217,28 +251,39 @@ def _fit_parameters(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
         # so a few pairs with huge traffic, such as a mislabelled product a fixed ranker keeps on top,
         # cannot set a grade's profile.
         click_sum, expected_sum = _saturated_sums(clicks, expected, coec / spread.click_shape, responsibility)
-        cart_sum, cart_trials = _saturated_sums(carts, clicks, np.full(n_grades, spread.cart_rho), responsibility)
+        cart_sum, cart_trials = _saturated_sums(carts, trials, np.full(n_grades, spread.cart_rho), responsibility)
         buy_sum, buy_trials = _saturated_sums(buys, carts, np.full(n_grades, spread.buy_rho), responsibility)
         coec = _monotone(np.maximum(click_sum, _TINY) / np.maximum(expected_sum, _TINY), expected_sum * trusted)
         atc = _monotone((cart_sum + 10 * overall_atc) / (cart_trials + 10), (cart_trials + 10) * trusted)
         buy = _monotone((buy_sum + 10 * overall_buy) / (buy_trials + 10), (buy_trials + 10) * trusted)
         if estimate_variation:
-            spread = Spread(click_shape=_negative_binomial_shapes(clicks, expected, coec, responsibility),
-                            cart_rho=_beta_binomial_rho(carts, clicks, responsibility @ atc),
+            spread = Spread(click_shape=_negative_binomial_shapes(clicks, expected, coec, responsibility,
+                                                                  min_pair_variation),
+                            cart_rho=_beta_binomial_rho(carts, trials, responsibility @ atc),
                             buy_rho=_beta_binomial_rho(buys, carts, responsibility @ buy))
-        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion)
-        log_prior = np.log(np.maximum(_prior_rows(noise), _TINY))
+        log_lik = _log_likelihood(clicks, expected, carts, buys, coec, atc, buy, spread, dispersion, trials)
+        log_prior = np.log(np.maximum(_prior_rows(noise, grade_prior), _TINY))
         responsibility = _normalise(log_lik + log_prior[label_row])
-        # P(true | label): the pooled posteriors of each label's pairs, smoothed towards the start
+        mass = responsibility.sum(axis=0)
+        grade_prior = (mass + PRIOR_PAIRS * label_share) / (mass.sum() + PRIOR_PAIRS)
+        # P(label | true): the pooled posteriors of each label's pairs, smoothed towards the start
         counts = np.stack([np.bincount(label_row, responsibility[:, t], n_grades + 1)[:n_grades]
-                           for t in range(n_grades)], axis=1)
-        noise = (counts + 20 * start) / (counts.sum(axis=1, keepdims=True) + 20)
+                           for t in range(n_grades)])
+        confusion = (counts + 20 * start) / (counts.sum(axis=1, keepdims=True) + 20)
+        noise = _label_noise(grade_prior, confusion)
         updated = np.concatenate([coec, atc, buy, noise.ravel()])
         converged = len(parameters) and np.max(np.abs(updated - parameters) / np.maximum(np.abs(parameters), 1e-2)) < tolerance
         parameters = updated
         if converged:
             break
-    return coec, atc, buy, spread, noise
+    return coec, atc, buy, spread, noise, grade_prior
+
+
+def _label_noise(grade_prior: np.ndarray, confusion: np.ndarray) -> np.ndarray:
+    """Shape (n_grades, n_grades): P(true grade | label) from the prior over true grades, shape
+    (n_grades,), and confusion[true, label] = P(label | true), by Bayes' rule."""
+    joint = grade_prior[:, None] * confusion
+    return (joint / np.maximum(joint.sum(axis=0, keepdims=True), _TINY)).T
 
 
 def _saturated_sums(successes: np.ndarray, exposure: np.ndarray, saturation: np.ndarray,
@@ -254,9 +299,9 @@ def _saturated_sums(successes: np.ndarray, exposure: np.ndarray, saturation: np.
     return successes @ weight, exposure @ weight
 
 
-def _prior_rows(noise: np.ndarray) -> np.ndarray:
-    """Shape (n_grades + 1, n_grades): P(true grade | label) per label, then the flat prior of unlabelled pairs."""
-    return np.vstack([noise, np.full(noise.shape[1], 1.0 / noise.shape[1])])
+def _prior_rows(noise: np.ndarray, grade_prior: np.ndarray) -> np.ndarray:
+    """Shape (n_grades + 1, n_grades): P(true grade | label) per label, then the prior of unlabelled pairs."""
+    return np.vstack([noise, grade_prior])
 
 
 def _normalise(log_weights: np.ndarray) -> np.ndarray:

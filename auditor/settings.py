@@ -19,11 +19,16 @@ class AuditSettings:
         sample_events: the position curve and the engagement-drift windows are computed on the pairs of a
             hash sample holding about this many events (every pair of a smaller log); per-pair metrics
             always read every event.
+        max_click_context_effect: when impressions below a session's first click are examined at a
+            rate that differs from that of impressions with no click above by more than this (relative,
+            averaged over positions: a cascade, DBN or user-browsing log), only impressions with no
+            click above are click evidence.
         z: normal quantile of every interval (1.96: 95%).
         min_pairs_per_grade: grades with fewer labelled pairs borrow their profile from their neighbours.
         label_trust: the EM's starting P(true grade = label) (refitted from the log).
         pair_variation: how much a pair's attractiveness varies around its grade's (coefficient of
-            variation of the Gamma factor of the negative-binomial click model); 0: estimated from the log.
+            variation of the Gamma factor of the negative-binomial click model); 0: estimated from the log,
+            at least min_pair_variation (so one pair's evidence saturates even where clicks are few).
         dispersion: divides log-likelihoods (1 trusts the model fully). em_iterations: at most this many EM steps.
         em_sample_pairs: the EM fits the grade profiles on a seeded sample of at most this many pairs,
             then gives every pair its posterior (a few dozen parameters need no more).
@@ -51,10 +56,12 @@ class AuditSettings:
     curve_iterations: int = 50
     curve_tolerance: float = 1e-4
     sample_events: int = 5_000_000
+    max_click_context_effect: float = 0.5
     z: float = 1.96
     min_pairs_per_grade: int = 5
     label_trust: float = 0.8
     pair_variation: float = 0.0
+    min_pair_variation: float = 0.15
     dispersion: float = 1.0
     em_iterations: int = 30
     em_sample_pairs: int = 100_000

@@ -115,6 +115,8 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
         "audit": scores(flagged[audited], wrong[audited]),
         "audit_calibration_error": round(calibration_error(score[audited], wrong[audited]), 4),
         "expected_wrong_labels": result.summary["expected_wrong_labels"], "warnings": result.summary["warnings"],
+        "click_model_seen": result.summary["click_model"],
+        "after_click_examination": result.summary["after_click_examination"],
         "oracle": scores(oracle_flags[audited], wrong[audited]),
         "oracle_all_pairs": scores(oracle_flags, wrong),
         "cleanlab": scores(find_label_issues(noisy, labeler)[audited], wrong[audited]),
@@ -128,7 +130,8 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
 
 
 def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
-                sessions: int | None = None) -> list[dict]:
+                sessions: int | None = None, click_models: tuple[str, ...] = CLICK_MODELS,
+                rankers: tuple[str, ...] = RANKERS, explore_rates: tuple[float, ...] = EXPLORE_RATES) -> list[dict]:
     file, preset, scheme_name, _, _, keep_quick = DATASETS[name]
     scheme = load_scheme(scheme_name)
     sessions = sessions or SESSIONS[name][1 if quick else 0]
@@ -146,13 +149,14 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
         store.add_labels([LabelRecord(p, scheme_name, scheme.label_for_grade(int(g)), int(g), "human", "bench:corrupted")
                           for p, g in zip(truth["pair_id"][changed], noisy[changed])])
         labeler = labeler_probs(store, truth, noisy, scheme.max_grade + 1, seed)
-        for click_model, ranker, explore in itertools.product(CLICK_MODELS, RANKERS, EXPLORE_RATES):
+        for click_model, ranker, explore in itertools.product(click_models, rankers, explore_rates):
             params = SimulationParams(n_sessions=sessions, seed=seed, click_model=click_model, ranker=ranker,
                                       explore_rate=explore, pair_noise=PAIR_NOISE)
             cell = run_cell(base, workdir, truth, noisy, labeler, scheme_name, params, settings)
             cell["dataset"] = name
-            print(json.dumps({k: cell[k] for k in ("dataset", "click_model", "ranker", "explore_rate", "audit", "oracle",
-                                                   "combined", "cleanlab")}), flush=True)
+            print(json.dumps({k: cell[k] for k in ("dataset", "click_model", "ranker", "explore_rate", "click_model_seen",
+                                                   "after_click_examination", "audit", "oracle", "combined",
+                                                   "cleanlab")}), flush=True)
             cells.append(cell)
     return cells
 

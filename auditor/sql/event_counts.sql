@@ -1,14 +1,17 @@
--- Pass 2 over the raw events: counts per pair, and the clicks an average pair would get at the
--- positions shown (expected_clicks: one reference CTR per impression, from the fitted position
--- curve, see the reference_ctr macro). Every later per-pair step reads this (much smaller) table.
+-- Pass 2 over the raw events (with their click context): counts per pair, and the clicks an average
+-- pair would get at the positions shown (expected_clicks: one reference CTR per impression, from the
+-- fitted curve, see the reference_ctr macro). Under a sequential click model the impressions below a
+-- session's first click are not evidence: their reference CTR is 0, and their clicks are left out of
+-- evidence_clicks. Every later per-pair step reads this (much smaller) table.
 SELECT pair_id,
        count(*) FILTER (WHERE event_type = 'impression') AS impressions,
        count(*) FILTER (WHERE event_type = 'click') AS clicks,
+       count(*) FILTER (WHERE event_type = 'click' AND (NOT after_click OR $after_click_evidence)) AS evidence_clicks,
        count(*) FILTER (WHERE event_type = 'add_to_cart') AS add_to_carts,
        count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
-       coalesce(sum(reference_ctr(CAST($reference_ctr AS DOUBLE[]), position))
+       coalesce(sum(reference_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click)))
                 FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks,
        bool_or(simulated) AS simulated
-FROM audit_events
+FROM audit_context_events
 WHERE pair_id IS NOT NULL AND position IS NOT NULL
 GROUP BY pair_id

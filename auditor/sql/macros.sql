@@ -37,8 +37,13 @@ CREATE OR REPLACE TEMP MACRO mnr_product_id(dataset, source_id) AS (
 CREATE OR REPLACE TEMP MACRO mnr_pair_id(query_id, product_id) AS (
     'p' || sha256(query_id || chr(31) || product_id)[1:16]
 );
--- The CTR an average pair gets at `position` (1-based) from the fitted curve `reference` (DOUBLE[]);
--- positions past the curve, or below 1, add nothing.
-CREATE OR REPLACE TEMP MACRO reference_ctr(reference, position) AS (
-    CASE WHEN position >= 1 THEN coalesce(list_extract(reference, position), 0) ELSE 0 END
+-- The reference curve is one list of CTRs, two entries per position: no click above it in the
+-- session, then below the session's first click. curve_key gives the 1-based index into it.
+CREATE OR REPLACE TEMP MACRO curve_key(position, after_click) AS (
+    CASE WHEN position >= 1 THEN 2 * position - 1 + CAST(after_click AS INTEGER) ELSE 0 END
+);
+-- The CTR an average pair gets at curve index `key` (curve_key) of the fitted curve `reference`
+-- (DOUBLE[]); keys past the curve, or below 1, add nothing.
+CREATE OR REPLACE TEMP MACRO reference_ctr(reference, key) AS (
+    CASE WHEN key >= 1 THEN coalesce(list_extract(reference, key), 0) ELSE 0 END
 );
