@@ -220,36 +220,42 @@ def degenerate_warning(label_counts: dict[str, int], max_share: float = DEGENERA
             f"(more than {max_share:.0%}); its labels carry little information; {hint}")
 
 
-def agreement_table(finetune: dict[str, Any]) -> Table | None:
-    """The adapter's and the text baseline's agreement with the held-out labels, on the same pairs."""
-    heldout = finetune.get("heldout")
+def agreement_table(relabel: dict[str, Any], train_pairs: int | None) -> Table | None:
+    """The relabel step's labeler and the text baseline against the held-out labels, on the same pairs."""
+    heldout = relabel.get("heldout")
     if not heldout:
         return None
     table = Table("labeler", "QWK", "accuracy", "macro-F1",
-                  title=f"Labeler agreement on {heldout['n']:,} held-out pairs ({heldout['queries']:,} queries "
-                        "no label of which was trained on)")
-    for name, key in ((f"fine-tuned adapter ({finetune.get('train_pairs', 0):,} training pairs)", "labeler"),
+                  title=f"Labeler agreement on {heldout['n']:,} held-out pairs ({heldout['queries']:,} queries, "
+                        "none of them trained on)")
+    trained_on = f", {train_pairs:,} training pairs" if train_pairs else ""
+    for name, key in ((f"LLM {_labeler_name(relabel)}{trained_on}", "labeler"),
                       ("text baseline (TF-IDF + linear, same labels)", "baseline")):
         row = heldout[key]
         table.add_row(escape(name), _fmt(row["qwk"], 3), _fmt(row["accuracy"], 3), _fmt(row["macro_f1"], 3))
     return table
 
 
+def _labeler_name(relabel: dict[str, Any]) -> str:
+    """`<model>+<adapter tag>` of the relabel step's author."""
+    return str(relabel.get("author", "?")).split("@")[0]
+
+
 def print_relabel_summary(outputs: dict[str, dict[str, Any]], console: Console) -> None:
-    """The fine-tuned labeler's held-out agreement beside the baseline's, then the relabelled pairs' labels."""
-    finetune = outputs.get("finetune", {})
-    agreement = agreement_table(finetune)
+    """The labeler's held-out agreement beside the baseline's, then the relabelled pairs' labels."""
+    relabel = outputs.get("relabel", {})
+    agreement = agreement_table(relabel, outputs.get("finetune", {}).get("train_pairs"))
     if agreement is not None:
         console.print(agreement)
-        heldout = finetune["heldout"]
+        heldout = relabel["heldout"]
         console.print(f"labeler held-out QWK {heldout['labeler']['qwk']:.3f} vs text baseline "
                       f"{heldout['baseline']['qwk']:.3f} on the same {heldout['n']:,} pairs", highlight=False)
-    counts = {str(k): int(v) for k, v in outputs.get("relabel", {}).get("label_counts", {}).items()}
+    counts = {str(k): int(v) for k, v in relabel.get("label_counts", {}).items()}
     if not counts:
         return
     console.print(relabel_table(counts))
-    used_adapter = not str(outputs.get("relabel", {}).get("author", "+base")).split("@")[0].endswith("+base")
-    warning = degenerate_warning(counts, hint=ADAPTER_HINT if used_adapter else BASE_MODEL_HINT)
+    hint = BASE_MODEL_HINT if _labeler_name(relabel).endswith("+base") else ADAPTER_HINT
+    warning = degenerate_warning(counts, hint=hint)
     if warning:
         console.print(f"[bold red]warning:[/] [red]{escape(warning)}[/]", highlight=False)
 

@@ -2,8 +2,8 @@
 
 `finetune_data` reads the labels, splits them by query into train and dev and subsamples them;
 `run_finetune` trains the adapter (`annotator.finetune.finetune`), records the run and registers the
-adapter in `models`; `heldout_agreement` scores held-out pairs with a labeler and with the text
-baseline fitted on the same training labels.
+adapter in `models`; `agreement` and `baseline_probs` compare a labeler and the text baseline fitted on
+the same training labels on held-out pairs.
 """
 from __future__ import annotations
 
@@ -101,27 +101,30 @@ def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: 
     return result, model_id
 
 
-def heldout_agreement(labeler: Any, train: pd.DataFrame, heldout: pd.DataFrame) -> dict[str, Any]:
-    """QWK (and accuracy, macro-F1) of `labeler` (an `annotator.labeler.Labeler`) and of the text baseline
-    fitted on `train`'s labels, both against `heldout`'s labels; plus the labeler's label counts there."""
-    from annotator.batch import pair_texts
+def agreement(probs: np.ndarray, reference: pd.DataFrame, scheme: LabelScheme) -> dict[str, float]:
+    """QWK (quadratic-weighted Cohen's kappa on grades), accuracy and macro-F1 of label probabilities
+    (n, K in scheme order) against the `label` column of `reference`."""
     from annotator.evaluation import evaluate_labels
+
+    names = scheme.label_names
+    y_true = np.array([names.index(label) for label in reference["label"]])
+    metrics = evaluate_labels(y_true, probs, [scheme.grades[name] for name in names], label_names=names)
+    return {key: round(float(metrics[key]), 4) for key in ("qwk", "accuracy", "macro_f1")}
+
+
+def baseline_probs(train: pd.DataFrame, test: pd.DataFrame, scheme: LabelScheme) -> np.ndarray:
+    """The text baseline (`annotator.text_baseline`) fitted on `train`'s labels, scoring `test`."""
     from annotator.text_baseline import tfidf_linear_probs
 
-    scheme = labeler.policy.scheme
     names = scheme.label_names
-    grades = [scheme.grades[name] for name in names]
-    y_true = np.array([names.index(label) for label in heldout["label"]])
-    adapter_probs = labeler.score(pair_texts(heldout))
-    baseline_probs = tfidf_linear_probs(_texts(train), _texts(heldout),
-                                        np.array([names.index(label) for label in train["label"]]), len(names))
-    result: dict[str, Any] = {"n": int(len(heldout)), "queries": int(heldout["query_id"].nunique())}
-    for name, probs in (("labeler", adapter_probs), ("baseline", baseline_probs)):
-        metrics = evaluate_labels(y_true, probs, grades, label_names=names)
-        result[name] = {key: round(float(metrics[key]), 4) for key in ("qwk", "accuracy", "macro_f1")}
-    predicted = adapter_probs.argmax(axis=1)
-    result["labeler_counts"] = {names[i]: int((predicted == i).sum()) for i in range(len(names)) if (predicted == i).any()}
-    return result
+    return tfidf_linear_probs(_texts(train), _texts(test), np.array([names.index(label) for label in train["label"]]),
+                              len(names))
+
+
+def label_counts(probs: np.ndarray, scheme: LabelScheme) -> dict[str, int]:
+    """How many rows of `probs` have each label as their argmax (labels never chosen left out)."""
+    chosen = probs.argmax(axis=1)
+    return {name: int((chosen == i).sum()) for i, name in enumerate(scheme.label_names) if (chosen == i).any()}
 
 
 def _texts(frame: pd.DataFrame) -> pd.DataFrame:

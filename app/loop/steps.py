@@ -125,8 +125,8 @@ def _pull(ctx: StepContext, model: str) -> None:
 
 def step_finetune(ctx: StepContext) -> dict[str, Any]:
     """A LoRA adapter for the relabel step from the store's human labels (the held-out queries left out),
-    and its held-out agreement beside the text baseline's; reused when one of the same labels, policy,
-    base model and settings exists."""
+    reused when one of the same labels, policy, base model and settings exists; and held-out pairs with
+    the text baseline's agreement on them, for the relabel step to score its labeler on."""
     import time
 
     from annotator.prompts import load_prompt_policy
@@ -160,9 +160,7 @@ def step_finetune(ctx: StepContext) -> dict[str, Any]:
     else:
         outputs = {**found, "reused": True, "items": 0, "unit": "pairs seen"}
         ctx.log(f"[finetune] reusing adapter {found['adapter']} (same labels, policy, base model and settings)")
-    if outputs.get("heldout") is None:
-        outputs["heldout"] = _heldout_agreement(ctx, data, policy, model, outputs, held_out)
-    return outputs
+    return {**outputs, "heldout": _heldout_baseline(ctx, data, held_out)}
 
 
 def _sources(value: Any) -> list[str]:
@@ -185,20 +183,19 @@ def _args_record(args: Any) -> dict[str, Any]:
 
 def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str, args: Any) -> dict[str, Any] | None:
     """The newest registered adapter of these labels, policy version, base model and training settings."""
-    import json
     from pathlib import Path
 
     from annotator.finetune import read_meta
     from app.labeler_training import ADAPTER_KIND
 
-    for model_id, path, metrics in store.fetchall(sql("app.loop", "labeler_adapters"),
+    for model_id, path in store.fetchall(sql("app.loop", "labeler_adapters"),
                                                   {"kind": ADAPTER_KIND, "data_hash": data_hash}):
         if not (Path(path) / "meta.json").is_file():
             continue
         meta = read_meta(path)
         if (meta.get("policy_hash"), meta.get("base_model"), meta.get("training_args")) == (
                 policy_hash, model, _args_record(args)):
-            return {**_adapter_outputs(model_id, path, meta), "heldout": json.loads(metrics or "{}").get("heldout")}
+            return _adapter_outputs(model_id, path, meta)
     return None
 
 
@@ -225,41 +222,41 @@ def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_a
 
     result, model_id = run_finetune(ctx.store, data, model, out, args, progress=progress, resume=resume,
                                     started_at=started_at)
-    return {**_adapter_outputs(model_id, out.resolve(), result.meta), "reused": False, "heldout": None,
+    return {**_adapter_outputs(model_id, out.resolve(), result.meta), "reused": False,
             "items": int(result.meta["pairs_seen"]), "unit": "pairs seen"}
 
 
-def _heldout_agreement(ctx: StepContext, data: Any, policy: Any, model: str, outputs: dict[str, Any],
-                       held_out: Any) -> dict[str, Any] | None:
-    """The adapter's and the text baseline's QWK on held-out pairs; recorded with the adapter's metrics."""
+def _heldout_baseline(ctx: StepContext, data: Any, held_out: Any) -> dict[str, Any] | None:
+    """Held-out pairs for the relabel step's labeler to score, and the text baseline's agreement there,
+    fitted on the train and dev labels the adapter learnt from."""
     import pandas as pd
 
     from annotator.evaluation import labelled_pairs
     from annotator.finetune import subsample
-    from annotator.labeler import Labeler
-    from app.labeler_training import heldout_agreement
-    from trainer.registry import record_metrics
+    from app.labeler_training import agreement, baseline_probs
 
-    frame = labelled_pairs(ctx.store, policy.scheme.name, data.sources)
+    scheme = data.policy.scheme
+    frame = labelled_pairs(ctx.store, scheme.name, data.sources)
     heldout = subsample(frame[held_out(frame)].reset_index(drop=True), int(ctx.options.get("heldout_pairs", 200)),
                         int(ctx.config.get("seed", 0)))
     if heldout.empty:
         return None
-    backend = str(ctx.options.get("heldout_backend", "transformers"))
-    with Labeler(model, policy, backend=backend, adapter=outputs["adapter"]) as labeler:
-        result = heldout_agreement(labeler, pd.concat([data.train, data.dev]), heldout)
-    record_metrics(ctx.store, outputs["model_id"], {"heldout": result})
-    return result
+    probs = baseline_probs(pd.concat([data.train, data.dev]), heldout, scheme)
+    return {"pair_ids": heldout["pair_id"].tolist(), "sources": data.sources, "n": int(len(heldout)),
+            "queries": int(heldout["query_id"].nunique()), "baseline": agreement(probs, heldout, scheme)}
 
 
 def step_relabel(ctx: StepContext) -> dict[str, Any]:
     """Label the mined pairs with the policy-prompted LLM (LoRA adapter when configured); resumable."""
     from annotator.batch import DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
+    from annotator.labeler import Labeler
+    from trainer.registry import record_metrics
 
     options = ctx.options
     model = str(options.get("model", "smollm2"))
     _pull(ctx, model)
-    adapter = options.get("adapter") or _finetuned_adapter(ctx)
+    finetuned = _finetune_outputs(ctx)
+    adapter = options.get("adapter") or finetuned.get("adapter")
     mining_run = ctx.output("mine")["mining_run_id"]
     job = LabelJob(model=model, policy=str(options.get("policy", ctx.config.scheme)), select="mined",
                    backend=str(options.get("backend", "vllm")),
@@ -269,20 +266,42 @@ def step_relabel(ctx: StepContext) -> dict[str, Any]:
                    review_threshold=float(options.get("review_threshold", ctx.section("annotator").get(
                        "review_threshold", DEFAULT_REVIEW_THRESHOLD))),
                    backend_options=dict(options.get("backend_options", {})))
-    result = run_label_job(ctx.store, job, progress=False)
+    # one engine labels the mined pairs and scores the finetune step's held-out pairs
+    with Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, **job.backend_options) as labeler:
+        result = run_label_job(ctx.store, job, labeler=labeler, progress=False)
+        heldout = _heldout_agreement(ctx, labeler, finetuned.get("heldout"))
+    if heldout is not None and finetuned.get("model_id") and adapter == finetuned["adapter"]:
+        record_metrics(ctx.store, finetuned["model_id"], {"heldout": heldout})
     return {"label_run_id": result.run_id, "resumed": result.resumed, "selected": result.n_selected,
             "labelled_now": result.n_labelled_now, "label_counts": result.label_counts,
             "mean_confidence": result.mean_confidence, "needs_review": result.needs_review,
-            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author,
+            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author, "heldout": heldout,
             "items": result.n_selected, "unit": "pairs"}
 
 
-def _finetuned_adapter(ctx: StepContext) -> str | None:
-    """The adapter of this loop's finetune step, None when it was skipped or never ran."""
+def _finetune_outputs(ctx: StepContext) -> dict[str, Any]:
+    """This loop's finetune outputs; {} when it never ran (a store from before the step)."""
     from app.loop.runner import latest_step_outputs
 
-    found = latest_step_outputs(ctx.store, "finetune", ctx.loop_run_id) or {}
-    return found.get("adapter")
+    return latest_step_outputs(ctx.store, "finetune", ctx.loop_run_id) or {}
+
+
+def _heldout_agreement(ctx: StepContext, labeler: Any, heldout: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The labeler's agreement on the finetune step's held-out pairs, beside the text baseline's there."""
+    import pandas as pd
+
+    from annotator.batch import pair_texts
+    from annotator.evaluation import labelled_pairs
+    from app.labeler_training import agreement, label_counts
+
+    if not heldout:
+        return None
+    scheme = labeler.policy.scheme
+    frame = labelled_pairs(ctx.store, scheme.name, heldout["sources"]).set_index("pair_id")
+    frame = frame.loc[pd.Index(heldout["pair_ids"])].reset_index()
+    probs = labeler.score(pair_texts(frame))
+    return {"n": heldout["n"], "queries": heldout["queries"], "labeler": agreement(probs, frame, scheme),
+            "baseline": heldout["baseline"], "labeler_counts": label_counts(probs, scheme)}
 
 
 def step_engagement(ctx: StepContext) -> dict[str, Any]:
@@ -478,7 +497,7 @@ def _mine_keys() -> set[str]:
 def _finetune_keys() -> set[str]:
     from annotator.finetune import FinetuneArgs
 
-    return {"enabled", "sources", "model", "policy", "heldout_pairs", "heldout_backend"} | _fields(FinetuneArgs)
+    return {"enabled", "sources", "model", "policy", "heldout_pairs"} | _fields(FinetuneArgs)
 
 
 def _relabel_keys() -> set[str]:
