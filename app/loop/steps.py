@@ -149,8 +149,11 @@ def step_finetune(ctx: StepContext) -> dict[str, Any]:
     def held_out(frame: Any) -> Any:
         return (frame["dataset"] == dataset) & is_held_out(frame["query_id"], split["holdout_fraction"], split["seed"])
 
+    def trainable(frame: Any) -> Any:
+        return (frame["dataset"] == dataset) & ~held_out(frame)
+
     try:
-        data = finetune_data(ctx.store, policy, sources, args, keep=lambda frame: (frame["dataset"] == dataset) & ~held_out(frame))
+        data = finetune_data(ctx.store, policy, sources, args, keep=trainable)
     except NoTrainingLabels as exc:
         return {"skipped": True, "reason": f"{exc}; relabel uses the base model"}
     _pull(ctx, model)
@@ -189,7 +192,7 @@ def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str
     from app.labeler_training import ADAPTER_KIND
 
     for model_id, path in store.fetchall(sql("app.loop", "labeler_adapters"),
-                                                  {"kind": ADAPTER_KIND, "data_hash": data_hash}):
+                                         {"kind": ADAPTER_KIND, "data_hash": data_hash}):
         if not (Path(path) / "meta.json").is_file():
             continue
         meta = read_meta(path)
@@ -207,11 +210,16 @@ def _adapter_outputs(model_id: str, path: Any, meta: dict[str, Any]) -> dict[str
 
 
 def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_at: float) -> dict[str, Any]:
-    """Train into a folder named by policy and data hash: a re-run after a crash resumes from its checkpoint."""
+    """Train into a folder named by what the adapter is made of: a re-run after a crash resumes from its checkpoint."""
+    import json
+
     from annotator.finetune import CHECKPOINT_DIR
     from app.labeler_training import run_finetune
+    from labelstore.ids import stable_hash
 
-    out = ctx.workspace / "adapters" / f"{data.policy.name}-{data.data_hash}"
+    key = stable_hash(data.data_hash, data.policy.version, model, json.dumps(_args_record(args), sort_keys=True),
+                      length=12)
+    out = ctx.workspace / "adapters" / f"{data.policy.name}-{key}"
     resume = (out / CHECKPOINT_DIR).is_dir()
     ctx.log(f"[finetune] {len(data.train):,} train / {len(data.dev):,} dev pairs, policy '{data.policy.name}', "
             f"budget {args.max_minutes or 'unbounded'} min" + (" (resuming)" if resume else ""))
