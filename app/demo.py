@@ -228,8 +228,10 @@ def agreement_table(relabel: dict[str, Any], train_pairs: int | None) -> Table |
     table = Table("labeler", "QWK", "accuracy", "macro-F1",
                   title=f"Labeler agreement on {heldout['n']:,} held-out pairs ({heldout['queries']:,} queries, "
                         "none of them trained on)")
+    model, _, adapter = _labeler_name(relabel).partition("+")
     trained_on = f", {train_pairs:,} training pairs" if train_pairs else ""
-    for name, key in ((f"LLM {_labeler_name(relabel)}{trained_on}", "labeler"),
+    llm = f"{model} (base model)" if adapter in ("", "base") else f"{model} + adapter{trained_on}"
+    for name, key in ((llm, "labeler"),
                       ("text baseline (TF-IDF + linear, same labels)", "baseline")):
         row = heldout[key]
         table.add_row(escape(name), _fmt(row["qwk"], 3), _fmt(row["accuracy"], 3), _fmt(row["macro_f1"], 3))

@@ -81,7 +81,7 @@ def test_the_summary_puts_the_adapters_heldout_qwk_beside_the_baselines() -> Non
     text = " ".join(console.export_text().split())
     assert "labeler held-out QWK 0.412 vs text baseline 0.305 on the same 200 pairs" in text
     assert "Labeler agreement on 200 held-out pairs (41 queries" in text
-    assert "LLM smollm2+home-improvement-0123abcd-89abcdef, 912 training pairs" in text
+    assert "smollm2 + adapter, 912 training pairs" in text
     # an adapter that still answers one label for 97% of the mined pairs stays reported as degenerate
     assert "degenerate labeler" in text and "'relevant' for 97%" in text and ADAPTER_HINT in text
 
