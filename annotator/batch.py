@@ -25,7 +25,7 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from annotator import sql
-from annotator.labeler import Adapter, Labeler, adapter_tag, check_adapter
+from annotator.labeler import Adapter, Labeler, adapter_stack_version, adapter_tag, check_adapter
 from annotator.prompts import EmptyProductTextError, PairText, Policy, load_prompt_policy
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
@@ -60,6 +60,7 @@ class LabelJob:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     backend_options: dict[str, Any] = field(default_factory=dict)
+    use_stack: bool = True  # apply the adapter's calibrated stack when it has one (`mnr label --no-stack`: off)
 
 
 @dataclass
@@ -93,11 +94,14 @@ def read_query_file(path: str | None) -> list[str]:
 
 
 def fingerprint(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
-    """Same selection + policy version + model + adapter weights + backend -> same fingerprint."""
+    """Same selection + policy version + model + adapter weights (+ stack version) + backend -> same fingerprint."""
     queries = read_query_file(job.query_file) if job.select == "query-file" else None
     key = {"select": job.select, "limit": job.limit, "dataset": job.dataset, "queries": queries,
            "mining_run": job.mining_run, "policy": policy.name, "policy_version": policy.version,
            "model": job.model, "adapter": adapter_tag(adapter), "backend": job.backend}
+    stack = adapter_stack_version(adapter, job.use_stack)
+    if stack:  # only then, so runs without a stack keep the fingerprints they had
+        key["stack"] = stack
     return stable_hash(json.dumps(key, sort_keys=True))
 
 
@@ -240,7 +244,8 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     adapter = check_adapter(job.adapter) if job.adapter else None
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     if labeler is None:
-        labeler = Labeler(job.model, policy, backend=job.backend, adapter=adapter, **job.backend_options)
+        labeler = Labeler(job.model, policy, backend=job.backend, adapter=adapter, use_stack=job.use_stack,
+                          **job.backend_options)
     run_id = open_run(store, job, policy, plan, labeler.author)
     pending = pair_texts(pending_pairs(store, run_id))
     n_selected = selected_count(store, run_id)

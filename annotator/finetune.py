@@ -28,6 +28,9 @@ without improvement, at ``max_steps``, or when the ``max_minutes`` wall-clock bu
 budget covers the whole call (caching, training, dev scoring, calibration, saving). A temperature is
 then fitted on dev (`annotator.calibration`); one that ends at a bound of its search is reported as a
 failed calibration (a warning, ``meta["calibration"]["status"] == "failed"``) and 1.0 is stored.
+With ``args.stack`` (the default) the calibrated stack (`annotator.stack`: a logistic regression over the
+dev label log-probabilities and the text baseline's lexical features) is fitted on dev and saved beside the
+adapter (``stack.json``, ``stack.npz``); ``meta["stack"]`` holds its version and cross-validated dev report.
 The output folder holds the PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``), ``meta.json`` and ``split.json``.
 ``checkpoint/`` inside it makes an interrupted run resumable.
 """
@@ -104,6 +107,7 @@ class FinetuneArgs:
     cache_share: float = 0.4  # most of the budget left after dev caching that caching train pairs may take
     dev_cache_share: float = 0.15  # most of the budget that caching dev pairs may take
     cache_batch_size: int = 64
+    stack: bool = True  # fit the calibrated stack (annotator.stack) on the dev scores at the end
 
 
 @dataclass
@@ -527,7 +531,7 @@ def _lengths(examples: EncodedExamples) -> np.ndarray:
 def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: str | Path, out_dir: str | Path,
              args: FinetuneArgs | None = None, *, base_model_name: str | None = None,
              rating_scale: tuple[float, float] | None = None, progress: ProgressFn | None = None,
-             resume: bool = False, started_at: float | None = None) -> FinetuneResult:
+             resume: bool = False, started_at: float | None = None, stack_lexical: Any = None) -> FinetuneResult:
     """Train a LoRA adapter on ``train``, select and calibrate it on ``dev``, save it to ``out_dir``.
 
     ``train`` and ``dev`` have columns pair_id, query_id, query, title, description, brand, label
@@ -536,6 +540,10 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     interrupted in the same ``out_dir`` continues from its last checkpoint. ``args.max_minutes``
     bounds the whole call from ``started_at`` (``time.monotonic()``; default: now), caching, dev
     scoring and calibration included.
+
+    With ``args.stack`` the text baseline is fitted on ``train`` first (or ``stack_lexical``, one already
+    fitted on it, is used) and, at the end, the calibrated stack (`annotator.stack`) on the dev scores:
+    it is saved beside the adapter and its dev report goes into ``meta["stack"]``.
     """
     args = args or FinetuneArgs()
     out_dir = Path(out_dir)
@@ -560,6 +568,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     def encode(frame: pd.DataFrame) -> EncodedExamples:
         return encode_examples(tokenizer, prompt_policy, frame)
 
+    lexical = _lexical_part(train, dev, prompt_policy, args, stack_lexical)
     tick = time.monotonic()
     dev_examples = encode(dev)
     encode_seconds_per_pair = (time.monotonic() - tick) / max(1, len(dev))
@@ -590,7 +599,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     trainer.run(state)
     return _finish(trainer=trainer, state=state, policy=policy, prompt_policy=prompt_policy,
                    train=train, dev=dev, train_examples=train_examples,
-                   base_model_name=base_model_name or str(model_dir))
+                   base_model_name=base_model_name or str(model_dir), lexical=lexical)
 
 
 def _check_encoded(*sets: EncodedExamples) -> None:
@@ -737,9 +746,70 @@ def calibrate(logprobs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[st
     return fitted, record
 
 
+@dataclass
+class LexicalPart:
+    """The stack's lexical side, ready before training: the text baseline fitted on train and the lexical
+    inputs of every dev pair (rows of ``dev_index``)."""
+
+    model: Any
+    dev_inputs: np.ndarray
+    dev_index: dict[str, int]
+    seconds: float
+
+
+def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: FinetuneArgs,
+                  fitted: Any = None) -> LexicalPart | None:
+    from annotator.stack import fit_lexical, lexical_inputs
+
+    if not args.stack:
+        return None
+    tick = time.monotonic()
+    labels = policy.scheme.label_names
+    model = fitted if fitted is not None else fit_lexical(
+        train, np.array([labels.index(policy.scheme.normalize(label)) for label in train["label"]]))
+    inputs = lexical_inputs(model, dev, len(labels))
+    return LexicalPart(model, inputs, {pid: i for i, pid in enumerate(dev["pair_id"])}, time.monotonic() - tick)
+
+
+def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: np.ndarray, temperature: float,
+               lexical: LexicalPart | None) -> dict[str, Any] | None:
+    """Fit the stack on the dev scores, save it beside the adapter; its ``meta.json`` record (None: no stack)."""
+    from annotator import stack as st
+
+    for name in (st.STACK_FILE, st.STACK_ARRAYS):  # never leave an earlier run's stack beside a new adapter
+        (trainer.out_dir / name).unlink(missing_ok=True)
+    if lexical is None:
+        return None
+    targets = trainer.dev_examples.targets
+    if len(targets) < st.MIN_DEV_PAIRS or len(np.unique(targets)) < 2:
+        return {"fitted": False, "reason": f"{len(targets)} dev pairs of {len(np.unique(targets))} label(s): "
+                                           f"a stack needs {st.MIN_DEV_PAIRS} pairs of two labels or more"}
+    tick = time.monotonic()
+    rows = [lexical.dev_index[pid] for pid in trainer.dev_examples.pair_ids]
+    groups = dev["query_id"].to_numpy()[rows]
+
+    def evaluate(probs: np.ndarray) -> dict[str, Any]:
+        return _headline(evaluate_labels(targets, probs, trainer.grades, trainer.dev_ratings,
+                                         rating_scale=trainer.rating_scale, label_names=trainer.labels))
+
+    fitted, report = st.fit_with_report(labels=trainer.labels, lexical=lexical.model,
+                                        lexical_dev=lexical.dev_inputs[rows], llm_logprobs=logprobs, targets=targets,
+                                        groups=groups, evaluate=evaluate,
+                                        adapter_probs=apply_temperature(logprobs, temperature))
+    record = fitted.save(trainer.out_dir)
+    if not report["llm_adds"]:
+        warnings.warn(f"stack: {report['verdict']}", StackWithoutLLMWarning, stacklevel=3)
+    return {"fitted": True, **record, "dev_report": report, "lexical_fit_seconds": round(lexical.seconds, 1),
+            "fit_seconds": round(time.monotonic() - tick, 2)}
+
+
+class StackWithoutLLMWarning(UserWarning):
+    """The full stack is no measurably better on dev than the stack without the LLM's inputs."""
+
+
 def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_policy: Policy,
             train: pd.DataFrame, dev: pd.DataFrame, train_examples: EncodedExamples,
-            base_model_name: str) -> FinetuneResult:
+            base_model_name: str, lexical: LexicalPart | None = None) -> FinetuneResult:
     from peft import set_peft_model_state_dict
 
     from annotator.pair_form import form_record
@@ -753,6 +823,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
                               trainer.rating_scale, trainer.labels) for t in (1.0, temperature)}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
+    stack = _fit_stack(trainer, dev, logprobs, temperature, lexical)
     elapsed = trainer.clock.elapsed()
     meta = {
         "format": "mine-refine labeler adapter v1",
@@ -786,6 +857,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "dev_metrics_uncalibrated": _headline(metrics[1.0]),
         "dev_metrics_note": "dev is also used for early stopping and for fitting the temperature, so these are "
                             "optimistic; evaluate on held-out queries with `mnr eval-labeler`",
+        "stack": stack,
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     split = {"train_query_ids": sorted(set(train["query_id"])), "dev_query_ids": sorted(set(dev["query_id"])),

@@ -9,6 +9,12 @@ generated or parsed, so every answer is a valid label. If the adapter folder has
 with a calibration `temperature`, probabilities are softmax(logprobs / temperature); if it records
 the adapter's `pair_form`, prompts are rendered in that form.
 
+If the adapter folder holds a calibrated stack (`annotator.stack`, fitted by `mnr finetune`), it is
+applied after the backend's scoring, the same for every backend: probabilities are the stack's, from
+the label log-probabilities and the pairs' lexical match features (the temperature is then unused).
+Its version goes into the author (`...+<adapter>+stack-<version>@<policy>:<version>`); `use_stack=False`
+(`mnr label --no-stack`) gives the bare labeler.
+
 The policy decides: an adapter whose `meta.json` records the policy it was fine-tuned under
 (`policy`, `policy_hash`) only labels under that same policy version. Another policy, or the same
 policy with edited text, is a `PolicyMismatchError` unless `allow_policy_mismatch=True`, which
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
@@ -30,6 +37,7 @@ from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import PairText, Policy, load_prompt_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
+from annotator.stack import load_stack, stack_version
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
 
@@ -140,9 +148,15 @@ def load_backend(model: str, backend: str = "vllm", adapter: str | Adapter | Non
     return engine, model_tag(model, checked)
 
 
-def model_tag(model: str, adapter: Adapter | None) -> str:
-    """`<model>+<adapter tag>`: the model half of a labeler's author, known without loading the model."""
-    return f"{_model_tag(model)}+{adapter_tag(adapter)}"
+def model_tag(model: str, adapter: Adapter | None, stack: str | None = None) -> str:
+    """`<model>+<adapter tag>[+stack-<stack version>]`: the model half of a labeler's author, known
+    without loading the model."""
+    return f"{_model_tag(model)}+{adapter_tag(adapter)}" + (f"+stack-{stack}" if stack else "")
+
+
+def adapter_stack_version(adapter: Adapter | None, use_stack: bool = True) -> str | None:
+    """The version of the stack a labeler with this adapter applies (None: no stack, or `use_stack` off)."""
+    return stack_version(adapter.path) if adapter is not None and use_stack else None
 
 
 def labeler_author(model_tag: str, policy: Policy) -> str:
@@ -161,12 +175,13 @@ class Labeler:
     backend : "vllm", "openai" or "transformers".
     adapter : PEFT LoRA folder (for `openai`: served under its folder name by `mnr serve`).
     allow_policy_mismatch : label with an adapter fine-tuned under another policy version (warns).
+    use_stack : apply the adapter folder's calibrated stack when it has one (default); False: the bare labeler.
     backend_options : passed to the backend (e.g. `endpoints=[...]` for openai, `dtype`, `batch_size`).
     """
 
     def __init__(self, model: str, policy: str | Policy = "esci", backend: str = "vllm",
                  adapter: str | Adapter | None = None, *, allow_policy_mismatch: bool = False,
-                 **backend_options: Any):
+                 use_stack: bool = True, **backend_options: Any):
         self.policy = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
         self.backend_name = backend
         self.model = model
@@ -179,8 +194,13 @@ class Labeler:
         self.temperature = float(self.adapter_meta.get("temperature", 1.0))
         # the adapter learnt one pair form (annotator.pair_form): label with the same prompt
         self.policy = policy_for_adapter(self.policy, self.adapter_meta)
+        self.stack = load_stack(checked.path) if checked is not None and use_stack else None
+        if self.stack is not None:
+            self._check_stack_labels()
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, checked, **backend_options)
+        if self.stack is not None:
+            self.model_tag = model_tag(model, checked, self.stack.version)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)
         self.author = labeler_author(self.model_tag, self.policy)
@@ -196,6 +216,8 @@ class Labeler:
         other.options = other.policy.answer_options()
         other.token_ids = label_token_ids(self.backend, other.options)
         other.author = labeler_author(self.model_tag, other.policy)
+        if other.stack is not None:
+            other._check_stack_labels()
         return other
 
     @property
@@ -213,7 +235,17 @@ class Labeler:
 
     def score(self, pairs: list[PairText]) -> np.ndarray:
         """Label probabilities, shape (n_pairs, n_labels), rows sum to 1, columns in scheme order."""
-        return probs_from_logprobs(self.logprobs(pairs), self.temperature)
+        logprobs = self.logprobs(pairs)
+        if self.stack is None:
+            return probs_from_logprobs(logprobs, self.temperature)
+        texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
+        return self.stack.predict_proba(texts, logprobs if self.stack.uses_llm else None)
+
+    def _check_stack_labels(self) -> None:
+        assert self.stack is not None
+        if self.stack.labels != self.label_names:
+            raise AdapterError(f"adapter {self.adapter}: its stack predicts labels {self.stack.labels}, but policy "
+                               f"'{self.policy.name}' labels {self.label_names}; label with --no-stack or refit it")
 
     def close(self) -> None:
         self.backend.close()

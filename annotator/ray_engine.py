@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from annotator import sql
 from annotator.batch import (LabelJob, LabelJobResult, failing_run, finish_label_run, label_records, open_run,
                              pair_texts, pending_pairs, plan_run, selected_count)
-from annotator.labeler import (Adapter, Labeler, check_adapter, check_policy, labeler_author, model_tag,
-                               read_adapter_meta)
+from annotator.labeler import (Adapter, Labeler, adapter_stack_version, check_adapter, check_policy, labeler_author,
+                               model_tag, read_adapter_meta)
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import Policy, load_prompt_policy
 from labelstore.errors import MnrError
@@ -99,8 +99,8 @@ class ScorePairs:
     """Ray Data actor: one `Labeler` per actor; a pandas batch of pairs -> their scores (`scores_frame`)."""
 
     def __init__(self, *, model: str, policy: str, backend: str, adapter: str | None,
-                 backend_options: dict[str, Any]) -> None:
-        self.labeler = Labeler(model, policy, backend=backend, adapter=adapter, **backend_options)
+                 backend_options: dict[str, Any], use_stack: bool = True) -> None:
+        self.labeler = Labeler(model, policy, backend=backend, adapter=adapter, use_stack=use_stack, **backend_options)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         probs = self.labeler.score(pair_texts(batch))
@@ -141,7 +141,7 @@ def _actor_kwargs(job: LabelJob) -> dict[str, Any]:
     model = str(Path(job.model).absolute()) if Path(job.model).is_dir() else job.model
     adapter = str(check_adapter(job.adapter).path) if job.adapter else None
     return {"model": model, "policy": job.policy, "backend": job.backend, "adapter": adapter,
-            "backend_options": job.backend_options}
+            "backend_options": job.backend_options, "use_stack": job.use_stack}
 
 
 # -- Parquet in and out of the store -----------------------------------------------------------
@@ -238,7 +238,7 @@ def job_author(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
     as `Labeler` renders it)."""
     if adapter is not None:
         policy = policy_for_adapter(policy, read_adapter_meta(adapter.path))
-    return labeler_author(model_tag(job.model, adapter), policy)
+    return labeler_author(model_tag(job.model, adapter, adapter_stack_version(adapter, job.use_stack)), policy)
 
 
 @dataclass(frozen=True)

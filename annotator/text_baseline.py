@@ -15,10 +15,21 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 
+from annotator.sklearn_state import (
+    State,
+    logistic_from_state,
+    logistic_state,
+    prefixed,
+    tfidf_from_state,
+    tfidf_state,
+    unprefixed,
+)
+
 
 # The three match scores lie in [0, 1] beside thousands of sparse TF-IDF columns; scaling them up lets
 # the L2-regularised regression give them weight without a large coefficient.
 MATCH_FEATURE_SCALE = 4.0
+MATCH_FEATURES = ("word_cosine", "char_cosine", "query_coverage")
 
 
 class QueryTitleFeatures(TransformerMixin, BaseEstimator):
@@ -36,14 +47,26 @@ class QueryTitleFeatures(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, frame: pd.DataFrame) -> Any:
-        queries, titles = frame["query"].astype(str), frame["title"].astype(str)
+        queries, titles = _texts(frame)
         query, title = self.words_.transform(queries), self.words_.transform(titles)
         word_product = query.multiply(title)
+        matches = self._matches(queries, titles, word_product)
+        return hstack([query, title, word_product, csr_matrix(matches * MATCH_FEATURE_SCALE)]).tocsr()
+
+    def match_scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """(n, 3) the dense match scores alone, unscaled, columns `MATCH_FEATURES`."""
+        queries, titles = _texts(frame)
+        return self._matches(queries, titles, self.words_.transform(queries).multiply(self.words_.transform(titles)))
+
+    def _matches(self, queries: pd.Series, titles: pd.Series, word_product: Any) -> np.ndarray:
         char_cosine = self.chars_.transform(queries).multiply(self.chars_.transform(titles)).sum(axis=1)
         coverage = [len(set(q.lower().split()) & set(t.lower().split())) / max(1, len(set(q.lower().split())))
                     for q, t in zip(queries, titles)]
-        matches = np.column_stack([np.asarray(word_product.sum(axis=1)).ravel(), np.asarray(char_cosine).ravel(), coverage])
-        return hstack([query, title, word_product, csr_matrix(matches * MATCH_FEATURE_SCALE)]).tocsr()
+        return np.column_stack([np.asarray(word_product.sum(axis=1)).ravel(), np.asarray(char_cosine).ravel(), coverage])
+
+
+def _texts(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    return frame["query"].astype(str), frame["title"].astype(str)
 
 
 def tfidf_linear_model() -> Pipeline:
@@ -55,7 +78,29 @@ def tfidf_linear_model() -> Pipeline:
 def tfidf_linear_probs(train: pd.DataFrame, test: pd.DataFrame, train_classes: np.ndarray, n_classes: int) -> np.ndarray:
     """(n_test, n_classes) class probabilities of `tfidf_linear_model` fit on `train` (columns query,
     title) with integer classes `train_classes`."""
-    model = tfidf_linear_model().fit(train, train_classes)
-    probs = np.zeros((len(test), n_classes))
-    probs[:, model.classes_] = model.predict_proba(test)
+    return class_probs(tfidf_linear_model().fit(train, train_classes), test, n_classes)
+
+
+def class_probs(model: Any, inputs: Any, n_classes: int) -> np.ndarray:
+    """(n, n_classes) ``model.predict_proba(inputs)`` spread over every class: a class the model never saw
+    in training (absent from ``model.classes_``) gets probability 0."""
+    probs = np.zeros((inputs.shape[0], n_classes))
+    probs[:, np.asarray(model.classes_, dtype=int)] = model.predict_proba(inputs)
     return probs
+
+
+def baseline_state(model: Pipeline) -> State:
+    """A fitted `tfidf_linear_model` as JSON parameters + arrays (`annotator.sklearn_state`)."""
+    features, regression = model[0], model[-1]
+    words, word_arrays = tfidf_state(features.words_)
+    chars, char_arrays = tfidf_state(features.chars_)
+    linear, linear_arrays = logistic_state(regression)
+    return ({"words": words, "chars": chars, "linear": linear},
+            {**prefixed("words", word_arrays), **prefixed("chars", char_arrays), **prefixed("linear", linear_arrays)})
+
+
+def baseline_from_state(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> Pipeline:
+    features = QueryTitleFeatures()
+    features.words_ = tfidf_from_state(params["words"], unprefixed("words", arrays))
+    features.chars_ = tfidf_from_state(params["chars"], unprefixed("chars", arrays))
+    return make_pipeline(features, logistic_from_state(params["linear"], unprefixed("linear", arrays)))

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "app.commands_trainer",
     "app.commands_auditor",
     "app.commands_review",
+    "app.commands_accounts",
     "app.commands_loop",
     "app.commands_finetune",
 )

@@ -76,6 +76,8 @@ def label(
     allow_policy_mismatch: bool = typer.Option(
         False, "--allow-policy-mismatch", help="Label with an --adapter fine-tuned under another policy (or another "
         "version of this one) than --policy; without it that is an error."),
+    no_stack: bool = typer.Option(False, "--no-stack", help="Do not apply the --adapter folder's calibrated stack "
+                                  "(stack.json, fitted by mnr finetune): label with the bare adapter's probabilities."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
@@ -86,7 +88,7 @@ def label(
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
                    review_threshold=float(_setting(review_threshold, "review_threshold", DEFAULT_REVIEW_THRESHOLD)),
-                   backend_options=options)
+                   backend_options=options, use_stack=not no_stack)
     if engine == "local":
         labeler = _mismatched_labeler(job) if allow_policy_mismatch and job.adapter else None
         result = run_label_job(open_store(), job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
@@ -154,7 +156,7 @@ def _mismatched_labeler(job: LabelJob) -> Labeler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PolicyMismatchWarning)
         labeler = Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, allow_policy_mismatch=True,
-                          **job.backend_options)
+                          use_stack=job.use_stack, **job.backend_options)
     if labeler.policy_mismatch:
         err_console.print(f"[yellow]warning:[/] {escape(labeler.policy_mismatch)} (--allow-policy-mismatch)",
                           highlight=False)

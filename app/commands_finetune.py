@@ -62,6 +62,8 @@ def finetune_command(
     cache_memory_gb: float = typer.Option(4.0, "--cache-memory-gb",
                                           help="Layer cache kept in memory up to this size, else spilled to disk."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoint."),
+    no_stack: bool = typer.Option(False, "--no-stack", help="Fit no calibrated stack (the text baseline's match "
+                                  "features + the adapter's scores, applied by mnr label) beside the adapter."),
 ) -> None:
     """Train a LoRA adapter on the store's human labels under a policy; calibrate it on dev."""
     import time
@@ -82,7 +84,7 @@ def finetune_command(
                         max_minutes=max_minutes, class_weighting=class_weighting, select_metric=select_metric,
                         dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
-                        cache_memory_gb=cache_memory_gb)
+                        cache_memory_gb=cache_memory_gb, stack=not no_stack)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
@@ -99,7 +101,25 @@ def finetune_command(
                   f"temperature {meta['temperature']:.3f}; dev accuracy {dev_metrics['accuracy']:.3f}, "
                   f"QWK {dev_metrics['qwk']:.3f}, ECE {meta['dev_metrics_uncalibrated']['ece']:.3f} -> "
                   f"{dev_metrics['ece']:.3f}")
+    _print_stack(meta.get("stack"))
     console.print(f"adapter written to {out} (label with: mnr label --model {model} --adapter {out} --policy {policy})")
+
+
+def _print_stack(stack: dict[str, Any] | None) -> None:
+    if stack is None:
+        return
+    if not stack["fitted"]:
+        console.print(f"[yellow]no stack fitted: {stack['reason']}[/]")
+        return
+    report = stack["dev_report"]
+    keys = [k for k in ("accuracy", "qwk", "rmse_rating", "log_loss") if k in report["full"]]
+    table = Table("on dev", *keys, title=f"stack {stack['version']} ({report['n_dev']:,} dev pairs; stacks "
+                                         "cross-validated by query)")
+    for name, part in (("adapter alone", "adapter"), ("stack without the LLM", "lexical_only"), ("stack", "full")):
+        table.add_row(name, *(f"{report[part][k]:.3f}" for k in keys))
+    console.print(table)
+    colour = "green" if report["llm_adds"] else "yellow"
+    console.print(f"[{colour}]{report['verdict']}[/]; mnr label applies the stack (--no-stack: the bare adapter)")
 
 
 def _print_path(meta: dict[str, Any]) -> None:

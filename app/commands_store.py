@@ -11,7 +11,7 @@ from rich.table import Table
 from app.context import console, get_store_path, open_store
 from labelstore.config import section
 from labelstore.errors import MnrError
-from labelstore.export import export_labels
+from labelstore.export import events_path, export_labels
 from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_mapping
 from labelstore.status import store_status
 
@@ -62,13 +62,17 @@ def _config_rating_map() -> str | None:
 def export(
     out: Path = typer.Argument(..., help="Output file: .parquet, .csv or .jsonl."),
     fmt: Optional[str] = typer.Option(None, "--format", help="parquet, csv or jsonl (default: from the suffix)."),
-    history: bool = typer.Option(False, "--history", help="Every label ever written, not just the current ones."),
+    history: bool = typer.Option(False, "--history", help="Every label ever written, not just the current ones, "
+                                 "and beside it (NAME.events.SUFFIX) the audit trail: decisions, skips, undos, "
+                                 "adjudications, account changes and logins."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Only this scheme."),
     source: Optional[str] = typer.Option(None, "--source", help="Only this source: human, llm, audit or import."),
 ) -> None:
     """Write labels with provenance columns (source, author, run, probabilities, raw rating)."""
     rows = export_labels(open_store(), out, fmt=fmt, history=history, scheme=scheme, source=source)
     console.print(f"wrote {rows} {'history' if history else 'current'} labels to {out}")
+    if history:
+        console.print(f"wrote the audit trail (review events, adjudications, logins) to {events_path(out)}")
 
 
 def status(

@@ -94,7 +94,8 @@ def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: 
                           resume=resume, started_at=started_at)
         meta = result.meta
         run.metrics.update({"dev": meta["dev_metrics"], "temperature": meta["temperature"], "steps": meta["steps"],
-                            "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"]})
+                            "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"],
+                            "stack": (meta.get("stack") or {}).get("version")})
         model_id = store.register_model(f"labeler-lora-{run.run_id}", ADAPTER_KIND, Path(out).resolve(), stage="lora",
                                         parent_model_id=model, data_hash=meta["data_hash"],
                                         metrics=meta["dev_metrics"], run_id=run.run_id)

@@ -1,20 +1,27 @@
-"""Zero-shot SmolLM2-135M against LoRA-fine-tuned SmolLM2-135M, beside a TF-IDF + linear baseline.
+"""Text baseline, fine-tuned adapter, and the calibrated stack with and without the LLM, on two splits.
 
-Home Depot under the `home-improvement` policy (scheme graded3; metric: RMSE of the expected
-rating, rating = grade + 1, against the raw mean rating) and CrowdFlower under the `graded4` policy
-(scheme graded4, median rating 4/3/2/1 -> perfect/good/fair/irrelevant = grade 3/2/1/0; metric:
-quadratic-weighted kappa). Each file
-is split by query: test (20% of queries, a fixed sample of it is scored), dev (10%, early stopping
-and the temperature), train (the rest). The LoRA run gets a wall-clock budget (`--minutes`); the
-baseline trains on the whole train split in seconds. Early stopping is off, so each run uses its
-whole budget; the best adapter by dev QWK is kept.
+Home Depot under the `home-improvement` policy (scheme graded3; metrics: RMSE of the expected rating,
+rating = grade + 1, against the raw mean rating, and QWK) and CrowdFlower under the `graded4` policy
+(scheme graded4; QWK). Two splits per dataset:
 
-Scaling with the number of training pairs: every pair is seen at most once (the pool is larger than
-the budget can get through) and the learning rate is constant after warm-up, so the first n/16 steps
-of a run are a one-epoch run on n pairs. The dev evaluations of each run (every 20 steps) are the
-points of the scaling curve: pairs seen, training seconds, dev QWK and RMSE.
+- ``random``: test is 20% of the pairs drawn at random, so its queries also occur in training (how teams
+  use a labeler: label some pairs of every query, the labeler does the rest; the Kaggle protocol). Dev
+  (early stopping, temperature, the stack) is 10% of the other pairs' queries, query-disjoint from train
+  (`mnr finetune` splits dev by query);
+- ``query``: test is 20% of the queries, dev 10% of the rest, train the rest: no query in two of them.
 
-    python -m bench.bench_finetune [--quick] [--minutes M] [--test-pairs N]
+Per split: the text baseline (TF-IDF + linear, fitted on train: `annotator.text_baseline`), the adapter
+alone (`annotator.finetune.finetune` under a wall-clock budget, calibrated), the stack without the LLM
+(the text baseline's match features and class probabilities, fitted on the dev pairs the adapter run
+scored) and the full stack (`annotator.stack`, fitted by the fine-tuning run itself), all on the same
+test pairs; plus training pairs/s and epochs reached. The baseline fitted here is the stack's lexical
+part too (passed to `finetune`), so both see the same train pairs.
+
+    python -m bench.bench_finetune [--quick] [--minutes M] [--test-pairs N] [--datasets homedepot,crowdflower]
+
+``--quick`` (about 10-15 minutes on 2 busy cores): 45 s per fine-tuning run, 3,000 baseline train pairs,
+64 dev and 60 test pairs: it exercises every step, its numbers are noise. The full mode: 30 minutes per run,
+every train pair, 1,000 dev and 1,000 test pairs (the same code).
 """
 from __future__ import annotations
 
@@ -31,22 +38,23 @@ apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.model_selection import GroupShuffleSplit  # noqa: E402
+from sklearn.model_selection import GroupShuffleSplit, train_test_split  # noqa: E402
 
+from annotator import stack as st  # noqa: E402
+from annotator.calibration import apply_temperature  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
 from annotator.finetune import (  # noqa: E402
     FinetuneArgs,
     encode_examples,
     finetune,
-    load_lora_model,
     load_tokenizer,
     score_label_logprobs,
     subsample,
 )
-from annotator.calibration import apply_temperature  # noqa: E402
 from annotator.prompts import load_prompt_policy  # noqa: E402
 from annotator.scoring import label_token_ids  # noqa: E402
-from bench.common import command_line, read_crowdflower, read_homedepot, skip, tfidf_linear_probs, write_result  # noqa: E402
+from annotator.text_baseline import class_probs  # noqa: E402
+from bench.common import command_line, read_crowdflower, read_homedepot, skip, write_result  # noqa: E402
 
 NAME = "finetune"
 SEED = 2602
@@ -60,12 +68,19 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
 READERS = {"homedepot": read_homedepot, "crowdflower": read_crowdflower}
 
 
+SYSTEMS = ("tfidf_linear", "adapter", "stack_without_llm", "stack")
+SPLITS = ("random", "query")
+QUICK = {"minutes": 0.75, "baseline_train": 3000, "max_dev": 64, "test_pairs": 60, "eval_every": 10}
+FULL = {"minutes": 30.0, "baseline_train": None, "max_dev": 1000, "test_pairs": 1000, "eval_every": 100}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Small budget: a few minutes per dataset.")
-    parser.add_argument("--minutes", type=float, default=None, help="LoRA training budget per dataset (default 3 quick, 8 full).")
-    parser.add_argument("--test-pairs", type=int, default=None, help="Test pairs scored per dataset (default 60 quick, 400 full).")
+    parser.add_argument("--quick", action="store_true", help="Small budget: about 10 minutes in all.")
+    parser.add_argument("--minutes", type=float, default=None, help="Fine-tuning budget per run (default 1 quick, 30 full).")
+    parser.add_argument("--test-pairs", type=int, default=None, help="Test pairs per split (default 100 quick, 1000 full).")
     parser.add_argument("--datasets", default="homedepot,crowdflower")
+    parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     return parser.parse_args()
 
@@ -82,15 +97,19 @@ def labelled_frame(dataset: str, policy_name: str, rating_source: str) -> pd.Dat
     return frame
 
 
-def split_three(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, dev, test) by query: test 20% of queries, dev 10% of the rest."""
-    def cut(part: pd.DataFrame, share: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_frame(frame: pd.DataFrame, split: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, dev, test): test 20% of the pairs (``random``) or of the queries (``query``); dev 10% of the
+    remaining queries (query-disjoint from train either way)."""
+    def by_query(part: pd.DataFrame, share: float) -> tuple[pd.DataFrame, pd.DataFrame]:
         keep, held = next(GroupShuffleSplit(n_splits=1, test_size=share, random_state=SEED)
                           .split(part, groups=part["query_id"]))
         return part.iloc[keep].reset_index(drop=True), part.iloc[held].reset_index(drop=True)
 
-    rest, test = cut(frame, 0.2)
-    train, dev = cut(rest, 0.1)
+    if split == "random":
+        rest, test = (part.reset_index(drop=True) for part in train_test_split(frame, test_size=0.2, random_state=SEED))
+    else:
+        rest, test = by_query(frame, 0.2)
+    train, dev = by_query(rest, 0.1)
     return train, dev, test
 
 
@@ -99,109 +118,117 @@ def metrics_of(probs: np.ndarray, frame: pd.DataFrame, labels: list[str], grades
     truth = np.array([labels.index(label) for label in frame["label"]])
     result = evaluate_labels(truth, probs, grades, frame["raw_rating"].to_numpy(dtype=float), label_names=labels,
                              rating_scale=scale)
-    return {k: result[k] for k in ("n", "accuracy", "macro_f1", "qwk", "rmse_rating", "ece", "confusion_matrix")}
+    return {k: result[k] for k in ("n", "accuracy", "macro_f1", "qwk", "rmse_rating", "log_loss", "ece",
+                                   "confusion_matrix")}
 
 
-def llm_probs(model: Any, tokenizer: Any, policy: Any, frame: pd.DataFrame, temperature: float) -> tuple[np.ndarray, float]:
-    """Label probabilities of ``frame`` from a (LoRA) model, and the scoring time in seconds."""
+def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataFrame) -> tuple[np.ndarray, float]:
+    """(n, K) label log-probabilities of ``frame`` from the base model + ``adapter`` in its pair form, and seconds.
+
+    Scored with the shared-prefix forward of fine-tuning (`score_label_logprobs`), the fastest way on CPU;
+    serving through any backend gives the same numbers (tests/test_finetune.py)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from annotator.finetune import read_meta
+    from annotator.pair_form import policy_for_adapter
+
     start = time.monotonic()
-    examples = encode_examples(tokenizer, policy, frame)
-    logprobs = score_label_logprobs(model, examples, label_token_ids(tokenizer, policy.answer_options()),
+    tokenizer = load_tokenizer(model_dir)
+    prompt_policy = policy_for_adapter(policy, read_meta(adapter))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(adapter))
+    examples = encode_examples(tokenizer, prompt_policy, frame)
+    if examples.skipped:
+        raise RuntimeError(f"{len(examples.skipped)} test pairs have no usable text")
+    logprobs = score_label_logprobs(model, examples, label_token_ids(tokenizer, prompt_policy.answer_options()),
                                     tokenizer.pad_token_id, batch_size=32)
-    return apply_temperature(logprobs, temperature), time.monotonic() - start
+    return logprobs, time.monotonic() - start
 
 
-def run_dataset(dataset: str, model_dir: str, minutes: float, test_pairs: int, work: Path, quick: bool) -> dict[str, Any]:
+def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: list[str]) -> st.Stack:
+    """The lexical-only stack, fitted on the dev pairs the adapter run scored (those its full stack was fitted on)."""
+    scored = json.loads((adapter / "split.json").read_text())["dev_pair_ids"]
+    rows = dev.set_index("pair_id").loc[scored].reset_index()
+    matrix = st.design(("lexical",), lexical=st.lexical_inputs(baseline, rows, len(labels)))
+    return st.fit_stack(labels, ("lexical",), baseline, matrix, rows["label"].map(labels.index).to_numpy())
+
+
+def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     policy_name, rating_source, headline, anchor = DATASETS[dataset]
     policy = load_prompt_policy(policy_name)
     labels = policy.scheme.label_names
     grades = [policy.scheme.grades[name] for name in labels]
     scale = tuple(float(x) for x in policy.scheme.rating_maps[rating_source].scale)
-    frame = labelled_frame(dataset, policy_name, rating_source)
-    train, dev, test = split_three(frame)
-    test_sample = subsample(test, test_pairs, SEED)
-    report: dict[str, Any] = {"policy": policy_name, "scheme": policy.scheme.name, "headline_metric": headline,
-                              "anchor": anchor, "pairs": len(frame), "train_pairs_available": len(train),
-                              "dev_pairs": len(dev), "test_pairs_scored": len(test_sample)}
+    train, dev, test = split_frame(labelled_frame(dataset, policy_name, rating_source), split)
+    test = subsample(test, sizes["test_pairs"], SEED)
+    dev = subsample(dev, sizes["max_dev"], SEED)
+    tag = f"[{dataset}/{split}]"
+    report: dict[str, Any] = {"split": split, "headline_metric": headline, "anchor": anchor,
+                              "train_pairs": len(train), "dev_pairs": len(dev), "test_pairs": len(test)}
+    measure = lambda probs: metrics_of(probs, test, labels, grades, scale)  # noqa: E731
 
     start = time.monotonic()
-    baseline_probs = tfidf_linear_probs(train, test_sample, train["label"].map(labels.index).to_numpy(), len(labels))
-    report["tfidf_linear"] = {**metrics_of(baseline_probs, test_sample, labels, grades, scale),
-                              "train_pairs": len(train), "seconds": round(time.monotonic() - start, 1)}
-    print(f"[{dataset}] tfidf+linear: {report['tfidf_linear'][headline]:.4f}", flush=True)
+    baseline_train = subsample(train, sizes["baseline_train"], SEED)
+    baseline = st.fit_lexical(baseline_train, baseline_train["label"].map(labels.index).to_numpy())
+    report["tfidf_linear"] = {**measure(class_probs(baseline, test[["query", "title"]], len(labels))),
+                              "train_pairs": len(baseline_train), "seconds": round(time.monotonic() - start, 1)}
+    print(f"{tag} tfidf+linear {headline} {report['tfidf_linear'][headline]:.4f}", flush=True)
 
-    tokenizer = load_tokenizer(model_dir)
-    base = load_lora_model(model_dir, FinetuneArgs())  # a fresh LoRA adapter is the identity: zero-shot
-    probs, seconds = llm_probs(base, tokenizer, policy, test_sample, 1.0)
-    report["zero_shot"] = {**metrics_of(probs, test_sample, labels, grades, scale), "score_seconds": round(seconds, 1)}
-    print(f"[{dataset}] zero-shot: {report['zero_shot'][headline]:.4f} ({seconds:.0f}s)", flush=True)
-    del base
-
-    args = FinetuneArgs(max_minutes=minutes, eval_every=10 if quick else 20, patience=10_000, max_dev=32 if quick else 150,
-                        max_epochs=1.0, batch_size=16, learning_rate=1e-3, select_metric="qwk", seed=SEED)
-    dev_sample = subsample(dev, args.max_dev, SEED)
-    llm_train = subsample(train, 800 if quick else 8000, SEED)  # more than the budget can get through
-    result = finetune(llm_train, dev_sample, policy, model_dir, work / f"{dataset}-lora",
-                      args, base_model_name="smollm2", rating_scale=scale,
-                      progress=lambda r: print(f"[{dataset}] step {r['step']} loss {r['train_loss']:.3f} "
-                                               f"dev qwk {r['qwk']:.3f} acc {r['accuracy']:.3f} {r['elapsed_s']:.0f}s",
-                                               flush=True))
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-    import torch
-
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                      str(work / f"{dataset}-lora"))
-    from annotator.pair_form import policy_for_adapter
-
-    # the adapter is scored with the prompt it was trained on (its recorded pair form)
-    probs, seconds = llm_probs(tuned, tokenizer, policy_for_adapter(policy, result.meta), test_sample,
-                               result.meta["temperature"])
-    report["lora"] = {**metrics_of(probs, test_sample, labels, grades, scale), "score_seconds": round(seconds, 1),
-                      "budget_minutes": minutes, "steps": result.meta["steps"],
-                      "train_pairs_seen": min(result.meta["steps"] * args.batch_size, len(llm_train)),
-                      "batch_size": args.batch_size, "dev_pairs": len(dev_sample),
-                      "train_seconds": result.meta["train_seconds"], "stop_reason": result.meta["stop_reason"],
-                      "temperature": result.meta["temperature"], "history": result.history}
-    print(f"[{dataset}] LoRA: {report['lora'][headline]:.4f} after {result.meta['steps']} steps", flush=True)
+    out = work / f"{dataset}-{split}"
+    args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
+                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED)
+    result = finetune(train, dev, policy, model_dir, out, args, base_model_name="smollm2", rating_scale=scale,
+                      stack_lexical=baseline,
+                      progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
+                                               f"dev qwk {r['qwk']:.3f} {r['elapsed_s']:.0f}s", flush=True))
+    meta = result.meta
+    logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
+    report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
+    lexical_stack = stack_without_llm(baseline, dev, out, labels)
+    report["stack_without_llm"] = measure(lexical_stack.predict_proba(test))
+    full = st.load_stack(out)
+    report["stack"] = {**measure(full.predict_proba(test, logprobs)), "version": full.version}
+    train_s = max(meta["train_step_wall_seconds"], 1e-9)
+    report["training"] = {
+        "budget_minutes": sizes["minutes"], "seconds": meta["train_seconds"], "steps": meta["steps"],
+        "distinct_pairs": meta["n_train_used"], "pairs_seen": meta["pairs_seen"], "epochs": meta["epochs"],
+        "pairs_per_s": round(meta["pairs_seen"] / train_s, 2),
+        "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
+        "stop_reason": meta["stop_reason"], "temperature": meta["temperature"], "calibration": meta["calibration"],
+        "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
+    print(f"{tag} " + ", ".join(f"{name} {report[name][headline]:.4f}" for name in SYSTEMS)
+          + f"; {meta['pairs_seen']} pairs seen ({meta['epochs']:.2f} epochs of {meta['n_train_used']})", flush=True)
     return report
 
 
-def scaling_points(dataset: str, report: dict[str, Any], points: int = 3) -> list[dict[str, Any]]:
-    """`points` dev evaluations of the run, evenly spread over it: pairs seen (one epoch at most, so
-    the training-set size of an equivalent one-epoch run), seconds, dev QWK and RMSE of the grade."""
-    history = report["lora"]["history"]
-    if not history:
-        return []
-    picks = sorted({round(i * (len(history) - 1) / max(points - 1, 1)) for i in range(points)})
-    batch = report["lora"]["batch_size"]
-    return [{"dataset": dataset, "train_pairs": history[i]["step"] * batch, "steps": history[i]["step"],
-             "seconds": history[i]["elapsed_s"], "dev_qwk": history[i]["qwk"], "dev_rmse_grade": history[i]["rmse_grade"],
-             "dev_accuracy": history[i]["accuracy"], "dev_pairs": report["lora"]["dev_pairs"]} for i in picks]
+PRETTY = {"homedepot": "Home Depot", "crowdflower": "CrowdFlower"}
+SYSTEM_NAMES = {"tfidf_linear": "TF-IDF + linear", "adapter": "adapter alone (LoRA SmolLM2-135M)",
+                "stack_without_llm": "stack without the LLM", "stack": "full stack (adapter + lexical)"}
 
 
-def figures_of(reports: dict[str, dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[dict[str, Any]]:
+    mark = " (quick: numbers are noise)" if quick else ""
     figures = []
-    for dataset, report in reports.items():
-        metric = report["headline_metric"]
-        unit = "RMSE (rating)" if metric == "rmse_rating" else "QWK"
-        pretty = {"homedepot": "Home Depot", "crowdflower": "CrowdFlower"}[dataset]
-        baseline = report["tfidf_linear"][metric]
-        anchor = f"TF-IDF + linear {baseline:.4f} (same run, same test pairs); {report['anchor']}"
-        lora = report["lora"]
-        figures.append({"name": f"{pretty} {unit}, zero-shot SmolLM2-135M", "value": round(report["zero_shot"][metric], 4),
-                        "unit": unit, "target": "baseline to beat", "anchor": anchor})
-        figures.append({"name": f"{pretty} {unit}, LoRA SmolLM2-135M ({lora['budget_minutes']:g} min CPU budget, "
-                                f"{lora['steps']} steps)", "value": round(lora[metric], 4), "unit": unit,
-                        "target": "better than TF-IDF + linear", "anchor": anchor})
-        figures.append({"name": f"{pretty} {unit}, TF-IDF + linear", "value": round(baseline, 4), "unit": unit,
-                        "target": "reference", "anchor": report["anchor"]})
-    for point in points:
-        pretty = {"homedepot": "Home Depot", "crowdflower": "CrowdFlower"}[point["dataset"]]
-        figures.append({"name": f"{pretty} LoRA after {point['train_pairs']} train pairs (seen once): seconds",
-                        "value": point["seconds"], "unit": "s", "target": "linear in pairs",
-                        "anchor": f"dev QWK {point['dev_qwk']:.4f}, dev RMSE (grade) {point['dev_rmse_grade']:.4f} "
-                                  f"on {point['dev_pairs']} dev pairs"})
+    for dataset, splits in reports.items():
+        for split, report in splits.items():
+            metrics = ("rmse_rating", "qwk") if report["headline_metric"] == "rmse_rating" else ("qwk",)
+            training = report["training"]
+            for metric in metrics:
+                unit = "RMSE (rating)" if metric == "rmse_rating" else "QWK"
+                baseline = report["tfidf_linear"][metric]
+                for system in SYSTEMS:
+                    target = ("reference" if system == "tfidf_linear" else
+                              "better than TF-IDF + linear" if system == "stack" else "")
+                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}{mark}",
+                                    "value": round(report[system][metric], 4), "unit": unit, "target": target,
+                                    "anchor": f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test "
+                                              f"pairs; {report['anchor']}"})
+            figures.append({"name": f"{PRETTY[dataset]} {split} split: training pairs/s (epochs reached){mark}",
+                            "value": training["pairs_per_s"], "unit": "pairs/s",
+                            "target": ">= 20,000 distinct pairs, > 1 epoch in 30 min",
+                            "anchor": f"{training['pairs_seen']:,} pairs seen, {training['epochs']:.2f} epochs of "
+                                      f"{training['distinct_pairs']:,} distinct, {training['budget_minutes']:g} min budget"})
     return figures
 
 
@@ -211,36 +238,38 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    minutes = args.minutes if args.minutes is not None else (3.0 if args.quick else 8.0)
-    test_pairs = args.test_pairs or (60 if args.quick else 400)
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.minutes is not None:
+        sizes["minutes"] = args.minutes
+    if args.test_pairs is not None:
+        sizes["test_pairs"] = args.test_pairs
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if any(READERS[d]() is None for d in datasets):
         skip(NAME, args.quick, "../shared/data (homedepot/crowdflower train.csv) is absent")
     from annotator.models import pull
 
     model_dir = str(pull("smollm2"))
     started = time.monotonic()
-    command = command_line(NAME, args.quick) + (f" --minutes {minutes:g}" if args.minutes is not None else "") + \
-        (f" --test-pairs {test_pairs}" if args.test_pairs else "")
-    data = ("../shared/data homedepot/train.csv, crowdflower/train.csv; split by query "
-            f"(test 20% of queries, {test_pairs} test pairs scored per dataset)")
-    reports: dict[str, dict[str, Any]] = {}
-    points: list[dict[str, Any]] = []
+    command = command_line(NAME, args.quick) + (f" --minutes {args.minutes:g}" if args.minutes is not None else "") + \
+        (f" --test-pairs {args.test_pairs}" if args.test_pairs else "")
+    data = (f"../shared/data homedepot/train.csv, crowdflower/train.csv; splits {', '.join(splits)}; "
+            f"{sizes['test_pairs']} test pairs, at most {sizes['max_dev']} dev pairs per split")
+    reports: dict[str, dict[str, dict[str, Any]]] = {}
 
     def save(partial: bool) -> None:
-        # written after every stage, so a run cut short still leaves what it measured
-        path = write_result(NAME, args.quick, data, figures_of(reports, points), datasets=reports, scaling=points,
+        # written after every split, so a run cut short still leaves what it measured
+        path = write_result(NAME, args.quick, data, figures_of(reports, args.quick), datasets=reports, sizes=sizes,
                             total_seconds=round(time.monotonic() - started, 1), partial=partial)
         result = json.loads(path.read_text())
         result["command"] = command
         path.write_text(json.dumps(result, indent=2, default=float))
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
-        work = Path(tmp)
         for dataset in datasets:
-            reports[dataset] = run_dataset(dataset, model_dir, minutes, test_pairs, work, args.quick)
-            points.extend(scaling_points(dataset, reports[dataset]))
-            save(partial=True)
+            for split in splits:
+                reports.setdefault(dataset, {})[split] = run_split(dataset, split, model_dir, sizes, Path(tmp))
+                save(partial=True)
     save(partial=False)
 
 

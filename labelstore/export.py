@@ -1,7 +1,13 @@
-"""Export current labels, or the whole label history, with provenance columns."""
+"""Export current labels, or the whole label history, with provenance columns.
+
+A history export also writes the audit trail beside it (`events_path`): every review decision, skip,
+undo, adjudication, account change and login attempt, accepted or refused, oldest first.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+
+import pandas as pd
 
 from labelstore.errors import MnrError
 from labelstore.sqlfiles import sql
@@ -23,6 +29,19 @@ def export_labels(store: Store, out: str | Path, *, fmt: str | None = None, hist
     query = sql("labelstore", "export_history" if history else "export_current")
     frame = store.df(query, {"scheme": scheme, "source": source})
     out.parent.mkdir(parents=True, exist_ok=True)
+    if history:
+        _write(store.df(sql("labelstore", "export_events"), {"scheme": scheme}), events_path(out), fmt)
+    _write(frame, out, fmt)
+    return len(frame)
+
+
+def events_path(out: str | Path) -> Path:
+    """Where a history export to `out` puts the audit trail: `labels.parquet` -> `labels.events.parquet`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.events{out.suffix}")
+
+
+def _write(frame: pd.DataFrame, out: Path, fmt: str) -> None:
     partial = out.with_name(out.name + ".partial")
     if fmt == "parquet":
         frame.to_parquet(partial, index=False)
@@ -31,4 +50,3 @@ def export_labels(store: Store, out: str | Path, *, fmt: str | None = None, hist
     else:
         frame.to_json(partial, orient="records", lines=True, date_format="iso")
     partial.replace(out)
-    return len(frame)

@@ -20,6 +20,7 @@ import annotator.finetune as finetune_module
 from annotator.finetune import (
     FinetuneArgs,
     class_weights,
+    read_meta,
     encode_examples,
     finetune,
     load_lora_model,
@@ -29,6 +30,7 @@ from annotator.finetune import (
 )
 from annotator.prompts import PairText, load_prompt_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
+from annotator.stack import load_stack
 from app.cli import app
 from labelstore import Store, ids
 from labelstore.ingest import write_pairs
@@ -146,6 +148,13 @@ def test_output_folder_holds_adapter_meta_and_query_disjoint_split(trained: Path
     assert meta["training_args"]["learning_rate"] == 5e-3 and meta["training_args"]["lora_r"] == 8
     assert meta["temperature"] > 0 and meta["n_train"] + meta["n_dev"] == 48 * 6
     assert {"accuracy", "macro_f1", "qwk", "ece"} <= set(meta["dev_metrics"])
+    stack = read_meta(trained)["stack"]
+    assert stack["fitted"] and (trained / "stack.json").is_file() and (trained / "stack.npz").is_file()
+    assert stack["version"] == load_stack(trained).version and stack["inputs"] == ["llm", "lexical"]
+    report = stack["dev_report"]
+    assert report["n_dev"] == meta["n_dev"] and isinstance(report["llm_adds"], bool) and report["verdict"]
+    # the colour word decides the label, and the text baseline inside the stack sees it
+    assert report["lexical_only"]["accuracy"] >= 0.9 and report["full"]["accuracy"] >= 0.9
     split = json.loads((trained / "split.json").read_text())
     assert not set(split["train_query_ids"]) & set(split["dev_query_ids"])
     store = Store(store_path)
@@ -281,13 +290,22 @@ def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, t
     with Labeler(str(learnable_llama), policy, backend="vllm", adapter=str(trained), dtype="float32",
                  max_model_len=512, max_num_seqs=32) as served:
         assert served.temperature == pytest.approx(meta["temperature"])
-        vllm_probs = served.score(pairs)
+        vllm_stacked = served.score(pairs)
         vllm_logprobs = served.logprobs(pairs)
     with Labeler(str(learnable_llama), policy, backend="transformers", adapter=str(trained)) as local:
-        transformers_probs = local.score(pairs)
+        transformers_stacked = local.score(pairs)
         transformers_logprobs = local.logprobs(pairs)
     truth = np.array([policy.scheme.label_names.index(label) for label in dev["label"]])
-    assert np.array_equal(vllm_probs.argmax(1), transformers_probs.argmax(1))
+    # the stack saved by finetune, reloaded by each labeler, gives the same probabilities on both backends
+    version = meta["stack"]["version"]
+    assert served.stack.version == local.stack.version == version and f"+stack-{version}@" in served.author
+    assert served.author == local.author
+    assert np.array_equal(vllm_stacked.argmax(1), transformers_stacked.argmax(1))
+    np.testing.assert_allclose(vllm_stacked, transformers_stacked, atol=AGREEMENT_ATOL)
+    assert 0.01 < transformers_stacked.max(1).min(), "the stack's probabilities are not all at 0 or 1"
+    # and the bare adapter's, calibrated
+    vllm_probs, transformers_probs = (probs_from_logprobs(lp, meta["temperature"])
+                                      for lp in (vllm_logprobs, transformers_logprobs))
     np.testing.assert_allclose(vllm_probs, transformers_probs, atol=AGREEMENT_ATOL)
     # The trained adapter is confident: most probabilities are within 1e-6 of 0 or 1, where a 1e-3
     # probability tolerance says nothing. So the label log-probabilities are compared too (a 1e-2 nat
@@ -388,11 +406,21 @@ def test_labeler_serves_the_adapter_with_its_pair_form_and_reproduces_dev(top_bl
     dev = dev.set_index("pair_id").loc[json.loads((top_block_run.out_dir / "split.json").read_text())["dev_pair_ids"]]
     pairs = [PairText(r.query, r.title, pair_id=pid) for pid, r in dev.iterrows()]
     with Labeler(str(learnable_llama), load_prompt_policy(toy_policy_path), backend="transformers",
-                 adapter=str(top_block_run.out_dir)) as labeler:
+                 adapter=str(top_block_run.out_dir), use_stack=False) as labeler:
         assert labeler.policy.version == meta["pair_form"]["prompt_hash"]
+        assert labeler.stack is None and "stack-" not in labeler.author
         probs = labeler.score(pairs)
+        logprobs = labeler.logprobs(pairs)
+    np.testing.assert_allclose(probs, probs_from_logprobs(logprobs, meta["temperature"]))
     truth = np.array([labeler.label_names.index(label) for label in dev["label"]])
     assert float(np.mean(probs.argmax(1) == truth)) == pytest.approx(meta["dev_metrics"]["accuracy"], abs=0.02)
+    with Labeler(str(learnable_llama), load_prompt_policy(toy_policy_path), backend="transformers",
+                 adapter=str(top_block_run.out_dir)) as stacked:
+        assert stacked.author.replace(f"+stack-{meta['stack']['version']}", "") == labeler.author
+        stacked_probs = stacked.score(pairs)
+    by_hand = load_stack(top_block_run.out_dir).predict_proba(dev, logprobs)
+    np.testing.assert_allclose(stacked_probs, by_hand, atol=1e-9)
+    assert np.abs(stacked_probs - probs).max() > 0.05, "the stack changes the probabilities"
 
 
 def test_short_pair_form_cuts_the_description_and_round_trips_through_meta() -> None:
@@ -434,3 +462,28 @@ def test_max_minutes_bounds_the_whole_call(learnable_llama: Path, toy_policy_pat
     wall = time.monotonic() - started
     assert result.meta["stop_reason"] == "max_minutes"
     assert wall <= 1.1 * budget_s and result.meta["train_seconds"] <= 1.1 * budget_s
+
+
+def test_mnr_label_applies_the_stack_and_no_stack_gives_the_bare_labeler(trained: Path, store_path: Path,
+                                                                         learnable_llama: Path, toy_policy_path: Path,
+                                                                         tmp_path: Path) -> None:
+    dev = _dev_frame(trained)
+    queries = sorted(set(dev["query"]))[:3]
+    (tmp_path / "queries.txt").write_text("\n".join(queries), encoding="utf-8")
+    common = ["--store", str(store_path), "label", "--select", "query-file", "--query-file", str(tmp_path / "queries.txt"),
+              "--model", str(learnable_llama), "--adapter", str(trained), "--policy", str(toy_policy_path),
+              "--backend", "transformers", "--dtype", "float32", "--quiet"]
+    for extra in ([], ["--no-stack"]):
+        result = runner.invoke(app, [*common, *extra])
+        assert result.exit_code == 0, result.output
+    store = Store(store_path)
+    labels = store.df("SELECT pair_id, author, probs FROM labels WHERE source = 'llm' ORDER BY pair_id")
+    version = read_meta(trained)["stack"]["version"]
+    stacked = labels[labels["author"].str.contains(f"+stack-{version}@", regex=False)]
+    bare = labels[~labels["author"].str.contains("+stack-", regex=False)]
+    assert len(stacked) == len(bare) == int(dev["query"].isin(queries).sum()) > 0
+    assert set(stacked["pair_id"]) == set(bare["pair_id"])
+    names = load_prompt_policy(toy_policy_path).scheme.label_names
+    as_matrix = lambda frame: np.array([[json.loads(p)[n] if isinstance(p, str) else p[n] for n in names]
+                                        for p in frame["probs"]])
+    assert np.abs(as_matrix(stacked) - as_matrix(bare)).max() > 0.05

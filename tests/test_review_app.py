@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 import app.review
 from app.review.decisions import record_decision, record_skip, undo_last
 from app.review.settings import IdentityError
+from labelstore.accounts import add_account, disable_account
 from test_review_support import (
     ReviewFixture, build_review_store, copy_review_store, human_label, llm_label, write_config,
 )
@@ -195,3 +196,48 @@ def test_queue_page_counts_position_and_filters(fixture: ReviewFixture) -> None:
     assert "2 items waiting" in at.markdown[0].value
     at.switch_page("screens/review.py").run()
     assert shown_pair(at) == fixture.uncertain_low
+
+
+def log_in_app(name: str, token: str) -> AppTest:
+    at = AppTest.from_file(str(UI), default_timeout=60).run()
+    at.sidebar.text_input(key="mnr_login_name").set_value(name)
+    at.sidebar.text_input(key="mnr_login_token").set_value(token)
+    at.sidebar.button[0].click().run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_with_accounts_an_annotator_sees_only_her_own_labels_and_an_admin_all(fixture: ReviewFixture) -> None:
+    store = fixture.store
+    alice = add_account(store, "alice", "annotator")
+    ann = add_account(store, "ann", "admin")
+    at = AppTest.from_file(str(UI), default_timeout=60).run()
+    assert "mnr_identity" not in [widget.key for widget in at.sidebar.text_input]  # a login, not a name field
+    assert not [button for button in at.button if button.key and button.key.startswith("mnr_label_")]
+    # the disputed pair (carol: exact, LLM: irrelevant) is not a blind item here (overlap 0)
+    for name, token, sees_carol in (("alice", alice, False), ("ann", ann, True)):
+        at = log_in_app(name, token)
+        assert at.session_state["mnr_annotator"] == name
+        at.session_state["mnr_focus"] = (fixture.disputed, "esci", "disputed")
+        del at.session_state["mnr_current"]
+        at.run()
+        captions = " ".join(caption.value for caption in at.caption)
+        tables = [frame.value for frame in at.dataframe]
+        shown_authors = {author for table in tables if "author" in table for author in table["author"]}
+        assert ("carol" in shown_authors) is sees_carol, name
+        assert ("1 by others hidden: annotators see only their own" in captions) is not sees_carol, name
+    at = log_in_app("alice", alice)
+    assert "human said" not in " ".join(caption.value for caption in at.caption)
+    at.switch_page("screens/queue.py").run()
+    queue_table = at.dataframe[0].value
+    assert "current_label" not in queue_table and "human said" not in " ".join(queue_table["reason"])
+
+
+def test_an_account_disabled_mid_session_is_logged_out(fixture: ReviewFixture) -> None:
+    alice = add_account(fixture.store, "alice", "annotator")
+    at = log_in_app("alice", alice)
+    assert at.button(key="mnr_label_exact")
+    disable_account(fixture.store, "alice")
+    at.run()
+    assert "Your account was disabled" in at.sidebar.error[0].value
+    assert not [button for button in at.button if button.key and button.key.startswith("mnr_label_")]

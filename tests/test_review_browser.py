@@ -1,23 +1,19 @@
-"""End to end: `mnr review` on a temporary store, driven by a real Chromium (Debian's, no download)."""
+"""End to end: `mnr review` on a temporary store, driven by a real Chromium (Debian's, no download):
+single-user review by keyboard and mouse, login with tokens, blind overlap, trusted-header sign-in."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
+from bench.review_browser import CHROMIUM, CHROMIUM_ARGS, log_in, serve_review, wait_until_idle
 from conftest import require
-from test_review_support import build_review_store, write_config
+from labelstore.accounts import add_account, disable_account
+from test_review_support import ReviewFixture, build_review_store, human_label, write_config
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 pytestmark = [pytest.mark.browser]
 
 
@@ -32,93 +28,152 @@ def browser_api():
     return sync_api
 
 
-def wait_until_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until the app has no script run in progress (Streamlit's running indicator is gone)."""
-    page.wait_for_timeout(300)
-    page.locator('[data-testid="stStatusWidgetRunningIcon"]').wait_for(state="detached", timeout=timeout_ms)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mnr review exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError(f"mnr review did not answer at {url} within {timeout}s")
+@pytest.fixture
+def fixture(tmp_path: Path) -> ReviewFixture:
+    return build_review_store(tmp_path / "review.duckdb")
 
 
 @pytest.fixture
-def review_server(tmp_path: Path):
+def browser(fixture: ReviewFixture, tmp_path: Path):
+    """A headless Chromium; on a failure its pages are screenshot and the server log printed."""
     sync_api = browser_api()
-    fixture = build_review_store(tmp_path / "review.duckdb")
-    port = free_port()
-    env = dict(os.environ, MNR_CONFIG=str(write_config(tmp_path / "mnr.toml", overlap=0.0)))
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "review", "--store", str(fixture.store.path), "--port", str(port)],
-        env=env, cwd=tmp_path, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, server)
-        yield fixture, url, sync_api
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-
-
-def test_review_three_items_in_chromium(review_server, tmp_path: Path) -> None:
-    fixture, url, sync_api = review_server
-    order = fixture.expected_order
-    screenshot = Path(os.environ.get("MNR_REVIEW_SCREENSHOT", tmp_path / "review.png"))
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page.goto(url)
-            identity = page.get_by_label("Your name or annotator id", exact=True)
-            identity.fill("alice")
-            identity.press("Enter")
-            page.get_by_text("Item 1 of 6").wait_for(timeout=90_000)
-            page.locator(".st-key-mnr_label_exact button").first.click()
-            page.get_by_text("Item 2 of 6").wait_for(timeout=60_000)
-            page.locator(".st-key-mnr_label_substitute button").first.click()
-            page.get_by_text("Item 3 of 6").wait_for(timeout=60_000)
-            wait_until_idle(page)
-            page.locator("h3").first.click()  # focus the page, not a text field
-            page.keyboard.press("4")  # the shortcut of the fourth label: irrelevant
-            page.get_by_text("Item 4 of 6").wait_for(timeout=60_000)
-            page.get_by_text("Engagement (simulated)").wait_for(timeout=60_000)
-            wait_until_idle(page)
-            page.get_by_label("Comment (optional)", exact=True).click()
-            page.keyboard.type("1 or 2")  # digits typed into a text field are text, not shortcuts
-            wait_until_idle(page)
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=True)
+            yield chromium
         except Exception:
-            page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
-            print((tmp_path / "server.log").read_text(), f"failure screenshot: {tmp_path / 'failure.png'}")
+            for number, page in enumerate(page for context in chromium.contexts for page in context.pages):
+                page.screenshot(path=str(tmp_path / f"failure-{number}.png"), full_page=True)
+            log = tmp_path / "server.log"
+            print(log.read_text() if log.exists() else "", f"failure screenshots in {tmp_path}")
             raise
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture
+def start_review(fixture: ReviewFixture, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """`start_review(**review)`: `mnr review` on the fixture store with these `[review]` settings; its URL."""
+    browser_api()
+    with ExitStack() as servers:
+        def start(**review: object) -> str:
+            config = write_config(tmp_path / "mnr.toml", **review)
+            return servers.enter_context(serve_review(fixture.store.path, config, tmp_path / "server.log"))
+        yield start
+
+
+def decision_buttons(page) -> int:
+    return page.locator('[class*="st-key-mnr_label_"] button').count()
+
+
+def test_review_three_items_in_chromium(fixture: ReviewFixture, start_review, browser, tmp_path: Path) -> None:
+    url = start_review(overlap=0.0)
+    order = fixture.expected_order
+    screenshot = Path(os.environ.get("MNR_REVIEW_SCREENSHOT", tmp_path / "review.png"))
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    identity = page.get_by_label("Your name or annotator id", exact=True)
+    identity.fill("alice")
+    identity.press("Enter")
+    page.get_by_text("Item 1 of 6").wait_for(timeout=90_000)
+    page.locator(".st-key-mnr_label_exact button").first.click()
+    page.get_by_text("Item 2 of 6").wait_for(timeout=60_000)
+    page.locator(".st-key-mnr_label_substitute button").first.click()
+    page.get_by_text("Item 3 of 6").wait_for(timeout=60_000)
+    wait_until_idle(page)
+    page.locator("h3").first.click()  # focus the page, not a text field
+    page.keyboard.press("4")  # the shortcut of the fourth label: irrelevant
+    page.get_by_text("Item 4 of 6").wait_for(timeout=60_000)
+    page.get_by_text("Engagement (simulated)").wait_for(timeout=60_000)
+    wait_until_idle(page)
+    page.get_by_label("Comment (optional)", exact=True).click()
+    page.keyboard.type("1 or 2")  # digits typed into a text field are text, not shortcuts
+    wait_until_idle(page)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshot), full_page=True)
     rows = fixture.store.fetchall(
         "SELECT pair_id, label, author, source FROM labels WHERE author = 'alice' ORDER BY label_id")
     assert rows == [(order[0], "exact", "alice", "human"), (order[1], "substitute", "alice", "human"),
                     (order[2], "irrelevant", "alice", "human")]
     assert screenshot.stat().st_size > 10_000
+
+
+def test_login_roles_and_blind_overlap_in_chromium(fixture: ReviewFixture, start_review, browser) -> None:
+    """Wrong and disabled tokens are refused; an annotator sees neither carol's label nor the LLM's on a
+    blind overlap item, nor the agreement page; her decision is written under her id."""
+    store = fixture.store
+    alice = add_account(store, "alice", "annotator")
+    mallory = add_account(store, "mallory", "annotator")
+    disable_account(store, "mallory")
+    url = start_review(overlap=1.0, overlap_k=2, blind_llm=True)
+    # carol labelled the disputed pair 'exact' with a comment; the LLM said 'irrelevant' (90%)
+    store.execute("UPDATE labels SET comment = 'carol was here' WHERE author = 'carol'")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/?pair={fixture.disputed}&scheme=esci")
+    log_in(page, "alice", alice + "x")
+    page.get_by_text("name or token not accepted").wait_for(timeout=90_000)
+    log_in(page, "mallory", mallory)
+    page.get_by_text("account 'mallory' is disabled").wait_for(timeout=60_000)
+    assert decision_buttons(page) == 0
+    log_in(page, "alice", alice)
+    page.get_by_text("Logged in as alice (annotator)").wait_for(timeout=60_000)
+    page.get_by_text("1 by others hidden: a blind overlap item").wait_for(timeout=60_000)
+    wait_until_idle(page)
+    text = page.locator("body").inner_text()
+    assert "hidden until you decide" in text
+    assert "carol" not in text and "llm:test" not in text and "90%" not in text
+    assert page.get_by_role("link", name="Agreement").count() == 0  # annotators get no agreement page
+    assert page.get_by_role("link", name="Queue").count() == 1
+    page.locator("h3").first.click()
+    page.keyboard.press("2")  # substitute
+    page.get_by_text("Saved 'substitute'").wait_for(timeout=60_000)
+    assert store.fetchall("SELECT label, author FROM labels WHERE pair_id = ? AND source = 'human' "
+                          "ORDER BY label_id", [fixture.disputed]) == [("exact", "carol"), ("substitute", "alice")]
+    logins = store.fetchall("SELECT action, account, detail FROM account_events WHERE action LIKE 'login%' "
+                            "ORDER BY event_id")
+    assert logins == [("login_failed", "alice", "wrong token"), ("login_failed", "mallory", "account disabled"),
+                      ("login", "alice", None)]
+
+
+def test_admin_adjudicates_in_chromium(fixture: ReviewFixture, start_review, browser) -> None:
+    store = fixture.store
+    ann = add_account(store, "ann", "admin")
+    add_account(store, "bob", "annotator")
+    store.add_labels([human_label(fixture.disputed, "substitute", "bob")])  # carol said exact
+    url = start_review(overlap=0.0)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    log_in(page, "ann", ann)
+    page.get_by_role("link", name="Adjudicate").click()
+    page.get_by_text("Disagreements waiting (1)").wait_for(timeout=90_000)
+    page.get_by_text("bob=substitute; carol=exact").first.wait_for(timeout=60_000)
+    page.get_by_text("complement", exact=True).click()
+    page.get_by_role("button", name="Adjudicate").click()
+    page.get_by_text("Adjudicated 'complement'").wait_for(timeout=60_000)
+    current = store.current_labels("esci").set_index("pair_id").loc[fixture.disputed]
+    assert (current["label"], current["author"]) == ("complement", "ann")
+    assert store.fetchall("SELECT admin, label, decisions FROM adjudications") == [
+        ("ann", "complement", "bob=substitute; carol=exact")]
+
+
+def test_trusted_header_mode_in_chromium(fixture: ReviewFixture, start_review, browser) -> None:
+    url = start_review(overlap=0.0, trusted_header="X-Forwarded-User")
+    anonymous = browser.new_page()
+    anonymous.goto(url)
+    anonymous.get_by_text("Refused: the request carries no X-Forwarded-User header").wait_for(timeout=90_000)
+    assert decision_buttons(anonymous) == 0
+    context = browser.new_context(extra_http_headers={"X-Forwarded-User": "dana"},
+                                  viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(url)
+    page.get_by_text("Signed in as dana (annotator) by X-Forwarded-User").wait_for(timeout=60_000)
+    page.get_by_text("Item 1 of 6").wait_for(timeout=60_000)
+    wait_until_idle(page)
+    page.locator("h3").first.click()
+    page.keyboard.press("1")  # exact
+    page.get_by_text("Item 2 of 6").wait_for(timeout=60_000)
+    assert fixture.store.fetchall("SELECT pair_id, label, author FROM labels WHERE author = 'dana'") == [
+        (fixture.expected_order[0], "exact", "dana")]
+    # one login per browser session (a reconnect under load is a new session, and logs again)
+    assert set(fixture.store.fetchall("SELECT action, account, method FROM account_events")) == {
+        ("login", "dana", "header")}

@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.commands_review import UI_SCRIPT, is_loopback, streamlit_command
+from app.commands_review import UI_SCRIPT, streamlit_command
+from app.review.settings import is_loopback
+from labelstore.accounts import add_account
+from labelstore.store import Store
 
 
 def test_only_loopback_addresses_count_as_local() -> None:
@@ -31,13 +34,30 @@ def test_bad_review_config_fails_before_launch(tmp_path: Path) -> None:
     assert not (tmp_path / "s.duckdb").exists()
 
 
-def test_binding_beyond_loopback_warns(tmp_path: Path) -> None:
-    # 192.0.2.1 (TEST-NET-1) is on no interface here: the warning is printed, then the bind fails.
-    result = subprocess.run(
+def review_beyond_loopback(tmp_path: Path, config: str = "") -> subprocess.CompletedProcess:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: past the checks, the bind fails.
+    (tmp_path / "mnr.toml").write_text(config, encoding="utf-8")
+    return subprocess.run(
         [sys.executable, "-m", "app.cli", "review", "--store", str(tmp_path / "s.duckdb"),
          "--address", "192.0.2.1", "--port", "8999"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
-    assert result.returncode != 0
-    assert "warning: binding to 192.0.2.1: anyone who can reach this machine" in " ".join(result.stderr.split())
+
+
+def test_binding_beyond_loopback_without_accounts_is_refused(tmp_path: Path) -> None:
+    result = review_beyond_loopback(tmp_path)
+    assert result.returncode == 2
+    stderr = " ".join(result.stderr.split())
+    assert "error: refusing to serve the review UI on 192.0.2.1: the store has no annotator accounts" in stderr
+    assert "review UI for" not in result.stdout  # streamlit was never started
     assert (tmp_path / "s.duckdb").is_file()  # `mnr review --store PATH` opened (created) that store
+
+
+def test_binding_beyond_loopback_with_accounts_or_a_trusted_header_starts(tmp_path: Path) -> None:
+    add_account(Store(tmp_path / "s.duckdb"), "alice", "admin")
+    result = review_beyond_loopback(tmp_path)
+    assert "note: binding to 192.0.2.1: tokens travel in clear" in " ".join(result.stderr.split())
+    assert "review UI for" in result.stdout
+    result = review_beyond_loopback(tmp_path, '[review]\ntrusted_header = "X-Forwarded-User"\n')
+    assert "identities come from the X-Forwarded-User header" in " ".join(result.stderr.split())
+    assert "review UI for" in result.stdout

@@ -17,20 +17,10 @@ from app.review.settings import IdentityError, ReviewSettings
 from labelstore import Store
 from labelstore.errors import MnrError, SchemeError
 from labelstore.schemes import load_scheme
-from test_review_support import ReviewFixture, build_review_store, copy_review_store, llm_label
+from test_review_support import ReviewFixture, fixture, llm_label, template  # noqa: F401  (fixtures)
 
 NO_OVERLAP = ReviewSettings(overlap=0.0)
 ESCI = load_scheme("esci")
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> ReviewFixture:
-    return build_review_store(tmp_path_factory.mktemp("review-template") / "review.duckdb")
-
-
-@pytest.fixture
-def fixture(template: ReviewFixture, tmp_path: Path) -> ReviewFixture:
-    return copy_review_store(template, tmp_path / "review.duckdb")
 
 
 def decide(store: Store, pair_id: str, annotator: str, label: str, source: str = "test", comment: str | None = None):

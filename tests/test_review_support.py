@@ -1,13 +1,17 @@
 """Test data for the review UI tests: a small real store with one item per queue source.
 
-No tests here; the `test_review_*` modules import `build_review_store`.
+No tests here; the `test_review_*` modules import `build_review_store`, or the fixtures `template` (built
+once per module) and `fixture` (a fresh copy of it per test).
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from labelstore import LabelRecord, Store
 from labelstore.catalog import generate_catalog, write_catalog
@@ -103,9 +107,21 @@ def copy_review_store(template: ReviewFixture, path: Path) -> ReviewFixture:
     return replace(template, store=Store(path))
 
 
-def write_config(path: Path, overlap: float = 0.0, allow: list[str] | None = None) -> Path:
+def write_config(path: Path, overlap: float = 0.0, allow: list[str] | None = None, **review: object) -> Path:
+    """mnr.toml with a [review] section: `overlap`, `allow` and any other `[review]` key given."""
     lines = ["[review]", f"overlap = {overlap}"]
     if allow is not None:
         lines.append("allow = [" + ", ".join(f'"{name}"' for name in allow) + "]")
+    lines += [f"{key} = {json.dumps(value)}" for key, value in review.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> ReviewFixture:
+    return build_review_store(tmp_path_factory.mktemp("review-template") / "review.duckdb")
+
+
+@pytest.fixture
+def fixture(template: ReviewFixture, tmp_path: Path) -> ReviewFixture:
+    return copy_review_store(template, tmp_path / "review.duckdb")

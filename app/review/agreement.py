@@ -4,6 +4,10 @@ Kappa is scikit-learn's `cohen_kappa_score`, quadratic-weighted when the scheme 
 (more than two grades: a near miss costs less than a far one), unweighted otherwise. Labels are
 passed in the scheme's order (most relevant first), so the weights follow the grades. Kappa is
 NaN where it is undefined (fewer than two items, or a single label on both sides).
+
+On blind-overlap items (decided by several annotators who could not see each other's labels) each
+annotator and the LLM are also scored against the *consensus*: the admin's adjudicated label where
+there is one, else the label most annotators gave; a tie without adjudication has no consensus.
 """
 from __future__ import annotations
 
@@ -18,19 +22,21 @@ from labelstore.schemes import LabelScheme
 from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
-AGREEMENT_COLUMNS = ["pair_id", "annotator", "label", "grade", "created_at", "llm_label", "llm_grade"]
+AGREEMENT_COLUMNS = ["pair_id", "annotator", "label", "grade", "created_at", "llm_label", "llm_grade",
+                     "adjudicated_label", "blind"]
 
 
 def is_graded(scheme: LabelScheme) -> bool:
     return len(set(scheme.grades.values())) > 2
 
 
-def decisions_frame(store: Store, scheme: LabelScheme) -> pd.DataFrame:
+def decisions_frame(store: Store, scheme: LabelScheme, overlap: float = 0.0) -> pd.DataFrame:
     """Each annotator's live decision per pair with the pair's newest LLM label: columns `AGREEMENT_COLUMNS`.
 
-    `llm_label` / `llm_grade` are null where the LLM has not labelled the pair.
+    `llm_label` / `llm_grade` are null where the LLM has not labelled the pair, `adjudicated_label` where
+    no admin adjudicated it; `blind` marks the items in the `overlap` share.
     """
-    return store.df(sql("app.review", "agreement"), {"scheme": scheme.name})
+    return store.df(sql("app.review", "agreement"), {"scheme": scheme.name, "overlap": overlap})
 
 
 def kappa(labels_a: pd.Series | list[str], labels_b: pd.Series | list[str], scheme: LabelScheme) -> float:
@@ -92,3 +98,42 @@ def kappa_trend(decisions: pd.DataFrame, scheme: LabelScheme, freq: str = "D") -
                      "kappa": kappa(group["label"], group["llm_label"], scheme)})
     return pd.DataFrame(rows, columns=["period", "annotator", "n", "kappa"])
 
+
+
+def consensus(decisions: pd.DataFrame) -> pd.DataFrame:
+    """One row per blind item at least two annotators decided and that has a consensus: pair_id, consensus,
+    n_annotators, llm_label. The consensus is the adjudicated label, else a strict majority-of-votes winner."""
+    blind = decisions[decisions["blind"].astype(bool)]
+    rows = []
+    for pair_id, group in blind.groupby("pair_id", sort=True):
+        if len(group) < 2:
+            continue
+        adjudicated = group["adjudicated_label"].dropna()
+        counts = group["label"].value_counts()
+        if not adjudicated.empty:
+            label = adjudicated.iloc[0]
+        elif len(counts) == 1 or counts.iloc[0] > counts.iloc[1]:
+            label = counts.index[0]
+        else:
+            continue
+        rows.append({"pair_id": pair_id, "consensus": label, "n_annotators": len(group),
+                     "llm_label": group["llm_label"].iloc[0]})
+    return pd.DataFrame(rows, columns=["pair_id", "consensus", "n_annotators", "llm_label"])
+
+
+def versus_consensus(decisions: pd.DataFrame, scheme: LabelScheme) -> pd.DataFrame:
+    """Kappa against the consensus on blind items: one row per annotator, and one for 'LLM' (where it labelled).
+    Columns who, n, kappa, accuracy."""
+    agreed = consensus(decisions)
+    mine = decisions.merge(agreed[["pair_id", "consensus"]], on="pair_id")
+    rows = [_score(annotator, group["label"], group["consensus"], scheme)
+            for annotator, group in mine.groupby("annotator", sort=True)]
+    llm = agreed.dropna(subset=["llm_label"])
+    if not llm.empty:
+        rows.append(_score("LLM", llm["llm_label"], llm["consensus"], scheme))
+    return pd.DataFrame(rows, columns=["who", "n", "kappa", "accuracy"])
+
+
+def _score(who: str, labels: pd.Series, reference: pd.Series, scheme: LabelScheme) -> dict:
+    return {"who": who, "n": len(labels), "kappa": kappa(labels, reference, scheme),
+            "accuracy": float((labels.to_numpy() == reference.to_numpy()).mean())}

@@ -10,7 +10,12 @@ stays in the history; the `live_labels` and `current_labels` views stop counting
 pair's current label falls back to what it was before. A skip is an event too (no label).
 
 Writes go through `Store.transaction()`, which waits its turn while another process (a
-`mnr label` batch job) holds the store, so neither side loses a write.
+`mnr label` batch job) holds the store, so neither side loses a write. When the store has accounts,
+each write checks in its transaction that the annotator is an enabled account (an admin, to
+adjudicate): the UI passes only the id it authenticated, and a disabled account writes nothing more.
+
+An adjudication is an admin's label on a pair the annotators disagreed on: a human label that
+becomes the current one, recorded in `adjudications` with the decisions it settled.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import duckdb
 
 from app.review.item import ReviewItem
 from app.review.settings import check_identity
+from labelstore.accounts import check_writer
 from labelstore.errors import MnrError
 from labelstore.schemes import load_scheme
 from labelstore.sqlfiles import sql
@@ -68,11 +74,12 @@ class DecisionResult:
 
 
 def record_decision(store: Store, shown: ShownItem, annotator: str | None, label: str,
-                    comment: str | None = None, allow: tuple[str, ...] = ()) -> DecisionResult:
+                    comment: str | None = None, allow: tuple[str, ...] = (), vouched: bool = False) -> DecisionResult:
     """Append the annotator's label for `shown`. Saved even when the pair changed since it was shown.
 
-    Raises `IdentityError` without writing when there is no (allowed) identity, `SchemeError`
-    for a label outside the scheme.
+    Raises `IdentityError` without writing when there is no (allowed) identity, `AuthError` when the
+    store has accounts and `annotator` is not an enabled one (unless a trusted proxy `vouched` for it),
+    `SchemeError` for a label outside the scheme.
     """
     annotator = check_identity(annotator, allow)
     scheme = load_scheme(shown.scheme)
@@ -82,6 +89,7 @@ def record_decision(store: Store, shown: ShownItem, annotator: str | None, label
         author=annotator, comment=(comment or "").strip() or None, dedup_key=shown.dedup_key,
     )
     with store.transaction() as con:
+        check_writer(con, annotator, vouched=vouched)
         newer = con.execute(sql("app.review", "newer_labels"), {
             "pair_id": shown.pair_id, "scheme": shown.scheme, "shown_label_id": shown.shown_label_id or 0,
             "dedup_key": shown.dedup_key,
@@ -92,10 +100,12 @@ def record_decision(store: Store, shown: ShownItem, annotator: str | None, label
     return DecisionResult(int(label_id), label, written, [(row[1], row[2], row[3]) for row in newer])
 
 
-def record_skip(store: Store, shown: ShownItem, annotator: str | None, allow: tuple[str, ...] = ()) -> None:
+def record_skip(store: Store, shown: ShownItem, annotator: str | None, allow: tuple[str, ...] = (),
+                vouched: bool = False) -> None:
     """Note that the annotator skipped `shown`: it moves behind everything else in their queue."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
+        check_writer(con, annotator, vouched=vouched)
         _append_event(con, f"skip:{shown.decision_id}", "skip", shown, annotator, None, changed=False)
 
 
@@ -107,10 +117,12 @@ class UndoneDecision:
     label: str
 
 
-def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = ()) -> UndoneDecision | None:
+def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = (),
+              vouched: bool = False) -> UndoneDecision | None:
     """Take back the annotator's newest decision that is still live; None when there is none."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
+        check_writer(con, annotator, vouched=vouched)
         row = con.execute(sql("app.review", "last_decision"), {"annotator": annotator}).fetchone()
         if row is None:
             return None
@@ -120,10 +132,12 @@ def undo_last(store: Store, annotator: str | None, allow: tuple[str, ...] = ()) 
     return undone
 
 
-def undo_decision(store: Store, label_id: int, annotator: str | None, allow: tuple[str, ...] = ()) -> None:
+def undo_decision(store: Store, label_id: int, annotator: str | None, allow: tuple[str, ...] = (),
+                  vouched: bool = False) -> None:
     """Take back one of the annotator's own decisions by its label id (idempotent)."""
     annotator = check_identity(annotator, allow)
     with store.transaction() as con:
+        check_writer(con, annotator, vouched=vouched)
         row = con.execute("SELECT pair_id, scheme, source, author FROM labels WHERE label_id = ?", [label_id]).fetchone()
         if row is None or row[2] != "human" or row[3] != annotator:
             raise MnrError(f"label {label_id} is not a decision of '{annotator}'; only your own decisions can be undone")
@@ -139,3 +153,40 @@ def _append_event(con: duckdb.DuckDBPyConnection, event_id: str, action: str, sh
         "shown_label_id": shown.shown_label_id, "changed_since_shown": changed, "shown_at": shown.shown_at,
         "created_at": utcnow(),
     })
+
+
+@dataclass(frozen=True)
+class Adjudication:
+    adjudication_id: str
+    label_id: int
+    label: str
+    decisions: str
+
+
+def adjudicate(store: Store, pair_id: str, scheme_name: str, admin: str | None, label: str,
+               comment: str | None = None) -> Adjudication:
+    """The admin's final label for a pair the annotators disagreed on; it becomes the current label.
+
+    Raises `AuthError` unless `admin` is an enabled admin account, `MnrError` when fewer than two
+    annotators decided the pair.
+    """
+    admin = check_identity(admin)
+    scheme = load_scheme(scheme_name)
+    label = scheme.normalize(label)
+    adjudication_id = uuid.uuid4().hex
+    record = LabelRecord(pair_id=pair_id, scheme=scheme.name, label=label, grade=scheme.grade_of(label),
+                         source="human", author=admin, comment=(comment or "").strip() or None,
+                         dedup_key=f"adjudicate:{adjudication_id}")
+    with store.transaction() as con:
+        check_writer(con, admin, need_admin=True)
+        decided = con.execute(sql("app.review", "pair_decisions"), {"pair_id": pair_id, "scheme": scheme.name}).fetchall()
+        if len({annotator for annotator, _ in decided}) < 2:
+            raise MnrError(f"pair {pair_id} ({scheme.name}) has fewer than two annotators' decisions: nothing to adjudicate")
+        store.add_labels([record], con=con)
+        label_id = con.execute("SELECT label_id FROM labels WHERE dedup_key = ?", [record.dedup_key]).fetchone()[0]
+        settled = "; ".join(f"{annotator}={decision}" for annotator, decision in decided)
+        con.execute(sql("app.review", "insert_adjudication"), {
+            "adjudication_id": adjudication_id, "pair_id": pair_id, "scheme": scheme.name, "admin": admin,
+            "label_id": label_id, "label": label, "decisions": settled, "created_at": utcnow(),
+        })
+    return Adjudication(adjudication_id, int(label_id), label, settled)

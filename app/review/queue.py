@@ -15,7 +15,7 @@ from labelstore.store import Store
 # Queue sources in priority order (the SQL's tiers).
 QUEUE_SOURCES = ("audit", "uncertain", "disputed", "overlap", "mined")
 QUEUE_COLUMNS = ["pair_id", "scheme", "source", "reason", "score", "tier", "all_sources", "dataset", "query",
-                 "title", "current_label", "current_source", "current_confidence", "skipped"]
+                 "title", "current_label", "current_source", "current_confidence", "skipped", "blind"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ def load_queue(store: Store, annotator: str | None, filters: QueueFilters = Queu
         "annotator": annotator or "",
         "min_confidence": settings.min_confidence,
         "overlap": settings.overlap,
+        "overlap_k": settings.overlap_k,
         "default_scheme": settings.default_scheme,
         "sources": list(filters.sources),
         "label": filters.label or None,
@@ -60,3 +61,10 @@ def filter_choices(store: Store) -> dict[str, list[str]]:
     datasets = [row[0] for row in store.fetchall("SELECT DISTINCT dataset FROM pairs ORDER BY 1")]
     labels = [row[0] for row in store.fetchall("SELECT DISTINCT label FROM current_labels ORDER BY 1")]
     return {"dataset": datasets, "label": labels}
+
+
+def is_blind(store: Store, pair_id: str, scheme: str, settings: ReviewSettings) -> bool:
+    """Whether the pair is a blind-overlap item: its annotators do not see each other's labels (nor the
+    LLM's, with `blind_llm`) on the review page."""
+    return bool(store.scalar(sql("app.review", "in_overlap"),
+                             {"pair_id": pair_id, "scheme": scheme, "overlap": settings.overlap}))

@@ -2,20 +2,35 @@
 
     [review]
     allow = ["alice", "bob"]   # optional: only these ids may record decisions
-    overlap = 0.1              # share of single-annotator items routed to a second annotator
+    overlap = 0.1              # share of items reviewed blind by several annotators (for agreement)
+    overlap_k = 2              # how many annotators decide each overlap item
+    blind_llm = false          # true: overlap items hide the LLM's label too until decided
+    trusted_header = "X-Forwarded-User"   # optional: an SSO proxy (oauth2-proxy) names the user in this header
     min_confidence = 0.6       # LLM labels below this confidence are queued as uncertain
     scheme = "esci"            # scheme for pairs that have no label yet
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from labelstore.accounts import check_name
 from labelstore.config import config_path, section
 from labelstore.errors import MnrError
 
-ANNOTATOR_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+ADDRESS_ENV = "MNR_REVIEW_ADDRESS"  # `mnr review` tells the UI the address it serves on
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class IdentityError(MnrError):
@@ -28,6 +43,9 @@ class ReviewSettings:
     overlap: float = 0.1
     min_confidence: float = 0.6
     default_scheme: str = "esci"
+    overlap_k: int = 2
+    blind_llm: bool = False
+    trusted_header: str | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None = None) -> "ReviewSettings":
@@ -42,7 +60,16 @@ class ReviewSettings:
         scheme = values.get("scheme", cls.default_scheme)
         if not isinstance(scheme, str):
             raise MnrError(f"{where}scheme must be a scheme name, not {scheme!r}")
-        return cls(tuple(name.strip() for name in allow), overlap, min_confidence, scheme)
+        overlap_k = values.get("overlap_k", cls.overlap_k)
+        if isinstance(overlap_k, bool) or not isinstance(overlap_k, int) or overlap_k < 2:
+            raise MnrError(f"{where}overlap_k must be a whole number of annotators, 2 or more, not {overlap_k!r}")
+        blind_llm = values.get("blind_llm", cls.blind_llm)
+        if not isinstance(blind_llm, bool):
+            raise MnrError(f"{where}blind_llm must be true or false, not {blind_llm!r}")
+        header = values.get("trusted_header")
+        if header is not None and (not isinstance(header, str) or not HEADER_NAME.match(header)):
+            raise MnrError(f"{where}trusted_header must be an HTTP header name such as \"X-Forwarded-User\", not {header!r}")
+        return cls(tuple(name.strip() for name in allow), overlap, min_confidence, scheme, overlap_k, blind_llm, header)
 
 
 def _fraction(value: Any, where: str) -> float:
@@ -56,10 +83,7 @@ def check_identity(annotator: str | None, allow: tuple[str, ...] = ()) -> str:
     name = (annotator or "").strip()
     if not name:
         raise IdentityError("enter your name or annotator id before reviewing: no decision is written without one")
-    if not ANNOTATOR_ID.match(name):
-        raise IdentityError(
-            f"annotator id '{name}' is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
-        )
+    check_name(name, IdentityError)
     if allow and name not in allow:
         raise IdentityError(f"'{name}' is not on the review allow-list (review.allow in {config_path()})")
     return name

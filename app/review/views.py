@@ -8,14 +8,19 @@ Session state (all keys start with `mnr_`):
     mnr_done       (pair_id, scheme) decided or skipped in this session, so they are not shown again
     mnr_focus      (pair_id, scheme or None, source) asked for by the queue or audit page
     mnr_notices    messages for the next run: [(kind, text)], kind one of success, warning, error, info
+    mnr_account    the account that logged in (token or trusted header); absent in single mode
+    mnr_reviewer   the reviewer with their role (`Account`), mnr_annotator their id: what every write carries
 """
 from __future__ import annotations
+
+import os
 
 import pandas as pd
 import streamlit as st
 
 from app.review.queue import QueueFilters, load_queue
-from app.review.settings import IdentityError, ReviewSettings, check_identity
+from app.review.settings import ADDRESS_ENV, IdentityError, ReviewSettings, check_identity, is_loopback
+from labelstore.accounts import Account, AuthError, admit_header, authenticate, get_account, has_accounts
 from labelstore.config import store_path
 from labelstore.store import Store
 
@@ -37,7 +42,80 @@ def settings() -> ReviewSettings:
     return ReviewSettings.from_config()
 
 
-def identity_sidebar(review_settings: ReviewSettings) -> str | None:
+def auth_mode(review_settings: ReviewSettings) -> str:
+    """'header' (a trusted proxy names the user), 'accounts' (name and token), or 'single' (a name, loopback only)."""
+    if review_settings.trusted_header:
+        return "header"
+    return "accounts" if has_accounts(store()) else "single"
+
+
+def sign_in(review_settings: ReviewSettings) -> Account | None:
+    """Who is reviewing, by the auth mode; draws the sidebar's login and returns the account, or None.
+
+    In single mode the reviewer is an admin of their own store (every page), on loopback only.
+    """
+    mode = auth_mode(review_settings)
+    if mode == "header":
+        return _header_sign_in(review_settings.trusted_header)
+    if mode == "accounts":
+        return _token_sign_in()
+    if not is_loopback(os.environ.get(ADDRESS_ENV, "127.0.0.1")):
+        st.error("This review UI is reachable beyond loopback but the store has no accounts: nothing can be "
+                 "reviewed. Create accounts with `mnr annotators add` or set `[review] trusted_header`.")
+        st.stop()
+    name = _name_sidebar(review_settings)
+    return None if name is None else Account(name, "admin")
+
+
+def _header_sign_in(header: str) -> Account | None:
+    value = (st.context.headers.get(header) or "").strip()
+    if not value:
+        st.error(f"Refused: the request carries no {header} header. This UI is meant to be reached through the "
+                 "single sign-on proxy that sets it.")
+        st.stop()
+    account: Account | None = st.session_state.get("mnr_account")
+    if account is None or account.name != value:
+        try:
+            account = admit_header(store(), value, header)
+        except AuthError as exc:
+            st.error(str(exc))
+            st.stop()
+        st.session_state["mnr_account"] = account
+    st.sidebar.success(f"Signed in as **{account.name}** ({account.role}) by {header}")
+    return account
+
+
+def _token_sign_in() -> Account | None:
+    account: Account | None = st.session_state.get("mnr_account")
+    if account is not None:
+        account = get_account(store(), account.name)  # a role changed or an account disabled takes effect now
+        if account is None or account.disabled:
+            st.session_state.pop("mnr_account", None)
+            st.sidebar.error("Your account was disabled; you are logged out.")
+            return None
+        st.session_state["mnr_account"] = account
+        st.sidebar.success(f"Logged in as **{account.name}** ({account.role})")
+        if st.sidebar.button("Log out", key="mnr_logout"):
+            st.session_state.pop("mnr_account", None)
+            st.rerun()
+        return account
+    with st.sidebar.form("mnr_login"):
+        name = st.text_input("Annotator name", key="mnr_login_name")
+        token = st.text_input("Token", key="mnr_login_token", type="password",
+                              help="The token `mnr annotators add` printed for you.")
+        submitted = st.form_submit_button("Log in")
+    if submitted:
+        try:
+            st.session_state["mnr_account"] = authenticate(store(), name, token)
+        except AuthError as exc:
+            st.sidebar.error(str(exc))
+            return None
+        st.rerun()
+    st.sidebar.info("Log in with your annotator name and token to start reviewing.")
+    return None
+
+
+def _name_sidebar(review_settings: ReviewSettings) -> str | None:
     """Ask for the annotator's id in the sidebar; the valid id, or None."""
     entered = st.sidebar.text_input(
         "Your name or annotator id", key="mnr_identity",
@@ -55,6 +133,21 @@ def identity_sidebar(review_settings: ReviewSettings) -> str | None:
     return annotator
 
 
+def reviewer() -> Account | None:
+    """The signed-in reviewer with their role (set by `set_annotator`)."""
+    return st.session_state.get("mnr_reviewer")
+
+
+def vouched() -> bool:
+    """Whether a trusted proxy vouched for the reviewer (header mode): writes then need no account."""
+    return auth_mode(settings()) == "header"
+
+
+def is_admin() -> bool:
+    account = reviewer()
+    return account is not None and account.is_admin
+
+
 def annotator() -> str | None:
     """The identity entered in the sidebar (validated again on every write)."""
     return st.session_state.get("mnr_annotator")
@@ -63,7 +156,7 @@ def annotator() -> str | None:
 def require_identity() -> str:
     name = annotator()
     if not name:
-        st.info("Enter your name or annotator id in the sidebar first: no decision is written without one.")
+        st.info("Log in or enter your name or annotator id in the sidebar first: no decision is written without one.")
         st.stop()
     return name
 
@@ -77,12 +170,14 @@ def show_notices() -> None:
         getattr(st, kind)(text)
 
 
-def set_annotator(name: str | None) -> None:
+def set_annotator(account: Account | None) -> None:
     """Remember the identity; a different annotator starts with a fresh session queue."""
+    name = None if account is None else account.name
     if st.session_state.get("mnr_annotator") != name:
         for key in ("mnr_current", "mnr_done", "mnr_decided", "mnr_queue", "mnr_queue_key"):
             st.session_state.pop(key, None)
         st.session_state["mnr_annotator"] = name
+    st.session_state["mnr_reviewer"] = account
 
 
 # -- queue state --------------------------------------------------------------------------------
@@ -94,7 +189,10 @@ def queue(refresh: bool = False) -> pd.DataFrame:
     """The queue for this annotator and filters, loaded once and kept until refreshed."""
     key = (annotator(), current_filters())
     if refresh or st.session_state.get("mnr_queue_key") != key or "mnr_queue" not in st.session_state:
-        st.session_state["mnr_queue"] = load_queue(store(), annotator(), current_filters(), settings())
+        frame = load_queue(store(), annotator(), current_filters(), settings())
+        if not is_admin():  # a dispute's reason names the human label, which annotators do not see
+            frame.loc[frame["source"] == "disputed", "reason"] = "a human label differs from the LLM's"
+        st.session_state["mnr_queue"] = frame
         st.session_state["mnr_queue_key"] = key
     return st.session_state["mnr_queue"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import streamlit as st
 
 from app.review.agreement import (
-    annotator_vs_llm, between_annotators, confusion, decisions_frame, is_graded, kappa_trend, shared_items,
+    annotator_vs_llm, between_annotators, confusion, consensus, decisions_frame, is_graded, kappa_trend, shared_items,
+    versus_consensus,
 )
 from app.review.views import settings, store
 from labelstore.schemes import load_scheme
@@ -18,14 +19,21 @@ from labelstore.sqlfiles import sql
 def agreement_page() -> None:
     review_settings = settings()
     schemes = [row[0] for row in store().fetchall(sql("app.review", "human_schemes"))]
-    st.markdown(f"Overlap share: **{review_settings.overlap:.0%}** of single-annotator items go to a second annotator "
-                "(`[review] overlap` in mnr.toml).")
+    st.markdown(f"Blind overlap: **{review_settings.overlap:.0%}** of items go to **{review_settings.overlap_k}** "
+                "annotators who do not see each other's labels (`[review] overlap`, `overlap_k` in mnr.toml).")
     if not schemes:
         st.info("No human decisions yet.")
         return
     scheme = load_scheme(st.selectbox("Scheme", schemes) if len(schemes) > 1 else schemes[0])
     weighting = "quadratic-weighted" if is_graded(scheme) else "unweighted"
-    decisions = decisions_frame(store(), scheme)
+    decisions = decisions_frame(store(), scheme, review_settings.overlap)
+    st.subheader(f"Against the consensus on blind overlap items ({weighting} kappa)")
+    agreed = consensus(decisions)
+    if agreed.empty:
+        st.caption("No blind overlap item has a consensus yet (two or more decisions with a majority, or an adjudication).")
+    else:
+        st.caption(f"{len(agreed)} items; the consensus is the adjudicated label, else the majority.")
+        st.dataframe(versus_consensus(decisions, scheme), hide_index=True, key="mnr_versus_consensus")
     st.subheader(f"Each annotator vs the LLM (Cohen's kappa, {weighting})")
     versus_llm = annotator_vs_llm(decisions, scheme)
     st.dataframe(versus_llm, hide_index=True)

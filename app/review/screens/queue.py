@@ -7,7 +7,9 @@ from __future__ import annotations
 import streamlit as st
 
 from app.review.queue import QUEUE_SOURCES, QueueFilters, filter_choices, queue_counts
-from app.review.views import REVIEW_PAGE, current_filters, focus_on, queue, remaining, require_identity, store
+from app.review.views import (
+    REVIEW_PAGE, current_filters, focus_on, is_admin, queue, remaining, require_identity, store,
+)
 
 
 QUEUE_TABLE_ROWS = 200
@@ -20,8 +22,10 @@ def queue_page() -> None:
     with st.form("mnr_filters_form"):
         first, second, third, fourth = st.columns(4)
         sources = first.multiselect("Source", QUEUE_SOURCES, default=list(old.sources))
-        label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
-                                 index=([None, *choices["label"]].index(old.label) if old.label in choices["label"] else 0))
+        label = None
+        if is_admin():  # annotators see only their own decisions: no filtering by others' labels
+            label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
+                                     index=([None, *choices["label"]].index(old.label) if old.label in choices["label"] else 0))
         text = third.text_input("Query text contains", value=old.query_text or "")
         dataset = fourth.selectbox("Dataset", [None, *choices["dataset"]], format_func=_any,
                                    index=([None, *choices["dataset"]].index(old.dataset) if old.dataset in choices["dataset"] else 0))
@@ -39,9 +43,11 @@ def queue_page() -> None:
     metrics = st.columns(len(QUEUE_SOURCES))
     for column, source in zip(metrics, QUEUE_SOURCES):
         column.metric(source, counts[source])
-    st.dataframe(left.head(QUEUE_TABLE_ROWS)[["source", "reason", "query", "title", "current_label", "current_source",
-                                              "dataset", "scheme", "pair_id"]],
-                 hide_index=True, width="stretch")
+    # an annotator sees only their own decisions: not the labels others gave the queued pairs
+    columns = ["source", "reason", "query", "title", "current_label", "current_source", "dataset", "scheme", "pair_id"]
+    if not is_admin():
+        columns = [column for column in columns if column not in ("current_label", "current_source")]
+    st.dataframe(left.head(QUEUE_TABLE_ROWS)[columns], hide_index=True, width="stretch")
     if left.empty:
         return
     options = list(range(min(len(left), QUEUE_TABLE_ROWS)))

@@ -11,8 +11,10 @@ import streamlit as st
 
 from app.review.decisions import record_decision, record_skip, show, undo_last
 from app.review.item import ReviewItem, load_item, scheme_of_pair
+from app.review.queue import is_blind
 from app.review.views import (
-    annotator, done, focus_on, notify, queue, remaining, require_identity, settings, show_notices, store,
+    annotator, done, focus_on, is_admin, notify, queue, remaining, require_identity, settings, show_notices, store,
+    vouched,
 )
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
@@ -61,7 +63,7 @@ def _decide(label: str) -> None:
     comment = st.session_state.get(f"mnr_comment_{shown.decision_id}")
 
     def write() -> None:
-        result = record_decision(store(), shown, annotator(), label, comment, settings().allow)
+        result = record_decision(store(), shown, annotator(), label, comment, settings().allow, vouched())
         done().add((shown.pair_id, shown.scheme))
         st.session_state["mnr_decided"] = st.session_state.get("mnr_decided", 0) + 1
         if result.changed_since_shown:
@@ -80,7 +82,7 @@ def _skip() -> None:
     shown = current["shown"]
 
     def write() -> None:
-        record_skip(store(), shown, annotator(), settings().allow)
+        record_skip(store(), shown, annotator(), settings().allow, vouched())
         done().add((shown.pair_id, shown.scheme))
         notify("info", f"Skipped “{current['item'].query}”.")
         _next_item()
@@ -90,7 +92,7 @@ def _skip() -> None:
 
 def _undo() -> None:
     def write() -> None:
-        undone = undo_last(store(), annotator(), settings().allow)
+        undone = undo_last(store(), annotator(), settings().allow, vouched())
         if undone is None:
             notify("info", "Nothing to undo: you have no decision left to take back.")
             return
@@ -138,10 +140,15 @@ def review_page() -> None:
     with content:
         _product(item)
         _definitions(scheme)
+    review_settings = settings()
+    blind = is_blind(store(), item.pair_id, item.scheme, review_settings)
     with evidence:
-        _llm_label(item, scheme)
+        if blind and review_settings.blind_llm:
+            st.markdown("**LLM label:** hidden until you decide (blind overlap item)")
+        else:
+            _llm_label(item, scheme)
         _engagement(item)
-        _earlier_humans(item, blind=current["source"] == "overlap")
+        _earlier_humans(item, name, blind=blind, own_only=not is_admin())
     _decision_buttons(scheme, current["shown"].decision_id)
 
 
@@ -189,14 +196,18 @@ def _engagement(item: ReviewItem) -> None:
     cart.metric("Add to cart", f"{evidence.add_to_cart:,}")
 
 
-def _earlier_humans(item: ReviewItem, blind: bool) -> None:
+def _earlier_humans(item: ReviewItem, me: str, blind: bool, own_only: bool) -> None:
+    """The pair's human labels; only the reviewer's own on a blind item or for an annotator (not an admin)."""
     humans = item.human_labels
     st.markdown("**Earlier human labels**")
+    if blind or own_only:
+        others = int((humans["author"] != me).sum()) if not humans.empty else 0
+        humans = humans[humans["author"] == me] if not humans.empty else humans
+        if others:
+            why = "a blind overlap item, for the agreement numbers" if blind else "annotators see only their own"
+            st.caption(f"{others} by others hidden: {why}.")
     if humans.empty:
         st.caption("None.")
-        return
-    if blind:
-        st.caption(f"{len(humans)} hidden: this is a blind second opinion for the agreement numbers.")
         return
     shown = humans.assign(when=humans["created_at"].astype(str).str[:16])
     shown["label"] = shown["label"].where(~shown["undone"], shown["label"] + " (undone)")

@@ -4,11 +4,14 @@
 --   0 audit      an open re-annotation request from the auditor (queued after the last human decision)
 --   1 uncertain  the current label is an LLM label below $min_confidence, or the LLM asked for review
 --   2 disputed   the current human label differs from the newest LLM label; fewer than 2 annotators so far
---   3 overlap    a deterministic $overlap share of single-annotator items, for a second opinion
+--                (not an overlap item still collecting its blind decisions: its reason would tell the label)
+--   3 overlap    a deterministic $overlap share of items (`in_overlap`, migration 0009), decided blind by
+--                $overlap_k annotators: queued while it has at least one and fewer than $overlap_k
 --   4 mined      a mining candidate with no human or LLM label yet
 -- Within a tier the higher score comes first. Items this annotator decided are left out; items
 -- they skipped come after everything else. Undone decisions do not count (live_labels).
--- Parameters: $annotator, $min_confidence, $overlap, $default_scheme, $sources, $label, $query_text, $dataset.
+-- `blind` marks overlap items; their current label is not given (the review page hides it too).
+-- Parameters: $annotator, $min_confidence, $overlap, $overlap_k, $default_scheme, $sources, $label, $query_text, $dataset.
 WITH
 humans AS (
     SELECT pair_id, scheme,
@@ -61,11 +64,13 @@ candidates AS (
     JOIN latest_llm m ON m.pair_id = c.pair_id AND m.scheme = c.scheme
     JOIN humans h ON h.pair_id = c.pair_id AND h.scheme = c.scheme
     WHERE c.source = 'human' AND m.label <> c.label AND h.n_annotators < 2
+      AND NOT (in_overlap(c.pair_id, c.scheme, $overlap) AND h.n_annotators < $overlap_k)
 
     UNION ALL
-    SELECT h.pair_id, h.scheme, 3, 'overlap', 0.0, 'second opinion, for agreement'
+    SELECT h.pair_id, h.scheme, 3, 'overlap', 0.0,
+           'blind overlap: ' || h.n_annotators || ' of ' || $overlap_k || ' annotators so far'
     FROM humans h
-    WHERE h.n_annotators = 1 AND (md5_number(h.pair_id || '|' || h.scheme) % 10000) < $overlap * 10000
+    WHERE h.n_annotators < $overlap_k AND in_overlap(h.pair_id, h.scheme, $overlap)
 
     UNION ALL
     SELECT m.pair_id, ps.scheme, 4, 'mined', max(coalesce(-m.rank, m.score, 0.0)), arg_min(m.reason, m.rank)
@@ -92,9 +97,11 @@ my_skips AS (
 )
 SELECT i.pair_id, i.scheme, i.source, i.reason, i.score, i.tier, i.all_sources,
        p.dataset, q.text AS query, pr.title,
-       c.label AS current_label, c.source AS current_source, c.confidence AS current_confidence,
-       s.skipped_at IS NOT NULL AS skipped
-FROM items i
+       CASE WHEN i.blind THEN NULL ELSE c.label END AS current_label,
+       CASE WHEN i.blind THEN NULL ELSE c.source END AS current_source,
+       CASE WHEN i.blind THEN NULL ELSE c.confidence END AS current_confidence,
+       s.skipped_at IS NOT NULL AS skipped, i.blind
+FROM (SELECT *, in_overlap(pair_id, scheme, $overlap) AS blind FROM items) i
 JOIN pairs p ON p.pair_id = i.pair_id
 JOIN queries q ON q.query_id = p.query_id
 JOIN products pr ON pr.product_id = p.product_id
@@ -104,6 +111,6 @@ LEFT JOIN my_skips s ON s.pair_id = i.pair_id AND s.scheme = i.scheme
 WHERE NOT coalesce(h.decided_by_me, false)
   AND (len($sources::VARCHAR[]) = 0 OR list_contains($sources::VARCHAR[], i.source))
   AND ($dataset::VARCHAR IS NULL OR p.dataset = $dataset)
-  AND ($label::VARCHAR IS NULL OR c.label = $label)
+  AND ($label::VARCHAR IS NULL OR (c.label = $label AND NOT i.blind))
   AND ($query_text::VARCHAR IS NULL OR contains(lower(q.text), lower($query_text)))
 ORDER BY skipped, i.tier, i.score DESC, i.pair_id;

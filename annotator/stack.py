@@ -1,0 +1,272 @@
+"""The calibrated stack: a multinomial logistic regression over the labeler's scores and lexical match features.
+
+The LLM labeler reads a prompt; the text baseline (`annotator.text_baseline`) reads words. The stack
+combines them, per pair, from these input groups (`INPUTS`):
+
+- ``llm``: the labeler's label log-probabilities, renormalised over the labels (K columns);
+- ``lexical``: the query-title match scores of `QueryTitleFeatures.match_scores` (word and character
+  TF-IDF cosine, share of query words in the title) and the log class probabilities of the text
+  baseline fitted on the *train* pairs, so they are out of sample on dev (3 + K columns);
+- ``cosine``: the retriever's query-product cosine, when the caller has one (1 column).
+
+The regression (standardised inputs, L2) is fitted on the dev pairs that fine-tuning scores; its
+held-out quality is measured by cross-validation on dev, grouped by query (`cross_validate`), with
+and without the ``llm`` inputs, so the report says whether the LLM adds anything measurable.
+
+`Stack.save` writes ``stack.json`` (parameters, version) and ``stack.npz`` (arrays, loaded without
+pickle) into the adapter folder; the version is a hash of that content, checked on `load_stack`.
+`annotator.labeler.Labeler` applies a saved stack after any backend's scoring.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.special import log_softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GroupKFold, KFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from annotator.sklearn_state import (
+    content_hash,
+    logistic_from_state,
+    logistic_state,
+    prefixed,
+    scaler_from_state,
+    scaler_state,
+    unprefixed,
+)
+from annotator.text_baseline import (
+    MATCH_FEATURES,
+    baseline_from_state,
+    baseline_state,
+    class_probs,
+    tfidf_linear_model,
+)
+from labelstore.errors import MnrError
+
+STACK_FILE = "stack.json"
+STACK_ARRAYS = "stack.npz"
+STACK_FORMAT = "mine-refine stack v1"
+INPUTS = ("llm", "lexical", "cosine")
+LOG_FLOOR = -20.0  # log-probabilities below this (or -inf: a label an engine did not return) are clipped
+STACK_C = 0.3
+CV_FOLDS = 5
+MIN_DEV_PAIRS = 20  # fewer dev pairs (or one class) fit no stack
+
+
+class StackError(MnrError):
+    """A stack cannot be fitted, loaded or applied with these inputs."""
+
+
+def fit_lexical(train: pd.DataFrame, targets: np.ndarray) -> Pipeline:
+    """The text baseline (`tfidf_linear_model`) fitted on ``train`` (columns query, title) and class indices ``targets``."""
+    return tfidf_linear_model().fit(train[["query", "title"]], targets)
+
+
+def lexical_inputs(lexical: Pipeline, frame: pd.DataFrame, n_classes: int) -> np.ndarray:
+    """(n, 3 + K) match scores and the baseline's log class probabilities of ``frame`` (columns query, title)."""
+    texts = frame[["query", "title"]]
+    log_probs = np.log(np.clip(class_probs(lexical, texts, n_classes), np.exp(LOG_FLOOR), 1.0))
+    return np.column_stack([lexical[0].match_scores(texts), log_probs])
+
+
+def llm_inputs(logprobs: np.ndarray) -> np.ndarray:
+    """(n, K) label log-probabilities renormalised over the labels (a per-row constant cancels), clipped."""
+    scores = np.maximum(np.asarray(logprobs, dtype=np.float64), LOG_FLOOR)
+    return np.maximum(log_softmax(scores, axis=1), LOG_FLOOR)
+
+
+def input_names(inputs: Sequence[str], labels: Sequence[str]) -> list[str]:
+    names = {"llm": [f"llm_logprob_{label}" for label in labels],
+             "lexical": [*MATCH_FEATURES, *(f"baseline_logprob_{label}" for label in labels)],
+             "cosine": ["retriever_cosine"]}
+    return [name for group in inputs for name in names[group]]
+
+
+def design(inputs: Sequence[str], *, llm: np.ndarray | None = None, lexical: np.ndarray | None = None,
+           cosine: np.ndarray | None = None) -> np.ndarray:
+    """The stack's input matrix: the ``inputs`` groups side by side, in `INPUTS` order."""
+    given = {"llm": llm, "lexical": lexical, "cosine": None if cosine is None else np.asarray(cosine).reshape(-1, 1)}
+    unknown = [group for group in inputs if group not in INPUTS]
+    if unknown:
+        raise StackError(f"unknown stack input(s) {', '.join(unknown)} (use {', '.join(INPUTS)})")
+    missing = [group for group in inputs if given[group] is None]
+    if missing:
+        hint = " (the stack was fitted with the retriever's cosine: pass it)" if "cosine" in missing else ""
+        raise StackError(f"the stack needs input(s) {', '.join(missing)}{hint}")
+    return np.column_stack([given[group] for group in INPUTS if group in inputs]).astype(np.float64)
+
+
+def stack_model() -> Pipeline:
+    """Standardised inputs, then a multinomial logistic regression with a firm L2 penalty (`STACK_C`): dev sets
+    are small (an inner search of C cost seconds per fit on this CPU, more than the whole stack is worth)."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=STACK_C, max_iter=1000))
+
+
+@dataclass
+class Stack:
+    """A fitted stack: ``lexical`` (the text baseline fitted on train) and ``model`` (scaler + regression)."""
+
+    labels: list[str]
+    inputs: tuple[str, ...]
+    lexical: Pipeline
+    model: Pipeline
+
+    @property
+    def feature_names(self) -> list[str]:
+        return input_names(self.inputs, self.labels)
+
+    @cached_property
+    def version(self) -> str:
+        params, arrays = self.state()
+        return content_hash(params, arrays)
+
+    @property
+    def uses_llm(self) -> bool:
+        return "llm" in self.inputs
+
+    def predict_proba(self, frame: pd.DataFrame, llm_logprobs: np.ndarray | None = None,
+                      cosine: np.ndarray | None = None) -> np.ndarray:
+        """(n, K) label probabilities of the pairs of ``frame`` (columns query, title), scheme order."""
+        if len(frame) == 0:
+            return np.zeros((0, len(self.labels)))
+        lexical = lexical_inputs(self.lexical, frame, len(self.labels)) if "lexical" in self.inputs else None
+        llm = llm_inputs(llm_logprobs) if llm_logprobs is not None else None
+        matrix = design(self.inputs, llm=llm, lexical=lexical, cosine=cosine)
+        return class_probs(self.model, matrix, len(self.labels))
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        lexical, lexical_arrays = baseline_state(self.lexical)
+        scaler, scaler_arrays = scaler_state(self.model[0])
+        linear, linear_arrays = logistic_state(self.model[-1])
+        params = {"format": STACK_FORMAT, "labels": list(self.labels), "inputs": list(self.inputs),
+                  "features": self.feature_names, "lexical": lexical, "scaler": scaler, "linear": linear}
+        arrays = {**prefixed("lexical", lexical_arrays), **prefixed("scaler", scaler_arrays),
+                  **prefixed("linear", linear_arrays)}
+        return params, arrays
+
+    def save(self, folder: str | Path) -> dict[str, Any]:
+        """Write ``stack.json`` and ``stack.npz`` into ``folder``; returns the record for ``meta.json``."""
+        params, arrays = self.state()
+        version = content_hash(params, arrays)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / STACK_ARRAYS, **arrays)
+        (folder / STACK_FILE).write_text(json.dumps({**params, "version": version}, indent=1), encoding="utf-8")
+        return {"version": version, "inputs": list(self.inputs), "features": self.feature_names,
+                "files": [STACK_FILE, STACK_ARRAYS]}
+
+
+def has_stack(folder: str | Path) -> bool:
+    return (Path(folder) / STACK_FILE).is_file()
+
+
+def stack_version(folder: str | Path) -> str | None:
+    """The version recorded in ``folder``'s ``stack.json`` (not checked), or None when it has no stack."""
+    if not has_stack(folder):
+        return None
+    return str(_read_params(Path(folder))["version"])
+
+
+def load_stack(folder: str | Path) -> Stack | None:
+    """The stack saved in ``folder``, or None when it has none; `StackError` when it is damaged."""
+    folder = Path(folder)
+    if not has_stack(folder):
+        return None
+    params = _read_params(folder)
+    if params.get("format") != STACK_FORMAT:
+        raise StackError(f"{folder / STACK_FILE}: format {params.get('format')!r}, expected {STACK_FORMAT!r}")
+    try:
+        with np.load(folder / STACK_ARRAYS, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+    except (OSError, ValueError) as exc:
+        raise StackError(f"{folder / STACK_ARRAYS}: cannot read the stack's arrays ({exc})") from exc
+    stack = Stack(labels=list(params["labels"]), inputs=tuple(params["inputs"]),
+                  lexical=baseline_from_state(params["lexical"], unprefixed("lexical", arrays)),
+                  model=Pipeline([("standardscaler", scaler_from_state(params["scaler"], unprefixed("scaler", arrays))),
+                                  ("logisticregression", logistic_from_state(params["linear"],
+                                                                             unprefixed("linear", arrays)))]))
+    if stack.version != params["version"]:
+        raise StackError(f"{folder}: the stack's content does not match its version {params['version']} "
+                         f"(now {stack.version}); refit it with `mnr finetune`")
+    return stack
+
+
+def _read_params(folder: Path) -> dict[str, Any]:
+    path = folder / STACK_FILE
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StackError(f"{path}: not valid JSON ({exc})") from exc
+    if "version" not in params:
+        raise StackError(f"{path}: no 'version' field")
+    return params
+
+
+# -- fitting and its honest dev quality ---------------------------------------------------------------
+def fit_stack(labels: Sequence[str], inputs: Sequence[str], lexical: Pipeline, matrix: np.ndarray,
+              targets: np.ndarray) -> Stack:
+    """A stack over the ``inputs`` groups, fitted on ``matrix`` (`design` of the dev pairs) and class indices ``targets``."""
+    model = stack_model().fit(matrix, targets)
+    return Stack(labels=list(labels), inputs=tuple(inputs), lexical=lexical, model=model)
+
+
+def cross_validate(matrix: np.ndarray, targets: np.ndarray, groups: Sequence[Any], n_classes: int,
+                   folds: int = CV_FOLDS) -> np.ndarray:
+    """(n, K) out-of-fold probabilities of `stack_model` on ``matrix``, folds grouped by query (``groups``)
+    when there are enough queries, else at random."""
+    groups = np.asarray(groups)
+    if len(np.unique(groups)) >= folds:
+        splits = GroupKFold(n_splits=folds).split(matrix, targets, groups)
+    else:
+        splits = KFold(n_splits=min(folds, len(targets)), shuffle=True, random_state=0).split(matrix)
+    probs = np.zeros((len(targets), n_classes))
+    for train_index, test_index in splits:
+        if len(np.unique(targets[train_index])) < 2:  # nothing to learn: the fold's prior
+            probs[test_index] = np.bincount(targets[train_index], minlength=n_classes) / len(train_index)
+            continue
+        probs[test_index] = class_probs(stack_model().fit(matrix[train_index], targets[train_index]),
+                                        matrix[test_index], n_classes)
+    return probs
+
+
+def llm_contribution(full: np.ndarray, lexical: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """Does the LLM add something measurable? The paired per-pair log-loss gain of the full stack over the
+    lexical-only stack (out-of-fold probabilities), with its standard error: measurable when the mean gain
+    exceeds two standard errors."""
+    rows = np.arange(len(targets))
+    gain = np.log(np.clip(full[rows, targets], 1e-12, 1)) - np.log(np.clip(lexical[rows, targets], 1e-12, 1))
+    mean = float(gain.mean()) if len(gain) else 0.0
+    se = float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("inf")
+    adds = bool(mean > 2 * se)
+    verdict = (f"the LLM adds {mean:.4f} nats/pair of dev log-likelihood (+/- {se:.4f} s.e.): measurable" if adds else
+               f"the LLM adds nothing measurable: {mean:+.4f} nats/pair of dev log-likelihood (+/- {se:.4f} s.e.)")
+    return {"llm_adds": adds, "log_likelihood_gain_per_pair": round(mean, 5), "standard_error": round(se, 5),
+            "verdict": verdict}
+
+
+def fit_with_report(*, labels: Sequence[str], lexical: Pipeline, lexical_dev: np.ndarray, llm_logprobs: np.ndarray,
+                    targets: np.ndarray, groups: Sequence[Any], evaluate: Callable[[np.ndarray], dict[str, Any]],
+                    adapter_probs: np.ndarray, cosine: np.ndarray | None = None) -> tuple[Stack, dict[str, Any]]:
+    """The full stack fitted on all dev pairs, and the dev report: ``evaluate`` (probabilities -> metrics) of
+    the adapter alone (``adapter_probs``), and of the lexical-only and the full stack out of fold
+    (`cross_validate`), with `llm_contribution`."""
+    n_classes = len(labels)
+    extra = ("cosine",) if cosine is not None else ()
+    full_inputs, lexical_inputs_ = ("llm", "lexical", *extra), ("lexical", *extra)
+    full = design(full_inputs, llm=llm_inputs(llm_logprobs), lexical=lexical_dev, cosine=cosine)
+    lexical_only = design(lexical_inputs_, lexical=lexical_dev, cosine=cosine)
+    full_oof = cross_validate(full, targets, groups, n_classes)
+    lexical_oof = cross_validate(lexical_only, targets, groups, n_classes)
+    report = {"method": f"{CV_FOLDS}-fold cross-validation on dev, grouped by query; the adapter alone is scored "
+                        "on the same dev pairs, which also selected it and fitted its temperature (optimistic)",
+              "n_dev": int(len(targets)), "adapter": evaluate(adapter_probs), "lexical_only": evaluate(lexical_oof),
+              "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets)}
+    return fit_stack(labels, full_inputs, lexical, full, targets), report

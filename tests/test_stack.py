@@ -1,0 +1,132 @@
+"""The calibrated stack (annotator.stack) on synthetic pairs, no model: fitting, its dev report, saving.
+
+The rule: a pair's label is decided by how many query words occur in the title (all: exact, some:
+substitute... none: irrelevant), which the lexical match features see and an uninformative "LLM"
+does not.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from annotator import stack as st
+from annotator.evaluation import evaluate_labels
+
+LABELS = ["exact", "substitute", "complement", "irrelevant"]
+WORDS = ("drill", "saw", "paint", "lamp", "hose", "grill", "mower", "ladder", "faucet", "tile", "brush", "glue")
+
+
+def rule_pairs(n_queries: int, seed: int) -> pd.DataFrame:
+    """Pairs whose label is the number of the query's 3 words missing from the title (0 -> exact .. 3 -> irrelevant)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for q in range(n_queries):
+        query_words = list(rng.choice(WORDS, 3, replace=False))
+        others = [w for w in WORDS if w not in query_words]
+        for j in range(6):
+            missing = int(rng.integers(0, 4))
+            title_words = query_words[missing:] + list(rng.choice(others, 2 + missing, replace=False))
+            rng.shuffle(title_words)
+            rows.append({"pair_id": f"{seed}-{q}-{j}", "query_id": f"{seed}-q{q}", "query": " ".join(query_words),
+                         "title": " ".join(title_words) + " kit", "target": missing})
+    return pd.DataFrame(rows)
+
+
+def noise_logprobs(n: int, seed: int) -> np.ndarray:
+    return np.log(np.random.default_rng(seed).dirichlet(np.ones(len(LABELS)), size=n))
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[st.Stack, dict, pd.DataFrame]:
+    train, dev = rule_pairs(60, seed=0), rule_pairs(30, seed=1)
+    lexical = st.fit_lexical(train, train["target"].to_numpy())
+    targets = dev["target"].to_numpy()
+    grades = [3, 2, 1, 0]
+    logprobs = noise_logprobs(len(dev), 2)
+    stack, report = st.fit_with_report(
+        labels=LABELS, lexical=lexical, lexical_dev=st.lexical_inputs(lexical, dev, len(LABELS)),
+        llm_logprobs=logprobs, targets=targets, groups=dev["query_id"],
+        evaluate=lambda p: evaluate_labels(targets, p, grades, label_names=LABELS),
+        adapter_probs=np.exp(logprobs))
+    return stack, report, dev
+
+
+def test_the_stack_follows_the_lexical_rule_against_a_confident_wrong_llm(fitted) -> None:
+    stack, report, _ = fitted
+    test = rule_pairs(20, seed=3)
+    truth = test["target"].to_numpy()
+    # the "LLM" is sure of the opposite of the truth, with the same confidence everywhere
+    llm = np.log(np.full((len(test), 4), 0.02))
+    llm[np.arange(len(test)), 3 - truth] = np.log(0.94)
+    bare = np.exp(llm).argmax(1)
+    stacked = stack.predict_proba(test[["query", "title"]], llm).argmax(1)
+    assert np.mean(bare == truth) < 0.3
+    assert np.mean(stacked == truth) > 0.8
+    # no query word in the title: the stack moves such pairs to irrelevant, whatever the LLM said
+    none_in_title = truth == 3
+    assert none_in_title.sum() > 5 and np.mean(stacked[none_in_title] == 3) > 0.8
+
+
+def test_the_report_says_an_uninformative_llm_adds_nothing(fitted) -> None:
+    _, report, dev = fitted
+    assert report["n_dev"] == len(dev)
+    assert report["full"]["accuracy"] > 0.8 and report["lexical_only"]["accuracy"] > 0.8
+    assert report["adapter"]["accuracy"] < 0.45  # the noise "LLM" alone is near chance
+    assert report["llm_adds"] is False and "nothing measurable" in report["verdict"]
+
+
+def test_an_informative_llm_is_measurable() -> None:
+    """Labels that depend on something only the LLM sees: the full stack beats the lexical one."""
+    train, dev = rule_pairs(60, seed=0), rule_pairs(30, seed=1)
+    rng = np.random.default_rng(5)
+    hidden = rng.integers(0, 2, size=len(dev))  # a second factor the words do not show
+    targets = np.where(hidden == 1, 3, dev["target"].to_numpy())
+    llm = np.log(np.where(hidden[:, None] == 1, [0.1, 0.1, 0.1, 0.7], [0.3, 0.3, 0.3, 0.1]))
+    lexical = st.fit_lexical(train, train["target"].to_numpy())
+    _, report = st.fit_with_report(
+        labels=LABELS, lexical=lexical, lexical_dev=st.lexical_inputs(lexical, dev, 4), llm_logprobs=llm,
+        targets=targets, groups=dev["query_id"], adapter_probs=np.exp(llm),
+        evaluate=lambda p: evaluate_labels(targets, p, [3, 2, 1, 0], label_names=LABELS))
+    assert report["llm_adds"] is True and "measurable" in report["verdict"]
+    assert report["full"]["accuracy"] > report["lexical_only"]["accuracy"] + 0.1
+
+
+def test_saved_and_reloaded_the_stack_gives_the_same_probabilities(fitted, tmp_path: Path) -> None:
+    stack, _, dev = fitted
+    record = stack.save(tmp_path)
+    assert record["version"] == stack.version and record["inputs"] == ["llm", "lexical"]
+    assert st.stack_version(tmp_path) == stack.version
+    params = json.loads((tmp_path / st.STACK_FILE).read_text())
+    assert params["features"][:4] == [f"llm_logprob_{label}" for label in LABELS] and "char_cosine" in params["features"]
+    loaded = st.load_stack(tmp_path)
+    assert loaded is not None and loaded.version == stack.version
+    logprobs = noise_logprobs(len(dev), 7)
+    np.testing.assert_array_equal(loaded.predict_proba(dev, logprobs), stack.predict_proba(dev, logprobs))
+    assert st.load_stack(tmp_path / "none") is None
+
+
+def test_a_tampered_stack_is_refused(fitted, tmp_path: Path) -> None:
+    stack, _, _ = fitted
+    stack.save(tmp_path)
+    params = json.loads((tmp_path / st.STACK_FILE).read_text())
+    params["linear"]["C"] = 99.0
+    (tmp_path / st.STACK_FILE).write_text(json.dumps(params))
+    with pytest.raises(st.StackError, match="does not match its version"):
+        st.load_stack(tmp_path)
+
+
+def test_a_stack_fitted_with_the_retriever_cosine_needs_it(fitted) -> None:
+    stack, _, dev = fitted
+    lexical = st.lexical_inputs(stack.lexical, dev, 4)
+    cosine = np.linspace(0, 1, len(dev))
+    matrix = st.design(("llm", "lexical", "cosine"), llm=st.llm_inputs(noise_logprobs(len(dev), 1)), lexical=lexical,
+                       cosine=cosine)
+    with_cosine = st.fit_stack(LABELS, ("llm", "lexical", "cosine"), stack.lexical, matrix, dev["target"].to_numpy())
+    assert with_cosine.feature_names[-1] == "retriever_cosine"
+    assert with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), cosine).shape == (len(dev), 4)
+    with pytest.raises(st.StackError, match="retriever's cosine"):
+        with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1))
