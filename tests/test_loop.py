@@ -302,7 +302,7 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     assert not is_held_out(trained_queries, 0.3, 0).any()
     authors = [row[0] for row in store.fetchall("SELECT DISTINCT author FROM labels WHERE run_id = ?",
                                                 [out["relabel"]["label_run_id"]])]
-    assert len(authors) == 1 and f"+{adapter_tag(check_adapter(adapter))}@esci:" in authors[0], authors
+    assert len(authors) == 1 and f"+{adapter_tag(check_adapter(adapter))}" in authors[0].split("@")[0], authors
     heldout = out["relabel"]["heldout"]
     assert heldout["n"] == len(finetune["heldout"]["pair_ids"]) > 0 and heldout["baseline"] == finetune["heldout"]["baseline"]
     assert not set(finetune["heldout"]["pair_ids"]) & set(split["dev_pair_ids"])
