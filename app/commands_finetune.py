@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from app.context import console, open_store
+from app.labeler_training import rating_scale_for
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
 
@@ -24,15 +25,6 @@ def _parse_sources(text: str, option: str) -> list[str]:
     if not sources or unknown:
         raise MnrError(f"{option} '{text}': expected a comma-separated list of {', '.join(STORE_SOURCES)}")
     return sources
-
-
-def rating_scale_for(frame: pd.DataFrame, scheme: LabelScheme) -> tuple[float, float] | None:
-    """The raw-rating scale of the pairs' dataset, when they come from one dataset the scheme maps."""
-    datasets = frame["dataset"].dropna().unique()
-    if len(datasets) == 1 and datasets[0] in scheme.rating_maps and frame["raw_rating"].notna().any():
-        low, high = scheme.rating_maps[datasets[0]].scale
-        return float(low), float(high)
-    return None
 
 
 # -- mnr finetune -------------------------------------------------------------------------------------
@@ -80,47 +72,27 @@ def finetune_command(
 
     started_at = time.monotonic()
 
-    from annotator.evaluation import labelled_pairs
-    from annotator.finetune import FinetuneArgs, finetune, split_by_query, subsample
-    from annotator.models import resolve_model
-    from annotator.prompts import load_prompt_policy
+    from annotator.finetune import FinetuneArgs
+    from app.labeler_training import finetune_data, run_finetune
 
     if threads:
         torch.set_num_threads(threads)
-    loaded_policy = load_prompt_policy(policy)
-    scheme = loaded_policy.scheme
     source_list = _parse_sources(sources, "--sources")
     store = open_store()
-    frame = labelled_pairs(store, scheme.name, source_list)
-    if frame.empty:
-        raise MnrError(f"the store has no labels of scheme '{scheme.name}' (policy '{loaded_policy.name}') from "
-                       f"source(s) {', '.join(source_list)}; add human labels in the review app, or pass "
-                       "--sources human,import to train on an ingested human-rated dataset")
-    model_dir = resolve_model(model)
     args = FinetuneArgs(lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate, batch_size=batch_size,
                         max_steps=max_steps, max_epochs=max_epochs, eval_every=eval_every, patience=patience,
                         max_minutes=max_minutes, class_weighting=class_weighting, select_metric=select_metric,
                         dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
                         cache_memory_gb=cache_memory_gb, stack=not no_stack)
-    train, dev = split_by_query(frame, dev_fraction, seed)
-    train, dev = subsample(train, max_train, seed), subsample(dev, max_dev, seed)
+    data = finetune_data(store, policy, source_list, args)
+    train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
-                  f"({dev['query_id'].nunique():,} queries), scheme '{scheme.name}', policy '{loaded_policy.name}' "
-                  f"{loaded_policy.version}")
-    params = {"policy": loaded_policy.name, "policy_hash": loaded_policy.version, "model": model, "out": str(out),
-              "sources": source_list, "args": {**args.__dict__, "target_modules": list(args.target_modules)}}
-    with store.run("finetune", params) as run:
-        result = finetune(train, dev, loaded_policy, model_dir, out, args, base_model_name=model,
-                          rating_scale=rating_scale_for(dev, scheme), progress=_print_progress, resume=resume,
-                          started_at=started_at)
-        meta = result.meta
-        run.metrics.update({"dev": meta["dev_metrics"], "temperature": meta["temperature"], "steps": meta["steps"],
-                            "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"],
-                            "stack": (meta["stack"] or {}).get("version")})
-        store.register_model(f"labeler-lora-{run.run_id}", "labeler-adapter", Path(out).resolve(), stage="lora",
-                             parent_model_id=model, data_hash=meta["data_hash"], metrics=meta["dev_metrics"],
-                             run_id=run.run_id)
+                  f"({dev['query_id'].nunique():,} queries), scheme '{loaded_policy.scheme.name}', policy "
+                  f"'{loaded_policy.name}' {loaded_policy.version}")
+    result, _ = run_finetune(store, data, model, out, args, progress=_print_progress, resume=resume,
+                             started_at=started_at)
+    meta = result.meta
     dev_metrics = meta["dev_metrics"]
     _print_path(meta)
     if meta["calibration"]["status"] != "ok":

@@ -22,7 +22,7 @@ def run(
     only_step: Optional[str] = typer.Option(None, "--only", help="Re-run just this step."),
     fresh: bool = typer.Option(False, "--fresh", help="Start a new loop run instead of continuing the latest."),
 ) -> None:
-    """Run the Mine and Refine loop: ingest, train-stage1, mine, relabel, engagement, audit, trigger,
+    """Run the Mine and Refine loop: ingest, train-stage1, mine, finetune, relabel, engagement, audit, trigger,
     train-stage2, evaluate, promote. Each step is recorded as a run; a re-run continues at the failed step."""
     loop_config = LoopConfig.from_file(config)
     # --store / MNR_STORE win; otherwise the [store] path of *this* config file.

@@ -32,6 +32,12 @@ HOMEDEPOT_QUERIES = {False: 300, True: 120}
 CATALOG_FAMILIES = {False: 14, True: 8}
 RELABEL_PAIRS = {False: 200, True: 80}
 TRAIN_STEPS = {False: 40, True: 20}
+# The finetune step's wall-clock budget (minutes) and settings, chosen so the adapter is not degenerate
+# within the 10 minutes of the demo (docs/loop.md, "mnr demo", has the measurements).
+FINETUNE_MINUTES = {False: 3.0, True: 1.5}
+FINETUNE = {"sources": ["human", "import"], "train_top_k": 4, "batch_size": 16, "eval_every": 10, "patience": 4,
+            "max_epochs": 4.0, "warmup_steps": 5, "learning_rate": 1e-3, "class_weighting": "balanced",
+            "max_dev": 150, "heldout_pairs": 200}
 # A labeler that answers one label for more than this share of the relabelled pairs is reported as degenerate.
 DEGENERATE_SHARE = 0.9
 
@@ -58,6 +64,8 @@ def demo_config(workspace: Path, quick: bool = False, adapter: Path | None = Non
         "train_stage1": {"epochs": 2, "queries_per_batch": 16, "products_per_query": 8, "max_seq_length": 32,
                          "max_steps": TRAIN_STEPS[quick]},
         "mine": {"top_k": 30, "per_query": 3},
+        # Home Depot's ratings and the catalog's labels stand in for the human labels of a real team.
+        "finetune": {**FINETUNE, "max_minutes": FINETUNE_MINUTES[quick]},
         "relabel": {"backend": "vllm", "model": "smollm2", "policy": data["policy"],
                     "max_pairs": RELABEL_PAIRS[quick], **({"adapter": str(adapter.resolve())} if adapter else {})},
         "engagement": {"source": "simulate", "n_sessions": 4000 if quick else 10000, "seed": 0},
@@ -149,6 +157,10 @@ def _step_note(step: str, out: dict[str, Any]) -> str:
         return f"{out.get('steps')} steps"
     if step == "mine":
         return f"{out.get('candidates', 0):,} candidates, {out.get('new_pairs', 0):,} new pairs"
+    if step == "finetune":
+        if out.get("reused"):
+            return f"reused {Path(out['adapter']).name}"
+        return f"{out.get('steps')} steps, {out.get('epochs')} epochs over {out.get('train_pairs', 0):,} pairs"
     if step == "relabel":
         counts = ", ".join(f"{k} {v}" for k, v in out.get("label_counts", {}).items())
         return f"LLM {out.get('llm_pairs_per_s')} pairs/s; {counts}"
@@ -191,7 +203,12 @@ def relabel_table(label_counts: dict[str, int]) -> Table:
     return table
 
 
-def degenerate_warning(label_counts: dict[str, int], max_share: float = DEGENERATE_SHARE) -> str | None:
+BASE_MODEL_HINT = "try a fine-tuned adapter ([loop.finetune], or `mnr finetune` then `mnr demo --adapter`) or a larger model"
+ADAPTER_HINT = "give the finetune step more labels or more time ([loop.finetune] sources, max_minutes)"
+
+
+def degenerate_warning(label_counts: dict[str, int], max_share: float = DEGENERATE_SHARE,
+                       hint: str = BASE_MODEL_HINT) -> str | None:
     """A warning when one label has more than `max_share` of the relabelled pairs, else None."""
     total = sum(label_counts.values())
     if total == 0:
@@ -200,16 +217,47 @@ def degenerate_warning(label_counts: dict[str, int], max_share: float = DEGENERA
     if count / total <= max_share:
         return None
     return (f"degenerate labeler: it answered '{label}' for {count / total:.0%} of the {total:,} relabelled pairs "
-            f"(more than {max_share:.0%}); its labels carry little information; try a fine-tuned adapter "
-            "(`mnr finetune`, then `mnr demo --adapter`) or a larger model")
+            f"(more than {max_share:.0%}); its labels carry little information; {hint}")
+
+
+def agreement_table(relabel: dict[str, Any], train_pairs: int | None) -> Table | None:
+    """The relabel step's labeler and the text baseline against the held-out labels, on the same pairs."""
+    heldout = relabel.get("heldout")
+    if not heldout:
+        return None
+    table = Table("labeler", "QWK", "accuracy", "macro-F1",
+                  title=f"Labeler agreement on {heldout['n']:,} held-out pairs ({heldout['queries']:,} queries, "
+                        "none of them trained on)")
+    model, _, adapter = _labeler_name(relabel).partition("+")
+    trained_on = f", {train_pairs:,} training pairs" if train_pairs else ""
+    llm = f"{model} (base model)" if adapter in ("", "base") else f"{model} + adapter{trained_on}"
+    for name, key in ((llm, "labeler"),
+                      ("text baseline (TF-IDF + linear, same labels)", "baseline")):
+        row = heldout[key]
+        table.add_row(escape(name), _fmt(row["qwk"], 3), _fmt(row["accuracy"], 3), _fmt(row["macro_f1"], 3))
+    return table
+
+
+def _labeler_name(relabel: dict[str, Any]) -> str:
+    """`<model>+<adapter tag>` of the relabel step's author."""
+    return str(relabel.get("author", "?")).split("@")[0]
 
 
 def print_relabel_summary(outputs: dict[str, dict[str, Any]], console: Console) -> None:
-    counts = {str(k): int(v) for k, v in outputs.get("relabel", {}).get("label_counts", {}).items()}
+    """The labeler's held-out agreement beside the baseline's, then the relabelled pairs' labels."""
+    relabel = outputs.get("relabel", {})
+    agreement = agreement_table(relabel, outputs.get("finetune", {}).get("train_pairs"))
+    if agreement is not None:
+        console.print(agreement)
+        heldout = relabel["heldout"]
+        console.print(f"labeler held-out QWK {heldout['labeler']['qwk']:.3f} vs text baseline "
+                      f"{heldout['baseline']['qwk']:.3f} on the same {heldout['n']:,} pairs", highlight=False)
+    counts = {str(k): int(v) for k, v in relabel.get("label_counts", {}).items()}
     if not counts:
         return
     console.print(relabel_table(counts))
-    warning = degenerate_warning(counts)
+    hint = BASE_MODEL_HINT if _labeler_name(relabel).endswith("+base") else ADAPTER_HINT
+    warning = degenerate_warning(counts, hint=hint)
     if warning:
         console.print(f"[bold red]warning:[/] [red]{escape(warning)}[/]", highlight=False)
 

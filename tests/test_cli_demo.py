@@ -65,3 +65,27 @@ def test_a_step_reads_the_sections_it_declares_from_the_loops_own_config(tmp_pat
     with pytest.raises(Exception, match="reads \\[trigger\\] without declaring it"):
         run_loop(store, LoopConfig.from_file(config_path), steps=steps, log=lambda _line: None)
     assert seen == {"review_threshold": 0.3}
+
+
+def test_the_summary_puts_the_adapters_heldout_qwk_beside_the_baselines() -> None:
+    from app.demo import ADAPTER_HINT, BASE_MODEL_HINT
+
+    heldout = {"n": 200, "queries": 41, "labeler_counts": {"relevant": 120, "partial": 50, "irrelevant": 30},
+               "labeler": {"qwk": 0.4123, "accuracy": 0.61, "macro_f1": 0.48},
+               "baseline": {"qwk": 0.3051, "accuracy": 0.58, "macro_f1": 0.40}}
+    outputs = {"finetune": {"train_pairs": 912},
+               "relabel": {"label_counts": {"relevant": 97, "irrelevant": 3}, "heldout": heldout,
+                           "author": "smollm2+home-improvement-0123abcd-89abcdef@home-improvement:5f3a"}}
+    console = Console(record=True, width=200)
+    print_relabel_summary(outputs, console)
+    text = " ".join(console.export_text().split())
+    assert "labeler held-out QWK 0.412 vs text baseline 0.305 on the same 200 pairs" in text
+    assert "Labeler agreement on 200 held-out pairs (41 queries" in text
+    assert "smollm2 + adapter, 912 training pairs" in text
+    # an adapter that still answers one label for 97% of the mined pairs stays reported as degenerate
+    assert "degenerate labeler" in text and "'relevant' for 97%" in text and ADAPTER_HINT in text
+
+    console = Console(record=True, width=200)
+    print_relabel_summary({"relabel": {"label_counts": {"relevant": 200}, "author": "smollm2+base@x:1"}}, console)
+    text = " ".join(console.export_text().split())
+    assert "held-out QWK" not in text and BASE_MODEL_HINT in text

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from app.loop import (
@@ -57,7 +58,8 @@ def test_failure_stops_the_loop_and_a_rerun_resumes_at_the_failed_step(tmp_path:
     assert status == "failed"
     assert calls == list(STEP_NAMES[: STEP_NAMES.index("audit") + 1])
     statuses = step_statuses(store, loop_id)
-    assert [statuses.get(s) for s in STEP_NAMES] == ["ok"] * 5 + ["failed"] + [None] * 4
+    audit = STEP_NAMES.index("audit")
+    assert [statuses.get(s) for s in STEP_NAMES] == ["ok"] * audit + ["failed"] + [None] * (len(STEP_NAMES) - audit - 1)
     error = store.scalar("SELECT error FROM runs WHERE run_id = ?", [loop_id])
     assert "step 'audit'" in error
 
@@ -67,7 +69,7 @@ def test_failure_stops_the_loop_and_a_rerun_resumes_at_the_failed_step(tmp_path:
     assert result.loop_run_id == loop_id
     assert calls == list(STEP_NAMES[STEP_NAMES.index("audit"):])
     runs = step_runs(store, loop_id)
-    assert all(runs[s] == ["ok"] for s in STEP_NAMES[:5])  # finished steps did not run again
+    assert all(runs[s] == ["ok"] for s in STEP_NAMES[:audit])  # finished steps did not run again
     assert runs["audit"] == ["failed", "ok"]
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [loop_id]) == "ok"
     summary = loop_summary(store, loop_id)
@@ -224,6 +226,16 @@ max_seq_length = 32
 top_k = 10
 per_query = 2
 
+[loop.finetune]
+sources = ["human", "import"]
+train_top_k = 1
+max_steps = 4
+eval_every = 2
+batch_size = 8
+warmup_steps = 1
+max_minutes = 2.0
+heldout_pairs = 40
+
 [loop.relabel]
 backend = "transformers"
 model = "{tiny_llama}"
@@ -259,16 +271,17 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     assert failure.value.step == "engagement" and str(missing) in str(failure.value)
     loop_id = failure.value.loop_run_id
     before = step_runs(store, loop_id)
-    assert before == {**{s: ["ok"] for s in STEP_NAMES[:4]}, "engagement": ["failed"]}
+    engagement = STEP_NAMES.index("engagement")
+    assert before == {**{s: ["ok"] for s in STEP_NAMES[:engagement]}, "engagement": ["failed"]}
 
     config_path.write_text(loop_toml(tmp_path / "ws", tiny_llama,
                                      '[loop.engagement]\nsource = "simulate"\nn_sessions = 1500'), encoding="utf-8")
     result = run_loop(store, LoopConfig.from_file(config_path), log=lines.append)
-    assert result.loop_run_id == loop_id and result.ran == list(STEP_NAMES[4:])
+    assert result.loop_run_id == loop_id and result.ran == list(STEP_NAMES[engagement:])
     after = step_runs(store, loop_id)
-    assert all(after[s] == ["ok"] for s in STEP_NAMES[:4])  # not re-run
+    assert all(after[s] == ["ok"] for s in STEP_NAMES[:engagement])  # not re-run
     assert after["engagement"] == ["failed", "ok"]
-    assert all(after[s] == ["ok"] for s in STEP_NAMES[5:])
+    assert all(after[s] == ["ok"] for s in STEP_NAMES[engagement + 1:])
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [loop_id]) == "ok"
 
     out = loop_summary(store, loop_id)
@@ -277,6 +290,24 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     assert relabelled == out["relabel"]["selected"] > 0
     mined = store.scalar("SELECT count(*) FROM mining_candidates WHERE run_id = ?", [out["mine"]["mining_run_id"]])
     assert mined >= out["relabel"]["selected"]
+    # the finetune step trained an adapter on labels of training queries only; relabel labelled with it
+    from annotator.labeler import adapter_tag, check_adapter
+    from trainer.data import is_held_out
+
+    finetune = out["finetune"]
+    adapter = Path(finetune["adapter"])
+    assert (adapter / "adapter_config.json").is_file() and finetune["reused"] is False and finetune["items"] > 0
+    split = json.loads((adapter / "split.json").read_text())
+    trained_queries = pd.Series(split["train_query_ids"] + split["dev_query_ids"])
+    assert not is_held_out(trained_queries, 0.3, 0).any()
+    authors = [row[0] for row in store.fetchall("SELECT DISTINCT author FROM labels WHERE run_id = ?",
+                                                [out["relabel"]["label_run_id"]])]
+    assert len(authors) == 1 and f"+{adapter_tag(check_adapter(adapter))}" in authors[0].split("@")[0], authors
+    heldout = out["relabel"]["heldout"]
+    assert heldout["n"] == len(finetune["heldout"]["pair_ids"]) > 0 and heldout["baseline"] == finetune["heldout"]["baseline"]
+    assert not set(finetune["heldout"]["pair_ids"]) & set(split["dev_pair_ids"])
+    assert sum(heldout["labeler_counts"].values()) == heldout["n"]
+    assert all(-1.0 <= heldout[who]["qwk"] <= 1.0 for who in ("labeler", "baseline"))
     assert out["engagement"]["simulated"] is True and out["engagement"]["events_added"] > 0
     assert Path(out["audit"]["report"]).is_file()
     assert set(out["evaluate"]["ndcg@10"]) >= {"zero-shot", "stage1", "stage2", "bm25"}
@@ -303,5 +334,14 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     print_summary(store, loop_id, tmp_path / "ws", console)
     text = console.export_text()
     for expected in ("Loop steps (throughput)", "Labels by source", "llm", "import", "NDCG@10", "zero-shot", "stage2",
-                     "engagement is SIMULATED", out["audit"]["report"], "review"):
+                     "engagement is SIMULATED", out["audit"]["report"], "review", "Labeler agreement on",
+                     f"labeler held-out QWK {heldout['labeler']['qwk']:.3f} vs text baseline "
+                     f"{heldout['baseline']['qwk']:.3f} on the same {heldout['n']:,} pairs"):
         assert expected in text, expected
+
+    # a re-run finds the adapter of the same labels, policy and settings: no second training run
+    again = run_loop(store, LoopConfig.from_file(config_path), only_step="finetune", log=lines.append)
+    reused = again.outputs["finetune"]
+    assert reused["reused"] is True and reused["adapter"] == finetune["adapter"]
+    assert reused["heldout"] == finetune["heldout"]
+    assert store.scalar("SELECT count(*) FROM runs WHERE kind = 'finetune'") == 1

@@ -1,5 +1,5 @@
 """The Mine and Refine loop: the runner (`runner`: plan, run, resume, record steps in the store) and
-the ten steps (`steps`: one `Step` record each). `sql/` holds the queries of both."""
+the eleven steps (`steps`: one `Step` record each). `sql/` holds the queries of both."""
 from app.loop.runner import (
     LoopConfig, LoopResult, Step, StepContext, StepFailed, latest_loop_run, latest_step_outputs, loop_summary,
     plan_loop, run_loop, step_statuses, validate_config,

@@ -231,7 +231,7 @@ def plan_loop(store: Store, *, from_step: str | None = None, only_step: str | No
 
 
 def default_steps(steps: Sequence[Step] | None) -> Sequence[Step]:
-    """`steps`, or the loop's own ten steps."""
+    """`steps`, or the loop's own eleven steps."""
     if steps is not None:
         return steps
     from app.loop.steps import STEPS  # the steps import this module: resolved at call time

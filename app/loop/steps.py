@@ -1,4 +1,4 @@
-"""The ten steps of the Mine and Refine loop, each a `Step` record: name, function, the keys of its
+"""The eleven steps of the Mine and Refine loop, each a `Step` record: name, function, the keys of its
 `[loop.<step>]` table, and the top-level config tables it reads. The machinery is `app.loop.runner`.
 
 Each step imports its area (trainer, annotator, auditor) when it runs, so `mnr --help` stays fast.
@@ -114,17 +114,157 @@ def step_mine(ctx: StepContext) -> dict[str, Any]:
             "unit": "queries"}
 
 
+def _pull(ctx: StepContext, model: str) -> None:
+    """Pull a model the annotator knows by name into its cache, once."""
+    from annotator.models import PULLABLE, list_models, pull
+
+    if model in PULLABLE and model not in list_models():
+        ctx.log(f"[{ctx.step.name}] pulling {model} into the model cache (once)")
+        pull(model)
+
+
+def step_finetune(ctx: StepContext) -> dict[str, Any]:
+    """A LoRA adapter for the relabel step from the store's human labels (the held-out queries left out),
+    reused when one of the same labels, policy, base model and settings exists; and held-out pairs with
+    the text baseline's agreement on them, for the relabel step to score its labeler on."""
+    import time
+
+    from annotator.prompts import load_prompt_policy
+    from app.labeler_training import NoTrainingLabels, finetune_data
+    from trainer.data import is_held_out
+
+    started_at = time.monotonic()
+    options, relabel = dict(ctx.options), ctx.config.options("relabel")
+    if not options.get("enabled", True):
+        return {"skipped": True, "reason": "[loop.finetune] enabled = false"}
+    if relabel.get("adapter"):
+        return {"skipped": True, "reason": "[loop.relabel] names its adapter"}
+    model = str(options.get("model", relabel.get("model", "smollm2")))
+    policy = load_prompt_policy(str(options.get("policy", relabel.get("policy", ctx.config.scheme))))
+    sources = _sources(options.get("sources", ["human"]))
+    args = _finetune_args(options)
+    split = _shared_split(ctx)
+    dataset = ctx.config.dataset
+
+    def held_out(frame: Any) -> Any:
+        return (frame["dataset"] == dataset) & is_held_out(frame["query_id"], split["holdout_fraction"], split["seed"])
+
+    def trainable(frame: Any) -> Any:
+        return (frame["dataset"] == dataset) & ~held_out(frame)
+
+    try:
+        data = finetune_data(ctx.store, policy, sources, args, keep=trainable)
+    except NoTrainingLabels as exc:
+        return {"skipped": True, "reason": f"{exc}; relabel uses the base model"}
+    _pull(ctx, model)
+    found = _reusable_adapter(ctx.store, data.data_hash, policy.version, model, args)
+    if found is None:
+        outputs = _train_adapter(ctx, data, model, args, started_at)
+    else:
+        outputs = {**found, "reused": True, "items": 0, "unit": "pairs seen"}
+        ctx.log(f"[finetune] reusing adapter {found['adapter']} (same labels, policy, base model and settings)")
+    return {**outputs, "heldout": _heldout_baseline(ctx, data, held_out)}
+
+
+def _sources(value: Any) -> list[str]:
+    sources = [part.strip() for part in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
+    return [s for s in sources if s]
+
+
+def _finetune_args(options: dict[str, Any]) -> Any:
+    from annotator.finetune import FinetuneArgs
+
+    values = _dataclass_values(FinetuneArgs, options)
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return FinetuneArgs(**values)
+
+
+def _args_record(args: Any) -> dict[str, Any]:
+    return {**dataclasses.asdict(args), "target_modules": list(args.target_modules)}
+
+
+def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str, args: Any) -> dict[str, Any] | None:
+    """The newest registered adapter of these labels, policy version, base model and training settings."""
+    from pathlib import Path
+
+    from annotator.finetune import read_meta
+    from app.labeler_training import ADAPTER_KIND
+
+    for model_id, path in store.fetchall(sql("app.loop", "labeler_adapters"),
+                                         {"kind": ADAPTER_KIND, "data_hash": data_hash}):
+        if not (Path(path) / "meta.json").is_file():
+            continue
+        meta = read_meta(path)
+        if (meta.get("policy_hash"), meta.get("base_model"), meta.get("training_args")) == (
+                policy_hash, model, _args_record(args)):
+            return _adapter_outputs(model_id, path, meta)
+    return None
+
+
+def _adapter_outputs(model_id: str, path: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"adapter": str(path), "model_id": model_id, "data_hash": meta["data_hash"], "policy": meta["policy"],
+            "policy_hash": meta["policy_hash"], "train_pairs": meta["n_train_used"], "dev_pairs": meta["n_dev"],
+            "steps": meta["steps"], "epochs": meta["epochs"], "stop_reason": meta["stop_reason"],
+            "train_seconds": meta["train_seconds"], "dev_qwk": meta["dev_metrics"].get("qwk")}
+
+
+def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_at: float) -> dict[str, Any]:
+    """Train into a folder named by what the adapter is made of: a re-run after a crash resumes from its checkpoint."""
+    import json
+
+    from annotator.finetune import CHECKPOINT_DIR
+    from app.labeler_training import run_finetune
+    from labelstore.ids import stable_hash
+
+    key = stable_hash(data.data_hash, data.policy.version, model, json.dumps(_args_record(args), sort_keys=True),
+                      length=12)
+    out = ctx.workspace / "adapters" / f"{data.policy.name}-{key}"
+    resume = (out / CHECKPOINT_DIR).is_dir()
+    ctx.log(f"[finetune] {len(data.train):,} train / {len(data.dev):,} dev pairs, policy '{data.policy.name}', "
+            f"budget {args.max_minutes or 'unbounded'} min" + (" (resuming)" if resume else ""))
+
+    def progress(record: dict[str, Any]) -> None:
+        ctx.log(f"[finetune] step {record['step']} epoch {record['epoch']:.2f}: dev QWK {record['qwk']:.3f}, "
+                f"accuracy {record['accuracy']:.3f} ({record['elapsed_s']:.0f}s)")
+
+    result, model_id = run_finetune(ctx.store, data, model, out, args, progress=progress, resume=resume,
+                                    started_at=started_at)
+    return {**_adapter_outputs(model_id, out.resolve(), result.meta), "reused": False,
+            "items": int(result.meta["pairs_seen"]), "unit": "pairs seen"}
+
+
+def _heldout_baseline(ctx: StepContext, data: Any, held_out: Any) -> dict[str, Any] | None:
+    """Held-out pairs for the relabel step's labeler to score, and the text baseline's agreement there,
+    fitted on the train and dev labels the adapter learnt from."""
+    import pandas as pd
+
+    from annotator.evaluation import labelled_pairs
+    from annotator.finetune import subsample
+    from app.labeler_training import agreement, baseline_probs
+
+    scheme = data.policy.scheme
+    frame = labelled_pairs(ctx.store, scheme.name, data.sources)
+    heldout = subsample(frame[held_out(frame)].reset_index(drop=True), int(ctx.options.get("heldout_pairs", 200)),
+                        int(ctx.config.get("seed", 0)))
+    if heldout.empty:
+        return None
+    probs = baseline_probs(pd.concat([data.train, data.dev]), heldout, scheme)
+    return {"pair_ids": heldout["pair_id"].tolist(), "sources": data.sources, "n": int(len(heldout)),
+            "queries": int(heldout["query_id"].nunique()), "baseline": agreement(probs, heldout, scheme)}
+
+
 def step_relabel(ctx: StepContext) -> dict[str, Any]:
     """Label the mined pairs with the policy-prompted LLM (LoRA adapter when configured); resumable."""
     from annotator.batch import DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
-    from annotator.models import PULLABLE, list_models, pull
+    from annotator.labeler import Labeler
+    from trainer.registry import record_metrics
 
     options = ctx.options
     model = str(options.get("model", "smollm2"))
-    if model in PULLABLE and model not in list_models():
-        ctx.log(f"[relabel] pulling {model} into the model cache (once)")
-        pull(model)
-    adapter = options.get("adapter")
+    _pull(ctx, model)
+    finetuned = _finetune_outputs(ctx)
+    adapter = options.get("adapter") or finetuned.get("adapter")
     mining_run = ctx.output("mine")["mining_run_id"]
     job = LabelJob(model=model, policy=str(options.get("policy", ctx.config.scheme)), select="mined",
                    backend=str(options.get("backend", "vllm")),
@@ -134,12 +274,42 @@ def step_relabel(ctx: StepContext) -> dict[str, Any]:
                    review_threshold=float(options.get("review_threshold", ctx.section("annotator").get(
                        "review_threshold", DEFAULT_REVIEW_THRESHOLD))),
                    backend_options=dict(options.get("backend_options", {})))
-    result = run_label_job(ctx.store, job, progress=False)
+    # one engine labels the mined pairs and scores the finetune step's held-out pairs
+    with Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, **job.backend_options) as labeler:
+        result = run_label_job(ctx.store, job, labeler=labeler, progress=False)
+        heldout = _heldout_agreement(ctx, labeler, finetuned.get("heldout"))
+    if heldout is not None and finetuned.get("model_id") and adapter == finetuned["adapter"]:
+        record_metrics(ctx.store, finetuned["model_id"], {"heldout": heldout})
     return {"label_run_id": result.run_id, "resumed": result.resumed, "selected": result.n_selected,
             "labelled_now": result.n_labelled_now, "label_counts": result.label_counts,
             "mean_confidence": result.mean_confidence, "needs_review": result.needs_review,
-            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author,
+            "llm_pairs_per_s": round(result.pairs_per_s, 2), "author": result.author, "heldout": heldout,
             "items": result.n_selected, "unit": "pairs"}
+
+
+def _finetune_outputs(ctx: StepContext) -> dict[str, Any]:
+    """This loop's finetune outputs; {} when it never ran (a store from before the step)."""
+    from app.loop.runner import latest_step_outputs
+
+    return latest_step_outputs(ctx.store, "finetune", ctx.loop_run_id) or {}
+
+
+def _heldout_agreement(ctx: StepContext, labeler: Any, heldout: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The labeler's agreement on the finetune step's held-out pairs, beside the text baseline's there."""
+    import pandas as pd
+
+    from annotator.batch import pair_texts
+    from annotator.evaluation import labelled_pairs
+    from app.labeler_training import agreement, label_counts
+
+    if not heldout:
+        return None
+    scheme = labeler.policy.scheme
+    frame = labelled_pairs(ctx.store, scheme.name, heldout["sources"]).set_index("pair_id")
+    frame = frame.loc[pd.Index(heldout["pair_ids"])].reset_index()
+    probs = labeler.score(pair_texts(frame))
+    return {"n": heldout["n"], "queries": heldout["queries"], "labeler": agreement(probs, frame, scheme),
+            "baseline": heldout["baseline"], "labeler_counts": label_counts(probs, scheme)}
 
 
 def step_engagement(ctx: StepContext) -> dict[str, Any]:
@@ -332,6 +502,12 @@ def _mine_keys() -> set[str]:
     return _fields(MiningConfig)
 
 
+def _finetune_keys() -> set[str]:
+    from annotator.finetune import FinetuneArgs
+
+    return {"enabled", "sources", "model", "policy", "heldout_pairs"} | _fields(FinetuneArgs)
+
+
 def _relabel_keys() -> set[str]:
     return {"backend", "model", "policy", "adapter", "max_pairs", "chunk_size", "review_threshold", "backend_options"}
 
@@ -346,6 +522,7 @@ STEPS: tuple[Step, ...] = (
     Step("ingest", step_ingest, _ingest_keys),
     Step("train-stage1", step_train_stage1, _train_keys),
     Step("mine", step_mine, _mine_keys),
+    Step("finetune", step_finetune, _finetune_keys),
     Step("relabel", step_relabel, _relabel_keys, sections=("annotator",)),
     Step("engagement", step_engagement, _engagement_keys),
     Step("audit", step_audit, sections=("auditor",)),
