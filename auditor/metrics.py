@@ -172,26 +172,25 @@ def _position_curve(con: duckdb.DuckDBPyConnection, settings: AuditSettings) -> 
     keys, key_examination, key_attractiveness = fit(pair_index, 2 * position - 1 + after, shown, clicked)
     before = _at_keys(keys, key_examination, 2 * positions - 1)
     below = _at_keys(keys, key_examination, 2 * positions)
-    shown_below = np.bincount(position[after], weights=shown[after], minlength=positions.max() + 1)[positions]
-    clicks_below = np.bincount(position[after], weights=clicked[after], minlength=positions.max() + 1)[positions]
-    clicks_above = np.bincount(position[~after], weights=clicked[~after], minlength=positions.max() + 1)[positions]
+    def at_positions(values: np.ndarray, cells: np.ndarray | slice = slice(None)) -> np.ndarray:
+        return np.bincount(position[cells], weights=values[cells], minlength=positions.max() + 1)[positions]
+
     both = ~np.isnan(before) & ~np.isnan(below) & (before > 0)
-    context = _click_context(below[both] / before[both], shown_below[both], clicks_below[both], clicks_above[both],
+    context = _click_context(below[both] / before[both], at_positions(shown, after)[both],
+                             at_positions(clicked, after)[both], at_positions(clicked, ~after)[both],
                              settings.max_click_context_effect)
-    shown_at = np.bincount(position, weights=shown)[positions]
-    clicked_at = np.bincount(position, weights=clicked)[positions]
+    shown_at, clicked_at = at_positions(shown), at_positions(clicked)
     curve = pd.DataFrame({"position": positions.astype(np.int32), "impressions": shown_at.astype(np.int64),
                           "clicks": clicked_at.astype(np.int64), "observed_ctr": clicked_at / np.maximum(shown_at, 1)})
     if context.after_click_evidence:
         curve["examination"] = examination
         curve["reference_ctr"] = examination * mean_attractiveness
-        curve["examination_after_click"] = below / np.where(before > 0, before, np.nan)
         curve["reference_ctr_after_click"] = curve["reference_ctr"]
     else:
         curve["examination"] = before
         curve["reference_ctr"] = np.nan_to_num(before) * key_attractiveness
-        curve["examination_after_click"] = below / np.where(before > 0, before, np.nan)
         curve["reference_ctr_after_click"] = 0.0
+    curve.insert(5, "examination_after_click", below / np.where(before > 0, before, np.nan))
     return curve, context
 
 

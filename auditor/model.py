@@ -101,13 +101,13 @@ def _monotone(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray, buys: np.ndarray,
                     coec: np.ndarray, atc: np.ndarray, buy: np.ndarray, spread: Spread, dispersion: float,
-                    all_clicks: np.ndarray | None = None) -> np.ndarray:
+                    trials: np.ndarray) -> np.ndarray:
     """Shape (n_pairs, n_grades): log P(clicks, carts, buys | grade), up to terms equal across grades.
 
     Clicks: negative binomial with mean expected_clicks * coec[grade] and shape spread.click_shape[grade]
     (a pair's attractiveness varies around its grade's by a Gamma factor of variance 1 / shape), so
-    the evidence of one pair saturates however much traffic it gets. Add-to-carts given clicks
-    (all_clicks when given: every click, also those that are not click evidence) and purchases given
+    the evidence of one pair saturates however much traffic it gets. Add-to-carts given `trials` (every
+    click, also those on impressions that are not click evidence) and purchases given
     add-to-carts: beta-binomial with the grade's rate and intra-pair correlation spread.cart_rho /
     spread.buy_rho (binomial at 0).
     """
@@ -117,7 +117,6 @@ def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     k = spread.click_shape[None, :]
     mean = expected[:, None] * coec[None, :]
     clicks_ll = gammaln(c + k) - gammaln(k) + k * np.log(k / (k + mean)) + c * np.log(mean / (k + mean))
-    trials = clicks if all_clicks is None else all_clicks
     conversion_ll = (_conversion_log_likelihood(carts, trials, atc, spread.cart_rho)
                      + _conversion_log_likelihood(buys, carts, buy, spread.buy_rho))
     return (clicks_ll + conversion_ll) / dispersion
