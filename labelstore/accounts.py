@@ -7,6 +7,7 @@ disabled or re-keyed account. The CLI (`mnr annotators`) and the review UI both 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -75,6 +76,11 @@ def token_matches(token: str, stored: str) -> bool:
     return hmac.compare_digest(candidate, bytes.fromhex(digest))
 
 
+@functools.cache
+def _unknown_name_hash() -> str:
+    return hash_token("", salt=b"\0" * 16)
+
+
 def add_account(store: Store, name: str, role: str) -> str:
     """Create an account; returns its token, which is not stored and cannot be shown again."""
     name = check_name(name)
@@ -132,6 +138,9 @@ def authenticate(store: Store, name: str, token: str) -> Account:
     refused until the window has passed: guessing costs a scrypt per try and stops soon.
     """
     name = (name or "").strip()
+    if not ANNOTATOR_ID.match(name):
+        # never an account: refused like a wrong token, and only a bounded prefix reaches the log
+        return _log_in(store, name[:64], "token", lambda con: (None, REFUSED, "malformed name"))
 
     def judge(con: duckdb.DuckDBPyConnection) -> tuple[Account | None, str | None, str | None]:
         failures = con.execute(sql("labelstore", "account_recent_failures"),
@@ -140,7 +149,9 @@ def authenticate(store: Store, name: str, token: str) -> Account:
             minutes = int(FAILURE_WINDOW.total_seconds() // 60)
             return None, f"too many failed logins for '{name}': try again in {minutes} minutes", "too many failures"
         found = _get(con, name)
-        if found is None or not token or not token_matches(token, found[1]):
+        # an unknown name costs the same scrypt as a known one, so timing does not tell which names exist
+        matches = token_matches(token or "", found[1] if found else _unknown_name_hash())
+        if found is None or not token or not matches:
             return None, REFUSED, "unknown account" if found is None else "wrong token"
         return _enabled(found[0])
 

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 import app.review
 from app.review.decisions import record_decision, record_skip, undo_last
-from app.review.settings import IdentityError
+from app.review.settings import ADDRESS_ENV, IdentityError
 from labelstore.accounts import add_account, disable_account
 from test_review_support import (
     ReviewFixture, build_review_store, copy_review_store, human_label, llm_label, write_config,
@@ -26,6 +26,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> ReviewFixture:
 def fixture(template: ReviewFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ReviewFixture:
     copied = copy_review_store(template, tmp_path / "review.duckdb")
     monkeypatch.setenv("MNR_STORE", str(copied.store.path))
+    monkeypatch.setenv(ADDRESS_ENV, "127.0.0.1")  # what `mnr review` passes the UI on loopback
     monkeypatch.setenv("MNR_CONFIG", str(write_config(tmp_path / "mnr.toml", overlap=0.0, allow=["alice", "bob"])))
     return copied
 
@@ -241,3 +242,11 @@ def test_an_account_disabled_mid_session_is_logged_out(fixture: ReviewFixture) -
     at.run()
     assert "Your account was disabled" in at.sidebar.error[0].value
     assert not [button for button in at.button if button.key and button.key.startswith("mnr_label_")]
+
+
+def test_run_without_mnr_review_and_without_accounts_is_refused(fixture, monkeypatch):
+    """`streamlit run ui.py` with no address listens on every interface: single-user mode is refused."""
+    monkeypatch.delenv(ADDRESS_ENV)
+    at = AppTest.from_file(str(UI), default_timeout=60).run()
+    assert any("beyond loopback" in error.value for error in at.error)
+    assert not [button for button in at.button if button.label.lower().startswith("exact")]

@@ -59,7 +59,8 @@ def sign_in(review_settings: ReviewSettings) -> Account | None:
         return _header_sign_in(review_settings.trusted_header)
     if mode == "accounts":
         return _token_sign_in()
-    if not is_loopback(os.environ.get(ADDRESS_ENV, "127.0.0.1")):
+    # `mnr review` names the address; run by `streamlit run` without one, Streamlit listens on every interface
+    if not is_loopback(os.environ.get(ADDRESS_ENV) or st.get_option("server.address") or ""):
         st.error("This review UI is reachable beyond loopback but the store has no accounts: nothing can be "
                  "reviewed. Create accounts with `mnr annotators add` or set `[review] trusted_header`.")
         st.stop()
