@@ -232,6 +232,13 @@ def finish_label_run(store: Store, run_id: str, *, resumed: bool, labelled_now: 
     return result
 
 
+def job_labeler(job: LabelJob, policy: Policy | None = None, adapter: Adapter | None = None) -> Labeler:
+    """The `Labeler` that `job` describes (model, policy, backend, adapter, stack, backend options), so a
+    caller that builds its own labeler for a job scores exactly as the job's fingerprint and author say."""
+    return Labeler(job.model, policy or job.policy, backend=job.backend, adapter=adapter or job.adapter,
+                   use_stack=job.use_stack, **job.backend_options)
+
+
 def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None, run_id: str | None = None,
                   new_run: bool = False, progress: bool = True,
                   on_chunk: Callable[[str, int], None] | None = None) -> LabelJobResult:
@@ -244,8 +251,7 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     adapter = check_adapter(job.adapter) if job.adapter else None
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     if labeler is None:
-        labeler = Labeler(job.model, policy, backend=job.backend, adapter=adapter, use_stack=job.use_stack,
-                          **job.backend_options)
+        labeler = job_labeler(job, policy, adapter)
     run_id = open_run(store, job, policy, plan, labeler.author)
     pending = pair_texts(pending_pairs(store, run_id))
     n_selected = selected_count(store, run_id)

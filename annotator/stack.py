@@ -4,7 +4,7 @@ The LLM labeler reads a prompt; the text baseline (`annotator.text_baseline`) re
 combines them, per pair, from these input groups (`INPUTS`):
 
 - ``llm``: the labeler's label log-probabilities, renormalised over the labels (K columns);
-- ``lexical``: the query-title match scores of `QueryTitleFeatures.match_scores` (word and character
+- ``lexical``: the query-title match scores of `QueryTitleFeatures` (word and character
   TF-IDF cosine, share of query words in the title) and the log class probabilities of the text
   baseline fitted on the *train* pairs, so they are out of sample on dev (3 + K columns);
 - ``cosine``: the retriever's query-product cosine, when the caller has one (1 column).
@@ -43,6 +43,7 @@ from annotator.sklearn_state import (
     unprefixed,
 )
 from annotator.text_baseline import (
+    MATCH_FEATURE_SCALE,
     MATCH_FEATURES,
     baseline_from_state,
     baseline_state,
@@ -72,9 +73,10 @@ def fit_lexical(train: pd.DataFrame, targets: np.ndarray) -> Pipeline:
 
 def lexical_inputs(lexical: Pipeline, frame: pd.DataFrame, n_classes: int) -> np.ndarray:
     """(n, 3 + K) match scores and the baseline's log class probabilities of ``frame`` (columns query, title)."""
-    texts = frame[["query", "title"]]
-    log_probs = np.log(np.clip(class_probs(lexical, texts, n_classes), np.exp(LOG_FLOOR), 1.0))
-    return np.column_stack([lexical[0].match_scores(texts), log_probs])
+    features = lexical[0].transform(frame[["query", "title"]])  # once: the baseline and the match scores share it
+    log_probs = np.log(np.clip(class_probs(lexical[-1], features, n_classes), np.exp(LOG_FLOOR), 1.0))
+    matches = features[:, -len(MATCH_FEATURES):].toarray() / MATCH_FEATURE_SCALE
+    return np.column_stack([matches, log_probs])
 
 
 def llm_inputs(logprobs: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ class QueryTitleFeatures(TransformerMixin, BaseEstimator):
     """
 
     def fit(self, frame: pd.DataFrame, y: Any = None) -> "QueryTitleFeatures":
-        texts = pd.concat([frame["query"], frame["title"]]).astype(str)
+        texts = pd.concat(_texts(frame))
         self.words_ = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)
         self.chars_ = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2, sublinear_tf=True).fit(texts)
         return self
@@ -53,11 +53,6 @@ class QueryTitleFeatures(TransformerMixin, BaseEstimator):
         matches = self._matches(queries, titles, word_product)
         return hstack([query, title, word_product, csr_matrix(matches * MATCH_FEATURE_SCALE)]).tocsr()
 
-    def match_scores(self, frame: pd.DataFrame) -> np.ndarray:
-        """(n, 3) the dense match scores alone, unscaled, columns `MATCH_FEATURES`."""
-        queries, titles = _texts(frame)
-        return self._matches(queries, titles, self.words_.transform(queries).multiply(self.words_.transform(titles)))
-
     def _matches(self, queries: pd.Series, titles: pd.Series, word_product: Any) -> np.ndarray:
         char_cosine = self.chars_.transform(queries).multiply(self.chars_.transform(titles)).sum(axis=1)
         coverage = [len(set(q.lower().split()) & set(t.lower().split())) / max(1, len(set(q.lower().split())))
@@ -66,7 +61,8 @@ class QueryTitleFeatures(TransformerMixin, BaseEstimator):
 
 
 def _texts(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    return frame["query"].astype(str), frame["title"].astype(str)
+    """Queries and titles as strings; a missing title is empty text, not the word 'nan'."""
+    return frame["query"].astype(str), frame["title"].fillna("").astype(str)
 
 
 def tfidf_linear_model() -> Pipeline:

@@ -118,7 +118,7 @@ def baseline_probs(train: pd.DataFrame, test: pd.DataFrame, scheme: LabelScheme)
     from annotator.text_baseline import tfidf_linear_probs
 
     names = scheme.label_names
-    return tfidf_linear_probs(_texts(train), _texts(test), np.array([names.index(label) for label in train["label"]]),
+    return tfidf_linear_probs(train, test, np.array([names.index(label) for label in train["label"]]),
                               len(names))
 
 
@@ -127,6 +127,3 @@ def label_counts(probs: np.ndarray, scheme: LabelScheme) -> dict[str, int]:
     chosen = probs.argmax(axis=1)
     return {name: int((chosen == i).sum()) for i, name in enumerate(scheme.label_names) if (chosen == i).any()}
 
-
-def _texts(frame: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({"query": frame["query"].astype(str), "title": frame["title"].fillna("").astype(str)})

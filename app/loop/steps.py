@@ -256,8 +256,7 @@ def _heldout_baseline(ctx: StepContext, data: Any, held_out: Any) -> dict[str, A
 
 def step_relabel(ctx: StepContext) -> dict[str, Any]:
     """Label the mined pairs with the policy-prompted LLM (LoRA adapter when configured); resumable."""
-    from annotator.batch import DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
-    from annotator.labeler import Labeler
+    from annotator.batch import DEFAULT_REVIEW_THRESHOLD, LabelJob, job_labeler, run_label_job
     from trainer.registry import record_metrics
 
     options = ctx.options
@@ -275,7 +274,7 @@ def step_relabel(ctx: StepContext) -> dict[str, Any]:
                        "review_threshold", DEFAULT_REVIEW_THRESHOLD))),
                    backend_options=dict(options.get("backend_options", {})))
     # one engine labels the mined pairs and scores the finetune step's held-out pairs
-    with Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, **job.backend_options) as labeler:
+    with job_labeler(job) as labeler:
         result = run_label_job(ctx.store, job, labeler=labeler, progress=False)
         heldout = _heldout_agreement(ctx, labeler, finetuned.get("heldout"))
     if heldout is not None and finetuned.get("model_id") and adapter == finetuned["adapter"]:
