@@ -6,7 +6,13 @@ A policy is the written rulebook the labeler reads. Its TOML file declares
 - `labels`: the labels it teaches, which must be exactly the scheme's labels,
 - `template`: the Jinja2 template of the shared policy text (the *prefix*),
 - `[fields]`: which product fields are shown, in order, each with a character limit,
-- `[limits]`: the character limit of the query.
+- `[limits]`: the character limit of the query,
+- `[[flags]]` (optional): policy flags, each a `name` and a written `definition` (`prohibited`,
+  `adult`, ...). They are appended to the prefix, so they are part of the policy's version.
+
+A flag is scored after the grade, as a yes/no label-token pass on the same prompt: the grade's prompt,
+the chosen label, then `Flag <name>:` (`Policy.flag_suffix`); the answer options are `FLAG_OPTIONS`.
+The flag prompt starts with the grade prompt, so an engine with prefix caching shares it.
 
 A prompt is `prefix + pair part`. The prefix is identical for every pair, so an engine with
 prefix caching computes it once. The pair part (`_pair.j2`, or the policy's `pair_template`) is
@@ -39,6 +45,8 @@ DEFAULT_POLICY = "esci"
 DEFAULT_PAIR_TEMPLATE = "_pair.j2"
 KNOWN_FIELDS = ("title", "brand", "description")
 REMOVED_MARK = "[instruction removed]"
+FLAG_OPTIONS = (" yes", " no")  # a flag's answers; column 0 is "the flag applies"
+_FLAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 class PolicyError(MnrError):
@@ -120,6 +128,14 @@ def truncate(text: str, limit: int) -> str:
 
 # -- policies -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class PolicyFlag:
+    """A yes/no property a policy asks about every pair, beside its grade (e.g. `prohibited`)."""
+
+    name: str
+    definition: str
+
+
+@dataclass(frozen=True)
 class Policy:
     """A loaded policy. `render(pair)` is the full prompt; `prefix()` its shared first part."""
 
@@ -132,6 +148,18 @@ class Policy:
     path: Path
     prefix_text: str = field(repr=False)
     pair_template: jinja2.Template = field(repr=False, compare=False)
+    flags: tuple[PolicyFlag, ...] = ()
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [flag.name for flag in self.flags]
+
+    def flag_suffix(self, label: str, flag: str) -> str:
+        """What follows a grade prompt to ask `flag`, once the grade `label` is answered."""
+        if flag not in self.flag_names:
+            raise PolicyError(f"policy '{self.name}' declares no flag '{flag}' "
+                              f"(its flags: {', '.join(self.flag_names) or 'none'})")
+        return f" {label}\nFlag {flag}:"
 
     @property
     def label_words(self) -> tuple[str, ...]:
@@ -204,6 +232,7 @@ def _load_prompt_policy_file(path: Path) -> Policy:
         raise PolicyError(f"{path}: malformed policy, field {exc!s} missing or of the wrong type "
                           "(needs scheme, template, labels, [fields])") from exc
     _check_labels(path, declared, scheme)
+    flags = _read_flags(path, meta.get("flags", []))
     unknown = sorted(set(field_limits) - set(KNOWN_FIELDS))
     if unknown or "title" not in field_limits:
         raise PolicyError(f"{path}: [fields] must include title and may only name {', '.join(KNOWN_FIELDS)} "
@@ -212,6 +241,7 @@ def _load_prompt_policy_file(path: Path) -> Policy:
                              keep_trailing_newline=True, autoescape=False)
     try:
         prefix_text = env.get_template(template_name).render(scheme=scheme, policy=meta).rstrip("\n") + "\n"
+        prefix_text += _flags_text(flags)
         pair_template = env.get_template(pair_template_name)
         pair_source = (path.parent / pair_template_name).read_text(encoding="utf-8")
     except jinja2.TemplateError as exc:
@@ -224,7 +254,37 @@ def _load_prompt_policy_file(path: Path) -> Policy:
     version = hashlib.sha256("\x1f".join([prefix_text, pair_source, fingerprint]).encode("utf-8")).hexdigest()[:12]
     return Policy(name=str(meta.get("name", path.stem)), scheme=scheme, fields=tuple(field_limits), limits=limits,
                   version=version, description=str(meta.get("description", "")), path=path,
-                  prefix_text=prefix_text, pair_template=pair_template)
+                  prefix_text=prefix_text, pair_template=pair_template, flags=flags)
+
+
+def _read_flags(path: Path, declared: object) -> tuple[PolicyFlag, ...]:
+    if not isinstance(declared, list):
+        raise PolicyError(f"{path}: 'flags' must be an array of tables ([[flags]] with name and definition)")
+    flags: list[PolicyFlag] = []
+    for index, entry in enumerate(declared, start=1):
+        where = f"{path}: flag {index}"
+        if not isinstance(entry, dict):
+            raise PolicyError(f"{where}: must be a table with name and definition")
+        name, definition = str(entry.get("name", "")).strip(), " ".join(str(entry.get("definition", "")).split())
+        if not _FLAG_NAME.match(name):
+            raise PolicyError(f"{where}: field 'name' is {name!r}; use lower-case letters, digits and _ "
+                              "(starting with a letter, at most 32), e.g. prohibited")
+        if name in {flag.name for flag in flags}:
+            raise PolicyError(f"{where}: field 'name': flag '{name}' is declared twice")
+        if len(definition) < 10:
+            raise PolicyError(f"{where} ('{name}'): field 'definition' is missing or too short; "
+                              "write what the flag covers, in words a reviewer can apply")
+        flags.append(PolicyFlag(name, definition))
+    return tuple(flags)
+
+
+def _flags_text(flags: tuple[PolicyFlag, ...]) -> str:
+    if not flags:
+        return ""
+    lines = ["", "Flags: after the rating, each flag is answered on its own line, yes or no. A flag says whether "
+             "the product falls under it, however relevant the product is to the query."]
+    lines += [f"- {flag.name}: {flag.definition}" for flag in flags]
+    return "\n".join(lines) + "\n"
 
 
 def _check_labels(path: Path, declared: list[str], scheme: LabelScheme) -> None:

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,12 @@ def utcnow() -> datetime:
 
 @dataclass
 class LabelRecord:
-    """One row of label history. `probs` maps every scheme label to its probability."""
+    """One row of label history. `probs` maps every scheme label to its probability.
+
+    `flags` maps a policy flag's name to the labeler's probability that it applies;
+    `flag_decisions` maps a flag's name to a human's decision (True: set, False: cleared).
+    Both are stored in `label_flags`, in the same transaction as the label.
+    """
 
     pair_id: str
     scheme: str
@@ -60,10 +65,15 @@ class LabelRecord:
     needs_review: bool = False
     dedup_key: str | None = None
     created_at: datetime | None = None
+    flags: dict[str, float] | None = None
+    flag_decisions: dict[str, bool] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in LABEL_SOURCES:
             raise ValueError(f"label source must be one of {LABEL_SOURCES}, not '{self.source}'")
+        for name, probability in (self.flags or {}).items():
+            if not 0.0 <= float(probability) <= 1.0:
+                raise ValueError(f"pair {self.pair_id}: flag '{name}' probability {probability} is not in [0, 1]")
 
 
 def _is_lock_error(exc: Exception) -> bool:
@@ -186,11 +196,12 @@ class Store:
         """
         if not records:
             return 0
-        frame = labels_frame(records)
+        records = with_keys(records)
+        frame, flags = labels_frame(records), flags_frame(records)
         if con is not None:
-            return _insert_labels(con, frame)
+            return _insert_labels(con, frame, flags)
         with self.transaction() as own:
-            return _insert_labels(own, frame)
+            return _insert_labels(own, frame, flags)
 
     def current_labels(self, scheme: str | None = None) -> pd.DataFrame:
         """Each pair's current label (see the `current_labels` view for the precedence)."""
@@ -261,9 +272,8 @@ def labels_frame(records: Sequence[LabelRecord]) -> pd.DataFrame:
             if record.dedup_key in seen:
                 continue
             seen.add(record.dedup_key)
-        row = asdict(record)
-        # DuckDB's ON CONFLICT treats NULL keys in one batch as conflicting, so every row gets a key.
-        row["dedup_key"] = record.dedup_key or f"uuid:{uuid.uuid4().hex}"
+        row = {name: getattr(record, name) for name in LABEL_COLUMNS}
+        row["dedup_key"] = record.dedup_key or f"uuid:{uuid.uuid4().hex}"  # see with_keys
         row["probs"] = to_json(record.probs) if record.probs is not None else None
         row["created_at"] = record.created_at or now
         rows.append(row)
@@ -272,16 +282,55 @@ def labels_frame(records: Sequence[LabelRecord]) -> pd.DataFrame:
     return frame
 
 
-def _insert_labels(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame) -> int:
+FLAG_COLUMNS = ["dedup_key", "flag", "probability", "decision"]
+
+
+def flags_frame(records: Sequence[LabelRecord]) -> pd.DataFrame:
+    """One row per (label, flag) with a probability or a decision, keyed by the label's dedup_key.
+
+    `records` have their keys already (`with_keys`); only the first record of a key counts, as in
+    `labels_frame`, and flags of a label that the store skips as a duplicate are dropped with it.
+    """
+    rows = []
+    seen: set[str] = set()
+    for record in records:
+        if record.dedup_key in seen:
+            continue
+        seen.add(str(record.dedup_key))
+        probabilities, decisions = record.flags or {}, record.flag_decisions or {}
+        for name in sorted(set(probabilities) | set(decisions)):
+            probability, decision = probabilities.get(name), decisions.get(name)
+            rows.append((record.dedup_key, name, None if probability is None else float(probability),
+                         None if decision is None else bool(decision)))
+    return pd.DataFrame(rows, columns=FLAG_COLUMNS).astype({"probability": "float64", "decision": "object"})
+
+
+def with_keys(records: Sequence[LabelRecord]) -> list[LabelRecord]:
+    """`records`, each with a dedup_key: DuckDB's ON CONFLICT treats NULL keys in one batch as
+    conflicting, and a label's flags find their label by its key."""
+    return [record if record.dedup_key is not None else replace(record, dedup_key=f"uuid:{uuid.uuid4().hex}")
+            for record in records]
+
+
+def _insert_labels(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, flags: pd.DataFrame | None = None) -> int:
     con.register("new_labels_frame", frame)
     try:
         columns = ", ".join(LABEL_COLUMNS)
         inserted = con.execute(
             f"INSERT INTO labels ({columns}) SELECT {columns} FROM new_labels_frame "
-            "ON CONFLICT (dedup_key) DO NOTHING RETURNING label_id"
+            "ON CONFLICT (dedup_key) DO NOTHING RETURNING label_id, dedup_key"
         ).fetchall()
     finally:
         con.unregister("new_labels_frame")
+    if flags is not None and not flags.empty and inserted:
+        new_ids = pd.DataFrame(inserted, columns=["label_id", "dedup_key"])
+        rows = flags.merge(new_ids, on="dedup_key")[["label_id", "flag", "probability", "decision"]]
+        con.register("new_flags_frame", rows)
+        try:
+            con.execute("INSERT INTO label_flags (label_id, flag, probability, decision) "
+                        "SELECT label_id, flag, probability, CAST(decision AS BOOLEAN) FROM new_flags_frame")
+        finally:
+            con.unregister("new_flags_frame")
     return len(inserted)
 
 
