@@ -25,7 +25,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from labelstore.errors import MnrError
-from labelstore.ids import stable_hash
+from trainer.data import is_held_out
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 OVERLAP_BINS = 30
@@ -192,7 +192,7 @@ def precision_at_thresholds(bands: ScoreBands, scores: np.ndarray, grades: np.nd
 def query_halves(query_ids: Sequence[str], *, seed: int = 0) -> np.ndarray:
     """(n,) bool: True for pairs whose query falls in the second half (stable hash of seed and query id,
     salted apart from the train / held-out split, which the pairs usually come from one side of)."""
-    return np.array([int(stable_hash("bands-half", seed, q, length=8), 16) % 2 == 1 for q in query_ids], dtype=bool)
+    return is_held_out(pd.Series(list(query_ids), dtype=object), 0.5, seed, salt="bands-half").to_numpy(dtype=bool)
 
 
 def split_half_stability(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str], *, seed: int = 0,

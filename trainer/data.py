@@ -69,11 +69,12 @@ class LabelledPairs:
         return len(self.frame)
 
 
-def is_held_out(query_ids: pd.Series, holdout_fraction: float, seed: int = 0) -> pd.Series:
-    """Boolean Series: True for queries in the held-out part (stable hash of seed and query id)."""
+def is_held_out(query_ids: pd.Series, holdout_fraction: float, seed: int = 0, *, salt: str = "split") -> pd.Series:
+    """Boolean Series: True for queries in the held-out part (stable hash of salt, seed and query id;
+    another `salt` gives a split independent of the train / held-out one)."""
     if not 0.0 <= holdout_fraction < 1.0:
         raise TrainerDataError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
-    buckets = query_ids.map(lambda q: int(stable_hash("split", seed, q, length=8), 16) / 16**8)
+    buckets = query_ids.map(lambda q: int(stable_hash(salt, seed, q, length=8), 16) / 16**8)
     return buckets < holdout_fraction
 
 
