@@ -263,7 +263,8 @@ def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json
         reports, info = evaluate_hybrid(model, dev, test, products, **flag_options)
         run.metrics.update({"systems": [r.as_dict() for r in reports], **info})
     if as_json:
-        console.print_json(json.dumps({"model": name, "systems": [r.as_dict() for r in reports], **info}, default=str))
+        console.print_json(json.dumps({"model": name, "systems": [r.as_dict() for r in reports], **info, **flag_params},
+                                      default=str))
         return
     frame = reports_table(reports, "neural")
     table = Table(*frame.columns, title=f"Hybrid retrieval, {name}: {info['n_test_queries']} test queries "

@@ -1,6 +1,7 @@
 """Write annotator decisions: append-only, idempotent, with provenance.
 
-A decision is a `labels` row (source 'human', author = annotator id, comment) plus a
+A decision is a `labels` row (source 'human', author = annotator id, comment; its policy flags set or
+cleared in `label_flags`, written in the same transaction) plus a
 `review_events` row saying why the item was shown, when, and whether it changed meanwhile.
 Both carry the *decision id* made when the item was shown (`labels.dedup_key` =
 'review:<decision id>'), so a retried click never writes twice.
