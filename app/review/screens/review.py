@@ -262,12 +262,13 @@ def _policy_flags(flags: ItemFlags, decision_id: str, hide_llm: bool) -> None:
         state = {True: "**set** by you", False: "**cleared** by you"}.get(pending.get(flag.name), "untouched")
         text.markdown(f"**{flag.name}** · {llm} · {state}", help=flag.definition)
         key = flag.key
-        set_column.button(f"Set {flag.name}", key=f"mnr_flag_set_{flag.name}", shortcut=key, on_click=_toggle_flag,
-                          args=(decision_id, flag.name, True), width="stretch",
+        # the row names the flag, so the buttons can be short enough to show their keys
+        set_column.button("Set", key=f"mnr_flag_set_{flag.name}", shortcut=key, on_click=_toggle_flag,
+                          args=(decision_id, flag.name, True), width="stretch", help=f"Set {flag.name}",
                           type="primary" if pending.get(flag.name) is True else "secondary")
-        clear_column.button(f"Clear {flag.name}", key=f"mnr_flag_clear_{flag.name}",
+        clear_column.button("Clear", key=f"mnr_flag_clear_{flag.name}",
                             shortcut=f"Shift+{key}" if key else None, on_click=_toggle_flag,
-                            args=(decision_id, flag.name, False), width="stretch",
+                            args=(decision_id, flag.name, False), width="stretch", help=f"Clear {flag.name}",
                             type="primary" if pending.get(flag.name) is False else "secondary")
 
 
