@@ -178,15 +178,26 @@ def eval_retrieval(
         False, "--hybrid",
         help="Blend BM25 with the last --model (default zero-shot): held-out queries split into dev (bands, blend "
              "weight) and test (the table)."),
+    exclude_flagged: bool = typer.Option(
+        False, "--exclude-flagged",
+        help="Also evaluate every system with the flagged products filtered out of its rankings (rows '... (flagged "
+             "excluded)'), beside the unfiltered ones."),
+    flag_threshold: float = typer.Option(
+        0.5, "--flag-threshold", min=0.0, max=1.0,
+        help="A product is flagged when a current label of one of its pairs flags it: the human decision, else the "
+             "labeler's probability at or above this."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Rank the dataset's whole product set for held-out queries: graded NDCG@10, Recall@100, MRR, band AUCs."""
+    """Rank the dataset's whole product set for held-out queries: graded NDCG@10, Recall@100, MRR, band AUCs,
+    and the flagged products each system puts in the top 10 (flagged@10: mean per query; _total: the sum)."""
+    from labelstore.flags import flagged_product_ids
     from trainer.data import load_labelled_pairs, load_products
     from trainer.evaluation import evaluate_systems, paired_p_values, reports_table
     from trainer.model import TwoTowerModel
     from trainer.registry import record_metrics, resolve_model
 
     store = open_store()
+    flagged = flagged_product_ids(store, threshold=flag_threshold)
     names = (["zero-shot"] if zero_shot else []) + [m for m in models if m != "zero-shot"]
     loaded: dict[str, tuple[str | None, TwoTowerModel]] = {}
     for name in names:
@@ -197,14 +208,18 @@ def eval_retrieval(
     if held_out.frame.empty:
         raise MnrError("no held-out queries: raise --holdout")
     products = load_products(store, dataset, fields)
+    flagged = flagged & frozenset(products["product_id"])
+    flag_options = {"flagged": flagged, "exclude_flagged": exclude_flagged}
+    flag_params = {"exclude_flagged": exclude_flagged, "flag_threshold": flag_threshold, "n_flagged_products": len(flagged)}
     if hybrid:
         name, (_, model) = next(reversed(loaded.items())) if loaded else ("zero-shot", (None, TwoTowerModel.from_pretrained()))
-        _eval_hybrid(store, name, model, held_out, products, seed, as_json)
+        _eval_hybrid(store, name, model, held_out, products, seed, as_json, flag_options, flag_params)
         return
     systems = ({"bm25": None} if bm25 else {}) | {name: model for name, (_, model) in loaded.items()}
-    params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "systems": list(systems)}
+    params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "systems": list(systems),
+              **flag_params}
     with store.run("eval-retrieval", params) as run:
-        reports = evaluate_systems(held_out, products, systems)
+        reports = evaluate_systems(held_out, products, systems, **flag_options)
         run.metrics.update({r.system: r.as_dict() for r in reports})
     if record:
         for report in reports:
@@ -226,20 +241,30 @@ def eval_retrieval(
     if p_values is not None:
         console.print("lift and p: relative NDCG@10 over zero-shot MiniLM, and the two-sided paired t-test of "
                       "per-query NDCG@10 against it (ranx)")
+    _print_flag_note(flag_params)
 
 
-def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json: bool) -> None:
+def _print_flag_note(flag_params: dict) -> None:
+    console.print(f"flagged@10: flagged products in a query's top 10, mean per query (_total: summed over the queries); "
+                  f"{flag_params['n_flagged_products']:,} products flagged in the catalog (human decision first, else "
+                  f"probability >= {flag_params['flag_threshold']:g})"
+                  + ("; '(flagged excluded)' rows rank with them filtered out" if flag_params["exclude_flagged"] else ""))
+
+
+def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json: bool, flag_options: dict,
+                 flag_params: dict) -> None:
     from trainer.evaluation import dev_test_split, evaluate_hybrid, reports_table
 
     dev, test = dev_test_split(held_out, seed)
     if dev.frame.empty or test.frame.empty:
         raise MnrError(f"--hybrid splits the {held_out.frame['query_id'].nunique()} held-out queries into dev and test "
                        "and one side is empty: raise --holdout")
-    with store.run("eval-hybrid", {"model": name, "seed": seed}) as run:
-        reports, info = evaluate_hybrid(model, dev, test, products)
+    with store.run("eval-hybrid", {"model": name, "seed": seed, **flag_params}) as run:
+        reports, info = evaluate_hybrid(model, dev, test, products, **flag_options)
         run.metrics.update({"systems": [r.as_dict() for r in reports], **info})
     if as_json:
-        console.print_json(json.dumps({"model": name, "systems": [r.as_dict() for r in reports], **info}, default=str))
+        console.print_json(json.dumps({"model": name, "systems": [r.as_dict() for r in reports], **info, **flag_params},
+                                      default=str))
         return
     frame = reports_table(reports, "neural")
     table = Table(*frame.columns, title=f"Hybrid retrieval, {name}: {info['n_test_queries']} test queries "
@@ -249,6 +274,7 @@ def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json
     console.print(table)
     console.print(f"calibrated blend: {info['calibrated_weight']:.2f} x P(grade | similarity) from the dev bands + "
                   f"{1 - info['calibrated_weight']:.2f} x BM25 (min-max); tuned min-max weight {info['minmax_weight']:.2f}")
+    _print_flag_note(flag_params)
 
 
 def bands(

@@ -1,5 +1,6 @@
 """End to end: `mnr review` on a temporary store, driven by a real Chromium (Debian's, no download):
-single-user review by keyboard and mouse, login with tokens, blind overlap, trusted-header sign-in."""
+single-user review by keyboard and mouse, policy flags by keyboard, login with tokens, blind overlap,
+trusted-header sign-in."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 from bench.review_browser import CHROMIUM, CHROMIUM_ARGS, log_in, serve_review, wait_until_idle
 from conftest import require
 from labelstore.accounts import add_account, disable_account
-from test_review_support import ReviewFixture, build_review_store, human_label, write_config
+from test_review_support import ReviewFixture, build_review_store, flagged_llm_label, human_label, write_config
 
 pytestmark = [pytest.mark.browser]
 
@@ -66,15 +67,28 @@ def decision_buttons(page) -> int:
     return page.locator('[class*="st-key-mnr_label_"] button').count()
 
 
+def open_single_user(browser, url: str, name: str = "alice"):
+    """A page on `url` with `name` entered as the single-user identity."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    identity = page.get_by_label("Your name or annotator id", exact=True)
+    identity.fill(name)
+    identity.press("Enter")
+    return page
+
+
+def press_on_page(page, key: str) -> None:
+    """Press a shortcut with the page focused, not a text field."""
+    wait_until_idle(page)
+    page.locator("h3").first.click()
+    page.keyboard.press(key)
+
+
 def test_review_three_items_in_chromium(fixture: ReviewFixture, start_review, browser, tmp_path: Path) -> None:
     url = start_review(overlap=0.0)
     order = fixture.expected_order
     screenshot = Path(os.environ.get("MNR_REVIEW_SCREENSHOT", tmp_path / "review.png"))
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
-    identity = page.get_by_label("Your name or annotator id", exact=True)
-    identity.fill("alice")
-    identity.press("Enter")
+    page = open_single_user(browser, url)
     page.get_by_text("Item 1 of 6").wait_for(timeout=90_000)
     page.locator(".st-key-mnr_label_exact button").first.click()
     page.get_by_text("Item 2 of 6").wait_for(timeout=60_000)
@@ -96,6 +110,28 @@ def test_review_three_items_in_chromium(fixture: ReviewFixture, start_review, br
     assert rows == [(order[0], "exact", "alice", "human"), (order[1], "substitute", "alice", "human"),
                     (order[2], "irrelevant", "alice", "human")]
     assert screenshot.stat().st_size > 10_000
+
+
+def test_policy_flags_by_keyboard_in_chromium(fixture: ReviewFixture, start_review, browser) -> None:
+    """With flag_priority, a likely-prohibited pair comes first; F sets its first flag, Shift+G clears the
+    second, and the label key saves both with the label."""
+    store = fixture.store
+    likely = store.scalar("SELECT pair_id FROM pairs ORDER BY pair_id LIMIT 1 OFFSET 7")
+    store.add_labels([flagged_llm_label(likely, {"prohibited": 0.92, "adult": 0.03})])
+    page = open_single_user(browser, start_review(overlap=0.0, flag_priority=0.5))
+    page.get_by_text("queued as flagged: LLM flag prohibited 0.92").wait_for(timeout=90_000)
+    press_on_page(page, "f")
+    page.get_by_text("prohibited · LLM: 92% · set by you").wait_for(timeout=60_000)
+    press_on_page(page, "Shift+G")
+    page.get_by_text("adult · LLM: 3% · cleared by you").wait_for(timeout=60_000)
+    wait_until_idle(page)
+    assert page.get_by_text("prohibited · LLM: 92% · set by you").count() == 1  # F fired once, Shift+G not as G
+    press_on_page(page, "2")  # graded3: partial
+    page.get_by_text("Saved 'partial' (adult cleared, prohibited set)").wait_for(timeout=60_000)
+    assert store.fetchall(
+        "SELECT l.label, l.author, f.flag, f.decision FROM labels l JOIN label_flags f USING (label_id) "
+        "WHERE l.source = 'human' ORDER BY f.flag") == [("partial", "alice", "adult", False),
+                                                       ("partial", "alice", "prohibited", True)]
 
 
 def test_login_roles_and_blind_overlap_in_chromium(fixture: ReviewFixture, start_review, browser) -> None:

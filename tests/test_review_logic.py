@@ -33,7 +33,7 @@ def test_queue_order_follows_the_priority_tiers(fixture: ReviewFixture) -> None:
     assert list(queue["pair_id"]) == fixture.expected_order
     assert list(queue["source"]) == ["audit", "audit", "uncertain", "uncertain", "disputed", "mined"]
     assert fixture.confident not in set(queue["pair_id"])  # a confident LLM label needs no human
-    assert queue_counts(queue) == {"audit": 2, "uncertain": 2, "disputed": 1, "overlap": 0, "mined": 1, "total": 6}
+    assert queue_counts(queue) == {"flagged": 0, "audit": 2, "uncertain": 2, "disputed": 1, "overlap": 0, "mined": 1, "total": 6}
     assert queue.loc[queue["pair_id"] == fixture.disputed, "reason"].item() == "human said exact, LLM says irrelevant"
 
 

@@ -19,6 +19,7 @@ from labelstore.schemes import load_scheme
 from labelstore.store import utcnow
 
 ESCI = load_scheme("esci")
+GRADED3 = load_scheme("graded3")
 T0 = datetime(2026, 1, 1)
 
 
@@ -50,6 +51,16 @@ def llm_label(pair_id: str, label: str, confidence: float, at: datetime = T0, au
 def human_label(pair_id: str, label: str, author: str, at: datetime = T0) -> LabelRecord:
     return LabelRecord(pair_id=pair_id, scheme="esci", label=label, grade=ESCI.grade_of(label), source="human",
                        author=author, created_at=at, dedup_key=f"fixture:{pair_id}:{author}")
+
+
+def flagged_llm_label(pair_id: str, flags: dict[str, float], confidence: float = 0.95) -> LabelRecord:
+    """A graded3 'relevant' LLM label written under the marketplace policy, with these flag probabilities."""
+    from annotator.prompts import load_prompt_policy
+
+    probs = {name: (confidence if name == "relevant" else (1 - confidence) / 2) for name in GRADED3.label_names}
+    return LabelRecord(pair_id=pair_id, scheme="graded3", label="relevant", grade=GRADED3.grade_of("relevant"),
+                       source="llm", author=f"tiny+none@marketplace:{load_prompt_policy('marketplace').version}",
+                       probs=probs, confidence=confidence, flags=flags)
 
 
 def build_review_store(path: Path) -> ReviewFixture:

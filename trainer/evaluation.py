@@ -9,6 +9,12 @@ ranx counts them as 0 for recall and MRR; `n_queries_with_top_grade` says how ma
 
 Band separation: for the held-out labelled pairs, the distribution of cosine similarity per grade
 and the ROC AUC between adjacent grades (P(similarity of a grade-g pair > grade-(g-1) pair)).
+
+Policy flags: given the set of flagged products (`labelstore.flags.flagged_product_ids`, read by the
+caller), each system reports `flagged@10`, the mean number of flagged products in a query's top 10, and
+`flagged@10_total`, their sum over the queries. With `exclude_flagged`, each system is evaluated a second
+time with flagged products filtered out of its rankings (ranked deep enough that k products remain), as
+`<system> (flagged excluded)`.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ from trainer.hybrid import STEMMER, WEIGHT_GRID, Bm25Index, complete_runs, hybri
 from trainer.model import TwoTowerModel
 
 Run = dict[str, dict[str, float]]
+FLAG_DEPTH = 10
+EXCLUDED_SUFFIX = " (flagged excluded)"
 
 
 @dataclass
@@ -40,6 +48,27 @@ class RetrievalReport:
 
     def as_dict(self) -> dict:
         return {"system": self.system, **self.metrics, "bands": self.bands, "adjacent_auc": self.adjacent_auc}
+
+
+def top_ids(ranked: dict[str, float], k: int) -> list[str]:
+    """The ids of the `k` best-scored entries of one query's ranking, best first (ties by id)."""
+    return [pid for pid, _ in sorted(ranked.items(), key=lambda item: (-item[1], item[0]))[:k]]
+
+
+def truncate_run(run: Run, k: int) -> Run:
+    """Each query's ranking cut to its best `k`."""
+    return {qid: {pid: ranked[pid] for pid in top_ids(ranked, k)} for qid, ranked in run.items()}
+
+
+def exclude_products(run: Run, excluded: frozenset[str]) -> Run:
+    """`run` without the `excluded` products (the rest keep their scores, so their order)."""
+    return {qid: {pid: score for pid, score in ranked.items() if pid not in excluded} for qid, ranked in run.items()}
+
+
+def flagged_in_top(run: Run, flagged: frozenset[str], k: int = FLAG_DEPTH) -> dict[str, float]:
+    """`flagged@k`: mean over the run's queries of the flagged products in the top `k`; `flagged@k_total`: their sum."""
+    counts = [sum(pid in flagged for pid in top_ids(ranked, k)) for ranked in run.values()]
+    return {f"flagged@{k}": float(np.mean(counts)) if counts else 0.0, f"flagged@{k}_total": float(sum(counts))}
 
 
 def qrels_from_pairs(pairs: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -127,22 +156,37 @@ def model_bands(model: TwoTowerModel, pairs: LabelledPairs, *, seed: int = 0) ->
 
 
 def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: dict[str, TwoTowerModel | None],
-                     k: int = 100) -> list[RetrievalReport]:
-    """Evaluate each system (a model, or None for BM25) on the held-out queries against all `products`."""
+                     k: int = 100, *, flagged: frozenset[str] | None = None,
+                     exclude_flagged: bool = False) -> list[RetrievalReport]:
+    """Evaluate each system (a model, or None for BM25) on the held-out queries against all `products`.
+
+    With `flagged` (product ids), each report counts them in the top 10 (`flagged_in_top`); with
+    `exclude_flagged` too, each system gets a second report with them filtered out (`EXCLUDED_SUFFIX`).
+    """
     frame = held_out.frame
     qrels = qrels_from_pairs(frame)
     queries = _queries(held_out, qrels)
     top_grade = held_out.scheme.max_grade
+    if exclude_flagged and flagged is None:
+        raise ValueError("exclude_flagged needs the flagged products")
+    flagged_here = frozenset(flagged or ()) & frozenset(products["product_id"])
+    depth = k + (len(flagged_here) if exclude_flagged else 0)  # k products left after filtering
     reports = []
     for name, model in systems.items():
+        bands, auc = {}, {}
         if model is None:
-            run = bm25_run(queries, products, k)
-            reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), run=run))
-            continue
-        run = dense_run(model, queries, products, k)
-        bands, auc = band_separation(pair_scores(model, frame), held_out.scheme)
+            deep = bm25_run(queries, products, depth)
+        else:
+            deep = dense_run(model, queries, products, depth)
+            bands, auc = band_separation(pair_scores(model, frame), held_out.scheme)
+        run = truncate_run(deep, k)
         reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), bands, auc, run))
+        if exclude_flagged:
+            kept = truncate_run(exclude_products(deep, flagged_here), k)
+            reports.append(RetrievalReport(name + EXCLUDED_SUFFIX, retrieval_metrics(qrels, kept, top_grade), run=kept))
     for report in reports:
+        if flagged is not None:
+            report.metrics.update(flagged_in_top(report.run, flagged_here))
         report.metrics["n_queries"] = float(len(queries))
         report.metrics["n_queries_with_top_grade"] = float(sum(
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
@@ -161,10 +205,15 @@ def dev_test_split(held_out: LabelledPairs, seed: int = 0) -> tuple[LabelledPair
 
 
 def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPairs, products: pd.DataFrame, *,
-                    k: int = 100, stemmer: str | None = STEMMER,
-                    grid: Sequence[float] = WEIGHT_GRID) -> tuple[list[RetrievalReport], dict]:
+                    k: int = 100, stemmer: str | None = STEMMER, grid: Sequence[float] = WEIGHT_GRID,
+                    flagged: frozenset[str] | None = None,
+                    exclude_flagged: bool = False) -> tuple[list[RetrievalReport], dict]:
     """BM25, `model` and their blends (`trainer.hybrid`) on the `test` queries; the bands and the blend
-    weights are fitted on the `dev` queries' labelled pairs. Returns (reports, {weights, dev curves, sizes})."""
+    weights are fitted on the `dev` queries' labelled pairs. Returns (reports, {weights, dev curves, sizes}).
+
+    `flagged` and `exclude_flagged` as in `evaluate_systems`, except that the excluded rankings filter each
+    system's candidates as ranked (BM25 and neural to depth k, a blend the union of both): the weights stay
+    the ones fitted without filtering, so a filtered list can be shorter than k."""
     product_vectors = model.encode_products(products["product_text"].tolist())
     position = {pid: i for i, pid in enumerate(products["product_id"])}
     index = Bm25Index(products, stemmer=stemmer)
@@ -185,9 +234,15 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
     blends = hybrid_runs(neural, lexical, lambda run: retrieval_metrics(qrels["dev"], run, top_grade)["ndcg@10"],
                          bands, grid=grid)
     runs = {"BM25 (bm25s, stemmed)": base["test"][1], "neural": base["test"][0], **blends.runs}
+    if exclude_flagged:
+        if flagged is None:
+            raise ValueError("exclude_flagged needs the flagged products")
+        runs |= {name + EXCLUDED_SUFFIX: exclude_products(run, frozenset(flagged)) for name, run in list(runs.items())}
     reports = [RetrievalReport(name, retrieval_metrics(qrels["test"], run, top_grade), run=run)
                for name, run in runs.items()]
     for report in reports:
+        if flagged is not None:
+            report.metrics.update(flagged_in_top(report.run, frozenset(flagged)))
         report.metrics["n_queries"] = float(len(qrels["test"]))
         report.metrics["n_products"] = float(len(products))
     info = {"calibrated_weight": blends.calibrated_weight, "minmax_weight": blends.minmax_weight,

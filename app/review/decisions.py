@@ -1,6 +1,7 @@
 """Write annotator decisions: append-only, idempotent, with provenance.
 
-A decision is a `labels` row (source 'human', author = annotator id, comment) plus a
+A decision is a `labels` row (source 'human', author = annotator id, comment; its policy flags set or
+cleared in `label_flags`, written in the same transaction) plus a
 `review_events` row saying why the item was shown, when, and whether it changed meanwhile.
 Both carry the *decision id* made when the item was shown (`labels.dedup_key` =
 'review:<decision id>'), so a retried click never writes twice.
@@ -74,8 +75,14 @@ class DecisionResult:
 
 
 def record_decision(store: Store, shown: ShownItem, annotator: str | None, label: str,
-                    comment: str | None = None, allow: tuple[str, ...] = (), vouched: bool = False) -> DecisionResult:
+                    comment: str | None = None, allow: tuple[str, ...] = (), vouched: bool = False, *,
+                    flag_decisions: dict[str, bool] | None = None,
+                    flag_probabilities: dict[str, float] | None = None) -> DecisionResult:
     """Append the annotator's label for `shown`. Saved even when the pair changed since it was shown.
+
+    `flag_decisions` are the policy flags the annotator set (True) or cleared (False); `flag_probabilities`
+    the LLM's probabilities they were shown, carried on the human label so that a flag left untouched
+    stays as the LLM scored it (`app.review.policy_flags`). Both are written in the label's transaction.
 
     Raises `IdentityError` without writing when there is no (allowed) identity, `AuthError` when the
     store has accounts and `annotator` is not an enabled one (unless a trusted proxy `vouched` for it),
@@ -87,6 +94,8 @@ def record_decision(store: Store, shown: ShownItem, annotator: str | None, label
     record = LabelRecord(
         pair_id=shown.pair_id, scheme=shown.scheme, label=label, grade=scheme.grade_of(label), source="human",
         author=annotator, comment=(comment or "").strip() or None, dedup_key=shown.dedup_key,
+        flags=dict(flag_probabilities) if flag_probabilities else None,
+        flag_decisions={flag: bool(value) for flag, value in flag_decisions.items()} if flag_decisions else None,
     )
     with store.transaction() as con:
         check_writer(con, annotator, vouched=vouched)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from labelstore.errors import MnrError
+from labelstore.flags import flags_of_labels
 from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
@@ -33,7 +34,8 @@ class Engagement:
 
 @dataclass(frozen=True)
 class ReviewItem:
-    """One pair in one scheme. `history` is its label history, oldest first (columns of item_labels.sql)."""
+    """One pair in one scheme. `history` is its label history, oldest first (columns of item_labels.sql);
+    `flags` the policy flags its labels carry: {label_id: {flag: (probability, decision)}}."""
 
     pair_id: str
     scheme: str
@@ -45,6 +47,7 @@ class ReviewItem:
     origin: str
     history: pd.DataFrame = field(repr=False)
     engagement: Engagement = Engagement()
+    flags: dict[int, dict[str, tuple[float | None, bool | None]]] = field(default_factory=dict, repr=False)
 
     @property
     def latest_label_id(self) -> int | None:
@@ -69,6 +72,20 @@ class ReviewItem:
         return {str(label): float(p) for label, p in json.loads(llm["probs"]).items()}
 
     @property
+    def llm_flag_probabilities(self) -> dict[str, float]:
+        """{flag: probability} of the newest LLM label (empty when it scored no flags)."""
+        llm = self.llm_label
+        if llm is None:
+            return {}
+        own = self.flags.get(int(llm["label_id"]), {})
+        return {flag: float(probability) for flag, (probability, _) in own.items() if probability is not None}
+
+    def flag_decisions(self, label_id: int) -> dict[str, bool]:
+        """{flag: set (True) or cleared (False)} a human decided with label `label_id`."""
+        return {flag: bool(decision) for flag, (_, decision) in self.flags.get(int(label_id), {}).items()
+                if decision is not None}
+
+    @property
     def human_labels(self) -> pd.DataFrame:
         """Every human label of this pair, undone ones included (their `undone` is true), newest first."""
         return self.history[self.history["source"] == "human"].iloc[::-1]
@@ -91,12 +108,13 @@ def load_item(store: Store, pair_id: str, scheme: str) -> ReviewItem:
         counts = con.execute(sql("app.review", "engagement"), {
             "pair_id": pair_id, "query_id": row["query_id"], "product_id": row["product_id"],
         }).fetchone()
+    flags = flags_of_labels(store, history["label_id"].tolist()) if len(history) else {}
     engagement = Engagement(int(counts[0]), int(counts[1]), int(counts[2]), int(counts[3]),
                             float(counts[4]) if counts[4] is not None else None, bool(counts[5]))
     return ReviewItem(
         pair_id=pair_id, scheme=scheme, dataset=row["dataset"], query=row["query"], title=row["title"],
         description=_text_or_none(row["description"]), brand=_text_or_none(row["brand"]), origin=row["origin"],
-        history=history, engagement=engagement,
+        history=history, engagement=engagement, flags=flags,
     )
 
 

@@ -13,9 +13,10 @@ from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
 # Queue sources in priority order (the SQL's tiers).
-QUEUE_SOURCES = ("audit", "uncertain", "disputed", "overlap", "mined")
+QUEUE_SOURCES = ("flagged", "audit", "uncertain", "disputed", "overlap", "mined")
 QUEUE_COLUMNS = ["pair_id", "scheme", "source", "reason", "score", "tier", "all_sources", "dataset", "query",
-                 "title", "current_label", "current_source", "current_confidence", "skipped", "blind"]
+                 "title", "current_label", "current_source", "current_confidence", "flag_probability", "skipped",
+                 "blind"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,14 @@ def load_queue(store: Store, annotator: str | None, filters: QueueFilters = Queu
     """The queue for `annotator`, best first: one row per (pair_id, scheme), columns `QUEUE_COLUMNS`.
 
     `source` is the highest-priority reason the item is queued for (one of `QUEUE_SOURCES`),
-    `all_sources` every reason, comma-separated; `skipped` marks items this annotator skipped.
+    `all_sources` every reason, comma-separated; `skipped` marks items this annotator skipped;
+    `flag_probability` is the highest policy-flag probability of the pair's newest LLM label (null on a
+    blind item). The `flagged` source exists only with `settings.flag_priority` set.
     """
     params = {
         "annotator": annotator or "",
         "min_confidence": settings.min_confidence,
+        "flag_priority": settings.flag_priority,
         "overlap": settings.overlap,
         "overlap_k": settings.overlap_k,
         "default_scheme": settings.default_scheme,

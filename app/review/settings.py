@@ -7,6 +7,7 @@
     blind_llm = false          # true: overlap items hide the LLM's label too until decided
     trusted_header = "X-Forwarded-User"   # optional: an SSO proxy (oauth2-proxy) names the user in this header
     min_confidence = 0.6       # LLM labels below this confidence are queued as uncertain
+    flag_priority = 0.5        # optional: LLM labels with a policy flag this likely or more are queued first
     scheme = "esci"            # scheme for pairs that have no label yet
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ReviewSettings:
     overlap_k: int = 2
     blind_llm: bool = False
     trusted_header: str | None = None
+    flag_priority: float | None = None
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None = None) -> "ReviewSettings":
@@ -69,7 +71,11 @@ class ReviewSettings:
         header = values.get("trusted_header")
         if header is not None and (not isinstance(header, str) or not HEADER_NAME.match(header)):
             raise MnrError(f"{where}trusted_header must be an HTTP header name such as \"X-Forwarded-User\", not {header!r}")
-        return cls(tuple(name.strip() for name in allow), overlap, min_confidence, scheme, overlap_k, blind_llm, header)
+        flag_priority = values.get("flag_priority")
+        if flag_priority is not None:
+            flag_priority = _fraction(flag_priority, f"{where}flag_priority")
+        return cls(tuple(name.strip() for name in allow), overlap, min_confidence, scheme, overlap_k, blind_llm, header,
+                   flag_priority)
 
 
 def _fraction(value: Any, where: str) -> float:

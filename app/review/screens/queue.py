@@ -8,7 +8,7 @@ import streamlit as st
 
 from app.review.queue import QUEUE_SOURCES, QueueFilters, filter_choices, queue_counts
 from app.review.views import (
-    REVIEW_PAGE, current_filters, focus_on, is_admin, queue, remaining, require_identity, store,
+    REVIEW_PAGE, current_filters, focus_on, is_admin, queue, remaining, require_identity, settings, store,
 )
 
 
@@ -18,10 +18,13 @@ QUEUE_TABLE_ROWS = 200
 def queue_page() -> None:
     name = require_identity()
     choices = filter_choices(store())
+    # the flagged source exists only when [review] flag_priority puts likely-flagged pairs first
+    sources_shown = [source for source in QUEUE_SOURCES
+                     if source != "flagged" or settings().flag_priority is not None]
     old = current_filters()
     with st.form("mnr_filters_form"):
         first, second, third, fourth = st.columns(4)
-        sources = first.multiselect("Source", QUEUE_SOURCES, default=list(old.sources))
+        sources = first.multiselect("Source", sources_shown, default=list(old.sources))
         label = None
         if is_admin():  # annotators see only their own decisions: no filtering by others' labels
             label = second.selectbox("Current label", [None, *choices["label"]], format_func=_any,
@@ -40,11 +43,14 @@ def queue_page() -> None:
     decided = st.session_state.get("mnr_decided", 0)
     st.markdown(f"**{name}**: {counts['total']} items waiting · decided in this session: {decided} · "
                 f"current position: item {decided + 1} of {decided + counts['total']}")
-    metrics = st.columns(len(QUEUE_SOURCES))
-    for column, source in zip(metrics, QUEUE_SOURCES):
+    metrics = st.columns(len(sources_shown))
+    for column, source in zip(metrics, sources_shown):
         column.metric(source, counts[source])
     # an annotator sees only their own decisions: not the labels others gave the queued pairs
-    columns = ["source", "reason", "query", "title", "current_label", "current_source", "dataset", "scheme", "pair_id"]
+    columns = ["source", "reason", "query", "title", "current_label", "current_source", "flag_probability", "dataset",
+               "scheme", "pair_id"]
+    if left["flag_probability"].isna().all():
+        columns.remove("flag_probability")
     if not is_admin():
         columns = [column for column in columns if column not in ("current_label", "current_source")]
     st.dataframe(left.head(QUEUE_TABLE_ROWS)[columns], hide_index=True, width="stretch")

@@ -1,4 +1,4 @@
-"""The review page: the best queued pair with its evidence, the label buttons, skip and undo.
+"""The review page: the best queued pair with its evidence, its policy flags, the label buttons, skip and undo.
 
 A Streamlit page script, run by the navigation in `app/review/ui.py`; the shared state is in `app.review.views`.
 """
@@ -11,6 +11,7 @@ import streamlit as st
 
 from app.review.decisions import record_decision, record_skip, show, undo_last
 from app.review.item import ReviewItem, load_item, scheme_of_pair
+from app.review.policy_flags import ItemFlags, item_flags, toggle
 from app.review.queue import is_blind
 from app.review.views import (
     annotator, done, focus_on, is_admin, notify, queue, remaining, require_identity, settings, show_notices, store,
@@ -31,7 +32,17 @@ def _guarded(action: Callable[[], None]) -> None:
 
 
 def _show_item(item: ReviewItem, source: str, reason: str) -> None:
-    st.session_state["mnr_current"] = {"item": item, "shown": show(item, source), "source": source, "reason": reason}
+    st.session_state["mnr_current"] = {"item": item, "shown": show(item, source), "source": source, "reason": reason,
+                                       "flags": item_flags(item)}
+
+
+def _pending_flags(decision_id: str) -> dict[str, bool]:
+    """The flags the reviewer set (True) or cleared (False) on the item on screen, not yet saved."""
+    return st.session_state.get(f"mnr_flags_{decision_id}", {})
+
+
+def _toggle_flag(decision_id: str, flag: str, value: bool) -> None:
+    st.session_state[f"mnr_flags_{decision_id}"] = toggle(_pending_flags(decision_id), flag, value)
 
 
 def _next_item() -> None:
@@ -62,14 +73,19 @@ def _decide(label: str) -> None:
     shown = current["shown"]
     comment = st.session_state.get(f"mnr_comment_{shown.decision_id}")
 
+    flags: ItemFlags = current["flags"]
+
     def write() -> None:
-        result = record_decision(store(), shown, annotator(), label, comment, settings().allow, vouched())
+        result = record_decision(store(), shown, annotator(), label, comment, settings().allow, vouched(),
+                                 flag_decisions=_pending_flags(shown.decision_id),
+                                 flag_probabilities=flags.probabilities)
         done().add((shown.pair_id, shown.scheme))
         st.session_state["mnr_decided"] = st.session_state.get("mnr_decided", 0) + 1
         if result.changed_since_shown:
             notify("warning", result.change_message())
         else:
-            notify("success", f"Saved '{result.label}' for “{current['item'].query}”.")
+            notify("success", f"Saved '{result.label}'{_flags_note(_pending_flags(shown.decision_id))} "
+                              f"for “{current['item'].query}”.")
         _next_item()
 
     _guarded(write)
@@ -142,14 +158,17 @@ def review_page() -> None:
         _definitions(scheme)
     review_settings = settings()
     blind = is_blind(store(), item.pair_id, item.scheme, review_settings)
+    hide_llm = blind and review_settings.blind_llm
     with evidence:
-        if blind and review_settings.blind_llm:
+        if hide_llm:
             st.markdown("**LLM label:** hidden until you decide (blind overlap item)")
         else:
             _llm_label(item, scheme)
         _engagement(item)
         _earlier_humans(item, name, blind=blind, own_only=not is_admin())
-    _decision_buttons(scheme, current["shown"].decision_id)
+    decision_id = current["shown"].decision_id
+    _policy_flags(current["flags"], decision_id, hide_llm)
+    _decision_buttons(scheme, decision_id, current["flags"])
 
 
 def _product(item: ReviewItem) -> None:
@@ -209,12 +228,51 @@ def _earlier_humans(item: ReviewItem, me: str, blind: bool, own_only: bool) -> N
     if humans.empty:
         st.caption("None.")
         return
-    shown = humans.assign(when=humans["created_at"].astype(str).str[:16])
+    shown = humans.assign(when=humans["created_at"].astype(str).str[:16],
+                          flags=[_flags_text(item.flag_decisions(label_id)) for label_id in humans["label_id"]])
     shown["label"] = shown["label"].where(~shown["undone"], shown["label"] + " (undone)")
-    st.dataframe(shown[["label", "author", "when", "comment"]], hide_index=True, width="stretch")
+    columns = ["label", "author", "when", "comment"] + (["flags"] if shown["flags"].str.len().gt(0).any() else [])
+    st.dataframe(shown[columns], hide_index=True, width="stretch")
 
 
-def _decision_buttons(scheme: LabelScheme, decision_id: str) -> None:
+def _flags_text(decisions: dict[str, bool]) -> str:
+    return ", ".join(f"{flag} {'set' if value else 'cleared'}" for flag, value in sorted(decisions.items()))
+
+
+def _flags_note(decisions: dict[str, bool]) -> str:
+    return f" ({_flags_text(decisions)})" if decisions else ""
+
+
+def _policy_flags(flags: ItemFlags, decision_id: str, hide_llm: bool) -> None:
+    """Each flag of the item's policy with the LLM's probability, and its set / clear buttons."""
+    if not flags.flags:
+        return
+    st.markdown(f"**Policy flags** (policy {flags.policy}): set or clear a flag, then choose the label")
+    if flags.note:
+        st.caption(flags.note)
+    pending = _pending_flags(decision_id)
+    for flag in flags.flags:
+        text, set_column, clear_column = st.columns([4, 1, 1], vertical_alignment="center")
+        if hide_llm:
+            llm = "LLM: hidden until you decide"
+        elif flag.probability is None:
+            llm = "LLM: not scored"
+        else:
+            llm = f"LLM: {flag.probability:.0%}"
+        state = {True: "**set** by you", False: "**cleared** by you"}.get(pending.get(flag.name), "untouched")
+        text.markdown(f"**{flag.name}** · {llm} · {state}", help=flag.definition)
+        key = flag.key
+        # the row names the flag, so the buttons can be short enough to show their keys
+        set_column.button("Set", key=f"mnr_flag_set_{flag.name}", shortcut=key, on_click=_toggle_flag,
+                          args=(decision_id, flag.name, True), width="stretch", help=f"Set {flag.name}",
+                          type="primary" if pending.get(flag.name) is True else "secondary")
+        clear_column.button("Clear", key=f"mnr_flag_clear_{flag.name}",
+                            shortcut=f"Shift+{key}" if key else None, on_click=_toggle_flag,
+                            args=(decision_id, flag.name, False), width="stretch", help=f"Clear {flag.name}",
+                            type="primary" if pending.get(flag.name) is False else "secondary")
+
+
+def _decision_buttons(scheme: LabelScheme, decision_id: str, flags: ItemFlags) -> None:
     st.text_input("Comment (optional)", key=f"mnr_comment_{decision_id}")
     columns = st.columns(len(scheme.labels) + 2)
     for index, (column, label) in enumerate(zip(columns, scheme.labels), 1):
@@ -222,7 +280,10 @@ def _decision_buttons(scheme: LabelScheme, decision_id: str) -> None:
                       args=(label.name,), type="primary", width="stretch", help=label.definition)
     columns[-2].button("Skip", key="mnr_skip", shortcut=SKIP_SHORTCUT, on_click=_skip, width="stretch")
     columns[-1].button("Undo last", key="mnr_undo", shortcut=UNDO_SHORTCUT, on_click=_undo, width="stretch")
-    st.caption(f"Keys: 1–{len(scheme.labels)} label · {SKIP_SHORTCUT} skip · {UNDO_SHORTCUT} undo last")
+    keys = [flag.key for flag in flags.flags if flag.key]
+    flag_keys = (f" · {'/'.join(keys)} set a flag, Shift+{'/'.join(keys)} clear it (press again: untouched)"
+                 if keys else "")
+    st.caption(f"Keys: 1–{len(scheme.labels)} label{flag_keys} · {SKIP_SHORTCUT} skip · {UNDO_SHORTCUT} undo last")
 
 
 review_page()

@@ -1,6 +1,8 @@
 -- The review queue: the (pair, scheme) items where a human decision changes the most, best first.
 --
 -- Tiers (lower first):
+--  -1 flagged    only with $flag_priority set (NULL: off): the current label is an LLM label that gives a
+--                policy flag a probability of at least $flag_priority (label_flags, migration 0010)
 --   0 audit      an open re-annotation request from the auditor (queued after the last human decision)
 --   1 uncertain  the current label is an LLM label below $min_confidence, or the LLM asked for review
 --   2 disputed   the current human label differs from the newest LLM label; fewer than 2 annotators so far
@@ -8,10 +10,11 @@
 --   3 overlap    a deterministic $overlap share of items (`in_overlap`, migration 0009), decided blind by
 --                $overlap_k annotators: queued while it has at least one and fewer than $overlap_k
 --   4 mined      a mining candidate with no human or LLM label yet
--- Within a tier the higher score comes first. Items this annotator decided are left out; items
+-- Within a tier the higher score comes first (flagged: the highest flag probability). Items this annotator decided are left out; items
 -- they skipped come after everything else. Undone decisions do not count (live_labels).
--- `blind` marks overlap items; their current label is not given (the review page hides it too).
--- Parameters: $annotator, $min_confidence, $overlap, $overlap_k, $default_scheme, $sources, $label, $query_text, $dataset.
+-- `blind` marks overlap items; their current label is not given (the review page hides it too), nor
+-- `flag_probability` (the highest flag probability of the pair's newest LLM label).
+-- Parameters: $annotator, $min_confidence, $flag_priority, $overlap, $overlap_k, $default_scheme, $sources, $label, $query_text, $dataset.
 WITH
 humans AS (
     SELECT pair_id, scheme,
@@ -23,10 +26,16 @@ humans AS (
     GROUP BY pair_id, scheme
 ),
 latest_llm AS (
-    SELECT pair_id, scheme, label, confidence
+    SELECT pair_id, scheme, label, confidence, label_id
     FROM live_labels
     WHERE source = 'llm'
     QUALIFY row_number() OVER (PARTITION BY pair_id, scheme ORDER BY created_at DESC, label_id DESC) = 1
+),
+label_flag_max AS (
+    SELECT label_id, max(probability) AS probability, arg_max(flag, probability) AS flag
+    FROM label_flags
+    WHERE probability IS NOT NULL
+    GROUP BY label_id
 ),
 dataset_scheme AS (
     SELECT p.dataset, mode(l.scheme) AS scheme
@@ -42,7 +51,14 @@ pair_scheme AS (
     WHERE p.pair_id IN (SELECT pair_id FROM review_queue UNION SELECT pair_id FROM mining_candidates)
 ),
 candidates AS (
-    SELECT q.pair_id, ps.scheme, 0 AS tier, 'audit' AS source,
+    SELECT c.pair_id, c.scheme, -1 AS tier, 'flagged' AS source, f.probability AS score,
+           'LLM flag ' || f.flag || ' ' || printf('%.2f', f.probability) AS reason
+    FROM current_labels c
+    JOIN label_flag_max f ON f.label_id = c.label_id
+    WHERE $flag_priority::DOUBLE IS NOT NULL AND c.source = 'llm' AND f.probability >= $flag_priority
+
+    UNION ALL
+    SELECT q.pair_id, ps.scheme, 0, 'audit',
            max(q.priority) AS score, arg_max(q.reason, q.priority) AS reason
     FROM review_queue q
     JOIN pair_scheme ps ON ps.pair_id = q.pair_id
@@ -100,6 +116,7 @@ SELECT i.pair_id, i.scheme, i.source, i.reason, i.score, i.tier, i.all_sources,
        CASE WHEN i.blind THEN NULL ELSE c.label END AS current_label,
        CASE WHEN i.blind THEN NULL ELSE c.source END AS current_source,
        CASE WHEN i.blind THEN NULL ELSE c.confidence END AS current_confidence,
+       CASE WHEN i.blind THEN NULL ELSE lf.probability END AS flag_probability,
        s.skipped_at IS NOT NULL AS skipped, i.blind
 FROM (SELECT *, in_overlap(pair_id, scheme, $overlap) AS blind FROM items) i
 JOIN pairs p ON p.pair_id = i.pair_id
@@ -107,6 +124,8 @@ JOIN queries q ON q.query_id = p.query_id
 JOIN products pr ON pr.product_id = p.product_id
 LEFT JOIN current_labels c ON c.pair_id = i.pair_id AND c.scheme = i.scheme
 LEFT JOIN humans h ON h.pair_id = i.pair_id AND h.scheme = i.scheme
+LEFT JOIN latest_llm m ON m.pair_id = i.pair_id AND m.scheme = i.scheme
+LEFT JOIN label_flag_max lf ON lf.label_id = m.label_id
 LEFT JOIN my_skips s ON s.pair_id = i.pair_id AND s.scheme = i.scheme
 WHERE NOT coalesce(h.decided_by_me, false)
   AND (len($sources::VARCHAR[]) = 0 OR list_contains($sources::VARCHAR[], i.source))
