@@ -12,7 +12,7 @@ from app.context import console, get_store_path, open_store
 from labelstore.config import section
 from labelstore.errors import MnrError
 from labelstore.export import events_path, export_labels
-from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_mapping
+from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_flag_columns, parse_mapping
 from labelstore.status import store_status
 
 
@@ -33,6 +33,9 @@ def ingest(
              "'<1.5=irrelevant,<2.5=partial,>=2.5=relevant'. LABEL is a label (or alias) of the scheme."),
     unlabeled: bool = typer.Option(False, "--unlabeled", help="Add the pairs only, ignoring any label or rating "
                                    "column (a file with neither is read this way anyway)."),
+    flag: List[str] = typer.Option([], "--flag", help="flag=column: a column of human decisions on a policy flag, "
+                                   "e.g. --flag prohibited=is_prohibited (repeatable). Values yes/no, true/false or "
+                                   "1/0; empty: no decision. They are stored with the imported labels."),
 ) -> None:
     """Validate a file whole and add its pairs and labels. Re-ingesting the same file adds nothing.
 
@@ -41,7 +44,7 @@ def ingest(
     store = open_store()
     with console.status(f"ingesting {path}"):
         result = ingest_file(store, path, fmt=fmt, preset=preset, mapping=parse_mapping(mapping), scheme=scheme,
-                             dataset=dataset, encoding=encoding, unlabeled=unlabeled,
+                             dataset=dataset, encoding=encoding, unlabeled=unlabeled, flags=parse_flag_columns(flag),
                              rating_map=rating_map if rating_map is not None else _config_rating_map())
     added = ", ".join(f"{n} {table}" for table, n in result.inserted.items())
     console.print(f"{path}: read {result.rows_read} rows ({result.encoding or 'binary'}), "

@@ -79,6 +79,17 @@ def test_openai_backend_agrees_with_transformers(tiny_llama: Path, endpoints: li
             == [text.rstrip("\ufffd") for text in local.backend.generate(prompts, max_tokens=6)])
 
 
+def test_openai_backend_scores_flags_as_transformers_does(tiny_llama: Path, endpoints: list[str]) -> None:
+    remote = Labeler(str(tiny_llama), "marketplace", backend="openai", endpoints=endpoints[:1], batch_size=5)
+    local = Labeler(str(tiny_llama), "marketplace", backend="transformers")
+    assert remote.flag_token_ids == local.flag_token_ids, "the server's /tokenize gives the same yes/no tokens"
+    (remote_probs, remote_flags), (local_probs, local_flags) = remote.score_with_flags(PAIRS), local.score_with_flags(PAIRS)
+    assert (remote_probs.argmax(axis=1) == local_probs.argmax(axis=1)).all()
+    assert remote_flags.shape == (len(PAIRS), 2)
+    assert local_flags.min() > PROB_FLOOR and local_flags.max() < 1 - PROB_FLOOR, (local_flags.min(), local_flags.max())
+    np.testing.assert_allclose(remote_flags, local_flags, atol=AGREEMENT_ATOL)
+
+
 @pytest.mark.parametrize("strategy", ["round-robin", "least-busy"])
 def test_several_endpoints_share_the_work(tiny_llama: Path, endpoints: list[str], strategy: str) -> None:
     single = _labeler(tiny_llama, endpoints[:1], batch_size=2).score(PAIRS)
