@@ -82,12 +82,13 @@ def status(
     runs: int = typer.Option(10, "--runs", help="How many of the latest runs to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Counts per table, label distribution by source and scheme, and the latest runs."""
+    """Counts per table, label distribution by source and scheme, policy flags, and the latest runs."""
     info = store_status(open_store(), runs)
     if as_json:
         console.print_json(json.dumps({
             "store": get_store_path(), "schema_version": info.schema_version, "tables": info.table_counts,
             "current_labels": info.current_distribution.to_dict("records"),
+            "flags": info.flags.to_dict("records"),
             "latest_runs": info.latest_runs.astype(str).to_dict("records"),
         }))
         return
@@ -100,6 +101,13 @@ def status(
     for row in info.current_distribution.itertuples():
         labels.add_row(row.scheme, row.source, row.label, f"{row.n:,}")
     console.print(labels)
+    if len(info.flags):
+        flags = Table("scheme", "flag", "labels", "flagged", "set by a human", "cleared by a human",
+                      title="Policy flags on current labels")
+        for row in info.flags.itertuples():
+            flags.add_row(row.scheme, row.flag, f"{row.labels:,}", f"{row.flagged:,}", f"{row.decided_set:,}",
+                          f"{row.decided_cleared:,}")
+        console.print(flags)
     recent = Table("run", "kind", "status", "started", "finished", title="Latest runs")
     for row in info.latest_runs.itertuples():
         recent.add_row(row.run_id, row.kind, row.status, str(row.started_at)[:19], str(row.finished_at)[:19])
