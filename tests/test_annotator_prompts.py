@@ -77,6 +77,36 @@ def test_policy_with_another_schemes_labels_is_rejected(policy_copy: Path) -> No
         load_prompt_policy("home-improvement")
 
 
+def test_flags_are_declared_in_order_versioned_and_asked_after_the_grade(policy_copy: Path) -> None:
+    market = load_prompt_policy("marketplace")
+    assert market.flag_names == ["prohibited", "adult"] and load_prompt_policy("esci").flag_names == []
+    assert "- prohibited: the marketplace does not sell this item." in market.prefix()
+    assert market.flag_suffix("relevant", "adult") == " relevant\nFlag adult:"
+    with pytest.raises(PolicyError, match="declares no flag 'pesticide'"):
+        market.flag_suffix("relevant", "pesticide")
+    meta = policy_copy / "marketplace.toml"
+    meta.write_text(meta.read_text().replace("sex toys, erotic media", "sex toys, erotic films"))
+    assert load_prompt_policy("marketplace").version != market.version, "a flag's definition is part of the version"
+
+
+@pytest.mark.parametrize(("second_flag", "message"), [
+    ('name = "Adult Items"\ndefinition = "the product is sexual in nature"\n',
+     r"flag 2: field 'name' is 'Adult Items'; use lower-case letters"),
+    ('name = "adult"\n', r"flag 2 \('adult'\): field 'definition' is missing or too short"),
+    ('name = "adult"\ndefinition = "sexual"\n', r"flag 2 \('adult'\): field 'definition' is missing or too short"),
+    ('name = "prohibited"\ndefinition = "the product is sexual in nature"\n',
+     r"flag 2: field 'name': flag 'prohibited' is declared twice"),
+])
+def test_a_malformed_flag_is_a_policy_error_naming_file_and_field(policy_copy: Path, second_flag: str,
+                                                                 message: str) -> None:
+    meta = policy_copy / "marketplace.toml"
+    head = meta.read_text().split('[[flags]]\nname = "adult"')[0]
+    meta.write_text(head + "[[flags]]\n" + second_flag)
+    with pytest.raises(PolicyError, match=message) as caught:
+        load_prompt_policy("marketplace")
+    assert str(meta.resolve()) in str(caught.value)
+
+
 def test_unknown_policy_names_the_known_ones() -> None:
     with pytest.raises(PolicyError, match="known: .*esci"):
         load_prompt_policy("nope")
