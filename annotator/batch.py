@@ -79,6 +79,7 @@ class LabelJobResult:
     needs_review: int
     pairs_per_s: float
     author: str
+    flagged: dict[str, int] = field(default_factory=dict)  # flag -> the run's labels with P(flag) >= 0.5
 
 
 def read_query_file(path: str | None) -> list[str]:
@@ -343,4 +344,5 @@ def _summarise(store: Store, run_id: str, resumed: bool, n_selected: int, labell
         label_counts={str(r.label): int(r.n) for r in summary.itertuples()}, mean_confidence=mean_conf,
         needs_review=int(summary["needs_review"].sum()) if total else 0,
         pairs_per_s=labelled_now / seconds if seconds > 0 else 0.0, author=author,
+        flagged={str(r.flag): int(r.flagged) for r in store.df(sql.RUN_FLAG_SUMMARY, {"run_id": run_id}).itertuples()},
     )

@@ -36,14 +36,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy.special import expit
 
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
 from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy
-from annotator.scoring import label_token_ids, probs_from_logprobs
+from annotator.scoring import flag_probs_from_logprobs, label_token_ids, probs_from_logprobs
 from annotator.stack import load_stack, stack_version
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
@@ -284,9 +283,11 @@ class Labeler:
         if not self.flag_names or not pairs:
             return np.zeros((len(pairs), len(self.flag_names)))
         if self._stack_scores_flags():
+            stack = self.stack
+            assert stack is not None
             texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
-            logprobs = self.flag_logprobs(pairs, labels) if self.stack.uses_llm else None
-            return np.asarray(self.stack.predict_flags(texts, logprobs), dtype=np.float64)
+            logprobs = self.flag_logprobs(pairs, labels) if stack.uses_llm else None
+            return np.asarray(stack.predict_flags(texts, logprobs), dtype=np.float64)
         return flag_probs_from_logprobs(self.flag_logprobs(pairs, labels), self.flag_temperatures)
 
     def score_with_flags(self, pairs: list[PairText]) -> tuple[np.ndarray, np.ndarray]:
@@ -330,27 +331,6 @@ class Labeler:
 def flag_token_ids(backend: Backend, policy: Policy) -> list[int]:
     """The first tokens of FLAG_OPTIONS when `policy` has flags; [] (no tokenizer call) when it has none."""
     return label_token_ids(backend, list(FLAG_OPTIONS)) if policy.flags else []
-
-
-def flag_probs_from_logprobs(logprobs: np.ndarray, temperatures: list[float]) -> np.ndarray:
-    """P(flag applies) = sigmoid((lp_yes - lp_no) / T) per flag.
-
-    Parameters
-    ----------
-    logprobs : shape (n_pairs, n_flags, 2), column 0 the yes token, column 1 the no token.
-    temperatures : one T > 0 per flag.
-
-    Returns
-    -------
-    np.ndarray, shape (n_pairs, n_flags), float64 in [0, 1].
-    """
-    scores = np.asarray(logprobs, dtype=np.float64)
-    if scores.ndim != 3 or scores.shape[2] != 2 or scores.shape[1] != len(temperatures):
-        raise ValueError(f"flag logprobs must have shape (n_pairs, {len(temperatures)}, 2), not {scores.shape}")
-    scale = np.asarray(temperatures, dtype=np.float64)
-    if (scale <= 0).any():
-        raise ValueError(f"flag temperatures must be > 0, not {temperatures}")
-    return expit((scores[:, :, 0] - scores[:, :, 1]) / scale)
 
 
 def _model_tag(model: str) -> str:

@@ -118,6 +118,8 @@ def label(
     mean = f"{result.mean_confidence:.3f}" if result.mean_confidence is not None else "-"
     console.print(f"mean confidence {mean}; {result.needs_review} marked for review; "
                   f"throughput {result.pairs_per_s:.1f} pairs/s")
+    if result.flagged:
+        console.print("flagged (P >= 0.5): " + ", ".join(f"{flag} {n:,}" for flag, n in result.flagged.items()))
 
 
 def _label_on_ray(job: LabelJob, settings: RaySettings, *, step: str, run_id: Optional[str], new_run: bool,

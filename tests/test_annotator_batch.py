@@ -197,6 +197,7 @@ def test_unlabeled_pairs_get_one_llm_label_each_with_provenance(store: Store, ti
     assert flags["probability"].between(0, 1).all() and flags["probability"].nunique() > 1
     params = json.loads(store.scalar("SELECT params FROM runs WHERE run_id = ?", [result.run_id]))
     assert params["flags_scored"] == ["pesticide"] and params["score_flags"] is True
+    assert result.flagged == {"pesticide": int((flags["probability"] >= 0.5).sum())}
     again = run_label_job(store, _job(tiny_llama, limit=24), labeler=labeler, progress=False)
     assert again.run_id != result.run_id, "a finished run is not resumed"
     assert set(store.df("SELECT pair_id FROM labels WHERE run_id = ?", [again.run_id])["pair_id"]).isdisjoint(
@@ -316,5 +317,6 @@ def test_mnr_label_no_flags_writes_labels_without_flags_in_a_run_of_its_own(stor
     assert params["flags_scored"] == [] and params["score_flags"] is False
     flagged = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert flagged.returncode == 0, flagged.stderr
+    assert "flagged (P >= 0.5): pesticide" in flagged.stdout and "flagged" not in plain.stdout
     assert store.scalar("SELECT count(DISTINCT run_id) FROM label_runs") == 2, "a flag run is not a --no-flags run"
     assert store.scalar("SELECT count(*) FROM label_flags") == 4

@@ -169,3 +169,19 @@ def test_probs_from_logprobs_normalise_and_apply_temperature() -> None:
     assert masked[0, 1] == 0.0 and masked.sum() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         probs_from_logprobs(logprobs, temperature=0.0)
+
+
+def test_flag_probs_are_a_tempered_sigmoid_of_the_yes_no_margin() -> None:
+    from annotator.scoring import flag_probs_from_logprobs
+
+    # flag 1: yes 0.8 / no 0.2 (odds 4); flag 2: yes 0.1 / no 0.9; unnormalised rows give the same answer
+    logprobs = np.log([[[0.8, 0.2], [0.1, 0.9]], [[0.4, 0.1], [0.5, 0.5]]])
+    probs = flag_probs_from_logprobs(logprobs, [1.0, 1.0])
+    np.testing.assert_allclose(probs, [[0.8, 0.1], [0.8, 0.5]], atol=1e-12)
+    tempered = flag_probs_from_logprobs(logprobs, [2.0, 1.0])
+    np.testing.assert_allclose(tempered[:, 0], [2 / 3, 2 / 3], atol=1e-12)  # odds 4 -> 4 ** (1/2) = 2
+    assert flag_probs_from_logprobs(np.zeros((3, 0, 2)), []).shape == (3, 0)
+    with pytest.raises(ValueError, match="shape"):
+        flag_probs_from_logprobs(np.zeros((3, 2)), [1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        flag_probs_from_logprobs(logprobs, [1.0, 0.0])
