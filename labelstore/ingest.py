@@ -42,8 +42,8 @@ FIELDS = ("record_id", "query", "query_source_id", "product_id", "title", "descr
 FORMATS = ("csv", "parquet", "jsonl")
 LABEL_FIELDS = ("label", "rating", "rating_variance")
 FLAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # as a policy's [[flags]] name
-FLAG_TRUE = ("yes", "true", "1", "y", "t")
-FLAG_FALSE = ("no", "false", "0", "n", "f")
+FLAG_TRUE = ("yes", "true", "1", "1.0")  # any case; 1.0 / 0.0: a numeric Parquet column
+FLAG_FALSE = ("no", "false", "0", "0.0")
 
 
 @dataclass(frozen=True)
@@ -206,9 +206,9 @@ def flag_decision(value: Any) -> bool | None:
     text = _text(value).lower()
     if text == "":
         return None
-    if text in FLAG_TRUE or text in ("1.0",):
+    if text in FLAG_TRUE:
         return True
-    if text in FLAG_FALSE or text in ("0.0",):
+    if text in FLAG_FALSE:
         return False
     raise ValueError(text)
 
