@@ -6,6 +6,10 @@ selection, policy, model, adapter and backend, the job finds the unfinished run 
 and labels only its pairs that have no label from it yet, so after any crash (even SIGKILL) each
 selected pair ends up labelled exactly once for that run.
 
+Policy flags: every label carries the labeler's probability of each of the policy's flags
+(`LabelRecord.flags`, scored after the grade: one extra pass per flag); `score_flags=False`
+(`mnr label --no-flags`) skips that pass. The run's params record the flags scored (`flags_scored`).
+
 Nothing half-written: the selection is validated whole (every prompt rendered) and the model is
 loaded before the run is recorded; a failure later keeps the finished chunks and marks the run
 'failed', and the next start resumes it.
@@ -61,6 +65,7 @@ class LabelJob:
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     backend_options: dict[str, Any] = field(default_factory=dict)
     use_stack: bool = True  # apply the adapter's calibrated stack when it has one (`mnr label --no-stack`: off)
+    score_flags: bool = True  # score the policy's flags after the grade (`mnr label --no-flags`: off)
 
 
 @dataclass
@@ -74,6 +79,7 @@ class LabelJobResult:
     needs_review: int
     pairs_per_s: float
     author: str
+    flagged: dict[str, int] = field(default_factory=dict)  # flag -> the run's labels with P(flag) >= 0.5
 
 
 def read_query_file(path: str | None) -> list[str]:
@@ -102,6 +108,8 @@ def fingerprint(job: LabelJob, policy: Policy, adapter: Adapter | None) -> str:
     stack = adapter_stack_version(adapter, job.use_stack)
     if stack:  # only then, so runs without a stack keep the fingerprints they had
         key["stack"] = stack
+    if policy.flags and not job.score_flags:  # a run without flags never resumes one with them, nor the reverse
+        key["flags"] = False
     return stable_hash(json.dumps(key, sort_keys=True))
 
 
@@ -144,20 +152,32 @@ def validate_pairs(policy: Policy, pairs: list[PairText]) -> None:
 
 
 def label_records(pair_ids: Sequence[str], probs: np.ndarray, *, scheme: LabelScheme, author: str, run_id: str,
-                  threshold: float) -> list[LabelRecord]:
-    """The label rows of a run's scored pairs: top label, rounded probabilities, review flag, key `<run>:<pair>`."""
+                  threshold: float, flag_probs: np.ndarray | None = None,
+                  flag_names: Sequence[str] = ()) -> list[LabelRecord]:
+    """The label rows of a run's scored pairs: top label, rounded probabilities, review flag, key `<run>:<pair>`.
+
+    `flag_probs` (n_pairs, len(flag_names)), when given, become each record's `flags`."""
     names = scheme.label_names
+    if flag_probs is not None and np.shape(flag_probs) != (len(pair_ids), len(flag_names)):
+        raise ValueError(f"flag_probs must have shape ({len(pair_ids)}, {len(flag_names)}), not {np.shape(flag_probs)}")
     records = []
-    for pair_id, row in zip(pair_ids, probs):
+    for index, (pair_id, row) in enumerate(zip(pair_ids, probs)):
         best = int(np.argmax(row))
         confidence = float(row[best])
+        flags = ({name: round(float(p), 6) for name, p in zip(flag_names, flag_probs[index])}
+                 if flag_probs is not None and len(flag_names) else None)
         records.append(LabelRecord(
             pair_id=str(pair_id), scheme=scheme.name, label=names[best], grade=scheme.grade_of(names[best]),
             source="llm", author=author, probs={name: round(float(p), 6) for name, p in zip(names, row)},
             confidence=confidence, run_id=run_id, needs_review=confidence < threshold,
-            dedup_key=f"{run_id}:{pair_id}",
+            dedup_key=f"{run_id}:{pair_id}", flags=flags,
         ))
     return records
+
+
+def scored_flags(job: LabelJob, labeler: Labeler) -> list[str]:
+    """The flags a run of `job` scores with `labeler`: the policy's, unless the job turns flags off."""
+    return labeler.flag_names if job.score_flags else []
 
 
 def _progress(enabled: bool) -> Progress:
@@ -191,16 +211,19 @@ def plan_run(store: Store, job: LabelJob, policy: Policy, adapter: Adapter | Non
     return RunPlan(run_id=run_id, resumed=resumed, fingerprint=job_fingerprint, selection=selection)
 
 
-def open_run(store: Store, job: LabelJob, policy: Policy, plan: RunPlan, author: str) -> str:
-    """Mark the planned run running (a new one gets its frozen selection); returns its id."""
+def open_run(store: Store, job: LabelJob, policy: Policy, plan: RunPlan, author: str,
+             flags: Sequence[str] = ()) -> str:
+    """Mark the planned run running (a new one gets its frozen selection); returns its id.
+
+    `flags` are the flags the run scores; the run's params record them (`flags_scored`)."""
     if not plan.resumed:
-        return _start_run(store, job, policy, author, plan.fingerprint, plan.selection)
+        return _start_run(store, job, policy, author, plan.fingerprint, plan.selection, flags)
     assert plan.run_id is not None
     info = store.df(sql.LABEL_RUN_INFO, {"run_id": plan.run_id}).iloc[0]
     if info["author"] != author:
         raise SelectionError(f"run {plan.run_id} was labelled by {info['author']}, not {author}; "
                              "start a new run (--new-run)")
-    store.start_run("label", run_id=plan.run_id, params=asdict(job))
+    store.start_run("label", run_id=plan.run_id, params={**asdict(job), "flags_scored": list(flags)})
     return plan.run_id
 
 
@@ -252,20 +275,20 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     if labeler is None:
         labeler = job_labeler(job, policy, adapter)
-    run_id = open_run(store, job, policy, plan, labeler.author)
+    run_id = open_run(store, job, policy, plan, labeler.author, scored_flags(job, labeler))
     pending = pair_texts(pending_pairs(store, run_id))
     n_selected = selected_count(store, run_id)
     with failing_run(store, run_id, n_selected, len(pending)):
-        labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, job.review_threshold, job.chunk_size,
-                                              n_selected, progress, on_chunk)
+        labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, job, n_selected, progress, on_chunk)
     return finish_label_run(store, run_id, resumed=plan.resumed, labelled_now=labelled_now, seconds=seconds,
                             author=labeler.author)
 
 
 def _start_run(store: Store, job: LabelJob, policy: Policy, author: str, job_fingerprint: str,
-               selection: list[PairText]) -> str:
+               selection: list[PairText], flags: Sequence[str]) -> str:
     run_id = new_run_id("label")
-    params = {**asdict(job), "policy_version": policy.version, "author": author, "fingerprint": job_fingerprint}
+    params = {**asdict(job), "policy_version": policy.version, "author": author, "fingerprint": job_fingerprint,
+              "flags_scored": list(flags)}
     store.start_run("label", params, run_id=run_id)
     items = pd.DataFrame({"ordinal": range(len(selection)), "pair_id": [p.pair_id for p in selection]})
     with store.transaction() as con:
@@ -281,21 +304,30 @@ def _start_run(store: Store, job: LabelJob, policy: Policy, author: str, job_fin
     return run_id
 
 
-def _label_chunks(store: Store, labeler: Labeler, pending: list[PairText], run_id: str, threshold: float,
-                  chunk_size: int, n_selected: int, show_progress: bool,
+def score_chunk(labeler: Labeler, chunk: list[PairText], with_flags: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(label probabilities, flag probabilities or None when flags are not scored) of `chunk`."""
+    if not with_flags or not labeler.flag_names:
+        return labeler.score(chunk), None
+    return labeler.score_with_flags(chunk)
+
+
+def _label_chunks(store: Store, labeler: Labeler, pending: list[PairText], run_id: str, job: LabelJob,
+                  n_selected: int, show_progress: bool,
                   on_chunk: Callable[[str, int], None] | None) -> tuple[int, float]:
     done_before = n_selected - len(pending)
     labelled, seconds = 0, 0.0
+    chunk_size = job.chunk_size
     with _progress(show_progress) as bar:
         task = bar.add_task("label", total=n_selected, completed=done_before, rate=0.0)
         for start in range(0, len(pending), chunk_size):
             chunk = pending[start:start + chunk_size]
             began = time.perf_counter()
-            probs = labeler.score(chunk)
+            probs, flag_probs = score_chunk(labeler, chunk, job.score_flags)
             seconds += time.perf_counter() - began
             labelled += store.add_labels(label_records([pair.pair_id for pair in chunk], probs,
                                                        scheme=labeler.policy.scheme, author=labeler.author,
-                                                       run_id=run_id, threshold=threshold))
+                                                       run_id=run_id, threshold=job.review_threshold,
+                                                       flag_probs=flag_probs, flag_names=labeler.flag_names))
             bar.update(task, completed=done_before + start + len(chunk), rate=labelled / max(seconds, 1e-9))
             if on_chunk is not None:
                 on_chunk(run_id, done_before + start + len(chunk))
@@ -312,4 +344,5 @@ def _summarise(store: Store, run_id: str, resumed: bool, n_selected: int, labell
         label_counts={str(r.label): int(r.n) for r in summary.itertuples()}, mean_confidence=mean_conf,
         needs_review=int(summary["needs_review"].sum()) if total else 0,
         pairs_per_s=labelled_now / seconds if seconds > 0 else 0.0, author=author,
+        flagged={str(r.flag): int(r.flagged) for r in store.df(sql.RUN_FLAG_SUMMARY, {"run_id": run_id}).itertuples()},
     )

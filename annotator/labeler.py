@@ -15,6 +15,12 @@ the label log-probabilities and the pairs' lexical match features (the temperatu
 Its version goes into the author (`...+<adapter>+stack-<version>@<policy>:<version>`); `use_stack=False`
 (`mnr label --no-stack`) gives the bare labeler.
 
+Policy flags (`Policy.flags`) are scored after the grade, one yes/no label-token pass per flag
+(`flag_logprobs`, `score_flags`): the flag prompt is the grade prompt, the most probable grade label
+and `Flag <name>:` (`Policy.flag_suffix`), so an engine with prefix caching reuses the grade prompt's
+blocks. P(flag) is the stack's (`Stack.predict_flags`) when the stack was fitted with flags, else
+sigmoid((logprob yes - logprob no) / T) with T from `meta.json` `flag_temperatures` (default 1).
+
 The policy decides: an adapter whose `meta.json` records the policy it was fine-tuned under
 (`policy`, `policy_hash`) only labels under that same policy version. Another policy, or the same
 policy with edited text, is a `PolicyMismatchError` unless `allow_policy_mismatch=True`, which
@@ -35,8 +41,8 @@ from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
 from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
-from annotator.prompts import PairText, Policy, load_prompt_policy
-from annotator.scoring import label_token_ids, probs_from_logprobs
+from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy
+from annotator.scoring import flag_probs_from_logprobs, label_token_ids, probs_from_logprobs
 from annotator.stack import load_stack, stack_version
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
@@ -203,6 +209,7 @@ class Labeler:
             self.model_tag = model_tag(model, checked, self.stack.version)
         self.options = self.policy.answer_options()
         self.token_ids = label_token_ids(self.backend, self.options)
+        self.flag_token_ids = flag_token_ids(self.backend, self.policy)
         self.author = labeler_author(self.model_tag, self.policy)
 
     def with_policy(self, policy: str | Policy) -> "Labeler":
@@ -215,6 +222,7 @@ class Labeler:
         other.policy = policy_for_adapter(base, self.adapter_meta)
         other.options = other.policy.answer_options()
         other.token_ids = label_token_ids(self.backend, other.options)
+        other.flag_token_ids = flag_token_ids(self.backend, other.policy)
         other.author = labeler_author(self.model_tag, other.policy)
         if other.stack is not None:
             other._check_stack_labels()
@@ -241,6 +249,69 @@ class Labeler:
         texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
         return self.stack.predict_proba(texts, logprobs if self.stack.uses_llm else None)
 
+    @property
+    def flag_names(self) -> list[str]:
+        return self.policy.flag_names
+
+    def flag_prompts(self, pairs: list[PairText], labels: list[str]) -> list[str]:
+        """The flag prompts, pair-major: for each pair (with its grade label), one prompt per flag in policy order."""
+        if len(labels) != len(pairs):
+            raise ValueError(f"one grade label per pair: {len(pairs)} pairs, {len(labels)} labels")
+        return [prompt + self.policy.flag_suffix(label, flag)
+                for prompt, label in zip(self.prompts(pairs), labels) for flag in self.flag_names]
+
+    def flag_logprobs(self, pairs: list[PairText], labels: list[str]) -> np.ndarray:
+        """Log-probs of the FLAG_OPTIONS first tokens (column 0: yes) after each flag prompt.
+
+        `labels` are the pairs' grade labels (the most probable ones). Returns shape
+        (n_pairs, n_flags, 2), flags in policy order; (n_pairs, 0, 2) without a backend call when
+        the policy has no flags.
+        """
+        n_pairs, n_flags = len(pairs), len(self.flag_names)
+        if n_pairs == 0 or n_flags == 0:
+            return np.zeros((n_pairs, n_flags, len(FLAG_OPTIONS)))
+        scored = self.backend.label_logprobs(self.flag_prompts(pairs, labels), self.flag_token_ids,
+                                             list(FLAG_OPTIONS))
+        return np.asarray(scored, dtype=np.float64).reshape(n_pairs, n_flags, len(FLAG_OPTIONS))
+
+    def score_flags(self, pairs: list[PairText], labels: list[str]) -> np.ndarray:
+        """Calibrated P(flag applies), shape (n_pairs, n_flags), flags in policy order.
+
+        From the stack when it was fitted with flags (`Stack.predict_flags`), else per flag
+        sigmoid((logprob yes - logprob no) / T), T from meta.json `flag_temperatures` (default 1.0).
+        """
+        if not self.flag_names or not pairs:
+            return np.zeros((len(pairs), len(self.flag_names)))
+        if self._stack_scores_flags():
+            stack = self.stack
+            assert stack is not None
+            texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
+            logprobs = self.flag_logprobs(pairs, labels) if stack.uses_llm else None
+            return np.asarray(stack.predict_flags(texts, logprobs), dtype=np.float64)
+        return flag_probs_from_logprobs(self.flag_logprobs(pairs, labels), self.flag_temperatures)
+
+    def score_with_flags(self, pairs: list[PairText]) -> tuple[np.ndarray, np.ndarray]:
+        """(label probabilities (n_pairs, n_labels), flag probabilities (n_pairs, n_flags)): the flags are
+        asked after each pair's most probable label."""
+        probs = self.score(pairs)
+        best = [self.label_names[i] for i in probs.argmax(axis=1)] if len(probs) else []
+        return probs, self.score_flags(pairs, best)
+
+    @property
+    def flag_temperatures(self) -> list[float]:
+        """The calibration temperature of each flag, policy order (meta.json `flag_temperatures`, default 1.0)."""
+        recorded = self.adapter_meta.get("flag_temperatures") or {}
+        return [float(recorded.get(name, 1.0)) for name in self.flag_names]
+
+    def _stack_scores_flags(self) -> bool:
+        stack_flags = list(getattr(self.stack, "flag_names", None) or [])
+        if not stack_flags:
+            return False
+        if stack_flags != self.flag_names:
+            raise AdapterError(f"adapter {self.adapter}: its stack predicts flags {stack_flags}, but policy "
+                               f"'{self.policy.name}' declares {self.flag_names}; label with --no-stack or refit it")
+        return True
+
     def _check_stack_labels(self) -> None:
         assert self.stack is not None
         if self.stack.labels != self.label_names:
@@ -255,6 +326,11 @@ class Labeler:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def flag_token_ids(backend: Backend, policy: Policy) -> list[int]:
+    """The first tokens of FLAG_OPTIONS when `policy` has flags; [] (no tokenizer call) when it has none."""
+    return label_token_ids(backend, list(FLAG_OPTIONS)) if policy.flags else []
 
 
 def _model_tag(model: str) -> str:

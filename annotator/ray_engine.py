@@ -10,6 +10,8 @@ The store stays the system of record; Ray only moves and scores pairs:
 3. the scores come back through `batch.label_records` keyed `<run id>:<pair id>`: importing the same scores
    again adds nothing, and a resumed run first imports what an earlier attempt scored.
 
+The policy's flags travel as `flag_<name>` columns beside the `p_<label>` columns (none with `--no-flags`).
+
 Work folders are local paths or URLs that pyarrow and Ray both read (s3://, gs://, ...). Ray is an optional
 dependency: it is imported only when a Ray job runs.
 """
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 
 from annotator import sql
 from annotator.batch import (LabelJob, LabelJobResult, failing_run, finish_label_run, label_records, open_run,
-                             pair_texts, pending_pairs, plan_run, selected_count)
+                             pair_texts, pending_pairs, plan_run, score_chunk, selected_count)
 from annotator.labeler import (Adapter, Labeler, adapter_stack_version, check_adapter, check_policy, labeler_author,
                                model_tag, read_adapter_meta)
 from annotator.pair_form import policy_for_adapter
@@ -94,23 +96,36 @@ def probability_column(label: str) -> str:
     return f"p_{label}"
 
 
+FLAG_PREFIX = "flag_"
+
+
+def flag_column(flag: str) -> str:
+    return f"{FLAG_PREFIX}{flag}"
+
+
 # -- the Ray job -------------------------------------------------------------------------------
 class ScorePairs:
     """Ray Data actor: one `Labeler` per actor; a pandas batch of pairs -> their scores (`scores_frame`)."""
 
     def __init__(self, *, model: str, policy: str, backend: str, adapter: str | None,
-                 backend_options: dict[str, Any], use_stack: bool = True) -> None:
+                 backend_options: dict[str, Any], use_stack: bool = True, score_flags: bool = True) -> None:
         self.labeler = Labeler(model, policy, backend=backend, adapter=adapter, use_stack=use_stack, **backend_options)
+        self.score_flags = score_flags
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        probs = self.labeler.score(pair_texts(batch))
+        probs, flag_probs = score_chunk(self.labeler, pair_texts(batch), self.score_flags)
         return scores_frame(batch["pair_id"].astype(str).tolist(), probs, self.labeler.label_names,
-                            self.labeler.author)
+                            self.labeler.author, flag_probs, self.labeler.flag_names)
 
 
-def scores_frame(pair_ids: list[str], probs: np.ndarray, label_names: list[str], author: str) -> pd.DataFrame:
-    """Columns pair_id, author and p_<label> (float64) for every label of the scheme."""
+def scores_frame(pair_ids: list[str], probs: np.ndarray, label_names: list[str], author: str,
+                 flag_probs: np.ndarray | None = None, flag_names: list[str] | None = None) -> pd.DataFrame:
+    """Columns pair_id, author, p_<label> (float64) for every label of the scheme and, with `flag_probs`
+    (n, n_flags), flag_<name> (float64) for every flag."""
     columns = {probability_column(name): probs[:, i].astype(np.float64) for i, name in enumerate(label_names)}
+    if flag_probs is not None:
+        columns.update({flag_column(name): flag_probs[:, i].astype(np.float64)
+                        for i, name in enumerate(flag_names or [])})
     return pd.DataFrame({"pair_id": pair_ids, "author": [author] * len(pair_ids), **columns})
 
 
@@ -141,7 +156,7 @@ def _actor_kwargs(job: LabelJob) -> dict[str, Any]:
     model = str(Path(job.model).absolute()) if Path(job.model).is_dir() else job.model
     adapter = str(check_adapter(job.adapter).path) if job.adapter else None
     return {"model": model, "policy": job.policy, "backend": job.backend, "adapter": adapter,
-            "backend_options": job.backend_options, "use_stack": job.use_stack}
+            "backend_options": job.backend_options, "use_stack": job.use_stack, "score_flags": job.score_flags}
 
 
 # -- Parquet in and out of the store -----------------------------------------------------------
@@ -181,9 +196,31 @@ def _score_files(url: str) -> list[tuple[str, pa.Table]]:
     return [(name, pq.read_table(name, filesystem=filesystem)) for name in files]
 
 
+@dataclass(frozen=True)
+class ScoresFile:
+    """The checked rows of one scores file: pair ids, label probabilities (scheme order) and flag probabilities."""
+
+    pair_ids: list[str]
+    probs: np.ndarray  # (n, n_labels)
+    flag_names: list[str]
+    flag_probs: np.ndarray | None  # (n, n_flags), None when the file has no flag columns
+
+
+def _checked_flags(name: str, table: pa.Table) -> tuple[list[str], np.ndarray | None]:
+    columns = [column for column in table.column_names if column.startswith(FLAG_PREFIX)]
+    if not columns:
+        return [], None
+    values = table.select(columns).to_pandas().to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise RayEngineError(f"{name} row {row + 1}, {columns[col]}: {values[row, col]} is not a probability")
+    return [column.removeprefix(FLAG_PREFIX) for column in columns], values
+
+
 def _checked_scores(name: str, table: pa.Table, scheme: LabelScheme, author: str, run_id: str,
-                    members: set[str]) -> tuple[list[str], np.ndarray]:
-    """The pair ids and probabilities (scheme order) of one scores file, after checking every row."""
+                    members: set[str]) -> ScoresFile:
+    """The pair ids, label and flag probabilities of one scores file, after checking every row."""
     columns = ["pair_id", "author", *(probability_column(label) for label in scheme.label_names)]
     for column in columns:
         if column not in table.column_names:
@@ -209,7 +246,8 @@ def _checked_scores(name: str, table: pa.Table, scheme: LabelScheme, author: str
     if off.any():
         row = int(np.argmax(off))
         raise RayEngineError(f"{name} row {row + 1}: probabilities sum to {probs[row].sum():.6f}, not 1")
-    return frame["pair_id"].astype(str).tolist(), probs
+    flag_names, flag_probs = _checked_flags(name, table)
+    return ScoresFile(frame["pair_id"].astype(str).tolist(), probs, flag_names, flag_probs)
 
 
 def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chunk_size: int = 1024) -> int:
@@ -225,10 +263,13 @@ def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chun
     members = set(store.df(sql.RUN_ITEM_IDS, {"run_id": run_id})["pair_id"])
     checked = [_checked_scores(name, table, scheme, author, run_id, members) for name, table in _score_files(url)]
     added = 0
-    for pair_ids, probs in checked:
-        for start in range(0, len(pair_ids), chunk_size):
-            added += store.add_labels(label_records(pair_ids[start:start + chunk_size], probs[start:start + chunk_size],
-                                                    scheme=scheme, author=author, run_id=run_id, threshold=threshold))
+    for scores in checked:
+        for start in range(0, len(scores.pair_ids), chunk_size):
+            window = slice(start, start + chunk_size)
+            flag_probs = scores.flag_probs[window] if scores.flag_probs is not None else None
+            added += store.add_labels(label_records(scores.pair_ids[window], scores.probs[window], scheme=scheme,
+                                                    author=author, run_id=run_id, threshold=threshold,
+                                                    flag_probs=flag_probs, flag_names=scores.flag_names))
     return added
 
 
@@ -262,7 +303,8 @@ def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: st
     if adapter is not None:  # refuse a mismatched adapter before a run is recorded, as the in-process engine does
         check_policy(adapter.path, read_adapter_meta(adapter.path), policy)
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
-    run_id = open_run(store, job, policy, plan, job_author(job, policy, adapter))
+    run_id = open_run(store, job, policy, plan, job_author(job, policy, adapter),
+                      policy.flag_names if job.score_flags else [])
     folders = run_folders(settings.work_dir, run_id)
     with failing_run(store, run_id, selected_count(store, run_id), len(pending_pairs(store, run_id))):
         imported = import_scores(store, run_id, folders.scores, threshold=job.review_threshold,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+from scipy.special import expit
 
 from labelstore.errors import MnrError
 
@@ -75,3 +76,24 @@ def probs_from_logprobs(logprobs: np.ndarray, temperature: float = 1.0) -> np.nd
     shifted = scaled - scaled.max(axis=1, keepdims=True)
     weights = np.exp(shifted)
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+def flag_probs_from_logprobs(logprobs: np.ndarray, temperatures: list[float]) -> np.ndarray:
+    """P(flag applies) = sigmoid((lp_yes - lp_no) / T) per flag.
+
+    Parameters
+    ----------
+    logprobs : shape (n_pairs, n_flags, 2), column 0 the yes token, column 1 the no token.
+    temperatures : one T > 0 per flag.
+
+    Returns
+    -------
+    np.ndarray, shape (n_pairs, n_flags), float64 in [0, 1].
+    """
+    scores = np.asarray(logprobs, dtype=np.float64)
+    if scores.ndim != 3 or scores.shape[2] != 2 or scores.shape[1] != len(temperatures):
+        raise ValueError(f"flag logprobs must have shape (n_pairs, {len(temperatures)}, 2), not {scores.shape}")
+    scale = np.asarray(temperatures, dtype=np.float64)
+    if (scale <= 0).any():
+        raise ValueError(f"flag temperatures must be > 0, not {temperatures}")
+    return expit((scores[:, :, 0] - scores[:, :, 1]) / scale)

@@ -85,3 +85,11 @@ RUN_LABEL_SUMMARY = """
 SELECT label, count(*) AS n, avg(confidence) AS mean_confidence, sum(needs_review::INTEGER) AS needs_review
 FROM labels WHERE run_id = $run_id GROUP BY label ORDER BY n DESC, label
 """
+
+# Per policy flag: the run's labels that carry it and those whose probability reaches 0.5.
+RUN_FLAG_SUMMARY = """
+SELECT f.flag, count(*) AS n, count(*) FILTER (WHERE f.probability >= 0.5) AS flagged
+FROM label_flags f JOIN labels l USING (label_id)
+WHERE l.run_id = $run_id
+GROUP BY f.flag ORDER BY f.flag
+"""

@@ -78,6 +78,8 @@ def label(
         "version of this one) than --policy; without it that is an error."),
     no_stack: bool = typer.Option(False, "--no-stack", help="Do not apply the --adapter folder's calibrated stack "
                                   "(stack.json, fitted by mnr finetune): label with the bare adapter's probabilities."),
+    no_flags: bool = typer.Option(False, "--no-flags", help="Do not score the policy's flags (prohibited, adult, "
+                                  "...): flags cost one extra scoring pass per flag; the labels then carry none."),
 ) -> None:
     """Label selected pairs with a policy-prompted LLM; resumes an unfinished run of the same job."""
     from annotator.batch import DEFAULT_CHUNK_SIZE, DEFAULT_REVIEW_THRESHOLD, LabelJob, run_label_job
@@ -88,7 +90,7 @@ def label(
                    backend=backend, adapter=adapter, limit=limit, dataset=dataset, query_file=query_file,
                    mining_run=mining_run, chunk_size=int(_setting(chunk_size, "chunk_size", DEFAULT_CHUNK_SIZE)),
                    review_threshold=float(_setting(review_threshold, "review_threshold", DEFAULT_REVIEW_THRESHOLD)),
-                   backend_options=options, use_stack=not no_stack)
+                   backend_options=options, use_stack=not no_stack, score_flags=not no_flags)
     if engine == "local":
         labeler = _mismatched_labeler(job) if allow_policy_mismatch and job.adapter else None
         result = run_label_job(open_store(), job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
@@ -116,6 +118,8 @@ def label(
     mean = f"{result.mean_confidence:.3f}" if result.mean_confidence is not None else "-"
     console.print(f"mean confidence {mean}; {result.needs_review} marked for review; "
                   f"throughput {result.pairs_per_s:.1f} pairs/s")
+    if result.flagged:
+        console.print("flagged (P >= 0.5): " + ", ".join(f"{flag} {n:,}" for flag, n in result.flagged.items()))
 
 
 def _label_on_ray(job: LabelJob, settings: RaySettings, *, step: str, run_id: Optional[str], new_run: bool,

@@ -12,7 +12,7 @@ from app.context import console, get_store_path, open_store
 from labelstore.config import section
 from labelstore.errors import MnrError
 from labelstore.export import events_path, export_labels
-from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_mapping
+from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_flag_columns, parse_mapping
 from labelstore.status import store_status
 
 
@@ -33,6 +33,9 @@ def ingest(
              "'<1.5=irrelevant,<2.5=partial,>=2.5=relevant'. LABEL is a label (or alias) of the scheme."),
     unlabeled: bool = typer.Option(False, "--unlabeled", help="Add the pairs only, ignoring any label or rating "
                                    "column (a file with neither is read this way anyway)."),
+    flag: List[str] = typer.Option([], "--flag", help="flag=column: a column of human decisions on a policy flag, "
+                                   "e.g. --flag prohibited=is_prohibited (repeatable). Values yes/no, true/false or "
+                                   "1/0; empty: no decision. They are stored with the imported labels."),
 ) -> None:
     """Validate a file whole and add its pairs and labels. Re-ingesting the same file adds nothing.
 
@@ -41,7 +44,7 @@ def ingest(
     store = open_store()
     with console.status(f"ingesting {path}"):
         result = ingest_file(store, path, fmt=fmt, preset=preset, mapping=parse_mapping(mapping), scheme=scheme,
-                             dataset=dataset, encoding=encoding, unlabeled=unlabeled,
+                             dataset=dataset, encoding=encoding, unlabeled=unlabeled, flags=parse_flag_columns(flag),
                              rating_map=rating_map if rating_map is not None else _config_rating_map())
     added = ", ".join(f"{n} {table}" for table, n in result.inserted.items())
     console.print(f"{path}: read {result.rows_read} rows ({result.encoding or 'binary'}), "
@@ -79,12 +82,13 @@ def status(
     runs: int = typer.Option(10, "--runs", help="How many of the latest runs to show."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Counts per table, label distribution by source and scheme, and the latest runs."""
+    """Counts per table, label distribution by source and scheme, policy flags, and the latest runs."""
     info = store_status(open_store(), runs)
     if as_json:
         console.print_json(json.dumps({
             "store": get_store_path(), "schema_version": info.schema_version, "tables": info.table_counts,
             "current_labels": info.current_distribution.to_dict("records"),
+            "flags": info.flags.to_dict("records"),
             "latest_runs": info.latest_runs.astype(str).to_dict("records"),
         }))
         return
@@ -97,6 +101,13 @@ def status(
     for row in info.current_distribution.itertuples():
         labels.add_row(row.scheme, row.source, row.label, f"{row.n:,}")
     console.print(labels)
+    if len(info.flags):
+        flags = Table("scheme", "flag", "labels", "flagged", "set by a human", "cleared by a human",
+                      title="Policy flags on current labels")
+        for row in info.flags.itertuples():
+            flags.add_row(row.scheme, row.flag, f"{row.labels:,}", f"{row.flagged:,}", f"{row.decided_set:,}",
+                          f"{row.decided_cleared:,}")
+        console.print(flags)
     recent = Table("run", "kind", "status", "started", "finished", title="Latest runs")
     for row in info.latest_runs.itertuples():
         recent.add_row(row.run_id, row.kind, row.status, str(row.started_at)[:19], str(row.finished_at)[:19])

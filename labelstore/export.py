@@ -1,5 +1,8 @@
 """Export current labels, or the whole label history, with provenance columns.
 
+Policy flags become columns: for every flag present among the exported labels, `flag_<name>` (the
+labeler's probability) and `flag_<name>_decision` (a human's set / clear; empty when none was made).
+
 A history export also writes the audit trail beside it (`events_path`): every review decision, skip,
 undo, adjudication, account change and login attempt, accepted or refused, oldest first.
 """
@@ -26,13 +29,29 @@ def export_labels(store: Store, out: str | Path, *, fmt: str | None = None, hist
     fmt = fmt or out.suffix.lstrip(".").lower()
     if fmt not in EXPORT_FORMATS:
         raise MnrError(f"{out}: unknown export format '{fmt}' (use one of {', '.join(EXPORT_FORMATS)})")
-    query = sql("labelstore", "export_history" if history else "export_current")
-    frame = store.df(query, {"scheme": scheme, "source": source})
+    kind = "history" if history else "current"
+    params = {"scheme": scheme, "source": source}
+    frame = store.df(sql("labelstore", f"export_{kind}"), params)
+    flags = store.df(sql("labelstore", f"export_flags_{kind}"), params)
+    frame = with_flag_columns(frame, flags, ["label_id"] if history else ["pair_id", "scheme"])
     out.parent.mkdir(parents=True, exist_ok=True)
     if history:
         _write(store.df(sql("labelstore", "export_events"), {"scheme": scheme}), events_path(out), fmt)
     _write(frame, out, fmt)
     return len(frame)
+
+
+def with_flag_columns(labels: pd.DataFrame, flags: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """`labels` with `flag_<name>` (probability, float) and `flag_<name>_decision` (nullable boolean)
+    columns for every flag in `flags` (long form: `keys`, flag, probability, decision), flags sorted by name."""
+    if flags.empty:
+        return labels
+    wide = flags.pivot(index=keys, columns="flag", values=["probability", "decision"])
+    columns: dict[str, pd.Series] = {}
+    for name in sorted(flags["flag"].unique()):
+        columns[f"flag_{name}"] = wide[("probability", name)].astype("float64")
+        columns[f"flag_{name}_decision"] = wide[("decision", name)].astype("boolean")
+    return labels.merge(pd.DataFrame(columns).reset_index(), on=keys, how="left")
 
 
 def events_path(out: str | Path) -> Path:

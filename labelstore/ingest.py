@@ -9,6 +9,11 @@ Labels come from a label column (names or aliases of the scheme) or from a numer
 through a rating map: the caller's own (`rating_map`, see `labelstore.schemes.RATING_MAP_SYNTAX`)
 or the scheme's map for the rating source. A file with neither column (or ingested with
 `unlabeled=True`) adds pairs without labels, for `mnr label --select unlabeled`.
+
+Human flag decisions (`flags`, `mnr ingest --flag prohibited=is_prohibited`) map a policy flag onto a
+column of yes/no values (yes, no, true, false, 1, 0; empty: no decision). They become the imported
+labels' `flag_decisions`; a row's decisions are part of its label's key, so ingesting the file again
+with the same options adds nothing, and adding decisions later adds the labels that carry them.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +33,17 @@ from labelstore import ids
 from labelstore.errors import IngestError, SchemeError
 from labelstore.schemes import LabelScheme, RatingRules, load_scheme, parse_rating_map
 from labelstore.store import (
-    PAIR_COLUMNS, PRODUCT_COLUMNS, QUERY_COLUMNS, LabelRecord, Store, _insert_labels, insert_new, labels_frame,
+    PAIR_COLUMNS, PRODUCT_COLUMNS, QUERY_COLUMNS, LabelRecord, Store, _insert_labels, flags_frame, insert_new,
+    labels_frame,
 )
 
 FIELDS = ("record_id", "query", "query_source_id", "product_id", "title", "description", "brand",
           "label", "rating", "rating_variance")
 FORMATS = ("csv", "parquet", "jsonl")
 LABEL_FIELDS = ("label", "rating", "rating_variance")
+FLAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # as a policy's [[flags]] name
+FLAG_TRUE = ("yes", "true", "1", "1.0")  # any case; 1.0 / 0.0: a numeric Parquet column
+FLAG_FALSE = ("no", "false", "0", "0.0")
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,48 @@ def _check_columns(path: Path, columns: list[str], mapping: dict[str, str]) -> N
         raise IngestError(str(path), problems)
 
 
+def _check_flag_columns(path: Path, columns: list[str], flag_columns: dict[str, str], labelled: bool) -> None:
+    problems = [(None, column, f"missing column '{column}' (needed for flag '{name}'); "
+                                f"the file has: {', '.join(columns) or 'no columns'}")
+                for name, column in flag_columns.items() if column not in columns]
+    if flag_columns and not labelled:
+        problems.append((None, None, "flag decisions belong to labels, and this file adds none (no label or rating "
+                                     "column, or --unlabeled); map a label or rating column, or drop --flag"))
+    if problems:
+        raise IngestError(str(path), problems)
+
+
+def flag_decision(value: Any) -> bool | None:
+    """A yes/no cell as a decision: True (set), False (cleared) or None (empty: no decision).
+
+    Raises ValueError for anything else."""
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text == "":
+        return None
+    if text in FLAG_TRUE:
+        return True
+    if text in FLAG_FALSE:
+        return False
+    raise ValueError(text)
+
+
+def _row_flags(number: int, get_column: Any, flag_columns: dict[str, str],
+               problems: list[tuple[int | None, str | None, str]]) -> dict[str, bool] | None:
+    decisions: dict[str, bool] = {}
+    for name, column in flag_columns.items():
+        try:
+            decision = flag_decision(get_column(column))
+        except ValueError as exc:
+            problems.append((number, column, f"flag '{name}': '{exc}' is not a decision (use yes/no, true/false "
+                                             "or 1/0; leave it empty for no decision)"))
+            continue
+        if decision is not None:
+            decisions[name] = decision
+    return decisions or None
+
+
 def _check_rating_source(path: Path, mapping: dict[str, str], scheme: LabelScheme, source: str,
                          rating_map: RatingRules | None) -> None:
     """Fail once, before reading rows, when ratings have nowhere to map to."""
@@ -207,10 +259,13 @@ def _row_label(get: Any, mapping: dict[str, str], scheme: LabelScheme, source: s
 
 def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, str], dataset: str,
                    scheme: LabelScheme, rating_source: str | None,
-                   attribute_columns: Iterable[str] = (), *, rating_map: RatingRules | None = None) -> pd.DataFrame:
+                   attribute_columns: Iterable[str] = (), *, rating_map: RatingRules | None = None,
+                   flag_columns: dict[str, str] | None = None) -> pd.DataFrame:
     """Validate every row and return one normalised row per input row; raise on any problem.
 
-    Rows of an unlabelled mapping (no label or rating field) get label and grade None."""
+    Rows of an unlabelled mapping (no label or rating field) get label and grade None. `flag_columns`
+    ({flag: column}) give each row's `flag_decisions` ({flag: bool}, None when the row has none)."""
+    flag_columns = flag_columns or {}
     problems: list[tuple[int | None, str | None, str]] = []
     out = []
     first_seen: dict[str, tuple[int, str]] = {}
@@ -237,6 +292,7 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
         except SchemeError as exc:
             problems.append((number, mapping.get("label") or mapping.get("rating"), str(exc)))
             continue
+        decisions = _row_flags(number, row.get, flag_columns, problems)
         if not query or not title:
             continue
         description = _text(get("description")) or None
@@ -247,19 +303,21 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
         # One judgment per record: a pair rated by several rater groups keeps every judgment.
         record = _text(get("record_id")) or None
         key = f"record:{record}" if record else pair
-        if key in first_seen and first_seen[key][1] != label:
+        judgment = label if decisions is None else f"{label}, flags {_flags_text(decisions)}"
+        if key in first_seen and first_seen[key][1] != judgment:
             what = f"record id '{record}'" if record else f"pair (query '{query}', product '{source_product}')"
             problems.append((number, mapping.get("label") or mapping.get("rating"),
-                             f"duplicate {what} with label '{label}'; row {first_seen[key][0]} gave '{first_seen[key][1]}'"))
+                             f"duplicate {what} with label '{judgment}'; row {first_seen[key][0]} gave "
+                             f"'{first_seen[key][1]}'"))
             continue
-        first_seen.setdefault(key, (number, label))
+        first_seen.setdefault(key, (number, judgment))
         attributes = {c: _text(row.get(c)) for c in attribute_columns if _text(row.get(c))}
         out.append({
             "pair_id": pair, "record_id": record or pair, "dataset": dataset, "query_id": qid, "text": query, "product_id": pid,
             "source_id": source_product, "title": title, "description": description,
             "brand": _text(get("brand")) or None, "attributes": json.dumps(attributes) if attributes else None,
             "label": label, "grade": scheme.grade_of(label) if label is not None else None,
-            "raw_rating": rating, "rating_variance": variance,
+            "raw_rating": rating, "rating_variance": variance, "flag_decisions": decisions,
         })
     if problems:
         raise IngestError(str(path), problems)
@@ -277,8 +335,9 @@ def write_pairs(store: Store, frame: pd.DataFrame, scheme: str, author: str, run
     frame = frame.assign(synthetic=False, origin=origin, raw_rating=mean_rating)
     records = [
         LabelRecord(pair_id=r.pair_id, scheme=scheme, label=r.label, grade=int(r.grade), source="import",
-                    author=author, run_id=run_id,
-                    dedup_key="import:" + ids.stable_hash(r.pair_id, r.record_id, scheme, r.label, length=24))
+                    author=author, run_id=run_id, flag_decisions=_decisions(r),
+                    dedup_key="import:" + ids.stable_hash(r.pair_id, r.record_id, scheme, r.label,
+                                                          *_flag_key(_decisions(r)), length=24))
         for r in frame.itertuples() if r.label is not None
     ]
     with store.transaction() as con:
@@ -286,8 +345,37 @@ def write_pairs(store: Store, frame: pd.DataFrame, scheme: str, author: str, run
             "products": insert_new(con, "products", frame, PRODUCT_COLUMNS),
             "queries": insert_new(con, "queries", frame, QUERY_COLUMNS),
             "pairs": insert_new(con, "pairs", frame, PAIR_COLUMNS),
-            "labels": _insert_labels(con, labels_frame(records)),
+            "labels": _insert_labels(con, labels_frame(records), flags_frame(records)),
         }
+
+
+def _decisions(row: Any) -> dict[str, bool] | None:
+    return getattr(row, "flag_decisions", None) or None
+
+
+def _flag_key(decisions: dict[str, bool] | None) -> tuple[str, ...]:
+    """A label's flag decisions as part of its key; none: nothing, so keys of labels without flags stay."""
+    return (f"flags:{_flags_text(decisions)}",) if decisions else ()
+
+
+def _flags_text(decisions: dict[str, bool]) -> str:
+    return ",".join(f"{name}={'yes' if value else 'no'}" for name, value in sorted(decisions.items()))
+
+
+def parse_flag_columns(items: Iterable[str]) -> dict[str, str]:
+    """`--flag name=column` options into {flag name: column}."""
+    flags: dict[str, str] = {}
+    for item in items:
+        name, _, column = (part.strip() for part in item.partition("="))
+        if not column:
+            raise IngestError("--flag", [(None, None, f"'{item}' is not flag=column (e.g. prohibited=is_prohibited)")])
+        if not FLAG_NAME.match(name):
+            raise IngestError("--flag", [(None, None, f"'{name}' is not a flag name: lower-case letters, digits "
+                                                      "and _, starting with a letter (as in the policy's [[flags]])")])
+        if name in flags:
+            raise IngestError("--flag", [(None, None, f"flag '{name}' is mapped twice")])
+        flags[name] = column
+    return flags
 
 
 def parse_mapping(items: Iterable[str], fields: Iterable[str] = FIELDS) -> dict[str, str]:
@@ -319,15 +407,16 @@ def resolve_mapping(columns: list[str], preset: Preset | None, overrides: dict[s
 def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, preset: str | None = None,
                 mapping: dict[str, str] | None = None, scheme: str | None = None, dataset: str | None = None,
                 encoding: str | None = None, rating_source: str | None = None, rating_map: str | None = None,
-                unlabeled: bool = False) -> IngestResult:
+                unlabeled: bool = False, flags: dict[str, str] | None = None) -> IngestResult:
     """Validate and write one file. Raises `IngestError` (and writes nothing) on any bad row.
 
     `rating_map` (`RATING_MAP_SYNTAX`) maps a rating column onto the scheme's labels instead of the
     scheme's own map for the rating source; it is unused when labels come from a label column.
     `unlabeled` ignores any label or rating column and adds the pairs only, as does a file that has
-    neither.
+    neither. `flags` ({flag name: column}, `parse_flag_columns`) read human flag decisions onto the labels.
     """
     path = Path(path)
+    flags = flags or {}
     chosen = PRESETS.get(preset) if preset else None
     if preset and chosen is None:
         raise IngestError(str(path), [(None, None, f"unknown preset '{preset}' (presets: {', '.join(PRESETS)})")])
@@ -341,20 +430,23 @@ def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, prese
     if unlabeled:
         full_mapping = {name: column for name, column in full_mapping.items() if name not in LABEL_FIELDS}
     _check_columns(path, columns, full_mapping)
+    _check_flag_columns(path, columns, flags, _is_labelled(full_mapping))
     source = rating_source or (chosen.rating_source if chosen else None) or dataset
     _check_rating_source(path, full_mapping, scheme_obj, source, rules)
     if not rows:
         raise IngestError(str(path), [(None, None, "the file has no data rows")])
     frame = normalise_rows(path, rows, full_mapping, dataset, scheme_obj, source,
-                           chosen.attribute_columns if chosen else (), rating_map=rules)
+                           chosen.attribute_columns if chosen else (), rating_map=rules, flag_columns=flags)
     labelled = _is_labelled(full_mapping)
     used_map = rules.text if rules is not None and "label" not in full_mapping and "rating" in full_mapping else None
     params = {"path": str(path), "format": fmt, "preset": preset, "scheme": scheme_obj.name,
               "dataset": dataset, "encoding": used_encoding, "file_sha256": ids.file_hash(str(path)),
-              "labelled": labelled, "rating_map": used_map}
+              "labelled": labelled, "rating_map": used_map, "flags": flags or None}
     with store.run("ingest", params) as run:
         inserted = write_pairs(store, frame, scheme_obj.name, f"import:{path.name}", run.run_id)
         run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()}})
+        if flags:
+            run.metrics["rows_with_flag_decisions"] = int(frame["flag_decisions"].notna().sum())
     return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted, labelled)
 
 

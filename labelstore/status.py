@@ -1,13 +1,14 @@
-"""What is in a store: counts per table, label distribution, latest runs."""
+"""What is in a store: counts per table, label distribution, policy flags, latest runs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pandas as pd
 
+from labelstore.sqlfiles import sql
 from labelstore.store import Store
 
-TABLES = ("products", "queries", "pairs", "labels", "engagement_events", "audit_flags",
+TABLES = ("products", "queries", "pairs", "labels", "label_flags", "engagement_events", "audit_flags",
           "review_queue", "mining_candidates", "runs", "models")
 
 
@@ -18,6 +19,7 @@ class StoreStatus:
     label_distribution: pd.DataFrame   # scheme, source, label, n (all history)
     current_distribution: pd.DataFrame  # scheme, source, label, n (current labels)
     latest_runs: pd.DataFrame
+    flags: pd.DataFrame  # scheme, flag, labels, flagged, decided_set, decided_cleared (current labels)
 
 
 def store_status(store: Store, runs: int = 10) -> StoreStatus:
@@ -33,5 +35,6 @@ def store_status(store: Store, runs: int = 10) -> StoreStatus:
             "SELECT run_id, kind, status, started_at, finished_at, metrics FROM runs ORDER BY started_at DESC LIMIT ?",
             [runs],
         ).df()
+        flags = con.execute(sql("labelstore", "status_flags")).df()
         version = con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-    return StoreStatus(version, counts, distribution, current, latest)
+    return StoreStatus(version, counts, distribution, current, latest, flags)

@@ -104,6 +104,77 @@ def test_adapter_loads_and_meta_temperature_is_applied(tiny_llama: Path, tmp_pat
     assert "+lora-" in tuned.author
 
 
+FLAG_PAIRS = [PairText("weed killer", "Concentrated weed killer spray, 1 gallon"),
+              PairText("cordless drill", "Philips 18v cordless drill"),
+              PairText("garden hose", "Heavy duty 50 ft garden hose with brass nozzle, kink free")]
+
+
+def _direct_flag_logprobs(model, tokenizer, prompts: list[str]) -> np.ndarray:
+    """Log-softmax over the first tokens of " yes" and " no" at the last position, one unpadded pass per prompt."""
+    import torch
+
+    ids = [tokenizer.encode(option, add_special_tokens=False)[0] for option in (" yes", " no")]
+    rows = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            last = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1, ids].double()
+        rows.append(torch.log_softmax(last, dim=-1).numpy())
+    return np.array(rows)
+
+
+def test_flags_are_a_yes_no_pass_after_the_most_probable_grade(labeler: Labeler, tiny_llama: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert labeler.flag_names == ["pesticide"]
+    probs, flags = labeler.score_with_flags(FLAG_PAIRS)
+    assert probs.shape == (3, 3) and flags.shape == (3, 1)
+    grades = [labeler.label_names[i] for i in probs.argmax(axis=1)]
+    prompts = labeler.flag_prompts(FLAG_PAIRS, grades)
+    assert prompts[0] == labeler.policy.render(FLAG_PAIRS[0]) + f" {grades[0]}\nFlag pesticide:"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    expected = _direct_flag_logprobs(model, AutoTokenizer.from_pretrained(tiny_llama), prompts)
+    logprobs = labeler.flag_logprobs(FLAG_PAIRS, grades)
+    assert logprobs.shape == (3, 1, 2)
+    np.testing.assert_allclose(logprobs[:, 0, :], expected, atol=1e-4)  # left padding moves float32 by ~6e-5
+    np.testing.assert_allclose(flags[:, 0], 1 / (1 + np.exp(expected[:, 1] - expected[:, 0])), atol=1e-4)
+    assert 0.02 < flags.min() and flags.max() < 0.98, flags  # a real probability, not a saturated one
+    other = labeler.flag_logprobs(FLAG_PAIRS, ["irrelevant"] * 3)
+    assert np.abs(other - logprobs).max() > 1e-4, "the grade label is part of the flag prompt"
+
+
+def test_a_policy_without_flags_scores_none_and_calls_no_engine(labeler: Labeler) -> None:
+    esci = labeler.with_policy("esci")
+    assert esci.flag_names == [] and esci.flag_token_ids == []
+    calls: list[int] = []
+    score = esci.backend.label_logprobs
+
+    def counting(prompts, token_ids, options):  # a spy on the real backend: counts, then scores for real
+        calls.append(len(prompts))
+        return score(prompts, token_ids, options)
+
+    esci.backend.label_logprobs = counting
+    try:
+        probs, flags = esci.score_with_flags(FLAG_PAIRS)
+        assert esci.flag_logprobs(FLAG_PAIRS, ["exact"] * 3).shape == (3, 0, 2)
+    finally:
+        del esci.backend.label_logprobs
+    assert probs.shape == (3, 4) and flags.shape == (3, 0)
+    assert calls == [3], "one grade pass, no flag pass"
+    assert labeler.score_flags([], []).shape == (0, 1)
+
+
+def test_flag_temperature_comes_from_the_adapter_meta(tiny_llama: Path, tmp_path: Path) -> None:
+    adapter = build_tiny_adapter(tiny_llama, tmp_path / "lora", meta={"flag_temperatures": {"pesticide": 3.0}})
+    tuned = Labeler(str(tiny_llama), "home-improvement", backend="transformers", adapter=str(adapter))
+    assert tuned.flag_temperatures == [3.0]
+    grades = ["relevant"] * 3
+    logprobs = tuned.flag_logprobs(FLAG_PAIRS, grades)
+    expected = 1 / (1 + np.exp(-(logprobs[:, 0, 0] - logprobs[:, 0, 1]) / 3.0))
+    np.testing.assert_allclose(tuned.score_flags(FLAG_PAIRS, grades)[:, 0], expected, atol=1e-9)
+    assert np.abs(expected - 1 / (1 + np.exp(-(logprobs[:, 0, 0] - logprobs[:, 0, 1])))).max() > 1e-3
+
+
 def test_unlabeled_pairs_get_one_llm_label_each_with_provenance(store: Store, tiny_llama: Path, labeler: Labeler) -> None:
     result = run_label_job(store, _job(tiny_llama, limit=24, review_threshold=0.5), labeler=labeler, progress=False)
     assert result.n_selected == 24 and result.n_labelled_now == 24 and not result.resumed
@@ -120,6 +191,13 @@ def test_unlabeled_pairs_get_one_llm_label_each_with_provenance(store: Store, ti
     assert sum(result.label_counts.values()) == 24
     run = store.df("SELECT status, metrics FROM runs WHERE run_id = ?", [result.run_id]).iloc[0]
     assert run["status"] == "ok" and json.loads(run["metrics"])["n_labelled_now"] == 24
+    flags = store.df("SELECT l.pair_id, f.flag, f.probability, f.decision FROM label_flags f JOIN labels l "
+                     "USING (label_id) WHERE l.run_id = ?", [result.run_id])
+    assert len(flags) == 24 and set(flags["flag"]) == {"pesticide"} and flags["decision"].isna().all()
+    assert flags["probability"].between(0, 1).all() and flags["probability"].nunique() > 1
+    params = json.loads(store.scalar("SELECT params FROM runs WHERE run_id = ?", [result.run_id]))
+    assert params["flags_scored"] == ["pesticide"] and params["score_flags"] is True
+    assert result.flagged == {"pesticide": int((flags["probability"] >= 0.5).sum())}
     again = run_label_job(store, _job(tiny_llama, limit=24), labeler=labeler, progress=False)
     assert again.run_id != result.run_id, "a finished run is not resumed"
     assert set(store.df("SELECT pair_id FROM labels WHERE run_id = ?", [again.run_id])["pair_id"]).isdisjoint(
@@ -222,3 +300,23 @@ def test_resume_after_sigkill_labels_every_pair_exactly_once(store: Store, tiny_
     assert set(counts["pair_id"]) == selected_ids and (counts["n"] == 1).all()
     assert store.scalar("SELECT count(*) FROM labels WHERE source = 'llm'") == SIGKILL_PAIRS
     assert store.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "ok"
+    # every label of the run, before and after the kill, carries its flag exactly once
+    assert store.scalar("SELECT count(*) FROM label_flags f JOIN labels l USING (label_id) "
+                        "WHERE l.run_id = ? AND f.flag = 'pesticide'", [run_id]) == SIGKILL_PAIRS
+
+
+def test_mnr_label_no_flags_writes_labels_without_flags_in_a_run_of_its_own(store: Store, tiny_llama: Path) -> None:
+    command = _mnr(store.path, "label", "--model", str(tiny_llama), "--backend", "transformers", "--policy",
+                   "home-improvement", "--limit", "4", "--quiet")
+    plain = subprocess.run([*command, "--no-flags"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    run_id = store.scalar("SELECT run_id FROM label_runs")
+    assert store.scalar("SELECT count(*) FROM labels WHERE run_id = ?", [run_id]) == 4
+    assert store.scalar("SELECT count(*) FROM label_flags") == 0
+    params = json.loads(store.scalar("SELECT params FROM runs WHERE run_id = ?", [run_id]))
+    assert params["flags_scored"] == [] and params["score_flags"] is False
+    flagged = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert flagged.returncode == 0, flagged.stderr
+    assert "flagged (P >= 0.5): pesticide" in flagged.stdout and "flagged" not in plain.stdout
+    assert store.scalar("SELECT count(DISTINCT run_id) FROM label_runs") == 2, "a flag run is not a --no-flags run"
+    assert store.scalar("SELECT count(*) FROM label_flags") == 4

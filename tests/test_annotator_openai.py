@@ -27,6 +27,7 @@ pytestmark = pytest.mark.vllm
 
 AGREEMENT_ATOL = 1e-3
 PROB_FLOOR = 0.02  # every compared probability in [0.02, 0.98]
+FLAG_PROB_FLOOR = 0.01  # every compared flag probability in [0.01, 0.99]
 PAIRS = [PairText(f"cordless drill {volts}v", f"{brand} {volts}v cordless drill", None, brand)
          for volts in (12, 18, 20) for brand in ("Bosch", "Philips", "Makita", "Ryobi")]
 
@@ -77,6 +78,22 @@ def test_openai_backend_agrees_with_transformers(tiny_llama: Path, endpoints: li
     prompts = [f"Product: {pair.title}\nQuery:" for pair in PAIRS[:6]]
     assert ([text.rstrip("\ufffd") for text in remote.backend.generate(prompts, max_tokens=6)]
             == [text.rstrip("\ufffd") for text in local.backend.generate(prompts, max_tokens=6)])
+
+
+def test_openai_backend_scores_flags_as_transformers_does(tiny_llama: Path, endpoints: list[str]) -> None:
+    remote = Labeler(str(tiny_llama), "marketplace", backend="openai", endpoints=endpoints[:1], batch_size=5)
+    local = Labeler(str(tiny_llama), "marketplace", backend="transformers")
+    assert remote.flag_token_ids == local.flag_token_ids, "the server's /tokenize gives the same yes/no tokens"
+    (remote_probs, remote_flags), (local_probs, local_flags) = remote.score_with_flags(PAIRS), local.score_with_flags(PAIRS)
+    assert (remote_probs.argmax(axis=1) == local_probs.argmax(axis=1)).all()
+    assert remote_flags.shape == (len(PAIRS), 2)
+    # not saturated (the tiny model puts 'prohibited' near 0.987 on some drills), so 1e-3 compares something;
+    # the yes/no log-probabilities themselves (down to about -4.3) agree too
+    assert np.minimum(local_flags, 1 - local_flags).min() > FLAG_PROB_FLOOR, local_flags
+    np.testing.assert_allclose(remote_flags, local_flags, atol=AGREEMENT_ATOL)
+    grades = [local.label_names[i] for i in local_probs.argmax(axis=1)]
+    np.testing.assert_allclose(remote.flag_logprobs(PAIRS, grades), local.flag_logprobs(PAIRS, grades),
+                               atol=AGREEMENT_ATOL)
 
 
 @pytest.mark.parametrize("strategy", ["round-robin", "least-busy"])

@@ -77,6 +77,36 @@ def test_policy_with_another_schemes_labels_is_rejected(policy_copy: Path) -> No
         load_prompt_policy("home-improvement")
 
 
+def test_flags_are_declared_in_order_versioned_and_asked_after_the_grade(policy_copy: Path) -> None:
+    market = load_prompt_policy("marketplace")
+    assert market.flag_names == ["prohibited", "adult"] and load_prompt_policy("esci").flag_names == []
+    assert "- prohibited: the marketplace does not sell this item." in market.prefix()
+    assert market.flag_suffix("relevant", "adult") == " relevant\nFlag adult:"
+    with pytest.raises(PolicyError, match="declares no flag 'pesticide'"):
+        market.flag_suffix("relevant", "pesticide")
+    meta = policy_copy / "marketplace.toml"
+    meta.write_text(meta.read_text().replace("sex toys, erotic media", "sex toys, erotic films"))
+    assert load_prompt_policy("marketplace").version != market.version, "a flag's definition is part of the version"
+
+
+@pytest.mark.parametrize(("second_flag", "message"), [
+    ('name = "Adult Items"\ndefinition = "the product is sexual in nature"\n',
+     r"flag 2: field 'name' is 'Adult Items'; use lower-case letters"),
+    ('name = "adult"\n', r"flag 2 \('adult'\): field 'definition' is missing or too short"),
+    ('name = "adult"\ndefinition = "sexual"\n', r"flag 2 \('adult'\): field 'definition' is missing or too short"),
+    ('name = "prohibited"\ndefinition = "the product is sexual in nature"\n',
+     r"flag 2: field 'name': flag 'prohibited' is declared twice"),
+])
+def test_a_malformed_flag_is_a_policy_error_naming_file_and_field(policy_copy: Path, second_flag: str,
+                                                                 message: str) -> None:
+    meta = policy_copy / "marketplace.toml"
+    head = meta.read_text().split('[[flags]]\nname = "adult"')[0]
+    meta.write_text(head + "[[flags]]\n" + second_flag)
+    with pytest.raises(PolicyError, match=message) as caught:
+        load_prompt_policy("marketplace")
+    assert str(meta.resolve()) in str(caught.value)
+
+
 def test_unknown_policy_names_the_known_ones() -> None:
     with pytest.raises(PolicyError, match="known: .*esci"):
         load_prompt_policy("nope")
@@ -139,3 +169,19 @@ def test_probs_from_logprobs_normalise_and_apply_temperature() -> None:
     assert masked[0, 1] == 0.0 and masked.sum() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         probs_from_logprobs(logprobs, temperature=0.0)
+
+
+def test_flag_probs_are_a_tempered_sigmoid_of_the_yes_no_margin() -> None:
+    from annotator.scoring import flag_probs_from_logprobs
+
+    # flag 1: yes 0.8 / no 0.2 (odds 4); flag 2: yes 0.1 / no 0.9; unnormalised rows give the same answer
+    logprobs = np.log([[[0.8, 0.2], [0.1, 0.9]], [[0.4, 0.1], [0.5, 0.5]]])
+    probs = flag_probs_from_logprobs(logprobs, [1.0, 1.0])
+    np.testing.assert_allclose(probs, [[0.8, 0.1], [0.8, 0.5]], atol=1e-12)
+    tempered = flag_probs_from_logprobs(logprobs, [2.0, 1.0])
+    np.testing.assert_allclose(tempered[:, 0], [2 / 3, 2 / 3], atol=1e-12)  # odds 4 -> 4 ** (1/2) = 2
+    assert flag_probs_from_logprobs(np.zeros((3, 0, 2)), []).shape == (3, 0)
+    with pytest.raises(ValueError, match="shape"):
+        flag_probs_from_logprobs(np.zeros((3, 2)), [1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        flag_probs_from_logprobs(logprobs, [1.0, 0.0])

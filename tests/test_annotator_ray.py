@@ -32,6 +32,11 @@ def _labels(store: Store) -> pd.DataFrame:
                     "WHERE source = 'llm' ORDER BY pair_id")
 
 
+def _flags(store: Store) -> pd.DataFrame:
+    return store.df("SELECT l.pair_id, f.flag, f.probability FROM label_flags f JOIN labels l USING (label_id) "
+                    "WHERE l.source = 'llm' ORDER BY l.pair_id, f.flag")
+
+
 def _mnr(store: Store, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "app.cli", "--store", str(store.path), *args], cwd=REPO, env=env,
@@ -61,6 +66,10 @@ def test_ray_engine_gives_the_in_process_labels_and_imports_idempotently(tmp_pat
         assert [ours[k] for k in ours] == pytest.approx([theirs[k] for k in ours], abs=1.5e-6)
     run_id = got["run_id"].iloc[0]
     assert on_ray.scalar("SELECT status FROM runs WHERE run_id = ?", [run_id]) == "ok"
+    local_flags, ray_flags = _flags(local), _flags(on_ray)
+    assert len(ray_flags) == 24 and ray_flags["pair_id"].tolist() == local_flags["pair_id"].tolist()
+    assert set(ray_flags["flag"]) == {"pesticide"}, "the policy's flag travels through the scores Parquet"
+    assert ray_flags["probability"].to_numpy() == pytest.approx(local_flags["probability"].to_numpy(), abs=1.5e-6)
 
     scores = run_folders(str(work), run_id).scores
     assert import_scores(on_ray, run_id, scores, threshold=0.6) == 0, "the same scores twice add nothing"
@@ -76,6 +85,7 @@ def test_ray_engine_gives_the_in_process_labels_and_imports_idempotently(tmp_pat
     again = _labels(on_ray)
     assert again["pair_id"].is_unique and len(again) == 24
     assert again["probs"].tolist() == got["probs"].tolist()
+    assert _flags(on_ray)["probability"].tolist() == ray_flags["probability"].tolist(), "re-imported flags too"
 
     # The import half on its own (a cluster wrote the scores): adds what is missing, then nothing.
     on_ray.execute("DELETE FROM labels WHERE run_id = ? AND pair_id IN (SELECT unnest(?))", [run_id, lost[:3]])
@@ -125,6 +135,9 @@ def test_scores_of_another_pair_are_rejected_naming_file_row_and_field(tmp_path:
         import_scores(store, "label-x", str(folder), threshold=0.6)
     pd.DataFrame({**good, "p_partial": [0.75]}).to_parquet(folder / "a.parquet")
     with pytest.raises(RayEngineError, match=r"a\.parquet row 1: probabilities sum to 1\.5"):
+        import_scores(store, "label-x", str(folder), threshold=0.6)
+    pd.DataFrame({**good, "flag_pesticide": [1.25]}).to_parquet(folder / "a.parquet")
+    with pytest.raises(RayEngineError, match=r"a\.parquet row 1, flag_pesticide: 1\.25 is not a probability"):
         import_scores(store, "label-x", str(folder), threshold=0.6)
     pd.DataFrame({k: v for k, v in good.items() if k != "p_partial"}).to_parquet(folder / "a.parquet")
     with pytest.raises(RayEngineError, match=r"a\.parquet: no column 'p_partial'"):

@@ -71,6 +71,36 @@ def test_vllm_with_lora_agrees_with_transformers_with_lora(vllm_labeler: Labeler
     assert vllm_labeler.temperature == 1.5 and vllm_labeler.author == reference.author
 
 
+def test_flags_on_vllm_agree_with_transformers_and_reuse_the_grade_prompt_cache(vllm_labeler: Labeler,
+                                                                              tiny_llama: Path, adapter: Path) -> None:
+    from annotator.backends.vllm_backend import PREFIX_BLOCK_SIZE
+    from annotator.prompts import FLAG_OPTIONS
+
+    flagged = vllm_labeler.with_policy("marketplace")  # the same engine, a policy with two flags
+    assert flagged.flag_names == ["prohibited", "adult"]
+    probs, flags = flagged.score_with_flags(PAIRS)
+    reference = Labeler(str(tiny_llama), "marketplace", backend="transformers", adapter=str(adapter))
+    hf_probs, hf_flags = reference.score_with_flags(PAIRS)
+    assert (probs.argmax(axis=1) == hf_probs.argmax(axis=1)).all(), "flags are asked after the same grade"
+    assert flags.shape == (len(PAIRS), 2)
+    assert hf_flags.min() > PROB_FLOOR and hf_flags.max() < 1 - PROB_FLOOR, (hf_flags.min(), hf_flags.max())
+    np.testing.assert_allclose(flags, hf_flags, atol=AGREEMENT_ATOL)
+    # prefix caching: a flag prompt starts with its pair's grade prompt, whose KV blocks the grade pass left cached
+    backend = flagged.backend
+    assert backend.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    fresh = PairText("brushless impact driver kit", "Makita 18v brushless impact driver kit with two batteries, "
+                     "charger and hard case, variable speed, LED light", None, "Makita", "fresh")
+    grade = flagged.label_names[int(flagged.score([fresh])[0].argmax())]
+    prompt_tokens = len(backend.encode(flagged.prompts([fresh])[0], add_special_tokens=True))
+    policy_tokens = len(backend.encode(flagged.policy.prefix(), add_special_tokens=True))
+    assert prompt_tokens - policy_tokens > 2 * PREFIX_BLOCK_SIZE, "the pair part spans whole blocks of its own"
+    params = backend.sampling_params(flagged.flag_token_ids, list(FLAG_OPTIONS))
+    [output] = backend.llm.generate(flagged.flag_prompts([fresh], [grade])[:1], params, use_tqdm=False,
+                                    lora_request=backend.lora_request)
+    full_blocks = prompt_tokens // PREFIX_BLOCK_SIZE * PREFIX_BLOCK_SIZE
+    assert output.num_cached_tokens >= full_blocks > policy_tokens, (output.num_cached_tokens, full_blocks)
+
+
 GENERATION_PROMPTS = [f"Search queries that shoppers typed.\n\nProduct: {title}\nQuery:"
                       for title in ("Bosch 18v cordless drill", "Kitchen faucet, pull-down, chrome", "LED bulb 60 W",
                                     "Garden hose nozzle", "Steel wrench set, 12 pieces")]

@@ -100,6 +100,77 @@ def test_export_current_and_history(store: Store, tmp_path: Path, suffix: str) -
     assert not list(tmp_path.glob("*.partial"))
 
 
+def flagged_labels(store: Store) -> tuple[str, str, str]:
+    """Three pairs: an LLM label with two flag probabilities, a human label that clears one flag, and an LLM label
+    with one flag; returns their pair ids."""
+    first, second, third = store.df("SELECT pair_id FROM pairs ORDER BY pair_id LIMIT 3")["pair_id"]
+    at = datetime(2030, 1, 1)
+    store.add_labels([
+        LabelRecord(first, "esci", "exact", 3, "llm", "m", flags={"prohibited": 0.8, "adult": 0.1},
+                    dedup_key=f"run-1:{first}", created_at=at),
+        LabelRecord(second, "esci", "exact", 3, "llm", "m", flags={"prohibited": 0.9, "adult": 0.7},
+                    dedup_key=f"run-1:{second}", created_at=at),
+        LabelRecord(second, "esci", "exact", 3, "human", "ann", flags=None, flag_decisions={"prohibited": False},
+                    created_at=at + timedelta(hours=1)),
+        LabelRecord(third, "esci", "substitute", 2, "llm", "m", flags={"prohibited": 0.2},
+                    dedup_key=f"run-1:{third}", created_at=at),
+    ])
+    return first, second, third
+
+
+def test_label_flags_round_trip_and_a_duplicate_label_brings_no_duplicate_flags(store: Store) -> None:
+    first, second, _ = flagged_labels(store)
+    rows = store.df("SELECT l.pair_id, l.source, f.flag, f.probability, f.decision FROM label_flags f "
+                    "JOIN labels l USING (label_id) ORDER BY l.pair_id, l.source, f.flag")
+    assert len(rows) == 6
+    mine = rows[rows["pair_id"] == first].set_index("flag")
+    assert mine.loc["prohibited", "probability"] == 0.8 and mine.loc["adult", "probability"] == 0.1
+    assert mine["decision"].isna().all()
+    human = rows[(rows["pair_id"] == second) & (rows["source"] == "human")]
+    assert human[["flag", "decision"]].values.tolist() == [["prohibited", False]] and human["probability"].isna().all()
+    again = LabelRecord(first, "esci", "irrelevant", 0, "llm", "m", flags={"prohibited": 0.0, "adult": 0.0},
+                        dedup_key=f"run-1:{first}")
+    assert store.add_labels([again, again]) == 0
+    assert store.scalar("SELECT count(*) FROM label_flags") == 6, "the skipped duplicate's flags are skipped too"
+    current = store.df("SELECT pair_id, flag, flagged FROM current_flags ORDER BY pair_id, flag")
+    by_key = {(row.pair_id, row.flag): bool(row.flagged) for row in current.itertuples()}
+    assert by_key[(first, "prohibited")] and not by_key[(first, "adult")]
+    assert by_key[(second, "prohibited")] is False and (second, "adult") not in by_key, "the human label's own flags"
+    with pytest.raises(ValueError, match="flag 'adult' probability 1.5"):
+        LabelRecord(first, "esci", "exact", 3, "llm", "m", flags={"adult": 1.5})
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_export_has_a_probability_and_a_decision_column_per_flag(store: Store, tmp_path: Path, suffix: str) -> None:
+    first, second, third = flagged_labels(store)
+    read = {"parquet": pd.read_parquet, "csv": pd.read_csv}[suffix]
+    out = tmp_path / f"labels.{suffix}"
+    export_labels(store, out)
+    current = read(out).set_index("pair_id")
+    assert list(current.columns[-4:]) == ["flag_adult", "flag_adult_decision", "flag_prohibited",
+                                          "flag_prohibited_decision"]
+    assert current.loc[first, "flag_prohibited"] == 0.8 and current.loc[first, "flag_adult"] == 0.1
+    assert pd.isna(current.loc[first, "flag_prohibited_decision"])
+    assert not current.loc[second, "flag_prohibited_decision"] and pd.isna(current.loc[second, "flag_prohibited"])
+    assert pd.isna(current.loc[third, "flag_adult"]) and current.loc[third, "flag_prohibited"] == 0.2
+    assert current["flag_prohibited"].notna().sum() == 2, "pairs without flags have empty flag columns"
+    export_labels(store, out, history=True)
+    history = read(out)
+    llm_second = history[(history["pair_id"] == second) & (history["source"] == "llm")].iloc[0]
+    assert llm_second["flag_adult"] == 0.7 and llm_second["flag_prohibited"] == 0.9
+    assert history["flag_prohibited"].notna().sum() == 3 and history["flag_prohibited_decision"].notna().sum() == 1
+    export_labels(store, out, source="import")
+    assert not [column for column in read(out).columns if column.startswith("flag_")], "no flag, no flag column"
+
+
+def test_status_counts_flags_of_current_labels(store: Store) -> None:
+    flagged_labels(store)
+    flags = store_status(store).flags.set_index("flag")
+    assert flags.loc["prohibited", ["labels", "flagged", "decided_set", "decided_cleared"]].tolist() == [3, 1, 0, 1]
+    assert flags.loc["adult", ["labels", "flagged", "decided_set", "decided_cleared"]].tolist() == [1, 0, 0, 0]
+    assert store_status(store).table_counts["label_flags"] == 6
+
+
 def test_status_counts(store: Store) -> None:
     info = store_status(store)
     assert info.table_counts["pairs"] == info.table_counts["labels"] > 0
@@ -146,23 +217,32 @@ def test_two_writer_processes_lose_nothing(store: Store, tmp_path: Path) -> None
     assert switches >= 10, f"the writes hardly interleave ({switches} switches): {''.join(a[0] for a in authors)}"
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args: str, cwd: Path, columns: int | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({"COLUMNS": str(columns)} if columns else {})}
     env.pop("MNR_STORE", None)
     return subprocess.run([*MNR, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_ingest_status_export_and_errors(tmp_path: Path) -> None:
     data = tmp_path / "pairs.csv"
-    data.write_text("query,title,label\ncordless drill,Ryobi 18v drill,exact\ncordless drill,Drill bits,complement\n")
+    data.write_text("query,title,label,banned\ncordless drill,Ryobi 18v drill,exact,no\n"
+                    "cordless drill,Drill bits,complement,yes\n")
     (tmp_path / "mnr.toml").write_text('[store]\npath = "from-config.duckdb"\n')
-    done = run_cli("ingest", str(data), cwd=tmp_path)
+    done = run_cli("ingest", str(data), "--flag", "prohibited=banned", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "from-config.duckdb").exists()  # mnr.toml chose the store
     status = run_cli("status", "--json", cwd=tmp_path)
     assert json.loads(status.stdout)["tables"]["labels"] == 2
+    assert json.loads(status.stdout)["flags"] == [{"scheme": "esci", "flag": "prohibited", "labels": 2, "flagged": 1,
+                                                  "decided_set": 1, "decided_cleared": 1}]
+    table = run_cli("status", cwd=tmp_path, columns=200)
+    assert "Policy flags on current labels" in table.stdout
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.stdout.splitlines()]
+    assert ["esci", "prohibited", "2", "1", "1", "1"] in cells, table.stdout
     exported = run_cli("--store", "from-config.duckdb", "export", "out.jsonl", cwd=tmp_path)
     assert exported.returncode == 0 and len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+    rows = pd.read_json(tmp_path / "out.jsonl", lines=True).set_index("title")
+    assert rows.loc["Drill bits", "flag_prohibited_decision"] and not rows.loc["Ryobi 18v drill", "flag_prohibited_decision"]
     bad = tmp_path / "bad.csv"
     bad.write_text("query,title,label\ndrill,,exact\n")
     failed = run_cli("ingest", str(bad), cwd=tmp_path)

@@ -158,3 +158,86 @@ def test_a_rating_that_is_not_a_number_is_reported_once(tmp_path: Path) -> None:
         ingest_file(store, path, scheme="graded3", rating_map="1=irrelevant,2=partial,3=relevant")
     message = str(error.value)
     assert "not a number: 'high'" in message and "empty rating" not in message
+
+
+# -- human flag decisions (--flag name=column) ---------------------------------------------------------
+FLAG_HEADER = ["query", "title", "label", "is_prohibited", "is_adult"]
+FLAG_ROWS = [["hunting knife", "Fixed blade hunting knife", "relevant", "yes", ""],
+             ["hunting knife", "Folding pocket knife", "partial", "No", "0"],
+             ["garden hose", "Garden hose 50 ft", "relevant", "", ""],
+             ["lingerie", "Lace lingerie set", "irrelevant", "false", "TRUE"]]
+FLAG_COLUMNS = {"prohibited": "is_prohibited", "adult": "is_adult"}
+
+
+def flag_rows(store: Store) -> dict[tuple[str, str], bool]:
+    frame = store.df("SELECT pr.title, f.flag, f.decision, f.probability FROM label_flags f JOIN labels l USING (label_id) "
+                     "JOIN pairs p USING (pair_id) JOIN products pr USING (product_id)")
+    assert frame["probability"].isna().all(), "a human decision carries no probability"
+    return {(row.title, row.flag): bool(row.decision) for row in frame.itertuples()}
+
+
+def test_flag_decisions_are_stored_with_the_imported_labels_and_reingest_adds_nothing(store: Store,
+                                                                                    tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "flags.csv", FLAG_HEADER, FLAG_ROWS)
+    result = ingest_file(store, path, scheme="graded3", flags=FLAG_COLUMNS)
+    assert result.inserted["labels"] == 4
+    assert flag_rows(store) == {("Fixed blade hunting knife", "prohibited"): True,
+                                ("Folding pocket knife", "prohibited"): False, ("Folding pocket knife", "adult"): False,
+                                ("Lace lingerie set", "prohibited"): False, ("Lace lingerie set", "adult"): True}
+    current = store.df("SELECT flag, flagged FROM current_flags WHERE decision")
+    assert sorted(current["flag"]) == ["adult", "prohibited"] and current["flagged"].all()
+    assert ingest_file(store, path, scheme="graded3", flags=FLAG_COLUMNS).inserted["labels"] == 0
+    assert store.scalar("SELECT count(*) FROM label_flags") == 5, "re-ingest adds no flag rows"
+    params = store.df("SELECT params, metrics FROM runs WHERE kind = 'ingest' ORDER BY started_at LIMIT 1").iloc[0]
+    assert '"prohibited": "is_prohibited"' in params["params"] and '"rows_with_flag_decisions": 3' in params["metrics"]
+
+
+def test_flag_decisions_added_later_arrive_on_new_labels(store: Store, tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "flags.csv", FLAG_HEADER, FLAG_ROWS)
+    assert ingest_file(store, path, scheme="graded3").inserted["labels"] == 4
+    assert store.scalar("SELECT count(*) FROM label_flags") == 0
+    # the same judgments with decisions: only the three rows that carry one are new labels
+    assert ingest_file(store, path, scheme="graded3", flags=FLAG_COLUMNS).inserted["labels"] == 3
+    assert len(flag_rows(store)) == 5
+
+
+def test_flag_decisions_from_parquet_booleans(store: Store, tmp_path: Path) -> None:
+    import pandas as pd
+
+    path = tmp_path / "flags.parquet"
+    pd.DataFrame({"query": ["knife", "knife"], "title": ["Hunting knife", "Bread knife"], "label": ["relevant"] * 2,
+                  "banned": [True, None]}).to_parquet(path)
+    ingest_file(store, path, scheme="graded3", flags={"prohibited": "banned"})
+    assert flag_rows(store) == {("Hunting knife", "prohibited"): True}
+
+
+def test_bad_flag_value_names_file_row_and_field_and_writes_nothing(store: Store, tmp_path: Path) -> None:
+    rows = [row[:] for row in FLAG_ROWS]
+    rows[2][3] = "maybe"
+    path = write_csv(tmp_path / "flags.csv", FLAG_HEADER, rows)
+    with pytest.raises(IngestError) as caught:
+        ingest_file(store, path, scheme="graded3", flags=FLAG_COLUMNS)
+    assert (f"{path}: row 3, field 'is_prohibited': flag 'prohibited': 'maybe' is not a decision "
+            "(use yes/no, true/false or 1/0") in str(caught.value)
+    assert counts(store) == dict.fromkeys(DATA_TABLES, 0)
+    with pytest.raises(IngestError, match=r"missing column 'nsfw' \(needed for flag 'adult'\)"):
+        ingest_file(store, path, scheme="graded3", flags={"adult": "nsfw"})
+    with pytest.raises(IngestError, match="flag decisions belong to labels"):
+        ingest_file(store, path, scheme="graded3", flags={"prohibited": "is_prohibited"}, unlabeled=True)
+    assert counts(store) == dict.fromkeys(DATA_TABLES, 0)
+
+
+def test_cli_flag_option_and_its_errors(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "flags.csv", FLAG_HEADER, FLAG_ROWS)
+    bad_name = _mnr(tmp_path, "ingest", str(path), "--scheme", "graded3", "--flag", "Prohibited=is_prohibited")
+    assert bad_name.returncode == 2 and "'Prohibited' is not a flag name" in " ".join(bad_name.stderr.split())
+    done = _mnr(tmp_path, "ingest", str(path), "--scheme", "graded3", "--flag", "prohibited=is_prohibited",
+                "--flag", "adult=is_adult")
+    assert done.returncode == 0, done.stderr
+    assert Store(tmp_path / "cli.duckdb").scalar("SELECT count(*) FROM label_flags") == 5
+    rows = [row[:] for row in FLAG_ROWS]
+    rows[0][4] = "2"
+    bad = _mnr(tmp_path, "ingest", str(write_csv(tmp_path / "bad.csv", FLAG_HEADER, rows)), "--scheme", "graded3",
+               "--flag", "adult=is_adult")
+    assert bad.returncode == 2 and "row 1, field 'is_adult': flag 'adult': '2' is not a decision" in " ".join(
+        bad.stderr.split())
