@@ -38,13 +38,15 @@ def _training_corpus() -> list[str]:
     texts: list[str] = []
     policies = [p for p in sorted((prompts_dir() / "policies").glob("*")) if p.is_file() and p.stem in CORPUS_POLICIES]
     schemes = [p for p in sorted((prompts_dir() / "schemes").glob("*")) if p.is_file()]
-    texts.extend(p.read_text(encoding="utf-8") for p in policies + schemes)
+    # a policy's [[flags]] tables are left out, so declaring a flag does not change the tiny model
+    texts.extend(p.read_text(encoding="utf-8").split("[[flags]]")[0] for p in policies + schemes)
     label_words = []
     for scheme_file in sorted((prompts_dir() / "schemes").glob("*.toml")):
         import tomllib
 
         label_words.extend(label["name"] for label in tomllib.loads(scheme_file.read_text())["labels"])
     texts.extend([" ".join(f"Label: {w}" for w in label_words)] * 50)
+    texts.extend(["Flag prohibited: yes Flag adult: no"] * 50)  # a flag's answers are single tokens too
     texts.extend([CATALOG_WORDS] * 5)
     texts.append("Query: <query> </query> Product: <product> title: brand: description: </product> Label:")
     return texts
