@@ -473,6 +473,14 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
                                   spill_dir=spill_dir)
     # the deadline counts from now, so the encoding above comes out of the caching time
     deadline = math.inf if state.n_cached else tick + cache_s
+    if not state.n_cached and not math.isinf(clock.limit_s) and len(lengths) >= args.batch_size:
+        # one batch cached, one timed step on it: the step's real cost (it can be 3x the forward pace's
+        # prediction on a busy machine) sets how long caching may go on
+        lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
+                      batch_size=args.cache_batch_size, stop_after=args.batch_size)
+        pace.measured_step_s = _probe_step(model, prefix, cache, args.batch_size)
+        _check_budget(pace, args=args, clock=clock, n_dev=len(dev_index))
+        deadline = time.monotonic() + pace.cache_seconds(args=args, clock=clock, reserve_s=reserve_s)
     n_cached = lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
                              batch_size=args.cache_batch_size, deadline=deadline, stop_after=state.n_cached,
                              at_least=args.batch_size)
@@ -525,6 +533,7 @@ class CachePace:
     pair_s: float
     encode_s: float
     top_share: float
+    measured_step_s: float | None = None  # a real training step, once one was timed
 
     @property
     def train_pair_s(self) -> float:
@@ -533,6 +542,8 @@ class CachePace:
 
     def step_s(self, batch_size: int) -> float:
         """A training step: the batch and the prefix through the top blocks, forward and backward."""
+        if self.measured_step_s is not None:
+            return self.measured_step_s
         return BACKWARD_FACTOR * self.top_share * (batch_size * self.pair_s + self.prefix_s)
 
     def eval_s(self, n_dev: int) -> float:
@@ -546,6 +557,17 @@ class CachePace:
             return math.inf
         left = clock.left() - reserve_s
         return max(0.0, min(args.cache_share * left, left - args.min_steps * self.step_s(args.batch_size)))
+
+
+def _probe_step(model: Any, prefix: Any, cache: Any, batch_size: int) -> float:
+    """Seconds of a forward and backward pass over the first ``batch_size`` cached pairs; no update is kept."""
+    from annotator import layer_cache as lc
+
+    tick = time.monotonic()
+    hidden, lengths = cache.batch(np.arange(batch_size))
+    lc.top_block_logits(model, prefix, hidden, lengths).logsumexp(dim=-1).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return time.monotonic() - tick
 
 
 def _check_budget(pace: CachePace, *, args: FinetuneArgs, clock: Clock, n_dev: int) -> None:
