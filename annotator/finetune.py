@@ -556,7 +556,11 @@ class CachePace:
         if math.isinf(clock.limit_s):
             return math.inf
         left = clock.left() - reserve_s
-        return max(0.0, min(args.cache_share * left, left - args.min_steps * self.step_s(args.batch_size)))
+        return max(0.0, min(args.cache_share * left, left - _min_steps(args) * self.step_s(args.batch_size)))
+
+
+def _min_steps(args: FinetuneArgs) -> int:
+    return max(1, min(args.min_steps, args.max_steps))
 
 
 def _probe_step(model: Any, prefix: Any, cache: Any, batch_size: int) -> float:
@@ -574,8 +578,9 @@ def _check_budget(pace: CachePace, *, args: FinetuneArgs, clock: Clock, n_dev: i
     """Raise `FinetuneError` when the budget left cannot cache one batch and take ``args.min_steps`` steps."""
     if math.isinf(clock.limit_s):
         return
-    evals = max(1, math.ceil(args.min_steps / max(1, args.eval_every)))
-    need_s = (args.batch_size * pace.train_pair_s + args.min_steps * pace.step_s(args.batch_size)
+    min_steps = _min_steps(args)
+    evals = max(1, math.ceil(min_steps / max(1, args.eval_every)))
+    need_s = (args.batch_size * pace.train_pair_s + min_steps * pace.step_s(args.batch_size)
               + evals * pace.eval_s(n_dev) + FINISH_MARGIN_S)
     if need_s <= clock.left():
         return
@@ -584,7 +589,7 @@ def _check_budget(pace: CachePace, *, args: FinetuneArgs, clock: Clock, n_dev: i
         f"--max-minutes {clock.limit_s / 60:g} is too small to train: {clock.elapsed():.0f}s went on "
         f"{', '.join(f'{name} {seconds:.0f}s' for name, seconds in clock.phases.items())} and caching {n_dev} dev "
         f"pairs ({1 / pace.pair_s:.1f} pairs/s through the frozen blocks on this machine now), "
-        f"and caching one batch of {args.batch_size} train pairs, {args.min_steps} steps "
+        f"and caching one batch of {args.batch_size} train pairs, {min_steps} steps "
         f"(about {pace.step_s(args.batch_size):.1f}s each) and evaluating would take {need_s:.0f}s more; "
         f"give at least --max-minutes {math.ceil(total_s * 1.2 / 60 * 2) / 2:g}, fewer dev pairs (--max-dev) "
         f"or a smaller --batch-size")
