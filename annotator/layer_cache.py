@@ -18,6 +18,7 @@ the unpadded prompt: the cache stores exactly what a full forward of the prompt 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,13 +142,14 @@ class LayerCache:
     """Lower-block outputs of pairs, flat: pair i is rows ``offsets[i]:offsets[i]+lengths[i]`` of ``rows``.
 
     ``rows`` is (total tokens, H) float16, in memory or a ``np.memmap`` on disk; ``filled`` pairs
-    (the first ones in ``order``) are computed so far.
+    (the first ones in ``order``) are computed so far, in ``fill_seconds``.
     """
 
     rows: np.ndarray
     offsets: np.ndarray
     lengths: np.ndarray
     filled: int = 0
+    fill_seconds: float = 0.0  # spent computing the filled pairs (by `fill_cache`, this process)
 
     @property
     def nbytes(self) -> int:
@@ -201,16 +203,25 @@ def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int
                stop_after: int | None = None, at_least: int = 1) -> int:
     """Compute the lower-block states of pairs in ``order`` (``suffixes`` indexes match ``cache``).
 
-    Pairs are taken in ``order`` in groups of ``batch_size``, each group sorted by length to cut
-    padding, until all are done, ``stop_after`` are done, or ``time.monotonic()`` passes ``deadline``
-    with at least ``at_least`` done.
+    Pairs are taken in ``order`` in groups of at most ``batch_size``, each group sorted by length to
+    cut padding, until all are done, ``stop_after`` are done, or the next group would end past
+    ``deadline`` (``time.monotonic()``), judged by this call's pace so far, with at least ``at_least``
+    done. Groups are cut so that the ``at_least`` pairs cost no more than they must; with a deadline,
+    the first group past them is a small probe of the pace. ``cache.fill_seconds`` adds up the time.
     Returns the number of pairs of ``order`` done (a prefix of it); ``cache.filled`` is set to it.
     """
     decoder = decoder_of(model)
     limit = len(order) if stop_after is None else min(stop_after, len(order))
-    done = cache.filled
-    while done < limit and (done < at_least or time.monotonic() < deadline):
-        group = sorted(order[done: min(done + batch_size, limit)], key=lambda i: len(suffixes[i]))
+    done = start_done = cache.filled
+    seconds = 0.0
+    while True:
+        pace = seconds / (done - start_done) if done > start_done else None
+        size = _group_size(done=done, limit=limit, batch_size=batch_size, at_least=at_least, deadline=deadline,
+                           pace=pace)
+        if size <= 0:
+            break
+        tick = time.monotonic()
+        group = sorted(order[done: done + size], key=lambda i: len(suffixes[i]))
         lengths = [len(suffixes[i]) for i in group]
         ids = torch.zeros(len(group), max(lengths), dtype=torch.long)
         for b, i in enumerate(group):
@@ -223,7 +234,26 @@ def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int
             cache.rows[start: start + lengths[b]] = states[b, : lengths[b]]
         done += len(group)
         cache.filled = done
+        seconds += time.monotonic() - tick
+    cache.fill_seconds += seconds
     return done
+
+
+PROBE_GROUP = 8  # pairs in the first group that measures the caching pace against a deadline
+
+
+def _group_size(*, done: int, limit: int, batch_size: int, at_least: int, deadline: float,
+                pace: float | None) -> int:
+    """Pairs in the next `fill_cache` group (0: stop): what is owed first, then what fits before ``deadline``."""
+    room = min(batch_size, limit - done)
+    if done < at_least:
+        return min(room, at_least - done)
+    if math.isinf(deadline):
+        return room
+    left = deadline - time.monotonic()
+    if pace is None:
+        return min(room, PROBE_GROUP) if left > 0 else 0
+    return max(0, min(room, int(left / max(pace, 1e-9))))
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ def finetune_command(
                                                      "scoring and calibration)."),
     max_steps: int = typer.Option(2000, "--max-steps", help="Most optimiser steps."),
     max_epochs: float = typer.Option(3.0, "--max-epochs", help="Most passes over the training pairs."),
+    min_steps: int = typer.Option(10, "--min-steps", help="A --max-minutes budget that cannot fit this many steps "
+                                  "(measured once dev is cached) is an error, not a barely trained adapter."),
     eval_every: int = typer.Option(100, "--eval-every", help="Score the dev split every this many steps."),
     patience: int = typer.Option(4, "--patience", help="Stop after this many dev evaluations without improvement."),
     select_metric: str = typer.Option("qwk", "--select-metric",
@@ -68,9 +70,9 @@ def finetune_command(
     """Train a LoRA adapter on the store's human labels under a policy; calibrate it on dev."""
     import time
 
-    import torch
+    started_at = time.monotonic()  # the budget counts importing torch and reading the store too
 
-    started_at = time.monotonic()
+    import torch
 
     from annotator.finetune import FinetuneArgs
     from app.labeler_training import finetune_data, run_finetune
@@ -84,7 +86,7 @@ def finetune_command(
                         max_minutes=max_minutes, class_weighting=class_weighting, select_metric=select_metric,
                         dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
-                        cache_memory_gb=cache_memory_gb, stack=not no_stack)
+                        cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "

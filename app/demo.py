@@ -37,7 +37,9 @@ TRAIN_STEPS = {False: 40, True: 20}
 FINETUNE_MINUTES = {False: 3.0, True: 1.5}
 FINETUNE = {"sources": ["human", "import"], "train_top_k": 4, "batch_size": 16, "eval_every": 10, "patience": 4,
             "max_epochs": 4.0, "warmup_steps": 5, "learning_rate": 1e-3, "class_weighting": "balanced",
-            "max_dev": 150, "heldout_pairs": 200}
+            "max_dev": 150, "heldout_pairs": 200,
+            # the demo's short budget on a shared CPU fits a few steps; refuse only one that fits fewer
+            "min_steps": 3}
 # A labeler that answers one label for more than this share of the relabelled pairs is reported as degenerate.
 DEGENERATE_SHARE = 0.9
 

@@ -19,9 +19,11 @@ part too (passed to `finetune`), so both see the same train pairs.
 
     python -m bench.bench_finetune [--quick] [--minutes M] [--test-pairs N] [--datasets homedepot,crowdflower]
 
-``--quick`` (about 10-15 minutes on 2 busy cores): 45 s per fine-tuning run, 3,000 baseline train pairs,
-64 dev and 60 test pairs: it exercises every step, its numbers are noise. The full mode: 30 minutes per run,
-every train pair, 1,000 dev and 1,000 test pairs (the same code).
+``--quick`` (about 15-20 minutes on 2 busy cores): 3 minutes per fine-tuning run, 3,000 baseline train pairs,
+64 dev and 60 test pairs: it exercises every step, training included, and its numbers are noise. A shorter
+budget trains nothing here: loading and caching the 64 dev pairs alone took 40-70 s at load 8-10, a step of 32
+pairs 4-8 s, and `finetune` refuses a budget that cannot fit its ``min_steps`` (10) steps.
+The full mode: 30 minutes per run, every train pair, 1,000 dev and 1,000 test pairs (the same code).
 """
 from __future__ import annotations
 
@@ -70,15 +72,15 @@ READERS = {"homedepot": read_homedepot, "crowdflower": read_crowdflower}
 
 SYSTEMS = ("tfidf_linear", "adapter", "stack_without_llm", "stack")
 SPLITS = ("random", "query")
-QUICK = {"minutes": 0.75, "baseline_train": 3000, "max_dev": 64, "test_pairs": 60, "eval_every": 10}
+QUICK = {"minutes": 3.0, "baseline_train": 3000, "max_dev": 64, "test_pairs": 60, "eval_every": 10}
 FULL = {"minutes": 30.0, "baseline_train": None, "max_dev": 1000, "test_pairs": 1000, "eval_every": 100}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="Small budget: about 10 minutes in all.")
-    parser.add_argument("--minutes", type=float, default=None, help="Fine-tuning budget per run (default 1 quick, 30 full).")
-    parser.add_argument("--test-pairs", type=int, default=None, help="Test pairs per split (default 100 quick, 1000 full).")
+    parser.add_argument("--quick", action="store_true", help="Small budget: about 15-20 minutes in all.")
+    parser.add_argument("--minutes", type=float, default=None, help="Fine-tuning budget per run (default 3 quick, 30 full).")
+    parser.add_argument("--test-pairs", type=int, default=None, help="Test pairs per split (default 60 quick, 1000 full).")
     parser.add_argument("--datasets", default="homedepot,crowdflower")
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
@@ -195,7 +197,8 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
         "distinct_pairs": meta["n_train_used"], "pairs_seen": meta["pairs_seen"], "epochs": meta["epochs"],
         "pairs_per_s": round(meta["pairs_seen"] / train_s, 2),
         "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
-        "stop_reason": meta["stop_reason"], "temperature": meta["temperature"], "calibration": meta["calibration"],
+        "stop_reason": meta["stop_reason"], "phase_seconds": meta["phase_seconds"], "temperature": meta["temperature"],
+        "calibration": meta["calibration"],
         "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
     print(f"{tag} " + ", ".join(f"{name} {report[name][headline]:.4f}" for name in SYSTEMS)
           + f"; {meta['pairs_seen']} pairs seen ({meta['epochs']:.2f} epochs of {meta['n_train_used']})", flush=True)

@@ -454,14 +454,65 @@ def test_max_minutes_bounds_the_whole_call(learnable_llama: Path, toy_policy_pat
 
     frame = synthetic_pairs(n_queries=120).rename(columns={"text": "query"})
     train, dev = split_by_query(frame, 0.2)
-    budget_s = 20.0
+    budget_s = 30.0
     started = time.monotonic()
-    result = finetune(train, dev, load_prompt_policy(toy_policy_path), learnable_llama, tmp_path / "run",
-                      FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, max_steps=100_000, max_epochs=1000,
-                                   eval_every=5, patience=1000, batch_size=8), started_at=started)
+    args = FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, max_steps=100_000, max_epochs=1000, eval_every=5,
+                        patience=1000, batch_size=8, min_steps=2)
+    result = finetune(train, dev, load_prompt_policy(toy_policy_path), learnable_llama, tmp_path / "run", args,
+                      started_at=started)
     wall = time.monotonic() - started
-    assert result.meta["stop_reason"] == "max_minutes"
-    assert wall <= 1.1 * budget_s and result.meta["train_seconds"] <= 1.1 * budget_s
+    meta = result.meta
+    assert meta["stop_reason"] == "max_minutes"
+    assert wall <= 1.1 * budget_s and meta["train_seconds"] <= 1.1 * budget_s
+    # the budget trained (the first steps are slow while torch warms up, so only one is certain)
+    assert meta["steps"] >= 1 and meta["pairs_seen"] >= args.batch_size
+    assert meta["n_train_used"] >= args.batch_size and meta["training_path"]["estimated_step_seconds"] > 0
+    phases = meta["phase_seconds"]
+    assert list(phases) == ["setup", "text_baseline", "encode_dev_and_load_model", "caching", "training",
+                            "calibration_stack_and_save"]
+    assert abs(sum(phases.values()) - meta["train_seconds"]) <= 1.0
+
+
+def test_a_budget_too_small_to_train_is_a_clear_error_and_saves_nothing(learnable_llama: Path, toy_policy_path: Path,
+                                                                         tmp_path: Path) -> None:
+    import time
+
+    from annotator.finetune import FinetuneError
+
+    frame = synthetic_pairs(n_queries=60).rename(columns={"text": "query"})
+    train, dev = split_by_query(frame, 0.2)
+    policy = load_prompt_policy(toy_policy_path)
+    budget_s = 30.0
+    # cached path: the pace measured on dev says the steps asked for cannot fit, before any training
+    started = time.monotonic()
+    with pytest.raises(FinetuneError, match=r"--max-minutes 0\.5 is too small to train: .*text_baseline .*give at "
+                                            r"least --max-minutes"):
+        finetune(train, dev, policy, learnable_llama, tmp_path / "cached",
+                 FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, min_steps=10**9, batch_size=8),
+                 started_at=started)
+    assert time.monotonic() - started <= 1.1 * budget_s
+    # whole-model path with the budget already spent: no step fits, and no untrained adapter is written
+    with pytest.raises(FinetuneError, match="no training step fitted"):
+        finetune(train, dev, policy, learnable_llama, tmp_path / "full",
+                 FinetuneArgs(train_top_k=0, max_minutes=budget_s / 60, batch_size=8),
+                 started_at=time.monotonic() - budget_s)
+    assert not (tmp_path / "cached" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "full" / "adapter_model.safetensors").exists()
+
+
+def test_the_cache_fills_what_it_owes_then_what_fits_before_its_deadline() -> None:
+    import time
+
+    from annotator.layer_cache import PROBE_GROUP, _group_size
+
+    now = time.monotonic()
+    common = {"limit": 1000, "batch_size": 64}
+    assert _group_size(done=0, at_least=32, deadline=now - 1, pace=None, **common) == 32  # owed, deadline or not
+    assert _group_size(done=32, at_least=32, deadline=now - 1, pace=None, **common) == 0
+    assert _group_size(done=32, at_least=32, deadline=now + 100, pace=None, **common) == PROBE_GROUP
+    assert _group_size(done=40, at_least=32, deadline=now + 100, pace=5.0, **common) in (19, 20)  # 100 s at 5 s a pair
+    assert _group_size(done=40, at_least=32, deadline=now + 100, pace=0.01, **common) == 64
+    assert _group_size(done=990, at_least=32, deadline=float("inf"), pace=None, **common) == 10
 
 
 def test_mnr_label_applies_the_stack_and_no_stack_gives_the_bare_labeler(trained: Path, store_path: Path,
