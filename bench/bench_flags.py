@@ -220,8 +220,14 @@ def at_threshold(truth: np.ndarray, prob: np.ndarray, threshold: float) -> dict[
             "threshold": round(threshold, 4)}
 
 
-def flag_result(dev_truth: np.ndarray, dev_prob: np.ndarray, test_truth: np.ndarray, test_prob: np.ndarray) -> dict:
-    return at_threshold(test_truth, test_prob, best_threshold(dev_truth, dev_prob))
+def flag_result(dev_truth: np.ndarray, dev_prob: np.ndarray, test_truth: np.ndarray, test_prob: np.ndarray,
+                unseen: np.ndarray) -> dict:
+    """Test figures at the threshold chosen on dev, on every test pair and on those whose product no train pair
+    shows (``unseen``: a title-words model has not seen their titles)."""
+    threshold = best_threshold(dev_truth, dev_prob)
+    return {**at_threshold(test_truth, test_prob, threshold),
+            "unseen_products": {"n": int(unseen.sum()), "positives": int(test_truth[unseen].sum()),
+                                **at_threshold(test_truth[unseen], test_prob[unseen], threshold)}}
 
 
 def grade_qwk(logprobs: np.ndarray, frame: pd.DataFrame, policy: Policy, temperature: float) -> float:
@@ -235,18 +241,20 @@ def grade_qwk(logprobs: np.ndarray, frame: pd.DataFrame, policy: Policy, tempera
 
 
 # -- systems ----------------------------------------------------------------------------------------
-def zero_shot(model_dir: str, tokenizer: Any, policy: Policy, dev: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
+def zero_shot(model_dir: str, tokenizer: Any, policy: Policy, dev: pd.DataFrame, test: pd.DataFrame,
+              unseen: np.ndarray) -> dict[str, Any]:
     model = load_model(model_dir)
     tick = time.monotonic()
     _, dev_flag = score_pairs(model, tokenizer, policy, dev)
     _, test_flag = score_pairs(model, tokenizer, policy, test)
     result = flag_result(dev["pesticide"].to_numpy(), flag_probability(dev_flag), test["pesticide"].to_numpy(),
-                         flag_probability(test_flag))
+                         flag_probability(test_flag), unseen)
     return {**result, "score_seconds": round(time.monotonic() - tick, 1)}
 
 
 def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFrame, dev: pd.DataFrame,
-               test: pd.DataFrame, args: FinetuneArgs, out: Path, *, flags: bool, backend_check: int) -> dict[str, Any]:
+               test: pd.DataFrame, args: FinetuneArgs, out: Path, *, flags: bool, backend_check: int,
+               unseen: np.ndarray) -> dict[str, Any]:
     """One fine-tuning run (with or without the flag decisions) and its test figures."""
     tick = time.monotonic()
     result = finetune(with_decisions(train) if flags else train, with_decisions(dev) if flags else dev, policy,
@@ -271,9 +279,9 @@ def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFra
     report.update({
         "flag_temperature": temperature, "flag_calibration": meta["flag_calibration"][FLAG]["status"],
         "adapter": flag_result(dev_truth, flag_probability(dev_flag, temperature), test_truth,
-                               flag_probability(test_flag, temperature)),
-        "stack_without_llm": flag_result(dev_truth, without_llm(dev), test_truth, without_llm(test)),
-        "stack": flag_result(dev_truth, dev_stack, test_truth, test_stack),
+                               flag_probability(test_flag, temperature), unseen),
+        "stack_without_llm": flag_result(dev_truth, without_llm(dev), test_truth, without_llm(test), unseen),
+        "stack": flag_result(dev_truth, dev_stack, test_truth, test_stack, unseen),
         "stack_dev_report": meta["stack"].get("flag_dev_report"),
         "backend_max_logodds_gap": backend_gap(model_dir, out, served, test.head(backend_check), test_flag[:backend_check]),
         "seconds": round(time.monotonic() - tick, 1)})
@@ -308,6 +316,10 @@ def figures(result: dict[str, Any], minutes: float, quick: bool) -> list[dict[st
         target = ">= 0.9" if label == "fine-tuned adapter + stack" else ""
         rows.append({"name": f"Pesticide flag F1, {label}, held-out queries{note}", "value": system["f1"],
                      "unit": "F1", "target": target, "anchor": f"{anchor}; {budget}"})
+        unseen = system["unseen_products"]
+        rows.append({"name": f"Pesticide flag F1, {label}, held-out queries of products no train pair shows{note}",
+                     "value": unseen["f1"], "unit": "F1", "target": "",
+                     "anchor": f"{unseen['n']} test pairs, {unseen['positives']} flagged"})
         for measure in ("precision", "recall"):
             rows.append({"name": f"Pesticide flag {measure}, {label}{note}", "value": system[measure], "unit": measure,
                          "target": "", "anchor": f"at threshold {system['threshold']} chosen on dev (best dev F1)"})
@@ -348,12 +360,13 @@ def main() -> None:
                                                "queries": int(part["query_id"].nunique())}
                                         for name, part in (("train", train), ("dev", dev), ("test", test))},
                               "products_flagged_by_rule": int(frame.drop_duplicates("product_uid")["pesticide"].sum())}
-    result["zero_shot"] = zero_shot(model_dir, tokenizer, policy, dev, test)
+    unseen = ~test["product_uid"].isin(set(train["product_uid"])).to_numpy()
+    result["zero_shot"] = zero_shot(model_dir, tokenizer, policy, dev, test, unseen)
     with tempfile.TemporaryDirectory() as folder:
         result["with_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args, Path(folder) / "flags",
-                                          flags=True, backend_check=size["backend_check"])
+                                          flags=True, backend_check=size["backend_check"], unseen=unseen)
         result["without_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args,
-                                             Path(folder) / "grade", flags=False, backend_check=0)
+                                             Path(folder) / "grade", flags=False, backend_check=0, unseen=unseen)
     data = (f"../shared/data homedepot/train.csv: {len(planted)} pairs ({int(planted['pesticide'].sum())} of flagged "
             f"products, {int(planted['near_miss'].sum())} near misses); split by query: {len(train)} train, "
             f"{len(dev)} dev, {len(test)} test pairs")
