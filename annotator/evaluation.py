@@ -283,10 +283,11 @@ def _fmt(value: Any) -> str:
 # One label per pair of `$scheme` from the sources in `$sources`: the earliest source in `$sources`
 # wins (so 'human,import' prefers a human label), then the newest. Optional run / author filters.
 LABELLED_PAIRS_SQL = """
-SELECT pair_id, query_id, dataset, query, title, description, brand, raw_rating, label, grade, probs, source, author, run_id
+SELECT pair_id, query_id, dataset, query, title, description, brand, raw_rating, label, grade, probs, source, author, run_id,
+       label_id
 FROM (
     SELECT l.pair_id, p.query_id, p.dataset, q.text AS query, pr.title, pr.description, pr.brand, p.raw_rating,
-           l.label, l.grade, l.probs, l.source, l.author, l.run_id,
+           l.label, l.grade, l.probs, l.source, l.author, l.run_id, l.label_id,
            row_number() OVER (PARTITION BY l.pair_id
                               ORDER BY list_position($sources, l.source), l.created_at DESC, l.label_id DESC) AS pick
     FROM labels l
@@ -307,7 +308,7 @@ def labelled_pairs(store: Any, scheme: str, sources: Sequence[str], *, run_id: s
     """One row per pair with a label of ``scheme`` from ``sources`` (earlier sources win), with its text.
 
     Columns: pair_id, query_id, dataset, query, title, description, brand, raw_rating, label, grade,
-    probs (JSON text or None), source, author, run_id.
+    probs (JSON text or None), source, author, run_id, label_id.
     """
     return store.df(LABELLED_PAIRS_SQL, {"scheme": scheme, "sources": list(sources), "run_id": run_id,
                                           "author": author})

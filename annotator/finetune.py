@@ -6,6 +6,16 @@ is supervised on that one token (`label_token_loss`): the cross-entropy of the n
 distribution at the end of the prompt against the reference label's token, over the full vocabulary
 and over the label tokens alone, weighted per class (ratings are skewed). No other token carries loss.
 
+Policy flags are learnt beside the grade from human flag decisions (a ``flags`` column: per pair a dict
+flag -> decision). A decided flag gives a flag prompt: the grade prompt, the pair's true label and
+``Flag <name>:`` (`Policy.flag_suffix`), answered " yes" or " no" (`FLAG_OPTIONS`). The flag prompt holds
+the grade prompt, so it is one training sequence with two answers: the grade, read where the grade prompt
+ends, and the flag, read at its end (`sequence_loss`: the same loss on the flag's answer token, weighted
+per answer). A pair with several decided flags gives one such sequence per flag, its grade counted once.
+On dev each flag gets its own temperature (``meta["flag_temperatures"]``; one at a bound is a failed
+calibration, as the grade's), and flags that no training label decides are reported
+(`FlagsWithoutDecisionsWarning`, ``meta["flags_undecided"]``).
+
 Two training paths (``FinetuneArgs.train_top_k``):
 
 - cached (``train_top_k`` = k > 0, the default): LoRA on the top k decoder blocks only (PEFT
@@ -60,7 +70,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from annotator.calibration import apply_temperature, fit_temperature
 from annotator.evaluation import evaluate_labels
-from annotator.prompts import EmptyProductTextError, PairText, Policy
+from annotator.prompts import FLAG_OPTIONS, EmptyProductTextError, PairText, Policy
 from annotator.scoring import label_token_ids
 from labelstore import ids
 from labelstore.errors import MnrError
@@ -112,17 +122,64 @@ class FinetuneArgs:
     min_steps: int = 10  # a budget that cannot fit this many steps (by the measured caching pace) is an error
     stack: bool = True  # fit the calibrated stack (annotator.stack) on the dev scores at the end
     lexical_share: float = 0.15  # most of the budget that fitting the stack's text baseline may take
+    # the flag answers' loss beside the grade's: at 1.0 learning a flag held the grade back (tiny-model test:
+    # grade dev accuracy 0.25 after 60 steps, against 0.68 at 0.3 and 1.0 without flags)
+    flag_weight: float = 0.3
 
 
 @dataclass
 class EncodedExamples:
-    """Token ids of a set of pairs: ``prefix`` (shared), ``suffixes[i]`` (pair i), ``targets`` (n,) class index."""
+    """Token ids of a set of training sequences: ``prefix`` (shared) and ``suffixes[i]`` (sequence i's own part).
+
+    A sequence is a pair's grade prompt, or a flag prompt (the grade prompt + `Policy.flag_suffix` of the
+    pair's true label and a flag), which holds the grade prompt too. Per sequence: ``targets`` the grade
+    class (-1: its pair's grade is learnt from another sequence), ``grade_at`` where in the suffix the grade
+    answer is read, ``flags`` the flag index asked at its end (-1: none) and ``flag_targets`` the answer
+    (0: yes, 1: no; -1: none). Without flags there is one sequence per pair, ending at its grade answer.
+    """
 
     prefix: list[int]
     suffixes: list[list[int]]
     targets: np.ndarray
     pair_ids: list[str]
     skipped: list[str] = field(default_factory=list)
+    grade_at: np.ndarray | None = None
+    flags: np.ndarray | None = None
+    flag_targets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.suffixes)
+        if self.grade_at is None:
+            self.grade_at = np.asarray([len(s) - 1 for s in self.suffixes], dtype=np.int64)
+        if self.flags is None:
+            self.flags = np.full(n, -1, dtype=np.int64)
+        if self.flag_targets is None:
+            self.flag_targets = np.full(n, -1, dtype=np.int64)
+
+    @property
+    def grade_rows(self) -> np.ndarray:
+        """Positions of the sequences that carry their pair's grade (one per pair)."""
+        return np.flatnonzero(self.targets >= 0)
+
+    @property
+    def flag_rows(self) -> np.ndarray:
+        """Positions of the flag sequences."""
+        return np.flatnonzero(self.flags >= 0)
+
+    @property
+    def grade_targets(self) -> np.ndarray:
+        return self.targets[self.grade_rows]
+
+    @property
+    def grade_pair_ids(self) -> list[str]:
+        return [self.pair_ids[i] for i in self.grade_rows]
+
+    def take(self, index: Sequence[int]) -> "EncodedExamples":
+        """The sequences at positions ``index``, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        return EncodedExamples(self.prefix, [self.suffixes[i] for i in index], self.targets[index],
+                               [self.pair_ids[i] for i in index], self.skipped, self.grade_at[index],
+                               self.flags[index], self.flag_targets[index])
 
 
 @dataclass
@@ -150,24 +207,36 @@ def subsample(frame: pd.DataFrame, limit: int | None, seed: int = 0) -> pd.DataF
 
 
 def data_hash(frame: pd.DataFrame) -> str:
-    """A hash of the (pair_id, label) set: the same labels give the same hash, in any order."""
-    rows = sorted(f"{p}={lbl}" for p, lbl in zip(frame["pair_id"], frame["label"]))
+    """A hash of the (pair_id, label, flag decisions) set: the same labels give the same hash, in any order."""
+    flags = frame["flags"] if "flags" in frame.columns else [None] * len(frame)
+    rows = sorted(f"{p}={lbl}" + _flags_key(decided) for p, lbl, decided in zip(frame["pair_id"], frame["label"], flags))
     return ids.stable_hash(*rows, length=16)
 
 
-def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> EncodedExamples:
-    """Tokenise the prompts of ``frame`` (columns pair_id, query, title, description, brand, label).
+def _flags_key(decided: Any) -> str:
+    if not isinstance(decided, dict) or not decided:
+        return ""
+    return "|" + ",".join(f"{name}={decided[name]}" for name in sorted(decided))
 
-    The prompt is tokenised whole, as an engine would, then cut into the policy prefix (shared) and
-    the pair part. Pairs with no usable text are skipped and listed in ``skipped``.
+
+def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> EncodedExamples:
+    """Tokenise the prompts of ``frame`` (columns pair_id, query, title, description, brand, label and,
+    optionally, ``flags``: per pair a dict flag name -> decision (True: set) or None).
+
+    Each prompt is tokenised whole, as an engine would, then cut into the policy prefix (shared) and
+    the pair part. A pair with flag decisions gives one flag prompt per decided flag (policy order); the
+    first also carries the grade, whose answer position lies inside it. Pairs with no usable text are
+    skipped and listed in ``skipped``.
     """
     label_index = {name: i for i, name in enumerate(policy.scheme.label_names)}
+    flag_index = {name: i for i, name in enumerate(policy.flag_names)}
+    decisions = frame["flags"] if "flags" in frame.columns else pd.Series([None] * len(frame), index=frame.index)
     prefix = tokenizer(policy.prefix())["input_ids"]
     prompts: list[str] = []
-    targets: list[int] = []
-    pair_ids: list[str] = []
+    # (grade prompt's index, flag prompt's index or -1, pair id, target, flag, flag target)
+    rows: list[tuple[int, int, str, int, int, int]] = []
     skipped: list[str] = []
-    for row in frame.itertuples(index=False):
+    for row, decided in zip(frame.itertuples(index=False), decisions):
         pair = PairText(query=row.query, title=row.title, description=_text_or_none(row.description),
                         brand=_text_or_none(row.brand), pair_id=row.pair_id)
         try:
@@ -175,18 +244,56 @@ def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> Enco
         except EmptyProductTextError:
             skipped.append(row.pair_id)
             continue
+        label = policy.scheme.normalize(row.label)
+        target = label_index[label]
+        asked = _decided_flags(decided, flag_index, row.pair_id)
+        grade_prompt = len(prompts)
         prompts.append(prompt)
-        targets.append(label_index[policy.scheme.normalize(row.label)])
-        pair_ids.append(row.pair_id)
-    full_prompts: list[list[int]] = tokenizer(prompts)["input_ids"] if prompts else []
+        if not asked:
+            rows.append((grade_prompt, -1, row.pair_id, target, -1, -1))
+        for position, (flag, answer) in enumerate(asked):
+            rows.append((grade_prompt, len(prompts), row.pair_id, target if position == 0 else -1, flag,
+                         0 if answer else 1))
+            prompts.append(prompt + policy.flag_suffix(label, policy.flag_names[flag]))
+    tokens: list[list[int]] = tokenizer(prompts)["input_ids"] if prompts else []
+    sequences: list[list[int]] = []
+    kept: list[tuple[str, int, int, int]] = []  # per sequence: pair id, target, flag, flag target
+    grade_ends: list[int] = []
+    for grade_prompt, flag_prompt, pair_id, target, flag, answer in rows:
+        grade_tokens = tokens[grade_prompt]
+        if flag_prompt >= 0 and target >= 0 and tokens[flag_prompt][:len(grade_tokens)] != grade_tokens:
+            # the label's token merged with the prompt's last one: read the grade from its own prompt
+            sequences.append(grade_tokens)
+            kept.append((pair_id, target, -1, -1))
+            grade_ends.append(len(grade_tokens) - 1)
+            target = -1
+        sequences.append(tokens[flag_prompt] if flag_prompt >= 0 else grade_tokens)
+        kept.append((pair_id, target, flag, answer))
+        grade_ends.append(len(grade_tokens) - 1)
     shared = len(prefix)
-    for tokens in full_prompts:
-        if tokens[:shared] != prefix[:shared]:  # rare: the pair part's first token merged with the prefix's last
-            shared = _common_prefix_length(prefix[:shared], tokens)
+    for sequence in sequences:
+        if sequence[:shared] != prefix[:shared]:  # rare: the pair part's first token merged with the prefix's last
+            shared = _common_prefix_length(prefix[:shared], sequence)
     # every pair part must keep at least one token so the answer position is its own
-    shared = min([shared] + [len(tokens) - 1 for tokens in full_prompts])
-    return EncodedExamples(prefix[:shared], [tokens[shared:] for tokens in full_prompts],
-                           np.asarray(targets, dtype=int), pair_ids, skipped)
+    shared = min([shared] + [end for end in grade_ends])
+    return EncodedExamples(prefix[:shared], [sequence[shared:] for sequence in sequences],
+                           np.asarray([r[1] for r in kept], dtype=int), [r[0] for r in kept], skipped,
+                           np.asarray(grade_ends, dtype=np.int64) - shared,
+                           np.asarray([r[2] for r in kept], dtype=np.int64),
+                           np.asarray([r[3] for r in kept], dtype=np.int64))
+
+
+def _decided_flags(decided: Any, flag_index: dict[str, int], pair_id: str) -> list[tuple[int, bool]]:
+    """(flag index, decision) of the decided flags of one pair, in policy order."""
+    if decided is None or (isinstance(decided, float) and math.isnan(decided)):
+        return []
+    if not isinstance(decided, dict):
+        raise FinetuneError(f"pair {pair_id}: field 'flags' must map flag names to decisions, got {decided!r}")
+    unknown = sorted(set(decided) - set(flag_index))
+    if unknown:
+        raise FinetuneError(f"pair {pair_id}: field 'flags': the policy declares no flag {', '.join(unknown)} "
+                            f"(its flags: {', '.join(flag_index) or 'none'})")
+    return sorted((flag_index[name], bool(value)) for name, value in decided.items() if value is not None)
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -251,8 +358,9 @@ def prefix_cache(model: Any, prefix: list[int]) -> tuple[tuple[torch.Tensor, tor
 
 
 def answer_logits(model: Any, prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], prefix_len: int,
-                  suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """(B, vocab) next-token logits at the end of each prompt ``prefix + suffixes[b]``.
+                  suffixes: Sequence[Sequence[int]], pad_id: int, at: np.ndarray | None = None) -> torch.Tensor:
+    """(B, vocab) next-token logits at the end of each prompt ``prefix + suffixes[b]``; with ``at`` (B, P)
+    positions in each suffix, (B, P, vocab) logits there.
 
     The pair parts are right-padded and attend to the shared prefix cache, expanded to the batch.
     """
@@ -273,23 +381,71 @@ def answer_logits(model: Any, prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor]
     hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
                              position_ids=positions.unsqueeze(0).expand(batch, -1), cache_position=positions,
                              use_cache=cache is not None).last_hidden_state
-    last = torch.tensor([len(s) - 1 for s in suffixes])
-    return causal_lm.lm_head(hidden[torch.arange(batch), last])
+    if at is None:
+        last = torch.tensor([len(s) - 1 for s in suffixes])
+        return causal_lm.lm_head(hidden[torch.arange(batch), last])
+    at_t = torch.as_tensor(np.asarray(at), dtype=torch.long)
+    return causal_lm.lm_head(hidden[torch.arange(batch)[:, None], at_t])
+
+
+@dataclass
+class Scores:
+    """Dev scores: ``grade`` (n, K) label log-probabilities of the grade sequences (`EncodedExamples.grade_rows`)
+    and ``flag`` (m, 2) log-probabilities of FLAG_OPTIONS at the end of the flag sequences (``flag_rows``)."""
+
+    grade: np.ndarray
+    flag: np.ndarray
+
+
+def answer_positions(examples: EncodedExamples, rows: np.ndarray) -> np.ndarray:
+    """(B, 2) where sequences ``rows`` are read: the grade answer and the flag answer (their last token).
+
+    (B, 1), the grade answer alone, when the examples hold no flag sequence.
+    """
+    if not (examples.flags >= 0).any():
+        return examples.grade_at[rows][:, None]
+    last = np.asarray([len(examples.suffixes[i]) - 1 for i in rows], dtype=np.int64)
+    return np.column_stack([examples.grade_at[rows], last])
 
 
 @torch.no_grad()
-def score_label_logprobs(model: Any, examples: EncodedExamples, label_ids: Sequence[int], pad_id: int,
-                         batch_size: int = 32) -> np.ndarray:
-    """(n, K) full-vocabulary log-probabilities of each label token at the answer position."""
+def score_rows(model: Any, logits_at: Callable[[np.ndarray], torch.Tensor], examples: EncodedExamples,
+               label_ids: Sequence[int], flag_ids: Sequence[int], batch_size: int = 32) -> Scores:
+    """`Scores` of every sequence of ``examples``; ``logits_at(rows)`` gives the (B, P, vocab) logits at
+    `answer_positions`."""
     was_training = model.training
     model.eval()
-    prefix_kv = prefix_cache(model, examples.prefix) if examples.prefix else ()
-    rows = []
+    grade_rows, flag_rows = [], []
     for start in range(0, len(examples.suffixes), batch_size):
-        logits = answer_logits(model, prefix_kv, len(examples.prefix), examples.suffixes[start: start + batch_size], pad_id)
-        rows.append(torch.log_softmax(logits.float(), dim=-1)[:, list(label_ids)].numpy())
+        rows = np.arange(start, min(start + batch_size, len(examples.suffixes)))
+        log_probs = torch.log_softmax(logits_at(rows).float(), dim=-1)
+        grade = examples.targets[rows] >= 0
+        flag = examples.flags[rows] >= 0
+        grade_rows.append(log_probs[grade, 0][:, list(label_ids)].numpy())
+        if flag.any():
+            flag_rows.append(log_probs[flag, -1][:, list(flag_ids)].numpy())
     model.train(was_training)
-    return np.concatenate(rows) if rows else np.zeros((0, len(label_ids)))
+    return Scores(np.concatenate(grade_rows) if grade_rows else np.zeros((0, len(label_ids))),
+                  np.concatenate(flag_rows) if flag_rows else np.zeros((0, len(flag_ids) or 2)))
+
+
+def score_examples(model: Any, examples: EncodedExamples, label_ids: Sequence[int], flag_ids: Sequence[int],
+                   pad_id: int, batch_size: int = 32) -> Scores:
+    """`Scores` of ``examples`` with the full model, the prefix run once."""
+    with torch.no_grad():
+        prefix_kv = prefix_cache(model, examples.prefix) if examples.prefix else ()
+
+    def logits_at(rows: np.ndarray) -> torch.Tensor:
+        return answer_logits(model, prefix_kv, len(examples.prefix), [examples.suffixes[i] for i in rows], pad_id,
+                             at=answer_positions(examples, rows))
+
+    return score_rows(model, logits_at, examples, label_ids, flag_ids, batch_size)
+
+
+def score_label_logprobs(model: Any, examples: EncodedExamples, label_ids: Sequence[int], pad_id: int,
+                         batch_size: int = 32) -> np.ndarray:
+    """(n, K) full-vocabulary log-probabilities of each label token at the grade answer of each pair."""
+    return score_examples(model, examples, label_ids, [], pad_id, batch_size).grade
 
 
 def dev_metrics(logprobs: np.ndarray, targets: np.ndarray, grades: Sequence[int], temperature: float = 1.0,
@@ -317,6 +473,98 @@ def label_token_loss(logits: torch.Tensor, token_targets: torch.Tensor, class_ta
     full = F.cross_entropy(logits, token_targets, reduction="none")
     restricted = F.cross_entropy(logits[:, label_ids], class_targets, reduction="none")
     return ((full + restricted) * weights).sum() / weights.sum()
+
+
+@dataclass
+class SequenceTargets:
+    """What the loss reads per training sequence, as tensors (n,): whether it carries its pair's grade, the
+    class, its token and class weight (0 where none); whether it asks a flag, the answer (0: yes, 1: no), its
+    token and its weight (balanced per flag like the grade's classes; 0 where none)."""
+
+    grade: torch.Tensor
+    classes: torch.Tensor
+    tokens: torch.Tensor
+    weights: torch.Tensor
+    flag: torch.Tensor
+    answers: torch.Tensor
+    answer_tokens: torch.Tensor
+    answer_weights: torch.Tensor
+    label_ids: torch.Tensor
+    flag_ids: torch.Tensor
+    flag_weight: float = 1.0
+
+
+def sequence_targets(examples: EncodedExamples, label_ids: Sequence[int], flag_ids: Sequence[int], n_classes: int,
+                     weighting: str, flag_weight: float = 1.0) -> SequenceTargets:
+    """`SequenceTargets` of ``examples``' sequences, class weights by ``weighting`` (`class_weights`)."""
+    grade = examples.targets >= 0
+    classes = np.where(grade, examples.targets, 0)
+    weights = np.where(grade, class_weights(examples.targets[grade], n_classes, weighting)[classes], 0.0)
+    flag = examples.flags >= 0
+    answers = np.where(flag, examples.flag_targets, 0)
+    answer_weights = np.zeros(len(answers))
+    for index in np.unique(examples.flags[flag]):
+        rows = examples.flags == index
+        answer_weights[rows] = class_weights(answers[rows], 2, weighting)[answers[rows]]
+    label_t, flag_t = torch.tensor(list(label_ids)), torch.tensor(list(flag_ids) or [0, 0])
+    classes_t, answers_t = torch.tensor(classes), torch.tensor(answers)
+    return SequenceTargets(torch.tensor(grade), classes_t, label_t[classes_t], torch.tensor(weights, dtype=torch.float32),
+                           torch.tensor(flag), answers_t, flag_t[answers_t],
+                           torch.tensor(answer_weights, dtype=torch.float32), label_t, flag_t, flag_weight)
+
+
+def sequence_loss(logits: torch.Tensor, targets: SequenceTargets, batch: np.ndarray) -> tuple[torch.Tensor, float | None]:
+    """The batch's loss and its flag part, unweighted (None: no flag sequence in the batch).
+
+    ``logits`` (B, P, vocab) at `answer_positions` of the sequences ``batch`` (positions in ``targets``):
+    `label_token_loss` of the grade answers (column 0) plus ``targets.flag_weight`` times the same loss of the
+    flag answer token (column -1) over FLAG_OPTIONS: the loss is on the grade and flag answer tokens only.
+    """
+    index = torch.as_tensor(np.asarray(batch), dtype=torch.long)
+    grade, flag = targets.grade[index], targets.flag[index]
+    loss = logits.new_zeros(())
+    if grade.any():
+        rows = index[grade]
+        loss = loss + label_token_loss(logits[grade, 0], targets.tokens[rows], targets.classes[rows], targets.label_ids,
+                                       targets.weights[rows])
+    if not flag.any():
+        return loss, None
+    rows = index[flag]
+    flag_loss = label_token_loss(logits[flag, -1], targets.answer_tokens[rows], targets.answers[rows],
+                                 targets.flag_ids, targets.answer_weights[rows])
+    return loss + targets.flag_weight * flag_loss, float(flag_loss.detach())
+
+
+def flag_metrics(flag_logprobs: np.ndarray, examples: EncodedExamples, flag_names: Sequence[str],
+                 temperatures: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Per flag with sequences in ``examples``: n, positives, log-loss, accuracy, precision, recall and F1 at
+    P(yes) >= 0.5, with P(yes) = sigmoid((lp_yes - lp_no) / T) (``temperatures``, default 1).
+
+    ``flag_logprobs`` (m, 2) are the scores of ``examples.flag_rows``, in order.
+    """
+    from sklearn.metrics import log_loss, precision_recall_fscore_support
+
+    rows = examples.flag_rows
+    result: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(flag_names):
+        mine = examples.flags[rows] == index
+        if not mine.any():
+            continue
+        truth = (examples.flag_targets[rows][mine] == 0).astype(int)
+        temperature = (temperatures or {}).get(name, 1.0)
+        prob = flag_probability(flag_logprobs[mine], temperature)
+        chosen = (prob >= 0.5).astype(int)
+        precision, recall, f1, _ = precision_recall_fscore_support(truth, chosen, average="binary", zero_division=0)
+        result[name] = {"n": int(mine.sum()), "positives": int(truth.sum()),
+                        "log_loss": float(log_loss(truth, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1])),
+                        "accuracy": float(np.mean(chosen == truth)), "precision": float(precision),
+                        "recall": float(recall), "f1": float(f1), "temperature": temperature}
+    return result
+
+
+def flag_probability(flag_logprobs: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(m,) P(flag applies) = sigmoid((lp_yes - lp_no) / T) of (m, 2) FLAG_OPTIONS log-probabilities."""
+    return apply_temperature(np.asarray(flag_logprobs, dtype=float), temperature)[:, 0]
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -361,6 +609,7 @@ class LoopState:
     n_take: int | None = None  # train pairs encoded for the layer cache (cached path)
     n_cached: int | None = None  # of which cached, the pairs trained on
     losses: list[float] = field(default_factory=list)
+    flag_losses: list[float] = field(default_factory=list)  # the flag part of `losses`, of batches with flags
     step_seconds: float = 0.0
     train_wall_s: float = 0.0  # in steps, this attempt
     train_cpu_s: float = 0.0
@@ -405,24 +654,25 @@ class TrainingPath:
 
     train_index: np.ndarray
     lengths: np.ndarray
-    logits: Callable[[np.ndarray], torch.Tensor]
-    score_dev: Callable[[], np.ndarray]
+    logits: Callable[[np.ndarray], torch.Tensor]  # train rows -> (B, P, vocab) at `answer_positions`
+    score_dev: Callable[[], Scores]
     dev_index: np.ndarray
     info: dict[str, Any]
     eval_estimate_s: float | None = None  # scoring dev once, predicted before any evaluation ran
 
 
 def full_path(*, model: Any, train_examples: EncodedExamples, dev_examples: EncodedExamples, label_ids: list[int],
-              pad_id: int, eval_batch_size: int) -> TrainingPath:
+              flag_ids: list[int], pad_id: int, eval_batch_size: int) -> TrainingPath:
     """Every step runs the whole model; the prefix once per step, shared by the batch."""
     prefix = train_examples.prefix
 
     def logits(batch: np.ndarray) -> torch.Tensor:
         prefix_kv = prefix_cache(model, prefix) if prefix else ()
-        return answer_logits(model, prefix_kv, len(prefix), [train_examples.suffixes[i] for i in batch], pad_id)
+        return answer_logits(model, prefix_kv, len(prefix), [train_examples.suffixes[i] for i in batch], pad_id,
+                             at=answer_positions(train_examples, batch))
 
-    def score_dev() -> np.ndarray:
-        return score_label_logprobs(model, dev_examples, label_ids, pad_id, eval_batch_size)
+    def score_dev() -> Scores:
+        return score_examples(model, dev_examples, label_ids, flag_ids, pad_id, eval_batch_size)
 
     n = len(train_examples.targets)
     return TrainingPath(np.arange(n), _lengths(train_examples), logits, score_dev,
@@ -431,7 +681,7 @@ def full_path(*, model: Any, train_examples: EncodedExamples, dev_examples: Enco
 
 def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: EncodedExamples,
                 encode: Callable[[pd.DataFrame], EncodedExamples], encode_seconds_per_pair: float,
-                label_ids: list[int], args: FinetuneArgs, clock: Clock, state: LoopState, spill_dir: Path,
+                label_ids: list[int], flag_ids: list[int], args: FinetuneArgs, clock: Clock, state: LoopState, spill_dir: Path,
                 key: str) -> tuple[TrainingPath, EncodedExamples]:
     """Lower blocks run once per pair into a `LayerCache`; steps run the top blocks over it.
 
@@ -495,10 +745,16 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
 
     def logits(batch: np.ndarray) -> torch.Tensor:
         hidden, batch_lengths = cache.batch(batch)
-        return lc.top_block_logits(model, prefix, hidden, batch_lengths)
+        return lc.top_block_logits(model, prefix, hidden, batch_lengths, at=answer_positions(train_examples, batch))
 
-    def score_dev() -> np.ndarray:
-        return lc.score_cached(model, prefix, dev_cache, dev_index, label_ids, batch_size=args.eval_batch_size)
+    cached_dev = dev_examples.take(dev_index)
+
+    def dev_logits(rows: np.ndarray) -> torch.Tensor:
+        hidden, batch_lengths = dev_cache.batch(dev_index[rows])
+        return lc.top_block_logits(model, prefix, hidden, batch_lengths, at=answer_positions(cached_dev, rows))
+
+    def score_dev() -> Scores:
+        return score_rows(model, dev_logits, cached_dev, label_ids, flag_ids, batch_size=args.eval_batch_size)
 
     info = {"path": "cached", "split": split, "top_k": args.train_top_k, "prefix_tokens": prefix.length,
             "cache_dtype": str(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
@@ -631,7 +887,8 @@ def _reprefix(examples: EncodedExamples, length: int) -> EncodedExamples:
     """``examples`` with only the first ``length`` prefix tokens shared, the rest moved into each pair part."""
     moved = examples.prefix[length:]
     return EncodedExamples(examples.prefix[:length], [moved + s for s in examples.suffixes], examples.targets,
-                           examples.pair_ids, examples.skipped)
+                           examples.pair_ids, examples.skipped, examples.grade_at + len(moved), examples.flags,
+                           examples.flag_targets)
 
 
 def _lengths(examples: EncodedExamples) -> np.ndarray:
@@ -668,6 +925,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     prompt_policy = policy_in_form(policy, args.pair_form)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
+    flag_ids = label_token_ids(tokenizer, list(FLAG_OPTIONS)) if prompt_policy.flags else []
     checkpoint = out_dir / CHECKPOINT_DIR
     saved = _load_checkpoint(checkpoint) if resume else None
     state = LoopState(**{k: saved[k] for k in CHECKPOINTED if k in saved}, spent_s=saved["elapsed_s"]) if saved else LoopState()
@@ -679,6 +937,11 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         return encode_examples(tokenizer, prompt_policy, frame)
 
     clock.phase("setup")
+    undecided = undecided_flags(train, prompt_policy.flag_names)
+    if undecided:
+        warnings.warn(f"policy '{policy.name}' declares flag(s) {', '.join(undecided)} that no training label "
+                      "decides: they are not learnt (set or clear them in the review UI)", FlagsWithoutDecisionsWarning,
+                      stacklevel=2)
     lexical = _lexical_part(train, dev, prompt_policy, args, clock, stack_lexical)
     clock.phase("text_baseline")
     tick = time.monotonic()
@@ -692,20 +955,20 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         train_examples = encode(train)
         _check_encoded(train_examples, dev_examples)
         path = full_path(model=model, train_examples=train_examples, dev_examples=dev_examples, label_ids=label_ids,
-                         pad_id=int(tokenizer.pad_token_id), eval_batch_size=args.eval_batch_size)
+                         flag_ids=flag_ids, pad_id=int(tokenizer.pad_token_id), eval_batch_size=args.eval_batch_size)
     else:
         _check_encoded(dev_examples)
         key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed)
         path, train_examples = cached_path(model=model, split=split, train=train, dev_examples=dev_examples,
                                            encode=encode, encode_seconds_per_pair=encode_seconds_per_pair,
-                                           label_ids=label_ids, args=args, clock=clock, state=state,
+                                           label_ids=label_ids, flag_ids=flag_ids, args=args, clock=clock, state=state,
                                            spill_dir=out_dir / "layer-cache", key=key)
         _check_encoded(train_examples, dev_examples)
     dev_examples = _take(dev_examples, path.dev_index)
     clock.phase("caching")
     trainer = _Trainer(model=model, path=path, args=args, policy=prompt_policy, label_ids=label_ids,
-                       train_targets=train_examples.targets, dev_examples=dev_examples,
-                       dev_ratings=_ratings_for(dev, dev_examples.pair_ids), rating_scale=rating_scale,
+                       flag_ids=flag_ids, train_examples=train_examples, dev_examples=dev_examples,
+                       dev_ratings=_ratings_for(dev, dev_examples.grade_pair_ids), rating_scale=rating_scale,
                        out_dir=out_dir, clock=clock, progress=progress)
     if saved is not None:
         trainer.optimizer.load_state_dict(saved["optimizer"])
@@ -736,32 +999,30 @@ def _split_block(model: Any, top_k: int) -> int | None:
 def _take(examples: EncodedExamples, index: np.ndarray) -> EncodedExamples:
     if len(index) == len(examples.targets):
         return examples
-    return EncodedExamples(examples.prefix, [examples.suffixes[i] for i in index], examples.targets[index],
-                           [examples.pair_ids[i] for i in index], examples.skipped)
+    return examples.take(index)
 
 
 class _Trainer:
     """The optimisation loop over a `TrainingPath`, with evaluation, selection and checkpoints."""
 
     def __init__(self, *, model: Any, path: TrainingPath, args: FinetuneArgs, policy: Policy, label_ids: list[int],
-                 train_targets: np.ndarray, dev_examples: EncodedExamples, dev_ratings: np.ndarray | None,
-                 rating_scale: tuple[float, float] | None, out_dir: Path, clock: Clock, progress: ProgressFn | None):
+                 flag_ids: list[int], train_examples: EncodedExamples, dev_examples: EncodedExamples,
+                 dev_ratings: np.ndarray | None, rating_scale: tuple[float, float] | None, out_dir: Path, clock: Clock,
+                 progress: ProgressFn | None):
         self.model, self.path, self.args, self.clock, self.progress = model, path, args, clock, progress
         self.out_dir, self.dev_examples, self.dev_ratings, self.rating_scale = out_dir, dev_examples, dev_ratings, rating_scale
         self.labels = policy.scheme.label_names
+        self.flag_names = policy.flag_names
         self.grades = [policy.scheme.grades[name] for name in self.labels]
-        self.label_ids = label_ids
-        targets = train_targets[path.train_index]
-        weights = torch.tensor(class_weights(targets, len(self.labels), args.class_weighting), dtype=torch.float32)
-        self.class_targets = torch.tensor(targets)
-        self.label_id_tensor = torch.tensor(label_ids)
-        self.token_targets = self.label_id_tensor[self.class_targets]
-        self.pair_weights = weights[self.class_targets]
+        self.label_ids, self.flag_ids = label_ids, flag_ids
+        self.targets = sequence_targets(train_examples.take(path.train_index), label_ids, flag_ids, len(self.labels),
+                                        args.class_weighting, args.flag_weight)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                            weight_decay=args.weight_decay)
         warmup = max(1, args.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.n_train = len(path.train_index)
+        self.n_train_pairs = len(set(train_examples.take(path.train_index).pair_ids))
         self.save_seconds = 0.0
 
     def run(self, state: LoopState) -> None:
@@ -794,8 +1055,9 @@ class _Trainer:
     def _step(self, state: LoopState, batch: np.ndarray) -> None:
         tick, cpu_tick = time.monotonic(), time.process_time()
         logits = self.path.logits(self.path.train_index[batch])
-        loss = label_token_loss(logits, self.token_targets[batch], self.class_targets[batch], self.label_id_tensor,
-                                self.pair_weights[batch])
+        loss, flag_loss = sequence_loss(logits, self.targets, batch)
+        if flag_loss is not None:
+            state.flag_losses.append(flag_loss)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
@@ -811,11 +1073,17 @@ class _Trainer:
     def _evaluate(self, state: LoopState) -> None:
         tick = time.monotonic()
         logprobs = self.path.score_dev()
-        metrics = dev_metrics(logprobs, self.dev_examples.targets, self.grades, 1.0, self.dev_ratings,
+        metrics = dev_metrics(logprobs.grade, self.dev_examples.grade_targets, self.grades, 1.0, self.dev_ratings,
                               self.rating_scale, self.labels)
         record = {"step": state.step, "epoch": round(state.pairs_seen / self.n_train, 3),
                   "train_loss": float(np.mean(state.losses)), "elapsed_s": round(self.clock.elapsed(), 1),
                   **{k: metrics[k] for k in ("accuracy", "macro_f1", "qwk", "log_loss", "rmse_grade", "ece")}}
+        if len(logprobs.flag):
+            flags = flag_metrics(logprobs.flag, self.dev_examples, self.flag_names)
+            record["flags"] = {name: {k: m[k] for k in ("log_loss", "f1", "accuracy")} for name, m in flags.items()}
+        if state.flag_losses:
+            record["train_flag_loss"] = float(np.mean(state.flag_losses))
+        state.flag_losses = []
         state.losses = []
         value = metrics[self.args.select_metric]
         if _better(self.args.select_metric, value, state.best_value):
@@ -843,7 +1111,7 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
         yield batch
 
 
-def calibrate(logprobs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, Any]]:
+def calibrate(logprobs: np.ndarray, targets: np.ndarray, what: str = "calibration") -> tuple[float, dict[str, Any]]:
     """The temperature to store and a record of the fit for ``meta.json``.
 
     A fit that ends at a bound of `TEMPERATURE_BOUNDS` found no interior optimum (e.g. scores that
@@ -860,10 +1128,60 @@ def calibrate(logprobs: np.ndarray, targets: np.ndarray) -> tuple[float, dict[st
                "dev is separated perfectly, so the likelihood keeps rising as T shrinks")
         record["status"] = "failed"
         record["reason"] = f"the fitted temperature {fitted:.3g} is at a bound of the search [{low}, {high}]: {why}"
-        warnings.warn(f"calibration failed: {record['reason']}; storing temperature 1.0", CalibrationFailedWarning,
+        warnings.warn(f"{what} failed: {record['reason']}; storing temperature 1.0", CalibrationFailedWarning,
                       stacklevel=2)
         return 1.0, record
     return fitted, record
+
+
+def calibrate_flags(flag_logprobs: np.ndarray, examples: EncodedExamples,
+                    flag_names: Sequence[str]) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Per flag, the temperature of P(yes) = sigmoid((lp_yes - lp_no) / T) fitted on its dev sequences
+    (`calibrate`: one at a bound is a failed calibration, stored as 1.0) and the record of the fit; a flag
+    with no dev decision keeps 1.0. ``flag_logprobs`` (m, 2) are the scores of ``examples.flag_rows``."""
+    flags = examples.flags[examples.flag_rows]
+    answers = examples.flag_targets[examples.flag_rows]
+    temperatures: dict[str, float] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for index, name in enumerate(flag_names):
+        mine = flags == index
+        if not mine.any():
+            temperatures[name] = 1.0
+            records[name] = {"status": "no dev decisions", "n_dev": 0}
+            continue
+        temperatures[name], records[name] = calibrate(flag_logprobs[mine], answers[mine], f"calibration of flag '{name}'")
+        records[name]["n_dev"] = int(mine.sum())
+    return temperatures, records
+
+
+def undecided_flags(frame: pd.DataFrame, flag_names: Sequence[str]) -> list[str]:
+    """The flags of ``flag_names`` that no pair of ``frame`` (column ``flags``, if any) has a decision on."""
+    decided = set()
+    if "flags" in frame.columns:
+        for decisions in frame["flags"]:
+            if isinstance(decisions, dict):
+                decided |= {name for name, value in decisions.items() if value is not None}
+    return [name for name in flag_names if name not in decided]
+
+
+class FlagsWithoutDecisionsWarning(UserWarning):
+    """The policy declares flags that no training label decides: fine-tuning cannot learn them."""
+
+
+def _flags_meta(trainer: _Trainer, train_examples: EncodedExamples, flag_logprobs: np.ndarray,
+                temperatures: dict[str, float], calibration: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What ``meta.json`` records of the flags (nothing for a policy without flags)."""
+    if not trainer.flag_names:
+        return {}
+    counts = {}
+    for name_index, name in enumerate(trainer.flag_names):
+        train_rows = train_examples.flags == name_index
+        counts[name] = {"train_yes": int((train_examples.flag_targets[train_rows] == 0).sum()),
+                        "train_no": int((train_examples.flag_targets[train_rows] == 1).sum())}
+    return {"flag_names": list(trainer.flag_names), "flag_token_ids": list(trainer.flag_ids),
+            "flag_temperatures": temperatures, "flag_calibration": calibration, "flag_decisions": counts,
+            "flags_undecided": [name for name, c in counts.items() if c["train_yes"] + c["train_no"] == 0],
+            "flag_dev_metrics": flag_metrics(flag_logprobs, trainer.dev_examples, trainer.flag_names, temperatures)}
 
 
 @dataclass
@@ -876,11 +1194,12 @@ class LexicalPart:
     dev_index: dict[str, int]
     seconds: float
     train_pairs: int | None = None  # pairs the baseline was fitted on here (None: passed in fitted)
+    flag_words: dict[str, Any] = field(default_factory=dict)  # flag -> title-words model fitted on train (or None)
 
 
 def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: FinetuneArgs, clock: Clock,
                   fitted: Any = None) -> LexicalPart | None:
-    from annotator.stack import lexical_inputs
+    from annotator.stack import fit_flag_words, lexical_inputs
 
     if not args.stack:
         return None
@@ -888,7 +1207,9 @@ def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: 
     labels = policy.scheme.label_names
     model, n_fit = (fitted, None) if fitted is not None else _fit_lexical_in_budget(train, policy, args, clock)
     inputs = lexical_inputs(model, dev, len(labels))
-    return LexicalPart(model, inputs, {pid: i for i, pid in enumerate(dev["pair_id"])}, time.monotonic() - tick, n_fit)
+    flag_words = {name: fit_flag_words(*_flag_decisions(train, name)) for name in policy.flag_names}
+    return LexicalPart(model, inputs, {pid: i for i, pid in enumerate(dev["pair_id"])}, time.monotonic() - tick,
+                       n_fit, flag_words)
 
 
 LEXICAL_PROBE_PAIRS = 2000  # a first fit of the text baseline on this many pairs measures its pace
@@ -918,8 +1239,17 @@ def _fit_lexical_in_budget(train: pd.DataFrame, policy: Policy, args: FinetuneAr
     return fit(subsample(train, n_fit, args.seed)), n_fit
 
 
-def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: np.ndarray, temperature: float,
-               lexical: LexicalPart | None) -> dict[str, Any] | None:
+def _flag_decisions(frame: pd.DataFrame, flag: str) -> tuple[pd.Series, np.ndarray]:
+    """The titles of the pairs of ``frame`` with a decision on ``flag``, and the decisions (True: applies)."""
+    if "flags" not in frame.columns:
+        return frame["title"].iloc[:0], np.zeros(0, dtype=bool)
+    decided = [d.get(flag) if isinstance(d, dict) else None for d in frame["flags"]]
+    keep = np.asarray([d is not None for d in decided], dtype=bool)
+    return frame["title"][keep], np.asarray([bool(d) for d in decided if d is not None], dtype=bool)
+
+
+def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: Scores, temperature: float,
+               flag_temperatures: dict[str, float], lexical: LexicalPart | None) -> dict[str, Any] | None:
     """Fit the stack on the dev scores, save it beside the adapter; its ``meta.json`` record (None: no stack)."""
     from annotator import stack as st
 
@@ -927,12 +1257,13 @@ def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: np.ndarray, tempe
         (trainer.out_dir / name).unlink(missing_ok=True)
     if lexical is None:
         return None
-    targets = trainer.dev_examples.targets
+    targets = trainer.dev_examples.grade_targets
     if len(targets) < st.MIN_DEV_PAIRS or len(np.unique(targets)) < 2:
         return {"fitted": False, "reason": f"{len(targets)} dev pairs of {len(np.unique(targets))} label(s): "
                                            f"a stack needs {st.MIN_DEV_PAIRS} pairs of two labels or more"}
     tick = time.monotonic()
-    rows = [lexical.dev_index[pid] for pid in trainer.dev_examples.pair_ids]
+    pair_ids = trainer.dev_examples.grade_pair_ids
+    rows = [lexical.dev_index[pid] for pid in pair_ids]
     groups = dev["query_id"].to_numpy()[rows]
 
     def evaluate(probs: np.ndarray) -> dict[str, Any]:
@@ -940,15 +1271,42 @@ def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: np.ndarray, tempe
                                          rating_scale=trainer.rating_scale, label_names=trainer.labels))
 
     fitted, report = st.fit_with_report(labels=trainer.labels, lexical=lexical.model,
-                                        lexical_dev=lexical.dev_inputs[rows], llm_logprobs=logprobs, targets=targets,
-                                        groups=groups, evaluate=evaluate,
-                                        adapter_probs=apply_temperature(logprobs, temperature))
+                                        lexical_dev=lexical.dev_inputs[rows], llm_logprobs=logprobs.grade,
+                                        targets=targets, groups=groups, evaluate=evaluate,
+                                        adapter_probs=apply_temperature(logprobs.grade, temperature))
+    flag_report = None
+    if trainer.flag_names:
+        flag_dev = _flag_dev(trainer, logprobs.flag, pair_ids, flag_temperatures, lexical.flag_words)
+        fitted.flags, flag_report = st.fit_flags_with_report(
+            labels=trainer.labels, flags=flag_dev, dev_texts=dev.iloc[rows].reset_index(drop=True),
+            lexical_dev=lexical.dev_inputs[rows], groups=groups)
     record = fitted.save(trainer.out_dir)
     if not report["llm_adds"]:
         warnings.warn(f"stack: {report['verdict']}", StackWithoutLLMWarning, stacklevel=3)
-    return {"fitted": True, **record, "dev_report": report, "lexical_fit_seconds": round(lexical.seconds, 1),
-            "lexical_train_pairs": lexical.train_pairs,
+    return {"fitted": True, **record, "dev_report": report,
+            **({"flag_dev_report": flag_report} if flag_report is not None else {}),
+            "lexical_fit_seconds": round(lexical.seconds, 1), "lexical_train_pairs": lexical.train_pairs,
             "fit_seconds": round(time.monotonic() - tick, 2)}
+
+
+def _flag_dev(trainer: _Trainer, flag_logprobs: np.ndarray, pair_ids: list[str], temperatures: dict[str, float],
+              words: dict[str, Any]) -> list[Any]:
+    """Per policy flag, its `annotator.stack.FlagDev`: the dev flag scores and decisions by dev pair (``pair_ids``)."""
+    from annotator.stack import FlagDev
+
+    examples = trainer.dev_examples
+    row_of = {pid: i for i, pid in enumerate(pair_ids)}
+    flag_rows = examples.flag_rows
+    result = []
+    for index, name in enumerate(trainer.flag_names):
+        logprobs = np.full((len(pair_ids), 2), np.nan)
+        decisions = np.full(len(pair_ids), -1, dtype=int)
+        for scored, row in enumerate(flag_rows):
+            if examples.flags[row] == index and examples.pair_ids[row] in row_of:
+                logprobs[row_of[examples.pair_ids[row]]] = flag_logprobs[scored]
+                decisions[row_of[examples.pair_ids[row]]] = int(examples.flag_targets[row] == 0)
+        result.append(FlagDev(name, logprobs, decisions, words.get(name), temperatures.get(name, 1.0)))
+    return result
 
 
 class StackWithoutLLMWarning(UserWarning):
@@ -966,12 +1324,13 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
     if state.best_state is not None:
         set_peft_model_state_dict(model, state.best_state)
     logprobs = state.best_logprobs if state.best_logprobs is not None else trainer.path.score_dev()
-    temperature, calibration = calibrate(logprobs, dev_examples.targets)
-    metrics = {t: dev_metrics(logprobs, dev_examples.targets, trainer.grades, t, trainer.dev_ratings,
+    temperature, calibration = calibrate(logprobs.grade, dev_examples.grade_targets)
+    metrics = {t: dev_metrics(logprobs.grade, dev_examples.grade_targets, trainer.grades, t, trainer.dev_ratings,
                               trainer.rating_scale, trainer.labels) for t in (1.0, temperature)}
+    flag_temperatures, flag_calibration = calibrate_flags(logprobs.flag, dev_examples, trainer.flag_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
-    stack = _fit_stack(trainer, dev, logprobs, temperature, lexical)
+    stack = _fit_stack(trainer, dev, logprobs, temperature, flag_temperatures, lexical)
     trainer.clock.phase("calibration_stack_and_save")
     elapsed = trainer.clock.elapsed()
     meta = {
@@ -987,10 +1346,11 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "temperature": temperature,
         "calibration": calibration,
         "training_args": {**asdict(args), "target_modules": list(args.target_modules)},
-        "n_train": len(train_examples.targets),
+        "n_train": len(train_examples.grade_rows),
         "n_train_available": len(train),
-        "n_train_used": trainer.n_train,
-        "n_dev": len(dev_examples.targets),
+        "n_train_used": trainer.n_train_pairs,
+        "n_train_sequences": trainer.n_train,
+        "n_dev": len(dev_examples.grade_rows),
         "skipped_pairs": len(train_examples.skipped) + len(dev_examples.skipped),
         "prefix_tokens": len(train_examples.prefix),
         "steps": state.step,
@@ -1007,11 +1367,12 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "dev_metrics_uncalibrated": _headline(metrics[1.0]),
         "dev_metrics_note": "dev is also used for early stopping and for fitting the temperature, so these are "
                             "optimistic; evaluate on held-out queries with `mnr eval-labeler`",
+        **_flags_meta(trainer, train_examples, logprobs.flag, flag_temperatures, flag_calibration),
         "stack": stack,
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     split = {"train_query_ids": sorted(set(train["query_id"])), "dev_query_ids": sorted(set(dev["query_id"])),
-             "dev_query_texts": sorted(set(dev["query"].astype(str))), "dev_pair_ids": list(dev_examples.pair_ids)}
+             "dev_query_texts": sorted(set(dev["query"].astype(str))), "dev_pair_ids": dev_examples.grade_pair_ids}
     (out_dir / SPLIT_FILE).write_text(json.dumps(split), encoding="utf-8")
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(out_dir / "layer-cache", ignore_errors=True)

@@ -126,14 +126,20 @@ def upper_prefix_kv(model: Any, prefix: PrefixStates) -> dict[int, KV]:
     return kv
 
 
-def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
-    """(B, vocab) answer-position logits from cached lower-block states ``hidden`` (B, W, H)."""
+def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, lengths: Sequence[int],
+                     at: np.ndarray | None = None) -> torch.Tensor:
+    """(B, vocab) answer-position logits from cached lower-block states ``hidden`` (B, W, H); with ``at``
+    (B, P) positions in each pair part, (B, P, vocab) logits there (a flag prompt is read at its grade
+    answer and at its end)."""
     n_layers = len(decoder_of(model).layers)
     kv = {**prefix.lower_kv, **upper_prefix_kv(model, prefix)}
     out, _ = run_blocks(model, range(prefix.split, n_layers), hidden, prefix_kv=kv, prefix_len=prefix.length,
                         lengths=lengths)
-    last = out[torch.arange(len(lengths)), torch.as_tensor(list(lengths)) - 1]
-    return lm_head_of(model)(decoder_of(model).norm(last))
+    if at is None:
+        picked = out[torch.arange(len(lengths)), torch.as_tensor(list(lengths)) - 1]
+    else:
+        picked = out[torch.arange(len(lengths))[:, None], torch.as_tensor(np.asarray(at), dtype=torch.long)]
+    return lm_head_of(model)(decoder_of(model).norm(picked))
 
 
 # -- the cache --------------------------------------------------------------------------------------
@@ -254,21 +260,6 @@ def _group_size(*, done: int, limit: int, batch_size: int, at_least: int, deadli
     if pace is None:
         return min(room, PROBE_GROUP) if left > 0 else 0
     return max(0, min(room, int(left / max(pace, 1e-9))))
-
-
-@torch.no_grad()
-def score_cached(model: Any, prefix: PrefixStates, cache: LayerCache, indices: Sequence[int], label_ids: Sequence[int],
-                 *, batch_size: int = 64) -> np.ndarray:
-    """(n, K) full-vocabulary log-probabilities of the label tokens for cached pairs ``indices``."""
-    was_training = model.training
-    model.eval()
-    rows = []
-    for start in range(0, len(indices), batch_size):
-        hidden, lengths = cache.batch(indices[start: start + batch_size])
-        logits = top_block_logits(model, prefix, hidden, lengths)
-        rows.append(torch.log_softmax(logits.float(), dim=-1)[:, list(label_ids)].numpy())
-    model.train(was_training)
-    return np.concatenate(rows) if rows else np.zeros((0, len(label_ids)))
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, pool: int = 8,

@@ -13,6 +13,12 @@ The regression (standardised inputs, L2) is fitted on the dev pairs that fine-tu
 held-out quality is measured by cross-validation on dev, grouped by query (`cross_validate`), with
 and without the ``llm`` inputs, so the report says whether the LLM adds anything measurable.
 
+Policy flags are calibrated too (`FlagModel`, `Stack.predict_flags`): per flag a binary logistic regression on
+the dev pairs with a decision over the LLM's flag log-odds (lp_yes - lp_no), the lexical inputs above and the
+log-odds of a bag of title words fitted on the train decisions (`fit_flag_words`; a word-list rule lives in the
+title's words), reported with and without the LLM input (`fit_flags_with_report`). A flag with too few dev
+decisions keeps the adapter's temperature.
+
 `Stack.save` writes ``stack.json`` (parameters, version) and ``stack.npz`` (arrays, loaded without
 pickle) into the adapter folder; the version is a hash of that content, checked on `load_stack`.
 `annotator.labeler.Labeler` applies a saved stack after any backend's scoring.
@@ -20,7 +26,7 @@ pickle) into the adapter folder; the version is a hash of that content, checked 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,8 +34,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 from scipy.special import log_softmax
+from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GroupKFold, KFold
+from sklearn.metrics import log_loss, precision_recall_fscore_support
+from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -40,6 +48,8 @@ from annotator.sklearn_state import (
     prefixed,
     scaler_from_state,
     scaler_state,
+    tfidf_from_state,
+    tfidf_state,
     unprefixed,
 )
 from annotator.text_baseline import (
@@ -60,6 +70,9 @@ LOG_FLOOR = -20.0  # log-probabilities below this (or -inf: a label an engine di
 STACK_C = 0.3
 CV_FOLDS = 5
 MIN_DEV_PAIRS = 20  # fewer dev pairs (or one class) fit no stack
+MIN_FLAG_ANSWERS = 3  # a flag's regression needs this many dev decisions of each answer (yes and no)
+FLAG_INPUTS = ("llm", "lexical")
+FLAG_LEXICAL_NAMES = ("title_words_logodds",)
 
 
 class StackError(MnrError):
@@ -120,10 +133,15 @@ class Stack:
     inputs: tuple[str, ...]
     lexical: Pipeline
     model: Pipeline
+    flags: list[FlagModel] = field(default_factory=list)  # in the policy's flag order
 
     @property
     def feature_names(self) -> list[str]:
         return input_names(self.inputs, self.labels)
+
+    @property
+    def flag_names(self) -> list[str]:
+        return [flag.name for flag in self.flags]
 
     @cached_property
     def version(self) -> str:
@@ -144,6 +162,21 @@ class Stack:
         matrix = design(self.inputs, llm=llm, lexical=lexical, cosine=cosine)
         return class_probs(self.model, matrix, len(self.labels))
 
+    def predict_flags(self, texts: pd.DataFrame, flag_logprobs: np.ndarray | None) -> np.ndarray:
+        """(n, n_flags) P(flag applies) of the pairs of ``texts`` (columns query, title), flags in `flag_names`
+        order; ``flag_logprobs`` (n, n_flags, 2) the LLM's FLAG_OPTIONS log-probabilities (None: a stack whose
+        flags all do without the LLM)."""
+        n = len(texts)
+        if flag_logprobs is not None and np.shape(flag_logprobs) != (n, len(self.flags), 2):
+            raise StackError(f"flag log-probabilities of shape {np.shape(flag_logprobs)}; the stack's flags "
+                             f"({', '.join(self.flag_names) or 'none'}) need ({n}, {len(self.flags)}, 2)")
+        if n == 0 or not self.flags:
+            return np.zeros((n, len(self.flags)))
+        lexical = lexical_inputs(self.lexical, texts, len(self.labels))
+        columns = [flag.predict(texts, lexical, None if flag_logprobs is None else flag_llm_inputs(flag_logprobs[:, j]))
+                   for j, flag in enumerate(self.flags)]
+        return np.column_stack(columns)
+
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         lexical, lexical_arrays = baseline_state(self.lexical)
         scaler, scaler_arrays = scaler_state(self.model[0])
@@ -152,6 +185,12 @@ class Stack:
                   "features": self.feature_names, "lexical": lexical, "scaler": scaler, "linear": linear}
         arrays = {**prefixed("lexical", lexical_arrays), **prefixed("scaler", scaler_arrays),
                   **prefixed("linear", linear_arrays)}
+        if self.flags:  # a stack without flags keeps the content (and version) it had before flags existed
+            params["flags"] = []
+            for flag in self.flags:
+                flag_params, flag_arrays = flag.state()
+                params["flags"].append({**flag_params, "features": flag.feature_names(self.labels)})
+                arrays.update(prefixed(f"flag.{flag.name}", flag_arrays))
         return params, arrays
 
     def save(self, folder: str | Path) -> dict[str, Any]:
@@ -163,7 +202,7 @@ class Stack:
         np.savez(folder / STACK_ARRAYS, **arrays)
         (folder / STACK_FILE).write_text(json.dumps({**params, "version": version}, indent=1), encoding="utf-8")
         return {"version": version, "inputs": list(self.inputs), "features": self.feature_names,
-                "files": [STACK_FILE, STACK_ARRAYS]}
+                "flags": self.flag_names, "files": [STACK_FILE, STACK_ARRAYS]}
 
 
 def has_stack(folder: str | Path) -> bool:
@@ -194,7 +233,9 @@ def load_stack(folder: str | Path) -> Stack | None:
                   lexical=baseline_from_state(params["lexical"], unprefixed("lexical", arrays)),
                   model=Pipeline([("standardscaler", scaler_from_state(params["scaler"], unprefixed("scaler", arrays))),
                                   ("logisticregression", logistic_from_state(params["linear"],
-                                                                             unprefixed("linear", arrays)))]))
+                                                                             unprefixed("linear", arrays)))]),
+                  flags=[flag_from_state(flag, unprefixed(f"flag.{flag['name']}", arrays))
+                         for flag in params.get("flags", [])])
     if stack.version != params["version"]:
         raise StackError(f"{folder}: the stack's content does not match its version {params['version']} "
                          f"(now {stack.version}); refit it with `mnr finetune`")
@@ -221,12 +262,18 @@ def fit_stack(labels: Sequence[str], inputs: Sequence[str], lexical: Pipeline, m
 
 
 def cross_validate(matrix: np.ndarray, targets: np.ndarray, groups: Sequence[Any], n_classes: int,
-                   folds: int = CV_FOLDS) -> np.ndarray:
+                   folds: int = CV_FOLDS, *, stratified: bool = False) -> np.ndarray:
     """(n, K) out-of-fold probabilities of `stack_model` on ``matrix``, folds grouped by query (``groups``)
-    when there are enough queries, else at random."""
+    when there are enough queries, else at random; ``stratified`` keeps each class's share in every fold
+    (a rare flag's few positives spread over the folds)."""
     groups = np.asarray(groups)
+    if stratified:
+        folds = max(2, min(folds, int(np.bincount(targets).min())))
     if len(np.unique(groups)) >= folds:
-        splits = GroupKFold(n_splits=folds).split(matrix, targets, groups)
+        splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=0) if stratified else GroupKFold(folds)
+        splits = splitter.split(matrix, targets, groups)
+    elif stratified:
+        splits = StratifiedKFold(folds, shuffle=True, random_state=0).split(matrix, targets)
     else:
         splits = KFold(n_splits=min(folds, len(targets)), shuffle=True, random_state=0).split(matrix)
     probs = np.zeros((len(targets), n_classes))
@@ -272,3 +319,153 @@ def fit_with_report(*, labels: Sequence[str], lexical: Pipeline, lexical_dev: np
               "n_dev": int(len(targets)), "adapter": evaluate(adapter_probs), "lexical_only": evaluate(lexical_oof),
               "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets)}
     return fit_stack(labels, full_inputs, lexical, full, targets), report
+
+
+# -- flags ------------------------------------------------------------------------------------------
+def fit_flag_words(titles: pd.Series, applies: np.ndarray) -> Pipeline | None:
+    """A flag's bag of title words: TF-IDF of title words and word pairs + logistic regression, fitted on the
+    *train* decisions ``applies`` (bool), so its log-odds are out of sample on dev. None without both answers.
+
+    A word-list rule (pesticides, firearms) lives in the title's words, which the query-title match features
+    do not see.
+    """
+    applies = np.asarray(applies, dtype=bool)
+    if applies.all() or not applies.any():
+        return None
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
+    return make_pipeline(vectorizer, LogisticRegression(C=4.0, class_weight="balanced", max_iter=2000)).fit(
+        _titles(titles), applies.astype(int))
+
+
+def flag_word_logodds(words: Pipeline | None, frame: pd.DataFrame) -> np.ndarray:
+    """(n,) the title-words model's log-odds that the flag applies (0 when there is no model)."""
+    if words is None or len(frame) == 0:
+        return np.zeros(len(frame))
+    return np.asarray(words.decision_function(_titles(frame["title"])), dtype=np.float64)
+
+
+def _titles(titles: pd.Series) -> pd.Series:
+    return titles.fillna("").astype(str)
+
+
+def flag_llm_inputs(flag_logprobs: np.ndarray) -> np.ndarray:
+    """(n, 1) the LLM's log-odds lp_yes - lp_no of one flag's (n, 2) FLAG_OPTIONS log-probabilities, clipped."""
+    scores = np.maximum(np.asarray(flag_logprobs, dtype=np.float64), LOG_FLOOR)
+    return (scores[:, 0] - scores[:, 1]).reshape(-1, 1)
+
+
+@dataclass
+class FlagModel:
+    """One flag's calibration: a binary logistic regression (``model``: scaler + regression, class 1 = the flag
+    applies) over ``inputs`` (`FLAG_INPUTS`: the LLM's flag log-odds; the grade stack's lexical inputs and the
+    title-words log-odds of ``words``). ``model`` None: no regression was fitted (too few dev decisions), and
+    P = sigmoid(log-odds / ``temperature``), the adapter's calibration."""
+
+    name: str
+    inputs: tuple[str, ...]
+    words: Pipeline | None
+    model: Pipeline | None
+    temperature: float = 1.0
+
+    def feature_names(self, labels: Sequence[str]) -> list[str]:
+        names = {"llm": ["llm_flag_logodds"], "lexical": [*input_names(("lexical",), labels), *FLAG_LEXICAL_NAMES]}
+        return [name for group in self.inputs for name in names[group]]
+
+    def design(self, *, llm: np.ndarray | None, lexical: np.ndarray | None, words: np.ndarray | None) -> np.ndarray:
+        given = {"llm": llm, "lexical": None if lexical is None else np.column_stack([lexical, words])}
+        missing = [group for group in self.inputs if given[group] is None]
+        if missing:
+            raise StackError(f"flag '{self.name}': the stack needs input(s) {', '.join(missing)}")
+        return np.column_stack([given[group] for group in FLAG_INPUTS if group in self.inputs]).astype(np.float64)
+
+    def predict(self, frame: pd.DataFrame, lexical: np.ndarray | None, llm: np.ndarray | None) -> np.ndarray:
+        """(n,) P(flag applies); ``lexical`` the grade stack's lexical inputs of ``frame``, ``llm`` `flag_llm_inputs`."""
+        if self.model is None:
+            if llm is None:
+                raise StackError(f"flag '{self.name}' is calibrated by temperature alone: pass its log-probabilities")
+            return 1.0 / (1.0 + np.exp(-llm[:, 0] / self.temperature))
+        matrix = self.design(llm=llm, lexical=lexical, words=flag_word_logodds(self.words, frame))
+        return class_probs(self.model, matrix, 2)[:, 1]
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        params: dict[str, Any] = {"name": self.name, "inputs": list(self.inputs), "temperature": self.temperature,
+                                  "words": None, "scaler": None, "linear": None}
+        arrays: dict[str, np.ndarray] = {}
+        if self.words is not None:
+            tfidf, tfidf_arrays = tfidf_state(self.words[0])
+            linear, linear_arrays = logistic_state(self.words[-1])
+            params["words"] = {"tfidf": tfidf, "linear": linear}
+            arrays.update({**prefixed("words.tfidf", tfidf_arrays), **prefixed("words.linear", linear_arrays)})
+        if self.model is not None:
+            params["scaler"], scaler_arrays = scaler_state(self.model[0])
+            params["linear"], linear_arrays = logistic_state(self.model[-1])
+            arrays.update({**prefixed("scaler", scaler_arrays), **prefixed("linear", linear_arrays)})
+        return params, arrays
+
+
+def flag_from_state(params: dict[str, Any], arrays: dict[str, np.ndarray]) -> FlagModel:
+    words = None
+    if params.get("words"):
+        words = make_pipeline(tfidf_from_state(params["words"]["tfidf"], unprefixed("words.tfidf", arrays)),
+                              logistic_from_state(params["words"]["linear"], unprefixed("words.linear", arrays)))
+    model = None
+    if params.get("linear"):
+        model = Pipeline([("standardscaler", scaler_from_state(params["scaler"], unprefixed("scaler", arrays))),
+                          ("logisticregression", logistic_from_state(params["linear"], unprefixed("linear", arrays)))])
+    return FlagModel(str(params["name"]), tuple(params["inputs"]), words, model, float(params.get("temperature", 1.0)))
+
+
+@dataclass
+class FlagDev:
+    """A flag's dev data for the stack: per dev pair (rows of the grade stack's dev matrix) the LLM's (n, 2)
+    FLAG_OPTIONS log-probabilities (NaN where not scored) and the decision (1: applies, 0: not, -1: none)."""
+
+    name: str
+    logprobs: np.ndarray
+    decisions: np.ndarray
+    words: Pipeline | None  # the title-words model fitted on train (`fit_flag_words`)
+    temperature: float = 1.0  # the adapter's calibration, used when no regression can be fitted
+
+
+def fit_flags_with_report(*, labels: Sequence[str], flags: Sequence[FlagDev], dev_texts: pd.DataFrame,
+                          lexical_dev: np.ndarray, groups: Sequence[Any]) -> tuple[list[FlagModel], dict[str, Any]]:
+    """Per flag, the regression fitted on the dev pairs with a decision and an LLM score, and its report:
+    `flag_report` of the LLM alone (sigmoid of its log-odds at the adapter's temperature), and of the stack
+    without and with the LLM input out of fold (`cross_validate`, stratified), with `llm_contribution`."""
+    models, report = [], {}
+    groups = np.asarray(groups)
+    for flag in flags:
+        rows = np.flatnonzero((flag.decisions >= 0) & np.isfinite(flag.logprobs).all(axis=1))
+        truth = flag.decisions[rows].astype(int)
+        counts = np.bincount(truth, minlength=2)
+        if counts.min() < MIN_FLAG_ANSWERS:
+            why = (f"{counts[1]} yes and {counts[0]} no dev decisions: a flag's regression needs "
+                   f"{MIN_FLAG_ANSWERS} of each; P = sigmoid(log-odds / T) with the adapter's T = {flag.temperature:.3g}")
+            models.append(FlagModel(flag.name, ("llm",), None, None, flag.temperature))
+            report[flag.name] = {"fitted": False, "reason": why, "n_dev": int(len(rows)), "positives": int(counts[1])}
+            continue
+        words = flag_word_logodds(flag.words, dev_texts.iloc[rows])
+        llm = flag_llm_inputs(flag.logprobs[rows])
+        full_model = FlagModel(flag.name, FLAG_INPUTS, flag.words, None, flag.temperature)
+        lexical_model = FlagModel(flag.name, ("lexical",), flag.words, None, flag.temperature)
+        full = full_model.design(llm=llm, lexical=lexical_dev[rows], words=words)
+        lexical_only = lexical_model.design(llm=None, lexical=lexical_dev[rows], words=words)
+        full_oof = cross_validate(full, truth, groups[rows], 2, stratified=True)
+        lexical_oof = cross_validate(lexical_only, truth, groups[rows], 2, stratified=True)
+        llm_alone = 1.0 / (1.0 + np.exp(-llm[:, 0] / flag.temperature))
+        full_model.model = stack_model().fit(full, truth)
+        models.append(full_model)
+        report[flag.name] = {"fitted": True, "n_dev": int(len(rows)), "positives": int(counts[1]),
+                             "features": full_model.feature_names(labels),
+                             "llm_alone": flag_report(truth, llm_alone), "lexical_only": flag_report(truth, lexical_oof[:, 1]),
+                             "full": flag_report(truth, full_oof[:, 1]), **llm_contribution(full_oof, lexical_oof, truth)}
+    return models, report
+
+
+def flag_report(truth: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Precision, recall, F1 and accuracy at ``threshold``, and the log-loss, of P(flag applies) ``prob``."""
+    chosen = (np.asarray(prob) >= threshold).astype(int)
+    precision, recall, f1, _ = precision_recall_fscore_support(truth, chosen, average="binary", zero_division=0)
+    return {"precision": round(float(precision), 4), "recall": round(float(recall), 4), "f1": round(float(f1), 4),
+            "accuracy": round(float(np.mean(chosen == truth)), 4),
+            "log_loss": round(float(log_loss(truth, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1])), 4)}

@@ -92,6 +92,9 @@ def finetune_command(
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
                   f"({dev['query_id'].nunique():,} queries), scheme '{loaded_policy.scheme.name}', policy "
                   f"'{loaded_policy.name}' {loaded_policy.version}")
+    if loaded_policy.flags:
+        with_decisions = int(train["flags"].map(lambda d: bool(d)).sum())
+        console.print(f"flags {', '.join(loaded_policy.flag_names)}: {with_decisions:,} train pairs carry flag decisions")
     result, _ = run_finetune(store, data, model, out, args, progress=_print_progress, resume=resume,
                              started_at=started_at)
     meta = result.meta
@@ -103,8 +106,29 @@ def finetune_command(
                   f"temperature {meta['temperature']:.3f}; dev accuracy {dev_metrics['accuracy']:.3f}, "
                   f"QWK {dev_metrics['qwk']:.3f}, ECE {meta['dev_metrics_uncalibrated']['ece']:.3f} -> "
                   f"{dev_metrics['ece']:.3f}")
+    _print_flags(meta)
     _print_stack(meta.get("stack"))
     console.print(f"adapter written to {out} (label with: mnr label --model {model} --adapter {out} --policy {policy})")
+
+
+def _print_flags(meta: dict[str, Any]) -> None:
+    if not meta.get("flag_names"):
+        return
+    if meta["flags_undecided"]:
+        console.print(f"[yellow]warning: no training label decides flag(s) {', '.join(meta['flags_undecided'])}: "
+                      "not learnt; set or clear them in the review UI[/]")
+    table = Table("flag", "train yes/no", "dev n", "temperature", "dev F1", "dev log-loss", title="flags (dev, calibrated)")
+    for name in meta["flag_names"]:
+        counts, calibration = meta["flag_decisions"][name], meta["flag_calibration"][name]
+        dev = meta["flag_dev_metrics"].get(name)
+        temperature = f"{meta['flag_temperatures'][name]:.3f}" + (" (failed)" if calibration["status"] == "failed" else "")
+        table.add_row(name, f"{counts['train_yes']}/{counts['train_no']}", str(calibration["n_dev"]), temperature,
+                      f"{dev['f1']:.3f}" if dev else "-", f"{dev['log_loss']:.3f}" if dev else "-")
+    console.print(table)
+    for name, calibration in meta["flag_calibration"].items():
+        if calibration["status"] == "failed":
+            console.print(f"[yellow]warning: calibration of flag '{name}' failed: {calibration['reason']}; "
+                          "stored temperature 1.0[/]")
 
 
 def _print_stack(stack: dict[str, Any] | None) -> None:
@@ -122,6 +146,13 @@ def _print_stack(stack: dict[str, Any] | None) -> None:
     console.print(table)
     colour = "green" if report["llm_adds"] else "yellow"
     console.print(f"[{colour}]{report['verdict']}[/]; mnr label applies the stack (--no-stack: the bare adapter)")
+    for name, flag in (stack.get("flag_dev_report") or {}).items():
+        if not flag["fitted"]:
+            console.print(f"[yellow]flag '{name}': no stack regression: {flag['reason']}[/]")
+            continue
+        console.print(f"flag '{name}' on dev ({flag['n_dev']} decisions, {flag['positives']} yes; F1 at 0.5): LLM alone "
+                      f"{flag['llm_alone']['f1']:.3f}, stack without the LLM {flag['lexical_only']['f1']:.3f}, "
+                      f"stack {flag['full']['f1']:.3f}; {flag['verdict']}")
 
 
 def _print_path(meta: dict[str, Any]) -> None:

@@ -66,7 +66,7 @@ def finetune_data(store: Store, policy: str | Policy, sources: Sequence[str], ar
 
     loaded = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
     scheme = loaded.scheme
-    frame = labelled_pairs(store, scheme.name, list(sources))
+    frame = with_flag_decisions(store, labelled_pairs(store, scheme.name, list(sources)), loaded.flag_names)
     if keep is not None:
         frame = frame[keep(frame)].reset_index(drop=True)
     if frame.empty:
@@ -76,6 +76,19 @@ def finetune_data(store: Store, policy: str | Policy, sources: Sequence[str], ar
     train, dev = split_by_query(frame, args.dev_fraction, args.seed)
     train, dev = subsample(train, args.max_train, args.seed), subsample(dev, args.max_dev, args.seed)
     return FinetuneData(loaded, list(sources), train, dev)
+
+
+def with_flag_decisions(store: Store, frame: pd.DataFrame, flag_names: Sequence[str]) -> pd.DataFrame:
+    """``frame`` (with column label_id) and a column ``flags``: per pair the human decisions of its label on the
+    flags ``flag_names`` (the policy's; a decision on a flag it no longer declares cannot be learnt), flag name ->
+    True (set) / False (cleared), or None when none was made; `finetune` learns them."""
+    from labelstore.sqlfiles import sql
+
+    decisions = store.df(sql("labelstore", "label_flag_decisions"), {"label_ids": [int(i) for i in frame["label_id"]]})
+    by_label: dict[int, dict[str, bool]] = {}
+    for row in decisions[decisions["flag"].isin(list(flag_names))].itertuples(index=False):
+        by_label.setdefault(int(row.label_id), {})[str(row.flag)] = bool(row.decision)
+    return frame.assign(flags=[by_label.get(int(label_id)) for label_id in frame["label_id"]])
 
 
 def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: FinetuneArgs, *,

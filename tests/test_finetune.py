@@ -538,3 +538,108 @@ def test_mnr_label_applies_the_stack_and_no_stack_gives_the_bare_labeler(trained
     as_matrix = lambda frame: np.array([[json.loads(p)[n] if isinstance(p, str) else p[n] for n in names]
                                         for p in frame["probs"]])
     assert np.abs(as_matrix(stacked) - as_matrix(bare)).max() > 0.05
+
+
+# -- policy flags (issue #21): learnt beside the grade from human flag decisions ----------------------
+FLAG_MARKER = "poison"
+# the grade and the flag compete for the tiny adapter: 60 steps, the adapter chosen by the grade's dev log-loss
+FLAG_TRAIN_ARGS = ["--max-steps", "60", "--eval-every", "10", "--patience", "10", "--lr", "5e-3", "--batch-size", "16",
+                   "--warmup-steps", "10", "--max-epochs", "50", "--select-metric", "log_loss"]
+
+
+def flagged_pairs(n_queries: int = 48, seed: int = 0) -> pd.DataFrame:
+    """`synthetic_pairs` where half the titles carry the marker word, which decides the flag ``poison``."""
+    frame = synthetic_pairs(n_queries=n_queries, seed=seed)
+    rng = np.random.default_rng(seed)
+    marked = rng.random(len(frame)) < 0.5
+    frame["title"] = [f"{FLAG_MARKER} {FLAG_MARKER} {title}" if m else title for title, m in zip(frame["title"], marked)]
+    frame["poison"] = marked
+    return frame
+
+
+@pytest.fixture(scope="module")
+def flag_policy_path(toy_policy_path: Path) -> Path:
+    """The toy policy with two flags: ``poison`` (decided in training) and ``fragile`` (never decided)."""
+    path = toy_policy_path.with_name("toyflags.toml")
+    path.write_text(toy_policy_path.read_text(encoding="utf-8").replace('name = "toy"', 'name = "toyflags"') +
+                    '[[flags]]\nname = "poison"\ndefinition = "the product is a poison"\n'
+                    '[[flags]]\nname = "fragile"\ndefinition = "the product breaks easily"\n', encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def flag_run(learnable_llama: Path, flag_policy_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`mnr finetune` on a store whose human labels carry a decision on ``poison``; (adapter, store, stdout)."""
+    folder = tmp_path_factory.mktemp("flags")
+    store = Store(folder / "mnr.duckdb")
+    frame = flagged_pairs()
+    write_pairs(store, frame.drop(columns="poison"), "esci", "import:toy", None, origin="synthetic")
+    store.add_labels([LabelRecord(pair_id=r.pair_id, scheme="esci", label=r.label, grade=int(r.grade), source="human",
+                                  author="annotator-1", dedup_key=f"human:{r.pair_id}",
+                                  flag_decisions={"poison": bool(r.poison)}) for r in frame.itertuples()])
+    out = folder / "adapter"
+    with pytest.warns(finetune_module.FlagsWithoutDecisionsWarning, match="fragile"):
+        result = runner.invoke(app, ["--store", str(folder / "mnr.duckdb"), "finetune", "--policy", str(flag_policy_path),
+                                     "--model", str(learnable_llama), "--out", str(out), *FLAG_TRAIN_ARGS])
+    assert result.exit_code == 0, result.output
+    return out, frame, result.output
+
+
+def test_finetune_learns_a_flag_rule_beside_the_grade(flag_run) -> None:
+    adapter, frame, output = flag_run
+    meta = read_meta(adapter)
+    history = _history(adapter)
+    # the flag's loss falls (its full-vocabulary part slowly: the tiny model starts far from " yes" / " no")
+    assert history[-1]["train_flag_loss"] < 0.95 * history[0]["train_flag_loss"]
+    assert history[-1]["flags"]["poison"]["log_loss"] < 0.5 * history[0]["flags"]["poison"]["log_loss"]
+    # every pair carries a decision, so every training sequence is a flag prompt holding its grade prompt
+    assert meta["n_train_sequences"] == meta["n_train_used"] == meta["n_train"]
+    assert meta["flag_decisions"]["poison"]["train_yes"] > 50 and meta["flag_decisions"]["poison"]["train_no"] > 50
+    dev = meta["flag_dev_metrics"]["poison"]
+    assert dev["n"] == meta["n_dev"] and dev["accuracy"] >= 0.8 and dev["f1"] >= 0.8  # chance: 0.5
+    assert meta["dev_metrics"]["accuracy"] >= 0.6  # the grade is still learnt (chance about 0.25)
+    # per-flag temperature, and the undecided flag reported rather than skipped
+    assert set(meta["flag_temperatures"]) == {"poison", "fragile"} and meta["flag_temperatures"]["poison"] > 0
+    assert meta["flag_calibration"]["poison"]["status"] in {"ok", "failed"}
+    assert meta["flag_calibration"]["fragile"]["status"] == "no dev decisions"
+    assert meta["flags_undecided"] == ["fragile"] and "fragile" in output and "poison" in output
+    # the stack calibrates the decided flag with a regression, the undecided one by temperature
+    stack = load_stack(adapter)
+    assert stack.flag_names == ["poison", "fragile"] and meta["stack"]["flags"] == ["poison", "fragile"]
+    report = meta["stack"]["flag_dev_report"]
+    assert report["poison"]["fitted"] and report["poison"]["full"]["f1"] >= 0.9
+    assert not report["fragile"]["fitted"]
+
+
+def test_flag_scores_of_the_adapter_reproduce_dev_and_the_stack_predicts_flags(flag_run, learnable_llama: Path,
+                                                                              flag_policy_path: Path) -> None:
+    """Scoring the flag prompts again (grade prompt + flag suffix, as a labeler does) gives dev's flag metrics."""
+    from annotator.finetune import Scores, flag_metrics, score_examples
+    from annotator.pair_form import policy_for_adapter
+    from annotator.prompts import FLAG_OPTIONS
+
+    adapter, frame, _ = flag_run
+    meta = read_meta(adapter)
+    policy = policy_for_adapter(load_prompt_policy(flag_policy_path), meta)
+    tokenizer = load_tokenizer(learnable_llama)
+    dev_ids = json.loads((adapter / "split.json").read_text())["dev_pair_ids"]
+    dev = frame.rename(columns={"text": "query"}).set_index("pair_id").loc[dev_ids].reset_index()
+    dev["flags"] = [{"poison": bool(p)} for p in dev["poison"]]
+    examples = encode_examples(tokenizer, policy, dev)
+    assert len(examples.flag_rows) == len(dev) and (examples.flags[examples.flag_rows] == 0).all()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(learnable_llama)), str(adapter)).eval()
+    scores: Scores = score_examples(model, examples, meta["label_token_ids"],
+                                    label_token_ids(tokenizer, list(FLAG_OPTIONS)), tokenizer.pad_token_id)
+    again = flag_metrics(scores.flag, examples, ["poison"], meta["flag_temperatures"])["poison"]
+    assert again["accuracy"] == pytest.approx(meta["flag_dev_metrics"]["poison"]["accuracy"], abs=0.02)
+    # the stack's flag probabilities: the policy's flags in order, the undecided one by its temperature
+    flag_logprobs = np.stack([scores.flag, scores.flag], axis=1)  # (n, 2 flags, 2)
+    stack = load_stack(adapter)
+    probs = stack.predict_flags(dev[["query", "title"]], flag_logprobs)
+    truth = dev["poison"].to_numpy()
+    assert probs.shape == (len(dev), 2) and float(np.mean((probs[:, 0] >= 0.5) == truth)) >= 0.9
+    with pytest.raises(Exception, match="need"):
+        stack.predict_flags(dev[["query", "title"]], scores.flag)

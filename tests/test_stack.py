@@ -130,3 +130,54 @@ def test_a_stack_fitted_with_the_retriever_cosine_needs_it(fitted) -> None:
     assert with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), cosine).shape == (len(dev), 4)
     with pytest.raises(st.StackError, match="retriever's cosine"):
         with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1))
+
+
+# -- policy flags -----------------------------------------------------------------------------------
+FLAG_WORD = "poison"
+
+
+def marked(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """``frame`` with the flag's marker word in about a third of the titles, and whether each has it."""
+    flagged = np.random.default_rng(seed).random(len(frame)) < 0.35
+    titles = [f"{title} {FLAG_WORD}" if f else title for title, f in zip(frame["title"], flagged)]
+    return frame.assign(title=titles), flagged
+
+
+def test_flags_follow_a_title_word_rule_and_survive_save_and_load(fitted, tmp_path: Path) -> None:
+    """A flag decided by a word in the title: the stack learns it from the title-words model fitted on train,
+    whatever an uninformative LLM says, reports it with and without the LLM, and reloads identically."""
+    import dataclasses
+
+    stack, _, _ = fitted
+    train, train_flag = marked(rule_pairs(60, seed=0), 10)
+    dev, dev_flag = marked(rule_pairs(30, seed=1), 11)
+    test, test_flag = marked(rule_pairs(20, seed=3), 12)
+    words = st.fit_flag_words(train["title"], train_flag)
+    noise = lambda n, seed: np.log(np.random.default_rng(seed).dirichlet([1, 1], size=n))  # noqa: E731
+    no_decisions = st.FlagDev("fragile", np.full((len(dev), 2), np.nan), np.full(len(dev), -1), None, 2.0)
+    flags, report = st.fit_flags_with_report(
+        labels=LABELS, flags=[st.FlagDev("poison", noise(len(dev), 4), dev_flag.astype(int), words, 1.0), no_decisions],
+        dev_texts=dev, lexical_dev=st.lexical_inputs(stack.lexical, dev, len(LABELS)), groups=dev["query_id"])
+    with_flags = dataclasses.replace(stack, flags=flags)
+    assert with_flags.flag_names == ["poison", "fragile"] and stack.flag_names == []
+    assert report["poison"]["fitted"] and report["poison"]["full"]["f1"] >= 0.9
+    assert report["poison"]["lexical_only"]["f1"] >= 0.9 and report["poison"]["llm_alone"]["f1"] < 0.7
+    assert report["poison"]["llm_adds"] is False and report["poison"]["features"][0] == "llm_flag_logodds"
+    assert report["poison"]["features"][-1] == "title_words_logodds"
+    assert not report["fragile"]["fitted"] and "T = 2" in report["fragile"]["reason"]
+    flag_logprobs = np.stack([noise(len(test), 5), noise(len(test), 6)], axis=1)  # (n, 2 flags, 2)
+    probs = with_flags.predict_flags(test[["query", "title"]], flag_logprobs)
+    assert probs.shape == (len(test), 2)
+    assert float(np.mean((probs[:, 0] >= 0.5) == test_flag)) >= 0.95
+    log_odds = flag_logprobs[:, 1, 0] - flag_logprobs[:, 1, 1]
+    np.testing.assert_allclose(probs[:, 1], 1 / (1 + np.exp(-log_odds / 2.0)))  # the undecided flag: its temperature
+    with pytest.raises(st.StackError, match=r"need \(120, 2, 2\)"):
+        with_flags.predict_flags(test[["query", "title"]], flag_logprobs[:, :1])
+    # saved with the stack (JSON + npz), reloaded, the same probabilities; flags are part of the version
+    record = with_flags.save(tmp_path)
+    assert record["flags"] == ["poison", "fragile"] and with_flags.version != stack.version
+    loaded = st.load_stack(tmp_path)
+    assert loaded.version == with_flags.version and loaded.flag_names == ["poison", "fragile"]
+    np.testing.assert_array_equal(loaded.predict_flags(test[["query", "title"]], flag_logprobs), probs)
+    np.testing.assert_array_equal(loaded.predict_proba(test, flag_logprobs[:, :, 0].repeat(2, axis=1)),
+                                  stack.predict_proba(test, flag_logprobs[:, :, 0].repeat(2, axis=1)))
