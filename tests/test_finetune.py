@@ -488,7 +488,7 @@ def test_a_budget_too_small_to_train_is_a_clear_error_and_saves_nothing(learnabl
     with pytest.raises(FinetuneError, match=r"--max-minutes 0\.5 is too small to train: .*text_baseline .*give at "
                                             r"least --max-minutes"):
         finetune(train, dev, policy, learnable_llama, tmp_path / "cached",
-                 FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, min_steps=10**9, batch_size=8),
+                 FinetuneArgs(train_top_k=1, max_minutes=budget_s / 60, min_steps=10**9, max_steps=10**9, batch_size=8),
                  started_at=started)
     assert time.monotonic() - started <= 1.1 * budget_s
     # whole-model path with the budget already spent: no step fits, and no untrained adapter is written
