@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from auditor.settings import AuditSettings
+from labelstore.store import insert_frame
 
 ISSUE_COLUMNS = ["pair_id", "kind", "reason", "score", "priority", "evidence"]
 
@@ -171,10 +172,5 @@ def write_flags(con: duckdb.DuckDBPyConnection, run_id: str, issues: pd.DataFram
     if issues.empty:
         return 0
     frame = issues.assign(run_id=run_id, evidence=[json.dumps(e, sort_keys=True) for e in issues["evidence"]])
-    con.register("new_flags_frame", frame[["run_id", "pair_id", "kind", "reason", "score", "evidence"]])
-    try:
-        con.execute("INSERT INTO audit_flags (run_id, pair_id, kind, reason, score, evidence) "
-                    "SELECT run_id, pair_id, kind, reason, score, evidence FROM new_flags_frame")
-    finally:
-        con.unregister("new_flags_frame")
+    insert_frame(con, "audit_flags", frame, ["run_id", "pair_id", "kind", "reason", "score", "evidence"])
     return len(frame)

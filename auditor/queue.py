@@ -4,7 +4,7 @@ from __future__ import annotations
 import duckdb
 import pandas as pd
 
-from labelstore.store import Store
+from labelstore.store import Store, insert_frame
 
 QUEUE_SQL = "SELECT * FROM open_review_queue ORDER BY priority DESC, pair_id LIMIT ?"
 
@@ -17,12 +17,7 @@ def queue_issues(con: duckdb.DuckDBPyConnection, run_id: str, issues: pd.DataFra
             .drop_duplicates("pair_id").head(limit))
     frame = pd.DataFrame({"pair_id": best["pair_id"], "run_id": run_id,
                           "reason": best["kind"] + ": " + best["reason"], "priority": best["priority"].astype(float)})
-    con.register("new_queue_frame", frame)
-    try:
-        con.execute("INSERT INTO review_queue (pair_id, run_id, reason, priority) "
-                    "SELECT pair_id, run_id, reason, priority FROM new_queue_frame")
-    finally:
-        con.unregister("new_queue_frame")
+    insert_frame(con, "review_queue", frame, ["pair_id", "run_id", "reason", "priority"])
     return len(frame)
 
 

@@ -324,14 +324,20 @@ def _insert_labels(con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, flags: p
         con.unregister("new_labels_frame")
     if flags is not None and not flags.empty and inserted:
         new_ids = pd.DataFrame(inserted, columns=["label_id", "dedup_key"])
-        rows = flags.merge(new_ids, on="dedup_key")[["label_id", "flag", "probability", "decision"]]
-        con.register("new_flags_frame", rows)
-        try:
-            con.execute("INSERT INTO label_flags (label_id, flag, probability, decision) "
-                        "SELECT label_id, flag, probability, CAST(decision AS BOOLEAN) FROM new_flags_frame")
-        finally:
-            con.unregister("new_flags_frame")
+        insert_frame(con, "label_flags", flags.merge(new_ids, on="dedup_key").astype({"decision": "boolean"}),
+                     ["label_id", "flag", "probability", "decision"])
     return len(inserted)
+
+
+def insert_frame(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame, columns: list[str]) -> None:
+    """Append ``frame[columns]`` to ``table`` (both named by code, never by input) on ``con``."""
+    view = f"new_{table}_frame"
+    con.register(view, frame[columns])
+    try:
+        names = ", ".join(columns)
+        con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {view}")
+    finally:
+        con.unregister(view)
 
 
 def to_json(value: Any) -> str:
