@@ -20,9 +20,8 @@ Systems, on the test pairs (held-out queries), the flag threshold chosen on dev 
 - the grade's QWK (adapter alone) with flags in training and without (a second run, same budget and pairs).
 
 Scores come from fine-tuning's shared-prefix forward (`annotator.finetune.score_examples`), the fastest way
-on a CPU; a few test pairs are scored again through the transformers backend's ``label_logprobs`` on
-``policy.render(pair) + policy.flag_suffix(label, flag)`` (`flag_logprobs_via_backend`, a stand-in for the
-labeler's flag scoring) and the largest log-odds gap is reported.
+on a CPU; a few test pairs are scored again by the labeler itself (`Labeler.flag_logprobs`, transformers backend)
+and the largest log-odds gap is reported.
 
     python -m bench.bench_flags [--quick] [--minutes M]
 
@@ -170,32 +169,16 @@ def score_pairs(model: Any, tokenizer: Any, policy: Policy, frame: pd.DataFrame)
     return grade, flag
 
 
-def flag_logprobs_via_backend(backend: Any, policy: Policy, pairs: list[PairText], labels: list[str]) -> np.ndarray:
-    """(n, n_flags, 2) log-probabilities of FLAG_OPTIONS after each flag prompt, through a backend's
-    ``label_logprobs`` (renormalised over the two options: the log-odds are the full vocabulary's).
-
-    A stand-in for the labeler's ``flag_logprobs`` (helper F1); the prompt is ``policy.render(pair) +
-    policy.flag_suffix(label, flag)``, flags in policy order.
-    """
-    token_ids = label_token_ids(backend, list(FLAG_OPTIONS))
-    prompts = [policy.render(pair) + policy.flag_suffix(label, flag)
-               for pair, label in zip(pairs, labels) for flag in policy.flag_names]
-    logprobs = backend.label_logprobs(prompts, token_ids, list(FLAG_OPTIONS))
-    return logprobs.reshape(len(pairs), len(policy.flag_names), 2)
-
-
 def backend_gap(model_dir: str, adapter: Path, policy: Policy, frame: pd.DataFrame, flag_logprobs: np.ndarray) -> float:
-    """The largest |log-odds| difference between `score_pairs` and the transformers backend on ``frame``."""
-    from annotator.backends.transformers_backend import TransformersBackend
+    """The largest |log-odds| difference between `score_pairs` and the labeler's own flag scoring
+    (`Labeler.flag_logprobs`, transformers backend, the adapter without its stack) on ``frame``.
+    ``policy`` is the base policy; the labeler puts it in the adapter's pair form itself."""
+    from annotator.labeler import Labeler
 
-    backend = TransformersBackend(model_dir, str(adapter))
-    try:
-        grade = backend.label_logprobs([policy.render(p) for p in pairs_of(frame)],
-                                       label_token_ids(backend, policy.answer_options()), policy.answer_options())
-        labels = [policy.scheme.label_names[i] for i in grade.argmax(1)]
-        again = flag_logprobs_via_backend(backend, policy, pairs_of(frame), labels)[:, 0]
-    finally:
-        backend.close()
+    pairs = pairs_of(frame)
+    with Labeler(model_dir, policy, backend="transformers", adapter=adapter, use_stack=False) as labeler:
+        labels = [labeler.label_names[i] for i in labeler.logprobs(pairs).argmax(axis=1)]
+        again = labeler.flag_logprobs(pairs, labels)[:, 0]
     return float(np.abs((again[:, 0] - again[:, 1]) - (flag_logprobs[:, 0] - flag_logprobs[:, 1])).max())
 
 
@@ -283,7 +266,7 @@ def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFra
         "stack_without_llm": flag_result(dev_truth, without_llm(dev), test_truth, without_llm(test), unseen),
         "stack": flag_result(dev_truth, dev_stack, test_truth, test_stack, unseen),
         "stack_dev_report": meta["stack"].get("flag_dev_report"),
-        "backend_max_logodds_gap": backend_gap(model_dir, out, served, test.head(backend_check), test_flag[:backend_check]),
+        "backend_max_logodds_gap": backend_gap(model_dir, out, policy, test.head(backend_check), test_flag[:backend_check]),
         "seconds": round(time.monotonic() - tick, 1)})
     return report
 
