@@ -180,6 +180,9 @@ def test_admin_adjudicates_in_chromium(fixture: ReviewFixture, start_review, bro
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
     log_in(page, "ann", ann)
+    # a click on the navigation while the login's rerun is still running can be lost under load
+    page.get_by_text("Logged in as ann (admin)").wait_for(timeout=90_000)
+    wait_until_idle(page)
     page.get_by_role("link", name="Adjudicate").click()
     page.get_by_text("Disagreements waiting (1)").wait_for(timeout=90_000)
     page.get_by_text("bob=substitute; carol=exact").first.wait_for(timeout=60_000)
