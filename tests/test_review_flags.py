@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -121,6 +122,19 @@ def test_flag_priority_puts_likely_flagged_pairs_first(flagged) -> None:
     assert queue["pair_id"].tolist()[1:] == fixture.expected_order
     lower = load_queue(fixture.store, "alice", settings=ReviewSettings(overlap=0.0, flag_priority=0.3))
     assert lower["pair_id"].tolist()[:2] == [likely, unlikely]
+
+
+def test_blind_llm_hides_the_flagged_reason_and_score_in_the_queue(flagged) -> None:
+    """The reason 'LLM flag prohibited 0.92' and the score would tell the LLM's output on a blind item."""
+    fixture, likely, _ = flagged
+    blind = load_queue(fixture.store, "alice", settings=ReviewSettings(overlap=1.0, flag_priority=0.5, blind_llm=True))
+    row = blind.set_index("pair_id").loc[likely]
+    assert (row["source"], row["blind"]) == ("flagged", True)
+    assert row["reason"] == "the LLM's output is hidden on this blind overlap item until you decide"
+    assert pd.isna(row["score"]) and pd.isna(row["flag_probability"])
+    assert "0.92" not in " ".join(blind["reason"])
+    seen = load_queue(fixture.store, "alice", settings=ReviewSettings(overlap=1.0, flag_priority=0.5))
+    assert seen.set_index("pair_id").loc[likely, "reason"] == "LLM flag prohibited 0.92"  # blind to humans only
 
 
 def test_flag_priority_from_config_is_checked(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ def load_queue(store: Store, annotator: str | None, filters: QueueFilters = Queu
         "flag_priority": settings.flag_priority,
         "overlap": settings.overlap,
         "overlap_k": settings.overlap_k,
+        "blind_llm": settings.blind_llm,
         "default_scheme": settings.default_scheme,
         "sources": list(filters.sources),
         "label": filters.label or None,

@@ -13,8 +13,9 @@
 -- Within a tier the higher score comes first (flagged: the highest flag probability). Items this annotator decided are left out; items
 -- they skipped come after everything else. Undone decisions do not count (live_labels).
 -- `blind` marks overlap items; their current label is not given (the review page hides it too), nor
--- `flag_probability` (the highest flag probability of the pair's newest LLM label).
--- Parameters: $annotator, $min_confidence, $flag_priority, $overlap, $overlap_k, $default_scheme, $sources, $label, $query_text, $dataset.
+-- `flag_probability` (the highest flag probability of the pair's newest LLM label). With $blind_llm, a blind
+-- item queued as flagged or uncertain has neither the reason nor the score (both tell the LLM's output).
+-- Parameters: $annotator, $min_confidence, $flag_priority, $overlap, $overlap_k, $blind_llm, $default_scheme, $sources, $label, $query_text, $dataset.
 WITH
 humans AS (
     SELECT pair_id, scheme,
@@ -111,7 +112,11 @@ my_skips AS (
     WHERE action = 'skip' AND annotator = $annotator
     GROUP BY pair_id, scheme
 )
-SELECT i.pair_id, i.scheme, i.source, i.reason, i.score, i.tier, i.all_sources,
+SELECT i.pair_id, i.scheme, i.source,
+       CASE WHEN i.blind AND $blind_llm AND i.source IN ('flagged', 'uncertain')
+            THEN 'the LLM''s output is hidden on this blind overlap item until you decide' ELSE i.reason END AS reason,
+       CASE WHEN i.blind AND $blind_llm AND i.source IN ('flagged', 'uncertain') THEN NULL ELSE i.score END AS score,
+       i.tier, i.all_sources,
        p.dataset, q.text AS query, pr.title,
        CASE WHEN i.blind THEN NULL ELSE c.label END AS current_label,
        CASE WHEN i.blind THEN NULL ELSE c.source END AS current_source,
