@@ -153,3 +153,26 @@ def test_hybrid_reports_flag_counts_and_excluded_rows(store: Store) -> None:
     # all 8 products are candidates of the neural side, so each query's top 10 holds every flagged one it ranks
     assert by_name["neural"]["flagged@10_total"] == 2 * 3
     assert all(metrics["flagged@10_total"] == 0 for name, metrics in by_name.items() if name.endswith(EXCLUDED_SUFFIX))
+
+
+def test_hybrid_excluded_rankings_are_filled_to_k_and_the_plain_ones_unchanged(store: Store) -> None:
+    from trainer.evaluation import evaluate_hybrid
+    from trainer.model import TwoTowerModel
+
+    pairs = held_out_pairs(store)
+    products = load_products(store, "toy", ("title",))
+    model = TwoTowerModel.from_pretrained()
+    flagged = flagged_product_ids(store)
+    reports, info = evaluate_hybrid(model, pairs, pairs, products, k=2, grid=(0.0, 0.5, 1.0),
+                                    flagged=flagged, exclude_flagged=True)
+    plain, _ = evaluate_hybrid(model, pairs, pairs, products, k=2, grid=(0.0, 0.5, 1.0), flagged=flagged)
+    runs = {r.system: r.run for r in reports}
+    for name, run in runs.items():
+        if name.endswith(EXCLUDED_SUFFIX) and not name.startswith("BM25"):  # BM25 matches fewer than k on some
+            assert all(len(ranked) == 2 and not set(ranked) & flagged for ranked in run.values()), name
+    before = {r.system: r.run for r in plain}
+    assert before["neural"] == runs["neural"]
+    # BM25 ties may be cut differently at another depth (and so the blends' candidates); the scores kept are not
+    bm25 = "BM25 (bm25s, stemmed)"
+    assert {q: sorted(r.values()) for q, r in before[bm25].items()} == {q: sorted(r.values()) for q, r in runs[bm25].items()}
+    assert set(info["excluded_weights"]) == {"calibrated", "minmax"}

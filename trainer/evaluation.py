@@ -211,43 +211,57 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
     """BM25, `model` and their blends (`trainer.hybrid`) on the `test` queries; the bands and the blend
     weights are fitted on the `dev` queries' labelled pairs. Returns (reports, {weights, dev curves, sizes}).
 
-    `flagged` and `exclude_flagged` as in `evaluate_systems`, except that the excluded rankings filter each
-    system's candidates as ranked (BM25 and neural to depth k, a blend the union of both): the weights stay
-    the ones fitted without filtering, so a filtered list can be shorter than k."""
+    `flagged` and `exclude_flagged` as in `evaluate_systems`: the excluded rankings filter the flagged
+    products out of BM25's and the model's candidates (retrieved deep enough to leave k each), and the
+    blends are then built and their weights chosen on dev over those filtered candidates, as a catalog filter
+    in front of the ranker would."""
+    if exclude_flagged and flagged is None:
+        raise ValueError("exclude_flagged needs the flagged products")
+    flagged_here = frozenset(flagged or ()) & frozenset(products["product_id"])
+    depth = k + (len(flagged_here) if exclude_flagged else 0)
     product_vectors = model.encode_products(products["product_text"].tolist())
     position = {pid: i for i, pid in enumerate(products["product_id"])}
     index = Bm25Index(products, stemmer=stemmer)
-    qrels, base, neural, lexical = {}, {}, {}, {}
+    qrels, deep, vectors, texts = {}, {}, {}, {}
     for part, pairs in (("dev", dev), ("test", test)):
         qrels[part] = qrels_from_pairs(pairs.frame)
         queries = _queries(pairs, qrels[part])
-        vectors = dict(zip(queries["query_id"], model.encode_queries(queries["query_text"].tolist())))
-        texts = dict(zip(queries["query_id"], queries["query_text"]))
-        base[part] = (dense_run(model, queries, products, k, product_vectors), index.run(queries, k))
-        neural[part], lexical[part] = complete_runs(
-            *base[part],
-            lambda qid, ids: product_vectors[[position[p] for p in ids]] @ vectors[qid],
-            lambda qid, ids: index.scores(texts[qid])[[position[p] for p in ids]])
+        vectors |= dict(zip(queries["query_id"], model.encode_queries(queries["query_text"].tolist())))
+        texts |= dict(zip(queries["query_id"], queries["query_text"]))
+        deep[part] = (dense_run(model, queries, products, depth, product_vectors), index.run(queries, depth))
     scores, grades, _, options = _scored_arrays(model, dev)
     bands = fit_bands(scores, grades, **options)
     top_grade = test.scheme.max_grade
-    blends = hybrid_runs(neural, lexical, lambda run: retrieval_metrics(qrels["dev"], run, top_grade)["ndcg@10"],
-                         bands, grid=grid)
-    runs = {"BM25 (bm25s, stemmed)": base["test"][1], "neural": base["test"][0], **blends.runs}
+    filters = {"": lambda run: run}
     if exclude_flagged:
-        if flagged is None:
-            raise ValueError("exclude_flagged needs the flagged products")
-        runs |= {name + EXCLUDED_SUFFIX: exclude_products(run, frozenset(flagged)) for name, run in list(runs.items())}
+        filters[EXCLUDED_SUFFIX] = lambda run: exclude_products(run, flagged_here)
+    runs: dict[str, Run] = {}
+    info: dict = {}
+    for suffix, keep in filters.items():
+        base = {part: tuple(truncate_run(keep(run), k) for run in deep[part]) for part in deep}
+        neural, lexical = {}, {}
+        for part in base:
+            neural[part], lexical[part] = complete_runs(
+                *base[part],
+                lambda qid, ids: product_vectors[[position[p] for p in ids]] @ vectors[qid],
+                lambda qid, ids: index.scores(texts[qid])[[position[p] for p in ids]])
+        blends = hybrid_runs(neural, lexical, lambda run: retrieval_metrics(qrels["dev"], run, top_grade)["ndcg@10"],
+                             bands, grid=grid)
+        variant = {"BM25 (bm25s, stemmed)": base["test"][1], "neural": base["test"][0], **blends.runs}
+        runs |= {name + suffix: run for name, run in variant.items()}
+        if not suffix:
+            info = {"calibrated_weight": blends.calibrated_weight, "minmax_weight": blends.minmax_weight,
+                    "dev_ndcg@10_by_weight": blends.dev_curve, "dev_ndcg@10_by_weight_minmax": blends.dev_curve_minmax}
+        else:
+            info["excluded_weights"] = {"calibrated": blends.calibrated_weight, "minmax": blends.minmax_weight}
     reports = [RetrievalReport(name, retrieval_metrics(qrels["test"], run, top_grade), run=run)
                for name, run in runs.items()]
     for report in reports:
         if flagged is not None:
-            report.metrics.update(flagged_in_top(report.run, frozenset(flagged)))
+            report.metrics.update(flagged_in_top(report.run, flagged_here))
         report.metrics["n_queries"] = float(len(qrels["test"]))
         report.metrics["n_products"] = float(len(products))
-    info = {"calibrated_weight": blends.calibrated_weight, "minmax_weight": blends.minmax_weight,
-            "dev_ndcg@10_by_weight": blends.dev_curve, "dev_ndcg@10_by_weight_minmax": blends.dev_curve_minmax,
-            "n_dev_queries": len(qrels["dev"]), "n_test_queries": len(qrels["test"]), "bands": bands.to_dict()}
+    info |= {"n_dev_queries": len(qrels["dev"]), "n_test_queries": len(qrels["test"]), "bands": bands.to_dict()}
     return reports, info
 
 
