@@ -213,14 +213,37 @@ def flag_result(dev_truth: np.ndarray, dev_prob: np.ndarray, test_truth: np.ndar
                                 **at_threshold(test_truth[unseen], test_prob[unseen], threshold)}}
 
 
+def grade_truth(frame: pd.DataFrame, policy: Policy) -> np.ndarray:
+    names = policy.scheme.label_names
+    return np.array([names.index(label) for label in frame["label"]])
+
+
 def grade_qwk(logprobs: np.ndarray, frame: pd.DataFrame, policy: Policy, temperature: float) -> float:
     from annotator.calibration import apply_temperature
 
     names = policy.scheme.label_names
-    truth = np.array([names.index(label) for label in frame["label"]])
-    metrics = evaluate_labels(truth, apply_temperature(logprobs, temperature), [policy.scheme.grades[n] for n in names],
-                              label_names=names)
+    metrics = evaluate_labels(grade_truth(frame, policy), apply_temperature(logprobs, temperature),
+                              [policy.scheme.grades[n] for n in names], label_names=names)
     return round(float(metrics["qwk"]), 4)
+
+
+def qwk_difference(truth: np.ndarray, with_flags: np.ndarray, without_flags: np.ndarray, *,
+                   resamples: int = 2000, seed: int = SEED) -> dict[str, float]:
+    """QWK(with) - QWK(without) on the same test pairs (predicted grade indices, shape (n,) each), with a 95%
+    paired bootstrap interval over pairs. 'no worse' holds unless the whole interval lies below 0."""
+    from sklearn.metrics import cohen_kappa_score
+
+    def qwk(pred: np.ndarray, rows: np.ndarray) -> float:
+        value = cohen_kappa_score(truth[rows], pred[rows], weights="quadratic", labels=np.unique(truth))
+        return 0.0 if np.isnan(value) else float(value)
+
+    everything = np.arange(len(truth))
+    rng = np.random.default_rng(seed)
+    draws = [qwk(with_flags, rows) - qwk(without_flags, rows)
+             for rows in (rng.integers(0, len(truth), len(truth)) for _ in range(resamples))]
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return {"difference": round(qwk(with_flags, everything) - qwk(without_flags, everything), 4),
+            "low": round(float(low), 4), "high": round(float(high), 4), "no_worse": bool(high >= 0.0)}
 
 
 # -- systems ----------------------------------------------------------------------------------------
@@ -248,7 +271,10 @@ def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFra
     test_grade, test_flag = score_pairs(model, tokenizer, served, test)
     report: dict[str, Any] = {"train_seconds": meta["train_seconds"], "steps": meta["steps"], "epochs": meta["epochs"],
                               "stop_reason": meta["stop_reason"], "n_train": meta["n_train"], "n_dev": meta["n_dev"],
-                              "grade_qwk_adapter": grade_qwk(test_grade, test, policy, meta["temperature"])}
+                              "grade_qwk_adapter": grade_qwk(test_grade, test, policy, meta["temperature"]),
+                              "grade_distribution": np.bincount(test_grade.argmax(axis=1),
+                                                                minlength=test_grade.shape[1]).tolist(),
+                              "_grade_pred": test_grade.argmax(axis=1)}
     if not flags:
         return {**report, "seconds": round(time.monotonic() - tick, 1)}
     _, dev_flag = score_pairs(model, tokenizer, served, dev)
@@ -306,9 +332,12 @@ def figures(result: dict[str, Any], minutes: float, quick: bool) -> list[dict[st
         for measure in ("precision", "recall"):
             rows.append({"name": f"Pesticide flag {measure}, {label}{note}", "value": system[measure], "unit": measure,
                          "target": "", "anchor": f"at threshold {system['threshold']} chosen on dev (best dev F1)"})
+    gap = result["grade_qwk_difference"]
     rows.append({"name": f"Grade QWK (adapter alone), flags in training{note}", "value": tuned["grade_qwk_adapter"],
                  "unit": "QWK", "target": "no worse than without flags",
-                 "anchor": f"without flags: {result['without_flags']['grade_qwk_adapter']} (same pairs, {budget})"})
+                 "anchor": f"without flags: {result['without_flags']['grade_qwk_adapter']} (same pairs, {budget}); "
+                           f"difference {gap['difference']:+.3f}, 95% paired bootstrap [{gap['low']:+.3f}, "
+                           f"{gap['high']:+.3f}]: {'no worse' if gap['no_worse'] else 'worse'}"})
     rows.append({"name": f"Grade QWK (adapter alone), no flags in training{note}",
                  "value": result["without_flags"]["grade_qwk_adapter"], "unit": "QWK", "target": "reference",
                  "anchor": budget})
@@ -350,6 +379,8 @@ def main() -> None:
                                           flags=True, backend_check=size["backend_check"], unseen=unseen)
         result["without_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args,
                                              Path(folder) / "grade", flags=False, backend_check=0, unseen=unseen)
+    result["grade_qwk_difference"] = qwk_difference(grade_truth(test, policy), result["with_flags"].pop("_grade_pred"),
+                                                    result["without_flags"].pop("_grade_pred"))
     data = (f"../shared/data homedepot/train.csv: {len(planted)} pairs ({int(planted['pesticide'].sum())} of flagged "
             f"products, {int(planted['near_miss'].sum())} near misses); split by query: {len(train)} train, "
             f"{len(dev)} dev, {len(test)} test pairs")
