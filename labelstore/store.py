@@ -77,8 +77,11 @@ class LabelRecord:
 
 
 def _is_lock_error(exc: Exception) -> bool:
+    """Whether opening failed because another process holds the file, or is just letting it go: a writer
+    that is closing (checkpointing its WAL) can leave a reader short of bytes for a moment (seen under load)."""
     text = str(exc).lower()
-    return "lock" in text and ("conflicting" in text or "could not set" in text or "resource temporarily" in text)
+    held = "lock" in text and ("conflicting" in text or "could not set" in text or "resource temporarily" in text)
+    return held or "could not read enough bytes" in text
 
 
 def _migrations() -> list[tuple[str, Path]]:

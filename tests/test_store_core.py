@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
+import duckdb
 import pytest
 
 import labelstore.store as store_module
@@ -196,6 +197,14 @@ for i in range(count):
     assert store.add_labels([record]) == 1
     time.sleep(0.01)  # a writer pauses between labels, as the UI and a batch job do
 """
+
+
+def test_opening_retries_while_another_process_holds_or_releases_the_file() -> None:
+    from labelstore.store import _is_lock_error
+
+    assert _is_lock_error(duckdb.IOException('IO Error: Could not set lock on file "s.duckdb": Conflicting lock'))
+    assert _is_lock_error(duckdb.IOException("IO Error: Could not read enough bytes from file \"s.duckdb\""))
+    assert not _is_lock_error(duckdb.IOException("IO Error: Cannot open file \"s.duckdb\": Permission denied"))
 
 
 def test_two_writer_processes_lose_nothing(store: Store, tmp_path: Path) -> None:
