@@ -281,7 +281,8 @@ def _fmt(value: Any) -> str:
 
 # -- labels from the store --------------------------------------------------------------------------
 # One label per pair of `$scheme` from the sources in `$sources`: the earliest source in `$sources`
-# wins (so 'human,import' prefers a human label), then the newest. Optional run / author filters.
+# wins (so 'human,import' prefers a human label), then the newest; an undone decision does not count.
+# Optional run / author filters.
 LABELLED_PAIRS_SQL = """
 SELECT pair_id, query_id, dataset, query, title, description, brand, raw_rating, label, grade, probs, source, author, run_id,
        label_id
@@ -290,7 +291,7 @@ FROM (
            l.label, l.grade, l.probs, l.source, l.author, l.run_id, l.label_id,
            row_number() OVER (PARTITION BY l.pair_id
                               ORDER BY list_position($sources, l.source), l.created_at DESC, l.label_id DESC) AS pick
-    FROM labels l
+    FROM live_labels l
     JOIN pairs p ON p.pair_id = l.pair_id
     JOIN queries q ON q.query_id = p.query_id
     JOIN products pr ON pr.product_id = p.product_id

@@ -12,6 +12,7 @@ from app.context import console, get_store_path, open_store
 from labelstore.config import section
 from labelstore.errors import MnrError
 from labelstore.export import events_path, export_labels
+from labelstore.errors import IngestError
 from labelstore.ingest import FORMATS, PRESETS, ingest_file, parse_flag_columns, parse_mapping
 from labelstore.status import store_status
 
@@ -36,15 +37,18 @@ def ingest(
     flag: List[str] = typer.Option([], "--flag", help="flag=column: a column of human decisions on a policy flag, "
                                    "e.g. --flag prohibited=is_prohibited (repeatable). Values yes/no, true/false or "
                                    "1/0; empty: no decision. They are stored with the imported labels."),
+    flag_policy: Optional[str] = typer.Option(None, "--policy", help="With --flag: the policy (name or TOML path) "
+                                              "whose [[flags]] the names must be (default: any built-in policy's)."),
 ) -> None:
     """Validate a file whole and add its pairs and labels. Re-ingesting the same file adds nothing.
 
     A file without a label or rating column adds unlabelled pairs, ready for `mnr label --select unlabeled`.
     """
+    flags = _declared_flags(parse_flag_columns(flag), flag_policy)
     store = open_store()
     with console.status(f"ingesting {path}"):
         result = ingest_file(store, path, fmt=fmt, preset=preset, mapping=parse_mapping(mapping), scheme=scheme,
-                             dataset=dataset, encoding=encoding, unlabeled=unlabeled, flags=parse_flag_columns(flag),
+                             dataset=dataset, encoding=encoding, unlabeled=unlabeled, flags=flags,
                              rating_map=rating_map if rating_map is not None else _config_rating_map())
     added = ", ".join(f"{n} {table}" for table, n in result.inserted.items())
     console.print(f"{path}: read {result.rows_read} rows ({result.encoding or 'binary'}), "
@@ -60,6 +64,24 @@ def _config_rating_map() -> str | None:
         return value
     raise MnrError(f"[ingest] rating_map in mnr.toml must be a string such as '1=irrelevant,2=partial,3=relevant', "
                    f"not {value!r}")
+
+
+def _declared_flags(flags: dict[str, str], policy: str | None) -> dict[str, str]:
+    """`flags` ({name: column}) when every name is a flag `policy` declares (None: any built-in policy);
+    else an `IngestError`: a misspelt flag would be stored, exported, and never learnt."""
+    from annotator.prompts import list_policies, load_prompt_policy
+
+    if not flags:
+        return flags
+    policies = [load_prompt_policy(policy)] if policy else [load_prompt_policy(name) for name in list_policies()]
+    declared = sorted({name for loaded in policies for name in loaded.flag_names})
+    unknown = sorted(set(flags) - set(declared))
+    if unknown:
+        where = f"not declared by policy '{policies[0].name}'" if policy else "declared by no built-in policy"
+        raise IngestError("--flag", [(None, None, f"flag(s) {', '.join(unknown)} {where} (declared: "
+                                                  f"{', '.join(declared) or 'none'}); a flag of your own policy file "
+                                                  "needs --policy PATH")])
+    return flags
 
 
 def export(
@@ -102,10 +124,10 @@ def status(
         labels.add_row(row.scheme, row.source, row.label, f"{row.n:,}")
     console.print(labels)
     if len(info.flags):
-        flags = Table("scheme", "flag", "labels", "flagged", "set by a human", "cleared by a human",
-                      title="Policy flags on current labels")
+        flags = Table("scheme", "flag", "pairs scored or decided", "flagged", "set by a human", "cleared by a human",
+                      title="Policy flags of the pairs (current state)")
         for row in info.flags.itertuples():
-            flags.add_row(row.scheme, row.flag, f"{row.labels:,}", f"{row.flagged:,}", f"{row.decided_set:,}",
+            flags.add_row(row.scheme, row.flag, f"{row.pairs:,}", f"{row.flagged:,}", f"{row.decided_set:,}",
                           f"{row.decided_cleared:,}")
         console.print(flags)
     recent = Table("run", "kind", "status", "started", "finished", title="Latest runs")

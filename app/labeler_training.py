@@ -66,7 +66,8 @@ def finetune_data(store: Store, policy: str | Policy, sources: Sequence[str], ar
 
     loaded = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
     scheme = loaded.scheme
-    frame = with_flag_decisions(store, labelled_pairs(store, scheme.name, list(sources)), loaded.flag_names)
+    frame = with_flag_decisions(store, labelled_pairs(store, scheme.name, list(sources)), scheme.name,
+                                loaded.flag_names)
     if keep is not None:
         frame = frame[keep(frame)].reset_index(drop=True)
     if frame.empty:
@@ -78,17 +79,19 @@ def finetune_data(store: Store, policy: str | Policy, sources: Sequence[str], ar
     return FinetuneData(loaded, list(sources), train, dev)
 
 
-def with_flag_decisions(store: Store, frame: pd.DataFrame, flag_names: Sequence[str]) -> pd.DataFrame:
-    """``frame`` (with column label_id) and a column ``flags``: per pair the human decisions of its label on the
-    flags ``flag_names`` (the policy's; a decision on a flag it no longer declares cannot be learnt), flag name ->
-    True (set) / False (cleared), or None when none was made; `finetune` learns them."""
+def with_flag_decisions(store: Store, frame: pd.DataFrame, scheme: str, flag_names: Sequence[str]) -> pd.DataFrame:
+    """``frame`` (with column pair_id) and a column ``flags``: per pair its current human decisions (view
+    `current_flags`: the newest live one per flag, whichever label carried it) on the flags ``flag_names`` (the
+    policy's; a decision on a flag it no longer declares cannot be learnt), flag name -> True (set) / False
+    (cleared), or None when none was made; `finetune` learns them."""
     from labelstore.sqlfiles import sql
 
-    decisions = store.df(sql("labelstore", "label_flag_decisions"), {"label_ids": [int(i) for i in frame["label_id"]]})
-    by_label: dict[int, dict[str, bool]] = {}
+    decisions = store.df(sql("labelstore", "pair_flag_decisions"),
+                         {"scheme": scheme, "pair_ids": [str(p) for p in frame["pair_id"]]})
+    by_pair: dict[str, dict[str, bool]] = {}
     for row in decisions[decisions["flag"].isin(list(flag_names))].itertuples(index=False):
-        by_label.setdefault(int(row.label_id), {})[str(row.flag)] = bool(row.decision)
-    return frame.assign(flags=[by_label.get(int(label_id)) for label_id in frame["label_id"]])
+        by_pair.setdefault(str(row.pair_id), {})[str(row.flag)] = bool(row.decision)
+    return frame.assign(flags=[by_pair.get(str(pair_id)) for pair_id in frame["pair_id"]])
 
 
 def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: FinetuneArgs, *,

@@ -32,8 +32,9 @@ def export_labels(store: Store, out: str | Path, *, fmt: str | None = None, hist
     kind = "history" if history else "current"
     params = {"scheme": scheme, "source": source}
     frame = store.df(sql("labelstore", f"export_{kind}"), params)
-    flags = store.df(sql("labelstore", f"export_flags_{kind}"), params)
-    frame = with_flag_columns(frame, flags, ["label_id"] if history else ["pair_id", "scheme"])
+    flags = store.df(sql("labelstore", f"export_flags_{kind}"), params if history else {"scheme": scheme})
+    keys = ["label_id"] if history else ["pair_id", "scheme"]
+    frame = with_flag_columns(frame, flags.merge(frame[keys], on=keys), keys)  # only the exported rows' flags
     out.parent.mkdir(parents=True, exist_ok=True)
     if history:
         _write(store.df(sql("labelstore", "export_events"), {"scheme": scheme}), events_path(out), fmt)

@@ -1,8 +1,9 @@
 """Read-side helpers over policy flags (`label_flags`, view `current_flags`, migration 0010).
 
-A flag is flagged for a pair when the pair's current label flags it: the human decision (set or cleared)
-when one was made, else the labeler's probability at or above a threshold. Flags are about the product,
-not the query, so a product is flagged when a current label of *any* of its pairs is flagged.
+A flag's state is about the pair, not one label (view `current_flags`): the newest live human decision (set or
+cleared) when one was made, else the newest LLM label's probability at or above a threshold. Flags are about
+the product, not the query: per product, the newest decision on any of its pairs decides, else any pair's
+probability at the threshold flags it.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def check_threshold(threshold: float) -> float:
 
 def current_flags(store: Store, pair_ids: Sequence[str] | None = None, *, scheme: str | None = None,
                   threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
-    """The flags of the current labels of `pair_ids` (None: every pair): columns `CURRENT_FLAG_COLUMNS`,
-    `flagged` at `threshold`. A pair whose current label carries no flags has no rows."""
+    """The current flags of `pair_ids` (None: every pair), one row per (pair, scheme, flag): columns
+    `CURRENT_FLAG_COLUMNS`, `flagged` at `threshold`. A pair no label scored or decided a flag on has no rows."""
     return store.df(sql("labelstore", "flags_current"), {
         "threshold": check_threshold(threshold), "pair_ids": None if pair_ids is None else list(pair_ids),
         "scheme": scheme})
@@ -42,8 +43,9 @@ def flags_of_labels(store: Store, label_ids: Sequence[int]) -> dict[int, dict[st
 
 
 def flagged_products(store: Store, *, threshold: float = DEFAULT_THRESHOLD, dataset: str | None = None) -> pd.DataFrame:
-    """Products flagged by a current label of any of their pairs: columns product_id, flags (comma-separated
-    names), n_pairs (pairs flagging it). `dataset` narrows to one dataset's pairs."""
+    """Flagged products (the newest human decision on any of their pairs, else a pair's probability at
+    `threshold`): columns product_id, flags (comma-separated names), n_pairs (pairs whose own state is
+    flagged). `dataset` narrows to one dataset's pairs."""
     return store.df(sql("labelstore", "flagged_products"),
                     {"threshold": check_threshold(threshold), "dataset": dataset})
 

@@ -155,8 +155,8 @@ def guess_format(path: Path) -> str:
 
 # -- validation -----------------------------------------------------------------------------
 def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
+    if value is None or value is pd.NA or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return ""  # pd.NA: an empty cell of a nullable column, as an export writes flag decisions
     return str(value).strip()
 
 

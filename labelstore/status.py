@@ -19,7 +19,7 @@ class StoreStatus:
     label_distribution: pd.DataFrame   # scheme, source, label, n (all history)
     current_distribution: pd.DataFrame  # scheme, source, label, n (current labels)
     latest_runs: pd.DataFrame
-    flags: pd.DataFrame  # scheme, flag, labels, flagged, decided_set, decided_cleared (current labels)
+    flags: pd.DataFrame  # scheme, flag, pairs, flagged, decided_set, decided_cleared (view current_flags)
 
 
 def store_status(store: Store, runs: int = 10) -> StoreStatus:

@@ -95,7 +95,8 @@ def test_an_untouched_flag_is_no_decision_and_keeps_the_llm_score(flagged) -> No
         "WHERE l.source = 'human' AND l.pair_id = ? ORDER BY f.flag", [likely])
     assert rows == [("adult", 0.03, None), ("prohibited", 0.92, None)]
     flags = current_flags(fixture.store, [likely]).set_index("flag")
-    assert flags.loc["prohibited", "flagged"] and flags.loc["prohibited", "source"] == "human"
+    # no decision: the flag's state is still the LLM label's, though the human label is now current
+    assert flags.loc["prohibited", "flagged"] and flags.loc["prohibited", "source"] == "llm"
 
 
 def test_blind_overlap_with_blind_llm_hides_the_flag_probability(flagged, tmp_path: Path,
@@ -124,17 +125,18 @@ def test_flag_priority_puts_likely_flagged_pairs_first(flagged) -> None:
     assert lower["pair_id"].tolist()[:2] == [likely, unlikely]
 
 
-def test_blind_llm_hides_the_flagged_reason_and_score_in_the_queue(flagged) -> None:
-    """The reason 'LLM flag prohibited 0.92' and the score would tell the LLM's output on a blind item."""
+def test_blind_llm_queues_a_flagged_blind_item_as_overlap(flagged) -> None:
+    """Queued as flagged, first, with 'LLM flag prohibited 0.92', a blind item would tell the LLM's output."""
     fixture, likely, _ = flagged
     blind = load_queue(fixture.store, "alice", settings=ReviewSettings(overlap=1.0, flag_priority=0.5, blind_llm=True))
     row = blind.set_index("pair_id").loc[likely]
-    assert (row["source"], row["blind"]) == ("flagged", True)
-    assert row["reason"] == "the LLM's output is hidden on this blind overlap item until you decide"
-    assert pd.isna(row["score"]) and pd.isna(row["flag_probability"])
-    assert "0.92" not in " ".join(blind["reason"])
+    assert (row["source"], row["tier"], row["blind"]) == ("overlap", 3, True)
+    assert row["reason"] == "blind overlap: 0 of 2 annotators so far" and row["all_sources"] == "overlap"
+    assert pd.isna(row["flag_probability"])
+    assert not {"flagged", "uncertain"} & set(blind["source"]) and "0.92" not in " ".join(blind["reason"])
     seen = load_queue(fixture.store, "alice", settings=ReviewSettings(overlap=1.0, flag_priority=0.5))
-    assert seen.set_index("pair_id").loc[likely, "reason"] == "LLM flag prohibited 0.92"  # blind to humans only
+    assert seen.iloc[0]["pair_id"] == likely  # blind to other humans only: the LLM's output shows
+    assert seen.set_index("pair_id").loc[likely, "reason"] == "LLM flag prohibited 0.92"
 
 
 def test_flag_priority_from_config_is_checked(tmp_path: Path) -> None:

@@ -136,9 +136,57 @@ def test_label_flags_round_trip_and_a_duplicate_label_brings_no_duplicate_flags(
     current = store.df("SELECT pair_id, flag, flagged FROM current_flags ORDER BY pair_id, flag")
     by_key = {(row.pair_id, row.flag): bool(row.flagged) for row in current.itertuples()}
     assert by_key[(first, "prohibited")] and not by_key[(first, "adult")]
-    assert by_key[(second, "prohibited")] is False and (second, "adult") not in by_key, "the human label's own flags"
+    # the human label decided prohibited; it left adult alone, so the LLM label's 0.7 still stands
+    assert by_key[(second, "prohibited")] is False and by_key[(second, "adult")] is True
     with pytest.raises(ValueError, match="flag 'adult' probability 1.5"):
         LabelRecord(first, "esci", "exact", 3, "llm", "m", flags={"adult": 1.5})
+
+
+def test_a_flag_decision_stands_until_a_newer_decision_whatever_label_comes_later(store: Store) -> None:
+    """A flag is about the pair: a later label that does not mention it (an adjudication, a second reviewer
+    who left it untouched, an LLM relabel with --no-flags, an import under the LLM's precedence) keeps it."""
+    from labelstore.flags import current_flags, flagged_product_ids
+
+    one, two = store.df("SELECT pair_id FROM pairs ORDER BY pair_id LIMIT 2")["pair_id"]
+    at = datetime(2030, 1, 1)
+
+    def state(pair_id: str) -> tuple:
+        row = current_flags(store, [pair_id]).set_index("flag").loc["prohibited"]
+        return bool(row["flagged"]), row["decision"], row["probability"], row["source"]
+
+    store.add_labels([LabelRecord(one, "esci", "exact", 3, "llm", "m", flags={"prohibited": 0.9}, created_at=at),
+                      LabelRecord(one, "esci", "exact", 3, "import", "dataset", flag_decisions={"prohibited": False},
+                                  created_at=at + timedelta(hours=1))])
+    assert state(one) == (False, False, 0.9, "import"), "an imported decision overrules a current LLM label"
+    store.add_labels([LabelRecord(one, "esci", "exact", 3, "llm", "m2", created_at=at + timedelta(hours=2)),
+                      LabelRecord(one, "esci", "substitute", 2, "human", "ann", flag_decisions={"prohibited": True},
+                                  created_at=at + timedelta(hours=3))])
+    assert state(one) == (True, True, 0.9, "human")
+    store.add_labels([LabelRecord(one, "esci", "complement", 1, "human", "admin", created_at=at + timedelta(hours=4))])
+    assert state(one) == (True, True, 0.9, "human"), "an adjudication without flags keeps the decision"
+    clear = LabelRecord(one, "esci", "complement", 1, "human", "bob", flag_decisions={"prohibited": False},
+                        created_at=at + timedelta(hours=5))
+    store.add_labels([clear])
+    assert state(one)[:2] == (False, False)
+    cleared_id = store.scalar("SELECT label_id FROM labels WHERE author = 'bob'")
+    store.execute("INSERT INTO review_events (event_id, action, pair_id, scheme, annotator, label_id) "
+                  "VALUES ('u1', 'undo', ?, 'esci', 'bob', ?)", [one, cleared_id])
+    assert state(one)[:2] == (True, True), "an undone decision does not count"
+    # a product is flagged by its newest decision on any pair: a clear on one pair overrules a probability on another
+    product = store.scalar("SELECT product_id FROM pairs WHERE pair_id = ?", [one])
+    store.execute("UPDATE pairs SET product_id = ? WHERE pair_id = ?", [product, two])
+    store.add_labels([LabelRecord(two, "esci", "exact", 3, "llm", "m", flags={"prohibited": 0.97},
+                                  created_at=at + timedelta(hours=6))])
+    assert product in flagged_product_ids(store)
+    store.add_labels([LabelRecord(two, "esci", "exact", 3, "human", "cat", flag_decisions={"prohibited": False},
+                                  created_at=at + timedelta(hours=7))])
+    assert product not in flagged_product_ids(store)
+    # fine-tuning learns the pair's standing decision, not the picked label's own (the adjudication has none)
+    from annotator.evaluation import labelled_pairs
+    from app.labeler_training import with_flag_decisions
+
+    picked = with_flag_decisions(store, labelled_pairs(store, "esci", ["human"]), "esci", ["prohibited"])
+    assert picked.set_index("pair_id").loc[one, "flags"] == {"prohibited": True}
 
 
 @pytest.mark.parametrize("suffix", ["parquet", "csv"])
@@ -152,9 +200,12 @@ def test_export_has_a_probability_and_a_decision_column_per_flag(store: Store, t
                                           "flag_prohibited_decision"]
     assert current.loc[first, "flag_prohibited"] == 0.8 and current.loc[first, "flag_adult"] == 0.1
     assert pd.isna(current.loc[first, "flag_prohibited_decision"])
-    assert not current.loc[second, "flag_prohibited_decision"] and pd.isna(current.loc[second, "flag_prohibited"])
+    # the human decision beside the LLM probability it overrules, and the LLM's adult flag the human left alone
+    assert not current.loc[second, "flag_prohibited_decision"] and current.loc[second, "flag_prohibited"] == 0.9
+    assert current.loc[second, "flag_adult"] == 0.7
     assert pd.isna(current.loc[third, "flag_adult"]) and current.loc[third, "flag_prohibited"] == 0.2
-    assert current["flag_prohibited"].notna().sum() == 2, "pairs without flags have empty flag columns"
+    assert current["flag_prohibited"].notna().sum() == 3
+    assert current["flag_adult"].notna().sum() == 2, "pairs without flags have empty flag columns"
     export_labels(store, out, history=True)
     history = read(out)
     llm_second = history[(history["pair_id"] == second) & (history["source"] == "llm")].iloc[0]
@@ -167,8 +218,9 @@ def test_export_has_a_probability_and_a_decision_column_per_flag(store: Store, t
 def test_status_counts_flags_of_current_labels(store: Store) -> None:
     flagged_labels(store)
     flags = store_status(store).flags.set_index("flag")
-    assert flags.loc["prohibited", ["labels", "flagged", "decided_set", "decided_cleared"]].tolist() == [3, 1, 0, 1]
-    assert flags.loc["adult", ["labels", "flagged", "decided_set", "decided_cleared"]].tolist() == [1, 0, 0, 0]
+    assert flags.loc["prohibited", ["pairs", "flagged", "decided_set", "decided_cleared"]].tolist() == [3, 1, 0, 1]
+    # the second pair's human label decided only prohibited: its LLM label's adult 0.7 still stands
+    assert flags.loc["adult", ["pairs", "flagged", "decided_set", "decided_cleared"]].tolist() == [2, 1, 0, 0]
     assert store_status(store).table_counts["label_flags"] == 6
 
 
@@ -242,10 +294,10 @@ def test_cli_ingest_status_export_and_errors(tmp_path: Path) -> None:
     assert (tmp_path / "from-config.duckdb").exists()  # mnr.toml chose the store
     status = run_cli("status", "--json", cwd=tmp_path)
     assert json.loads(status.stdout)["tables"]["labels"] == 2
-    assert json.loads(status.stdout)["flags"] == [{"scheme": "esci", "flag": "prohibited", "labels": 2, "flagged": 1,
+    assert json.loads(status.stdout)["flags"] == [{"scheme": "esci", "flag": "prohibited", "pairs": 2, "flagged": 1,
                                                   "decided_set": 1, "decided_cleared": 1}]
     table = run_cli("status", cwd=tmp_path, columns=200)
-    assert "Policy flags on current labels" in table.stdout
+    assert "Policy flags of the pairs" in table.stdout
     cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.stdout.splitlines()]
     assert ["esci", "prohibited", "2", "1", "1", "1"] in cells, table.stdout
     exported = run_cli("--store", "from-config.duckdb", "export", "out.jsonl", cwd=tmp_path)

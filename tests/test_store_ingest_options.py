@@ -211,6 +211,36 @@ def test_flag_decisions_from_parquet_booleans(store: Store, tmp_path: Path) -> N
     assert flag_rows(store) == {("Hunting knife", "prohibited"): True}
 
 
+def test_cli_refuses_a_flag_no_policy_declares(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "flags.csv", FLAG_HEADER, FLAG_ROWS)
+    typo = _mnr(tmp_path, "ingest", str(path), "--scheme", "graded3", "--flag", "prohibted=is_prohibited")
+    message = " ".join(typo.stderr.split())
+    assert typo.returncode == 2 and "flag(s) prohibted declared by no built-in policy" in message
+    assert "adult, pesticide, prohibited" in message and not (tmp_path / "cli.duckdb").exists()
+    narrow = _mnr(tmp_path, "ingest", str(path), "--scheme", "graded3", "--flag", "adult=is_adult",
+                  "--policy", "home-improvement")
+    assert narrow.returncode == 2 and "not declared by policy 'home-improvement' (declared: pesticide)" in " ".join(
+        narrow.stderr.split())
+    done = _mnr(tmp_path, "ingest", str(path), "--scheme", "graded3", "--flag", "adult=is_adult", "--policy", "marketplace")
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_exported_flag_decision_column_ingests_again(store: Store, tmp_path: Path) -> None:
+    """An export writes decisions as a nullable boolean: its empty cells (pd.NA) are no decision."""
+    import pandas as pd
+
+    from labelstore.export import export_labels
+
+    ingest_file(store, write_csv(tmp_path / "flags.csv", FLAG_HEADER, FLAG_ROWS), scheme="graded3", flags=FLAG_COLUMNS)
+    export_labels(store, tmp_path / "labels.parquet")
+    exported = pd.read_parquet(tmp_path / "labels.parquet")
+    assert exported["flag_adult_decision"].isna().sum() == 2
+    other = Store(tmp_path / "other.duckdb")
+    ingest_file(other, tmp_path / "labels.parquet", scheme="graded3", dataset="again",
+                flags={"prohibited": "flag_prohibited_decision", "adult": "flag_adult_decision"})
+    assert flag_rows(other) == flag_rows(store)
+
+
 def test_bad_flag_value_names_file_row_and_field_and_writes_nothing(store: Store, tmp_path: Path) -> None:
     rows = [row[:] for row in FLAG_ROWS]
     rows[2][3] = "maybe"

@@ -1,4 +1,4 @@
--- The flags of each pair's current label (view `current_flags`), with `flagged` at a chosen threshold:
+-- The current flags of each pair (view `current_flags`), with `flagged` at a chosen threshold:
 -- the human decision when one was made, else probability >= $threshold.
 -- Parameters: $threshold, $pair_ids (NULL: every pair), $scheme (NULL: every scheme).
 SELECT pair_id, scheme, label_id, source, flag, probability, decision,

@@ -1,7 +1,8 @@
--- Policy flags on the current labels, per scheme and flag: how many labels carry the flag, how many
--- are flagged (the human decision, else probability >= 0.5), and the human decisions set / cleared.
+-- Policy flags of the pairs (view current_flags), per scheme and flag: how many pairs have the flag scored
+-- or decided, how many are flagged (the human decision, else probability >= 0.5), and the human decisions
+-- standing, set / cleared.
 SELECT scheme, flag,
-       count(*) AS labels,
+       count(*) AS pairs,
        count(*) FILTER (WHERE flagged) AS flagged,
        count(*) FILTER (WHERE decision) AS decided_set,
        count(*) FILTER (WHERE NOT decision) AS decided_cleared

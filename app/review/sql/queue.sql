@@ -14,7 +14,7 @@
 -- they skipped come after everything else. Undone decisions do not count (live_labels).
 -- `blind` marks overlap items; their current label is not given (the review page hides it too), nor
 -- `flag_probability` (the highest flag probability of the pair's newest LLM label). With $blind_llm, a blind
--- item queued as flagged or uncertain has neither the reason nor the score (both tell the LLM's output).
+-- item that would be queued as flagged or uncertain is queued as overlap instead (`shown_candidates`).
 -- Parameters: $annotator, $min_confidence, $flag_priority, $overlap, $overlap_k, $blind_llm, $default_scheme, $sources, $label, $query_text, $dataset.
 WITH
 humans AS (
@@ -99,11 +99,23 @@ candidates AS (
     )
     GROUP BY m.pair_id, ps.scheme
 ),
+shown_candidates AS (
+    -- with $blind_llm a blind item is not queued as flagged or uncertain (the source, its reason and the
+    -- item's place in the queue would tell the LLM's output): it waits as an overlap item, decided by nobody yet
+    SELECT pair_id, scheme,
+           CASE WHEN hide THEN 3 ELSE tier END AS tier,
+           CASE WHEN hide THEN 'overlap' ELSE source END AS source,
+           CASE WHEN hide THEN 0.0 ELSE score END AS score,
+           CASE WHEN hide THEN 'blind overlap: 0 of ' || $overlap_k || ' annotators so far' ELSE reason END AS reason
+    FROM (SELECT *, $blind_llm AND source IN ('flagged', 'uncertain') AND in_overlap(pair_id, scheme, $overlap) AS hide
+          FROM candidates)
+),
 items AS (
     SELECT pair_id, scheme, min(tier) AS tier,
            arg_min(source, tier) AS source, arg_min(score, tier) AS score, arg_min(reason, tier) AS reason,
            string_agg(source, ',' ORDER BY tier) AS all_sources
-    FROM candidates
+    FROM (SELECT * FROM shown_candidates
+          QUALIFY row_number() OVER (PARTITION BY pair_id, scheme, source ORDER BY tier) = 1)
     GROUP BY pair_id, scheme
 ),
 my_skips AS (
@@ -112,11 +124,7 @@ my_skips AS (
     WHERE action = 'skip' AND annotator = $annotator
     GROUP BY pair_id, scheme
 )
-SELECT i.pair_id, i.scheme, i.source,
-       CASE WHEN i.blind AND $blind_llm AND i.source IN ('flagged', 'uncertain')
-            THEN 'the LLM''s output is hidden on this blind overlap item until you decide' ELSE i.reason END AS reason,
-       CASE WHEN i.blind AND $blind_llm AND i.source IN ('flagged', 'uncertain') THEN NULL ELSE i.score END AS score,
-       i.tier, i.all_sources,
+SELECT i.pair_id, i.scheme, i.source, i.reason, i.score, i.tier, i.all_sources,
        p.dataset, q.text AS query, pr.title,
        CASE WHEN i.blind THEN NULL ELSE c.label END AS current_label,
        CASE WHEN i.blind THEN NULL ELSE c.source END AS current_source,

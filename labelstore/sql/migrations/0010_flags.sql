@@ -14,10 +14,38 @@ CREATE TABLE label_flags (
     CHECK (probability IS NOT NULL OR decision IS NOT NULL)
 );
 
--- The flags of each pair's current label: `flagged` is the human decision when there is one,
--- else whether the probability reaches 0.5 (callers with a tuned threshold read `probability`).
+-- The current state of each (pair, scheme, flag), which is about the pair, not any one label: a later
+-- label that does not mention a flag (an adjudication, a second reviewer who left it untouched, a relabel
+-- with --no-flags) does not unflag it.
+--   decision     the newest live human decision on it (review or import), whatever label carried it
+--   probability  the newest live LLM label's probability for it (else the one the decision was shown)
+--   flagged      the decision when there is one, else probability >= 0.5 (callers with a tuned threshold
+--                read `probability`)
+--   label_id, source, created_at   the label that decided it (the decision's, else the probability's)
 CREATE VIEW current_flags AS
-SELECT c.pair_id, c.scheme, c.label_id, c.source, f.flag, f.probability, f.decision,
-       coalesce(f.decision, f.probability >= 0.5) AS flagged
-FROM current_labels c
-JOIN label_flags f USING (label_id);
+WITH flag_rows AS (
+    SELECT l.pair_id, l.scheme, l.label_id, l.source, l.created_at, f.flag, f.probability, f.decision
+    FROM live_labels l
+    JOIN label_flags f USING (label_id)
+),
+decided AS (
+    SELECT * FROM flag_rows
+    WHERE decision IS NOT NULL
+    QUALIFY row_number() OVER (PARTITION BY pair_id, scheme, flag ORDER BY created_at DESC, label_id DESC) = 1
+),
+scored AS (
+    SELECT * FROM flag_rows
+    WHERE probability IS NOT NULL AND source = 'llm'
+    QUALIFY row_number() OVER (PARTITION BY pair_id, scheme, flag ORDER BY created_at DESC, label_id DESC) = 1
+),
+merged AS (
+    SELECT coalesce(d.pair_id, s.pair_id) AS pair_id, coalesce(d.scheme, s.scheme) AS scheme,
+           coalesce(d.label_id, s.label_id) AS label_id, coalesce(d.source, s.source) AS source,
+           coalesce(d.created_at, s.created_at) AS created_at, coalesce(d.flag, s.flag) AS flag,
+           coalesce(s.probability, d.probability) AS probability, d.decision
+    FROM decided d
+    FULL OUTER JOIN scored s ON s.pair_id = d.pair_id AND s.scheme = d.scheme AND s.flag = d.flag
+)
+SELECT pair_id, scheme, label_id, source, created_at, flag, probability, decision,
+       coalesce(decision, probability >= 0.5) AS flagged
+FROM merged;
