@@ -286,7 +286,7 @@ class Labeler:
             stack = self.stack
             assert stack is not None
             texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
-            logprobs = self.flag_logprobs(pairs, labels) if stack.uses_llm else None
+            logprobs = self.flag_logprobs(pairs, labels) if stack.flags_use_llm else None
             return np.asarray(stack.predict_flags(texts, logprobs), dtype=np.float64)
         return flag_probs_from_logprobs(self.flag_logprobs(pairs, labels), self.flag_temperatures)
 

@@ -78,6 +78,9 @@ def probs_from_logprobs(logprobs: np.ndarray, temperature: float = 1.0) -> np.nd
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+FLAG_LOGPROB_FLOOR = -100.0
+
+
 def flag_probs_from_logprobs(logprobs: np.ndarray, temperatures: list[float]) -> np.ndarray:
     """P(flag applies) = sigmoid((lp_yes - lp_no) / T) per flag.
 
@@ -96,4 +99,6 @@ def flag_probs_from_logprobs(logprobs: np.ndarray, temperatures: list[float]) ->
     scale = np.asarray(temperatures, dtype=np.float64)
     if (scale <= 0).any():
         raise ValueError(f"flag temperatures must be > 0, not {temperatures}")
+    # an engine may return no log-probability (-inf) for a token: floor both, so two missing ones give 0.5, not NaN
+    scores = np.maximum(scores, FLAG_LOGPROB_FLOOR)
     return expit((scores[:, :, 0] - scores[:, :, 1]) / scale)

@@ -152,6 +152,11 @@ class Stack:
     def uses_llm(self) -> bool:
         return "llm" in self.inputs
 
+    @property
+    def flags_use_llm(self) -> bool:
+        """Whether any flag needs the LLM's flag log-probabilities (an LLM input, or a temperature alone)."""
+        return any(flag.model is None or "llm" in flag.inputs for flag in self.flags)
+
     def predict_proba(self, frame: pd.DataFrame, llm_logprobs: np.ndarray | None = None,
                       cosine: np.ndarray | None = None) -> np.ndarray:
         """(n, K) label probabilities of the pairs of ``frame`` (columns query, title), scheme order."""

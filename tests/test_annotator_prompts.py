@@ -181,6 +181,9 @@ def test_flag_probs_are_a_tempered_sigmoid_of_the_yes_no_margin() -> None:
     tempered = flag_probs_from_logprobs(logprobs, [2.0, 1.0])
     np.testing.assert_allclose(tempered[:, 0], [2 / 3, 2 / 3], atol=1e-12)  # odds 4 -> 4 ** (1/2) = 2
     assert flag_probs_from_logprobs(np.zeros((3, 0, 2)), []).shape == (3, 0)
+    # a token an engine gave no log-probability: floored, never NaN
+    missing = flag_probs_from_logprobs(np.array([[[-np.inf, -np.inf]], [[np.log(0.5), -np.inf]]]), [1.0])
+    assert missing[0, 0] == 0.5 and missing[1, 0] > 0.999
     with pytest.raises(ValueError, match="shape"):
         flag_probs_from_logprobs(np.zeros((3, 2)), [1.0])
     with pytest.raises(ValueError, match="> 0"):

@@ -147,6 +147,11 @@ def test_flag_priority_from_config_is_checked(tmp_path: Path) -> None:
 
 
 def test_policy_of_author_and_toggle() -> None:
+    from annotator.pair_form import policy_in_form
+    from app.review.policy_flags import _versions_today
+
+    # an adapter labels under its pair form's version: that is no "policy has changed"
+    assert _versions_today("marketplace") == {MARKETPLACE.version, policy_in_form(MARKETPLACE, "short").version}
     assert policy_of_author(AUTHOR) == ("marketplace", MARKETPLACE.version)
     assert policy_of_author("smollm2+none+stack-1a2b@home-improvement:0123abcd") == ("home-improvement", "0123abcd")
     assert policy_of_author("llm:test") is None and policy_of_author(None) is None

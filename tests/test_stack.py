@@ -171,6 +171,11 @@ def test_flags_follow_a_title_word_rule_and_survive_save_and_load(fitted, tmp_pa
     assert float(np.mean((probs[:, 0] >= 0.5) == test_flag)) >= 0.95
     log_odds = flag_logprobs[:, 1, 0] - flag_logprobs[:, 1, 1]
     np.testing.assert_allclose(probs[:, 1], 1 / (1 + np.exp(-log_odds / 2.0)))  # the undecided flag: its temperature
+    # whether the labeler must ask the LLM for flag log-probabilities depends on the flags, not the grade's inputs
+    assert with_flags.flags_use_llm and not stack.flags_use_llm
+    lexical_flag = dataclasses.replace(flags[0], inputs=("lexical",))
+    assert not dataclasses.replace(stack, inputs=("lexical",), flags=[lexical_flag]).flags_use_llm
+    assert dataclasses.replace(stack, inputs=("lexical",), flags=[lexical_flag, flags[1]]).flags_use_llm
     with pytest.raises(st.StackError, match=r"need \(120, 2, 2\)"):
         with_flags.predict_flags(test[["query", "title"]], flag_logprobs[:, :1])
     # saved with the stack (JSON + npz), reloaded, the same probabilities; flags are part of the version

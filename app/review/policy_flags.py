@@ -68,6 +68,16 @@ def _declared_flags(policy: str) -> tuple[tuple[PolicyFlag, ...], str] | None:
     return loaded.flags, loaded.version
 
 
+@lru_cache(maxsize=32)
+def _versions_today(policy: str) -> frozenset[str]:
+    """The versions a label of `policy` as it is now can carry: the policy's own and each pair form's
+    (an adapter labels under its pair form's version)."""
+    from annotator.pair_form import PAIR_FORMS, policy_in_form
+
+    loaded = load_prompt_policy(policy)
+    return frozenset(policy_in_form(loaded, form).version for form in PAIR_FORMS)
+
+
 def item_flags(item: ReviewItem) -> ItemFlags:
     """The flags to review on `item`, in the policy's order, with the newest LLM label's probabilities."""
     llm = item.llm_label
@@ -82,7 +92,7 @@ def item_flags(item: ReviewItem) -> ItemFlags:
         flags, note = [], f"policy '{name}' cannot be loaded here: flags shown by name only"
     else:
         flags = list(declared[0])
-        if declared[1] != version:
+        if version not in _versions_today(name):
             note = f"policy '{name}' has changed since this label ({version}); definitions are today's"
     names = [flag.name for flag in flags] + sorted(set(probabilities) - {flag.name for flag in flags})
     definitions = {flag.name: flag.definition for flag in flags}
