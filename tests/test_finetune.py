@@ -593,6 +593,13 @@ def test_finetune_learns_a_flag_rule_beside_the_grade(flag_run) -> None:
     # these few steps (the tiny model starts far from " yes" / " no"), so it is only recorded
     assert history[-1]["flags"]["poison"]["log_loss"] < 0.5 * history[0]["flags"]["poison"]["log_loss"]
     assert all(np.isfinite(entry["train_flag_loss"]) for entry in history)
+    # the adapter kept is the best by the grade's dev log-loss plus the flag's, not by the grade alone
+    kept = [entry for entry in history if entry.get("best")][-1]
+    assert kept["select_value"] == min(entry["select_value"] for entry in history)
+    assert kept["select_value"] == pytest.approx(kept["log_loss"] + kept["flags"]["poison"]["log_loss"])
+    assert finetune_module.selection_value("log_loss", 0.9, {"a": {"log_loss": 0.2, "f1": 0.5},
+                                                             "b": {"log_loss": 0.4, "f1": 0.7}}) == pytest.approx(1.2)
+    assert finetune_module.selection_value("qwk", 0.1, {"a": {"log_loss": 0.2, "f1": 0.5}}) == pytest.approx(0.6)
     # every pair carries a decision, so every training sequence is a flag prompt holding its grade prompt
     assert meta["n_train_sequences"] == meta["n_train_used"] == meta["n_train"]
     assert meta["flag_decisions"]["poison"]["train_yes"] > 50 and meta["flag_decisions"]["poison"]["train_no"] > 50
