@@ -23,7 +23,11 @@ Scores come from fine-tuning's shared-prefix forward (`annotator.finetune.score_
 on a CPU; a few test pairs are scored again by the labeler itself (`Labeler.flag_logprobs`, transformers backend)
 and the largest log-odds gap is reported.
 
-    python -m bench.bench_flags [--quick] [--minutes M]
+    python -m bench.bench_flags [--quick] [--minutes M] [--zero-shot-from FLAGS_JSON]
+                                [--without-flags-adapter DIR] [--keep DIR]
+
+``--zero-shot-from`` and ``--without-flags-adapter`` reuse what an earlier run of the same mode made (the
+pairs are the same: a fixed seed), so a change to flag training can be measured again in one 30-minute run.
 
 ``--quick``: 1.5 minutes per fine-tuning run, 300 random pairs beside the planted ones, at most 100 dev and
 160 test pairs (a few minutes; its numbers are noisy). Full: 30 minutes per run (the grade's budget), 1,400
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +67,7 @@ from annotator.models import resolve_model  # noqa: E402
 from annotator.pair_form import policy_for_adapter  # noqa: E402
 from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy  # noqa: E402
 from annotator.scoring import label_token_ids  # noqa: E402
-from bench.common import command_line, skip, write_result  # noqa: E402
+from bench.common import skip, write_result  # noqa: E402
 from bench.flag_rule import is_near_miss, is_pesticide  # noqa: E402
 from labelstore.paths import shared_data_dir  # noqa: E402
 
@@ -80,6 +86,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=None, help="Budget per fine-tuning run (default 1.5 quick, 30 full).")
     parser.add_argument("--model", default="smollm2", help="Base model (a pulled name or a HF folder).")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    parser.add_argument("--zero-shot-from", type=Path, default=None,
+                        help="Take the zero-shot figures from this earlier flags.json of the same mode (same pairs).")
+    parser.add_argument("--without-flags-adapter", type=Path, default=None,
+                        help="An adapter an earlier run of the same mode trained without flags (the no-flag reference "
+                             "is scored, not trained again).")
+    parser.add_argument("--keep", type=Path, default=None, help="Keep both adapters under this folder.")
     return parser.parse_args()
 
 
@@ -297,6 +309,25 @@ def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFra
     return report
 
 
+def scored_without_flags(model_dir: str, tokenizer: Any, policy: Policy, test: pd.DataFrame,
+                         adapter: Path) -> dict[str, Any]:
+    """The no-flag reference from an adapter trained earlier (same pairs and budget): its training record and
+    its test grades, as `fine_tuned(flags=False)` reports them."""
+    from annotator.finetune import read_meta
+
+    tick = time.monotonic()
+    meta = read_meta(adapter)
+    if any(counts.get("train_yes", 0) + counts.get("train_no", 0) for counts in (meta.get("flag_decisions") or {}).values()):
+        raise SystemExit(f"{adapter}: this adapter learnt flags; --without-flags-adapter needs one trained without")
+    test_grade, _ = score_pairs(load_model(model_dir, adapter), tokenizer, policy_for_adapter(policy, meta), test)
+    return {"train_seconds": meta["train_seconds"], "steps": meta["steps"], "epochs": meta["epochs"],
+            "stop_reason": meta["stop_reason"], "n_train": meta["n_train"], "n_dev": meta["n_dev"],
+            "grade_qwk_adapter": grade_qwk(test_grade, test, policy, meta["temperature"]),
+            "grade_distribution": np.bincount(test_grade.argmax(axis=1), minlength=test_grade.shape[1]).tolist(),
+            "_grade_pred": test_grade.argmax(axis=1), "reused_adapter": str(adapter),
+            "seconds": round(time.monotonic() - tick, 1)}
+
+
 def lexical_flag_model(stack: st.Stack, dev: pd.DataFrame, dev_truth: np.ndarray):
     """The flag's stack without the LLM input, fitted on the same dev pairs: P(flag) of a frame."""
     words = stack.flags[0].words
@@ -373,19 +404,31 @@ def main() -> None:
                                         for name, part in (("train", train), ("dev", dev), ("test", test))},
                               "products_flagged_by_rule": int(frame.drop_duplicates("product_uid")["pesticide"].sum())}
     unseen = ~test["product_uid"].isin(set(train["product_uid"])).to_numpy()
-    result["zero_shot"] = zero_shot(model_dir, tokenizer, policy, dev, test, unseen)
-    with tempfile.TemporaryDirectory() as folder:
-        result["with_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args, Path(folder) / "flags",
+    if options.zero_shot_from is not None:
+        earlier = json.loads(options.zero_shot_from.read_text())
+        if earlier["pairs"] != result["pairs"] or earlier["quick"] != options.quick:
+            raise SystemExit(f"{options.zero_shot_from}: another mode or other pairs; its zero-shot figures do not apply")
+        result["zero_shot"] = {**earlier["zero_shot"], "reused_from": str(options.zero_shot_from)}
+    else:
+        result["zero_shot"] = zero_shot(model_dir, tokenizer, policy, dev, test, unseen)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = options.keep or Path(scratch)
+        if options.without_flags_adapter is not None:  # first: a wrong adapter fails before 30 minutes of training
+            reference = scored_without_flags(model_dir, tokenizer, policy, test, options.without_flags_adapter)
+        result["with_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args, folder / "flags",
                                           flags=True, backend_check=size["backend_check"], unseen=unseen)
-        result["without_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args,
-                                             Path(folder) / "grade", flags=False, backend_check=0, unseen=unseen)
+        if options.without_flags_adapter is not None:
+            result["without_flags"] = reference
+        else:
+            result["without_flags"] = fine_tuned(model_dir, tokenizer, policy, train, dev, test, args, folder / "grade",
+                                                 flags=False, backend_check=0, unseen=unseen)
     result["grade_qwk_difference"] = qwk_difference(grade_truth(test, policy), result["with_flags"].pop("_grade_pred"),
                                                     result["without_flags"].pop("_grade_pred"))
     data = (f"../shared/data homedepot/train.csv: {len(planted)} pairs ({int(planted['pesticide'].sum())} of flagged "
             f"products, {int(planted['near_miss'].sum())} near misses); split by query: {len(train)} train, "
             f"{len(dev)} dev, {len(test)} test pairs")
     write_result(NAME, options.quick, data, figures(result, minutes, options.quick), budget_minutes_per_run=minutes,
-                 command_full=command_line(NAME, options.quick) + (f" --minutes {minutes:g}" if options.minutes else ""),
+                 command_full=" ".join(["python -m bench.bench_flags", *sys.argv[1:]]),
                  **result)
 
 
