@@ -270,6 +270,17 @@ def zero_shot(model_dir: str, tokenizer: Any, policy: Policy, dev: pd.DataFrame,
     return {**result, "score_seconds": round(time.monotonic() - tick, 1)}
 
 
+def grade_report(meta: dict[str, Any], test_grade: np.ndarray, test: pd.DataFrame, policy: Policy) -> dict[str, Any]:
+    """An adapter's training record (``meta.json``) and its test grades ((n, K) log-probabilities): QWK, the
+    predicted grade distribution, and the predictions themselves (``_grade_pred``, for the paired bootstrap)."""
+    predicted = test_grade.argmax(axis=1)
+    return {"train_seconds": meta["train_seconds"], "steps": meta["steps"], "epochs": meta["epochs"],
+            "stop_reason": meta["stop_reason"], "n_train": meta["n_train"], "n_dev": meta["n_dev"],
+            "grade_qwk_adapter": grade_qwk(test_grade, test, policy, meta["temperature"]),
+            "grade_distribution": np.bincount(predicted, minlength=test_grade.shape[1]).tolist(),
+            "_grade_pred": predicted}
+
+
 def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFrame, dev: pd.DataFrame,
                test: pd.DataFrame, args: FinetuneArgs, out: Path, *, flags: bool, backend_check: int,
                unseen: np.ndarray) -> dict[str, Any]:
@@ -281,12 +292,7 @@ def fine_tuned(model_dir: str, tokenizer: Any, policy: Policy, train: pd.DataFra
     served = policy_for_adapter(policy, meta)
     model = load_model(model_dir, out)
     test_grade, test_flag = score_pairs(model, tokenizer, served, test)
-    report: dict[str, Any] = {"train_seconds": meta["train_seconds"], "steps": meta["steps"], "epochs": meta["epochs"],
-                              "stop_reason": meta["stop_reason"], "n_train": meta["n_train"], "n_dev": meta["n_dev"],
-                              "grade_qwk_adapter": grade_qwk(test_grade, test, policy, meta["temperature"]),
-                              "grade_distribution": np.bincount(test_grade.argmax(axis=1),
-                                                                minlength=test_grade.shape[1]).tolist(),
-                              "_grade_pred": test_grade.argmax(axis=1)}
+    report = grade_report(meta, test_grade, test, policy)
     if not flags:
         return {**report, "seconds": round(time.monotonic() - tick, 1)}
     _, dev_flag = score_pairs(model, tokenizer, served, dev)
@@ -320,11 +326,7 @@ def scored_without_flags(model_dir: str, tokenizer: Any, policy: Policy, test: p
     if any(counts.get("train_yes", 0) + counts.get("train_no", 0) for counts in (meta.get("flag_decisions") or {}).values()):
         raise SystemExit(f"{adapter}: this adapter learnt flags; --without-flags-adapter needs one trained without")
     test_grade, _ = score_pairs(load_model(model_dir, adapter), tokenizer, policy_for_adapter(policy, meta), test)
-    return {"train_seconds": meta["train_seconds"], "steps": meta["steps"], "epochs": meta["epochs"],
-            "stop_reason": meta["stop_reason"], "n_train": meta["n_train"], "n_dev": meta["n_dev"],
-            "grade_qwk_adapter": grade_qwk(test_grade, test, policy, meta["temperature"]),
-            "grade_distribution": np.bincount(test_grade.argmax(axis=1), minlength=test_grade.shape[1]).tolist(),
-            "_grade_pred": test_grade.argmax(axis=1), "reused_adapter": str(adapter),
+    return {**grade_report(meta, test_grade, test, policy), "reused_adapter": str(adapter),
             "seconds": round(time.monotonic() - tick, 1)}
 
 
