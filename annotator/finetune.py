@@ -130,6 +130,7 @@ class FinetuneArgs:
     # log-loss, for a lower-is-better metric): on a 30-minute Home Depot run the grade's best QWK came at step 100
     # (flag F1 0.39), while the flag went on to F1 0.86 by step 1000
     select_with_flags: bool = True
+    vocab_loss_weight: float = 1.0
 
 
 @dataclass
@@ -463,13 +464,13 @@ def dev_metrics(logprobs: np.ndarray, targets: np.ndarray, grades: Sequence[int]
 
 # -- training ---------------------------------------------------------------------------------------
 def label_token_loss(logits: torch.Tensor, token_targets: torch.Tensor, class_targets: torch.Tensor,
-                     label_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                     label_ids: torch.Tensor, weights: torch.Tensor, vocab_weight: float = 1.0) -> torch.Tensor:
     """Class-weighted loss on the answer token only.
 
     With z = logits (B, V) at the answer position, t_b the label's token, c_b its class and w_b its
     class weight::
 
-        loss = sum_b w_b * (-log softmax(z_b)[t_b] - log softmax(z_b[label_ids])[c_b]) / sum_b w_b
+        loss = sum_b w_b * (-a * log softmax(z_b)[t_b] - log softmax(z_b[label_ids])[c_b]) / sum_b w_b
 
     The first term is the usual SFT cross-entropy over the whole vocabulary (it keeps the label
     tokens the likeliest next tokens, which engines returning top-k logprobs need); the second is
@@ -477,7 +478,7 @@ def label_token_loss(logits: torch.Tensor, token_targets: torch.Tensor, class_ta
     """
     full = F.cross_entropy(logits, token_targets, reduction="none")
     restricted = F.cross_entropy(logits[:, label_ids], class_targets, reduction="none")
-    return ((full + restricted) * weights).sum() / weights.sum()
+    return ((vocab_weight * full + restricted) * weights).sum() / weights.sum()
 
 
 @dataclass
@@ -497,10 +498,11 @@ class SequenceTargets:
     label_ids: torch.Tensor
     flag_ids: torch.Tensor
     flag_weight: float = 1.0
+    vocab_weight: float = 1.0
 
 
 def sequence_targets(examples: EncodedExamples, label_ids: Sequence[int], flag_ids: Sequence[int], n_classes: int,
-                     weighting: str, flag_weight: float = 1.0) -> SequenceTargets:
+                     weighting: str, flag_weight: float = 1.0, vocab_weight: float = 1.0) -> SequenceTargets:
     """`SequenceTargets` of ``examples``' sequences, class weights by ``weighting`` (`class_weights`)."""
     grade = examples.targets >= 0
     classes = np.where(grade, examples.targets, 0)
@@ -515,7 +517,8 @@ def sequence_targets(examples: EncodedExamples, label_ids: Sequence[int], flag_i
     classes_t, answers_t = torch.tensor(classes), torch.tensor(answers)
     return SequenceTargets(torch.tensor(grade), classes_t, label_t[classes_t], torch.tensor(weights, dtype=torch.float32),
                            torch.tensor(flag), answers_t, flag_t[answers_t],
-                           torch.tensor(answer_weights, dtype=torch.float32), label_t, flag_t, flag_weight)
+                           torch.tensor(answer_weights, dtype=torch.float32), label_t, flag_t, flag_weight,
+                           vocab_weight)
 
 
 def sequence_loss(logits: torch.Tensor, targets: SequenceTargets, batch: np.ndarray) -> tuple[torch.Tensor, float | None]:
@@ -531,12 +534,12 @@ def sequence_loss(logits: torch.Tensor, targets: SequenceTargets, batch: np.ndar
     if grade.any():
         rows = index[grade]
         loss = loss + label_token_loss(logits[grade, 0], targets.tokens[rows], targets.classes[rows], targets.label_ids,
-                                       targets.weights[rows])
+                                       targets.weights[rows], targets.vocab_weight)
     if not flag.any():
         return loss, None
     rows = index[flag]
     flag_loss = label_token_loss(logits[flag, -1], targets.answer_tokens[rows], targets.answers[rows],
-                                 targets.flag_ids, targets.answer_weights[rows])
+                                 targets.flag_ids, targets.answer_weights[rows], targets.vocab_weight)
     return loss + targets.flag_weight * flag_loss, float(flag_loss.detach())
 
 
@@ -1028,7 +1031,7 @@ class _Trainer:
         self.grades = [policy.scheme.grades[name] for name in self.labels]
         self.label_ids, self.flag_ids = label_ids, flag_ids
         self.targets = sequence_targets(train_examples.take(path.train_index), label_ids, flag_ids, len(self.labels),
-                                        args.class_weighting, args.flag_weight)
+                                        args.class_weighting, args.flag_weight, args.vocab_loss_weight)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                            weight_decay=args.weight_decay)
         warmup = max(1, args.warmup_steps)

@@ -46,9 +46,9 @@ def flagged(template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
     return copied, likely, unlikely
 
 
-def open_pair(pair_id: str) -> AppTest:
+def open_pair(pair_id: str, name: str = "alice") -> AppTest:
     at = AppTest.from_file(str(UI), default_timeout=60).run()
-    at.sidebar.text_input(key="mnr_identity").set_value("alice").run()
+    at.sidebar.text_input(key="mnr_identity").set_value(name).run()
     at.session_state["mnr_focus"] = (pair_id, "graded3", "flagged")
     del at.session_state["mnr_current"]
     at.run()
@@ -97,6 +97,26 @@ def test_an_untouched_flag_is_no_decision_and_keeps_the_llm_score(flagged) -> No
     flags = current_flags(fixture.store, [likely]).set_index("flag")
     # no decision: the flag's state is still the LLM label's, though the human label is now current
     assert flags.loc["prohibited", "flagged"] and flags.loc["prohibited", "source"] == "llm"
+
+
+def test_the_standing_decision_shows_beside_a_newer_llm_score(flagged, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer LLM label does not undo a human decision (`current_flags`), and the page says so: the row shows
+    the standing decision to whoever may see its author's decisions (not on a blind item, unless theirs)."""
+    fixture, likely, _ = flagged
+    at = open_pair(likely)
+    at.button(key="mnr_flag_set_prohibited").click().run()
+    at.button(key="mnr_label_partial").click().run()
+    fixture.store.add_labels([flagged_llm_label(likely, {"prohibited": 0.10, "adult": 0.03})])
+    assert current_flags(fixture.store, [likely]).set_index("flag").loc["prohibited", "flagged"]
+    again = open_pair(likely)
+    assert flag_lines(again) == ["**prohibited** · LLM: 10% · standing: set by alice · untouched",
+                                 "**adult** · LLM: 3% · untouched"]
+    # single-user mode: the reviewer is the store's admin and sees every decision
+    assert flag_lines(open_pair(likely, "bob"))[0] == "**prohibited** · LLM: 10% · standing: set by alice · untouched"
+    monkeypatch.setenv("MNR_CONFIG", str(write_config(tmp_path / "blind.toml", overlap=1.0)))
+    assert flag_lines(open_pair(likely, "bob"))[0] == "**prohibited** · LLM: 10% · untouched"
+    assert flag_lines(open_pair(likely))[0] == "**prohibited** · LLM: 10% · standing: set by alice · untouched"
 
 
 def test_blind_overlap_with_blind_llm_hides_the_flag_probability(flagged, tmp_path: Path,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -84,6 +85,20 @@ class ReviewItem:
         """{flag: set (True) or cleared (False)} a human decided with label `label_id`."""
         return {flag: bool(decision) for flag, (_, decision) in self.flags.get(int(label_id), {}).items()
                 if decision is not None}
+
+    def standing_flag_decisions(self, visible: Callable[[pd.Series], bool] = lambda _: True,
+                                ) -> dict[str, tuple[bool, str]]:
+        """{flag: (set or cleared, author)}: per flag the newest live human or import label that decided it, among
+        the labels ``visible`` lets through. This is the pair's state in `current_flags`, whatever LLM label
+        came later."""
+        standing: dict[str, tuple[bool, str]] = {}
+        decided = self.live_history[self.live_history["source"].isin(["human", "import"])]
+        for _, label in decided.iloc[::-1].iterrows():
+            if not visible(label):
+                continue
+            for flag, decision in self.flag_decisions(int(label["label_id"])).items():
+                standing.setdefault(flag, (decision, str(label["author"])))
+        return standing
 
     @property
     def human_labels(self) -> pd.DataFrame:

@@ -5,6 +5,7 @@ A Streamlit page script, run by the navigation in `app/review/ui.py`; the shared
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import pandas as pd
 import streamlit as st
@@ -167,7 +168,8 @@ def review_page() -> None:
         _engagement(item)
         _earlier_humans(item, name, blind=blind, own_only=not is_admin())
     decision_id = current["shown"].decision_id
-    _policy_flags(current["flags"], decision_id, hide_llm)
+    standing = item.standing_flag_decisions(partial(_visible_decision, me=name, blind=blind, admin=is_admin()))
+    _policy_flags(current["flags"], decision_id, hide_llm, standing)
     _decision_buttons(scheme, decision_id, current["flags"])
 
 
@@ -243,8 +245,18 @@ def _flags_note(decisions: dict[str, bool]) -> str:
     return f" ({_flags_text(decisions)})" if decisions else ""
 
 
-def _policy_flags(flags: ItemFlags, decision_id: str, hide_llm: bool) -> None:
-    """Each flag of the item's policy with the LLM's probability, and its set / clear buttons."""
+def _visible_decision(label: pd.Series, *, me: str, blind: bool, admin: bool) -> bool:
+    """Whether the reviewer may see the flag decisions of the earlier human or import `label`: their own
+    always; the dataset's (import) and other annotators' (for an admin) unless the item is blind."""
+    if label["source"] == "human" and label["author"] == me:
+        return True
+    return not blind and (label["source"] == "import" or admin)
+
+
+def _policy_flags(flags: ItemFlags, decision_id: str, hide_llm: bool,
+                  standing: dict[str, tuple[bool, str]] | None = None) -> None:
+    """Each flag of the item's policy with the LLM's probability, the pair's standing decision (when the
+    reviewer may see it) and its set / clear buttons."""
     if not flags.flags:
         return
     st.markdown(f"**Policy flags** (policy {flags.policy}): set or clear a flag, then choose the label")
@@ -259,6 +271,9 @@ def _policy_flags(flags: ItemFlags, decision_id: str, hide_llm: bool) -> None:
             llm = "LLM: not scored"
         else:
             llm = f"LLM: {flag.probability:.0%}"
+        if flag.name in (standing or {}):
+            decision, author = standing[flag.name]
+            llm += f" · standing: {'set' if decision else 'cleared'} by {author}"
         state = {True: "**set** by you", False: "**cleared** by you"}.get(pending.get(flag.name), "untouched")
         text.markdown(f"**{flag.name}** · {llm} · {state}", help=flag.definition)
         key = flag.key
