@@ -674,6 +674,7 @@ class TrainingPath:
     dev_index: np.ndarray
     info: dict[str, Any]
     eval_estimate_s: float | None = None  # scoring dev once, predicted before any evaluation ran
+    full_pair_s: float | None = None  # a sequence through the whole model (None: about a dev evaluation's per pair)
 
 
 def full_path(*, model: Any, train_examples: EncodedExamples, dev_examples: EncodedExamples, label_ids: list[int],
@@ -782,7 +783,7 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
             "prefix_seconds": round(dev.prefix_seconds, 2), "dev_cache_pairs_per_s": round(1 / pace.pair_s, 2),
             "estimated_step_seconds": round(pace.step_s(args.batch_size), 2)}
     path = TrainingPath(np.arange(n_cached), lengths[:n_cached], logits, score_dev, dev_index, info,
-                        eval_estimate_s=pace.eval_s(len(dev_index)))
+                        eval_estimate_s=pace.eval_s(len(dev_index)), full_pair_s=pace.pair_s * n_layers / max(1, split))
     return path, train_examples
 
 
@@ -994,7 +995,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         raise FinetuneError(f"no training step fitted in --max-minutes {args.max_minutes:g}: "
                             f"{clock.elapsed():.0f}s went on loading and caching; give a larger budget")
     return _finish(trainer=trainer, state=state, policy=policy, prompt_policy=prompt_policy,
-                   train=train, dev=dev, train_examples=train_examples,
+                   train=train, dev=dev, train_examples=train_examples, tokenizer=tokenizer,
                    base_model_name=base_model_name or str(model_dir), lexical=lexical)
 
 
@@ -1058,8 +1059,17 @@ class _Trainer:
     def _out_of_time(self, state: LoopState, *, steps: int) -> bool:
         """No room for ``steps`` more steps, an evaluation and saving the result."""
         eval_s = state.eval_seconds if state.eval_seconds is not None else self._eval_estimate(state)
-        finish_s = FINISH_MARGIN_S + self.save_seconds
+        finish_s = FINISH_MARGIN_S + self.save_seconds + self._rescore_estimate(eval_s)
         return self.clock.elapsed() + steps * state.step_seconds + eval_s + finish_s > self.clock.limit_s
+
+    def _rescore_estimate(self, eval_s: float) -> float:
+        """Asking every dev flag again after the predicted grade (`flags_after_predicted_grade`), at most."""
+        n_flags = len(self.dev_examples.flag_rows)
+        if not n_flags:
+            return 0.0
+        if self.path.full_pair_s is not None:
+            return n_flags * self.path.full_pair_s
+        return eval_s * n_flags / max(1, len(self.dev_examples.targets))
 
     def _eval_estimate(self, state: LoopState) -> float:
         if self.path.eval_estimate_s is not None:  # the cached path's, from its measured caching pace
@@ -1331,8 +1341,42 @@ class StackWithoutLLMWarning(UserWarning):
     """The full stack is no measurably better on dev than the stack without the LLM's inputs."""
 
 
+def flags_after_predicted_grade(*, model: Any, tokenizer: Any, policy: Policy, dev: pd.DataFrame,
+                                examples: EncodedExamples, scores: Scores, label_ids: Sequence[int],
+                                flag_ids: Sequence[int], batch_size: int = 32) -> tuple[np.ndarray, int]:
+    """(m, 2) scores of ``examples.flag_rows`` with each flag asked after the pair's *predicted* grade (the
+    argmax of ``scores.grade``), as `annotator.labeler.Labeler` asks it when labelling, and how many were
+    rescored.
+
+    Training asks a flag after the pair's true grade; calibrating (and stacking) those scores would fit a
+    prompt the labeler never sees where the grade is wrong. Rows of pairs whose predicted grade is the true
+    one keep ``scores.flag`` (the same prompt); the others go through the whole model again (``dev`` holds
+    the pairs' texts and flag decisions).
+    """
+    labels = policy.scheme.label_names
+    pair_ids = examples.grade_pair_ids
+    predicted = {pid: labels[int(np.argmax(row))] for pid, row in zip(pair_ids, scores.grade)}
+    wrong = {pid for pid, target in zip(pair_ids, examples.grade_targets) if predicted[pid] != labels[target]}
+    flag_rows = examples.flag_rows
+    wrong &= {examples.pair_ids[row] for row in flag_rows}
+    if not wrong:
+        return scores.flag, 0
+    frame = dev[dev["pair_id"].isin(wrong)].copy()
+    frame["label"] = frame["pair_id"].map(predicted)
+    again = encode_examples(tokenizer, policy, frame)
+    asked = again.take(again.flag_rows)
+    fresh = score_examples(model, asked, label_ids, flag_ids, int(tokenizer.pad_token_id), batch_size).flag
+    by_key = {(pid, int(flag)): row for pid, flag, row in zip(asked.pair_ids, asked.flags, fresh)}
+    served = scores.flag.copy()
+    for position, row in enumerate(flag_rows):
+        key = (examples.pair_ids[row], int(examples.flags[row]))
+        if key in by_key:
+            served[position] = by_key[key]
+    return served, len(by_key)
+
+
 def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_policy: Policy,
-            train: pd.DataFrame, dev: pd.DataFrame, train_examples: EncodedExamples,
+            train: pd.DataFrame, dev: pd.DataFrame, train_examples: EncodedExamples, tokenizer: Any,
             base_model_name: str, lexical: LexicalPart | None = None) -> FinetuneResult:
     from peft import set_peft_model_state_dict
 
@@ -1342,6 +1386,11 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
     if state.best_state is not None:
         set_peft_model_state_dict(model, state.best_state)
     logprobs = state.best_logprobs if state.best_logprobs is not None else trainer.path.score_dev()
+    if trainer.flag_names:
+        flag_scores, n_rescored = flags_after_predicted_grade(
+            model=model, tokenizer=tokenizer, policy=prompt_policy, dev=dev, examples=dev_examples, scores=logprobs,
+            label_ids=trainer.label_ids, flag_ids=trainer.flag_ids, batch_size=args.eval_batch_size)
+        logprobs = Scores(logprobs.grade, flag_scores)
     temperature, calibration = calibrate(logprobs.grade, dev_examples.grade_targets)
     metrics = {t: dev_metrics(logprobs.grade, dev_examples.grade_targets, trainer.grades, t, trainer.dev_ratings,
                               trainer.rating_scale, trainer.labels) for t in (1.0, temperature)}
@@ -1386,6 +1435,9 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "dev_metrics_note": "dev is also used for early stopping and for fitting the temperature, so these are "
                             "optimistic; evaluate on held-out queries with `mnr eval-labeler`",
         **_flags_meta(trainer, train_examples, logprobs.flag, flag_temperatures, flag_calibration),
+        **({"flag_dev_prompts": f"asked after the predicted grade, as when labelling: {n_rescored} of "
+                                f"{len(dev_examples.flag_rows)} dev flag prompts rescored (the rest predicted "
+                                "the true grade)"} if trainer.flag_names else {}),
         "stack": stack,
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")

@@ -155,9 +155,15 @@ def truth_sample_agreement(frame: pd.DataFrame) -> dict[str, Any]:
 
 # -- scoring ----------------------------------------------------------------------------------------
 def load_model(model_dir: str, adapter: Path | None = None) -> Any:
+    """The model (and adapter) in float32, as fine-tuning trains it and the labeler serves it on this CPU.
+
+    Not the checkpoint's own dtype: SmolLM2's is bfloat16, and scored in it the test pairs' grade
+    log-probabilities moved by up to 0.19 and flipped grades (the "backend gap" of the first full runs).
+    """
+    import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 

@@ -623,7 +623,8 @@ def test_finetune_learns_a_flag_rule_beside_the_grade(flag_run) -> None:
 
 def test_flag_scores_of_the_adapter_reproduce_dev_and_the_stack_predicts_flags(flag_run, learnable_llama: Path,
                                                                               flag_policy_path: Path) -> None:
-    """Scoring the flag prompts again (grade prompt + flag suffix, as a labeler does) gives dev's flag metrics."""
+    """Scoring the flag prompts again as a labeler does (grade prompt + the *predicted* grade + flag suffix) gives
+    dev's flag metrics: calibration and the stack fit the prompts served, not the true-grade ones of training."""
     from annotator.finetune import Scores, flag_metrics, score_examples
     from annotator.pair_form import policy_for_adapter
     from annotator.prompts import FLAG_OPTIONS
@@ -637,12 +638,21 @@ def test_flag_scores_of_the_adapter_reproduce_dev_and_the_stack_predicts_flags(f
     dev["flags"] = [{"poison": bool(p)} for p in dev["poison"]]
     examples = encode_examples(tokenizer, policy, dev)
     assert len(examples.flag_rows) == len(dev) and (examples.flags[examples.flag_rows] == 0).all()
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(learnable_llama)), str(adapter)).eval()
-    scores: Scores = score_examples(model, examples, meta["label_token_ids"],
-                                    label_token_ids(tokenizer, list(FLAG_OPTIONS)), tokenizer.pad_token_id)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(learnable_llama), dtype=torch.float32),
+                                      str(adapter)).eval()
+    flag_ids = label_token_ids(tokenizer, list(FLAG_OPTIONS))
+    grades = score_examples(model, examples, meta["label_token_ids"], flag_ids, tokenizer.pad_token_id).grade
+    true_labels = dev["label"].tolist()
+    dev["label"] = [policy.scheme.label_names[i] for i in grades.argmax(axis=1)]
+    n_wrong = sum(a != policy.scheme.normalize(b) for a, b in zip(dev["label"], true_labels))
+    assert n_wrong > 0  # some flag prompts differ from training's
+    assert meta["flag_dev_prompts"].startswith(f"asked after the predicted grade, as when labelling: {n_wrong} of")
+    examples = encode_examples(tokenizer, policy, dev)
+    scores: Scores = score_examples(model, examples, meta["label_token_ids"], flag_ids, tokenizer.pad_token_id)
     again = flag_metrics(scores.flag, examples, ["poison"], meta["flag_temperatures"])["poison"]
     assert again["accuracy"] == pytest.approx(meta["flag_dev_metrics"]["poison"]["accuracy"], abs=0.02)
     # the stack's flag probabilities: the policy's flags in order, the undecided one by its temperature
