@@ -40,6 +40,10 @@ def finetune_command(
     max_epochs: float = typer.Option(3.0, "--max-epochs", help="Most passes over the training pairs."),
     flag_weight: float = typer.Option(0.3, "--flag-weight", min=0.0, help="Weight of the policy flags' answer loss "
                                       "beside the grade's (0: flags are scored but not learnt)."),
+    vocab_loss_weight: float = typer.Option(1.0, "--vocab-loss-weight", min=0.0,
+                                            help="Weight of the answer token's whole-vocabulary cross-entropy beside "
+                                                 "the one over the labels alone (0: only the label choice is learnt; "
+                                                 "every backend reads the labels' log-probabilities renormalised)."),
     min_steps: int = typer.Option(10, "--min-steps", help="A --max-minutes budget that cannot fit this many steps "
                                   "(measured once dev is cached) is an error, not a barely trained adapter."),
     eval_every: int = typer.Option(100, "--eval-every", help="Score the dev split every this many steps."),
@@ -89,7 +93,7 @@ def finetune_command(
                         dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
-                        flag_weight=flag_weight)
+                        flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "

@@ -180,10 +180,6 @@ def _finetune_args(options: dict[str, Any]) -> Any:
     return FinetuneArgs(**values)
 
 
-def _args_record(args: Any) -> dict[str, Any]:
-    return {**dataclasses.asdict(args), "target_modules": list(args.target_modules)}
-
-
 def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str, args: Any) -> dict[str, Any] | None:
     """The newest registered adapter of these labels, policy version, base model and training settings."""
     from pathlib import Path
@@ -197,7 +193,7 @@ def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str
             continue
         meta = read_meta(path)
         if (meta.get("policy_hash"), meta.get("base_model"), meta.get("training_args")) == (
-                policy_hash, model, _args_record(args)):
+                policy_hash, model, args.record()):
             return _adapter_outputs(model_id, path, meta)
     return None
 
@@ -217,7 +213,7 @@ def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_a
     from app.labeler_training import run_finetune
     from labelstore.ids import stable_hash
 
-    key = stable_hash(data.data_hash, data.policy.version, model, json.dumps(_args_record(args), sort_keys=True),
+    key = stable_hash(data.data_hash, data.policy.version, model, json.dumps(args.record(), sort_keys=True),
                       length=12)
     out = ctx.workspace / "adapters" / f"{data.policy.name}-{key}"
     resume = (out / CHECKPOINT_DIR).is_dir()
