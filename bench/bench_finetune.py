@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ from annotator.finetune import (  # noqa: E402
 from annotator.prompts import load_prompt_policy  # noqa: E402
 from annotator.scoring import label_token_ids  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
-from bench.common import command_line, read_crowdflower, read_homedepot, skip, write_result  # noqa: E402
+from bench.common import read_crowdflower, read_homedepot, skip, write_result  # noqa: E402
 
 NAME = "finetune"
 SEED = 2602
@@ -84,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--datasets", default="homedepot,crowdflower")
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
+    parser.add_argument("--vocab-loss-weight", type=float, default=None,
+                        help="FinetuneArgs.vocab_loss_weight (default: fine-tuning's own).")
+    parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     return parser.parse_args()
 
 
@@ -178,8 +182,9 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
     print(f"{tag} tfidf+linear {headline} {report['tfidf_linear'][headline]:.4f}", flush=True)
 
     out = work / f"{dataset}-{split}"
+    loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
-                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED)
+                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, **loss)
     result = finetune(train, dev, policy, model_dir, out, args, base_model_name="smollm2", rating_scale=scale,
                       stack_lexical=baseline,
                       progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
@@ -246,6 +251,7 @@ def main() -> None:
         sizes["minutes"] = args.minutes
     if args.test_pairs is not None:
         sizes["test_pairs"] = args.test_pairs
+    sizes["vocab_loss_weight"] = args.vocab_loss_weight
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if any(READERS[d]() is None for d in datasets):
@@ -254,15 +260,14 @@ def main() -> None:
 
     model_dir = str(pull("smollm2"))
     started = time.monotonic()
-    command = command_line(NAME, args.quick) + (f" --minutes {args.minutes:g}" if args.minutes is not None else "") + \
-        (f" --test-pairs {args.test_pairs}" if args.test_pairs else "")
+    command = " ".join(["python -m bench.bench_finetune", *sys.argv[1:]])
     data = (f"../shared/data homedepot/train.csv, crowdflower/train.csv; splits {', '.join(splits)}; "
             f"{sizes['test_pairs']} test pairs, at most {sizes['max_dev']} dev pairs per split")
     reports: dict[str, dict[str, dict[str, Any]]] = {}
 
     def save(partial: bool) -> None:
         # written after every split, so a run cut short still leaves what it measured
-        path = write_result(NAME, args.quick, data, figures_of(reports, args.quick), datasets=reports, sizes=sizes,
+        path = write_result(args.result_name, args.quick, data, figures_of(reports, args.quick), datasets=reports, sizes=sizes,
                             total_seconds=round(time.monotonic() - started, 1), partial=partial)
         result = json.loads(path.read_text())
         result["command"] = command
