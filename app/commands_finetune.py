@@ -56,7 +56,11 @@ def finetune_command(
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     lora_alpha: int = typer.Option(16, "--lora-alpha"),
     class_weighting: str = typer.Option("balanced", "--class-weighting", help="balanced, sqrt or none."),
-    dev_fraction: float = typer.Option(0.2, "--dev-fraction", help="Share of queries held out for dev."),
+    dev_fraction: float = typer.Option(0.2, "--dev-fraction", help="Share of queries (or pairs) held out for dev."),
+    dev_split: str = typer.Option("query", "--dev-split",
+                                  help="query: dev queries have no train pair (labelling new queries); pair: dev pairs "
+                                       "drawn at random (finishing queries people started). Selection, temperature "
+                                       "and stack fit dev."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Use at most this many training pairs."),
     max_dev: Optional[int] = typer.Option(1000, "--max-dev", help="Score at most this many dev pairs."),
     seed: int = typer.Option(0, "--seed"),
@@ -93,7 +97,7 @@ def finetune_command(
                         dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
-                        flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight)
+                        flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
@@ -266,7 +270,8 @@ def eval_labeler_command(
     run_id: Optional[str] = typer.Option(None, "--run", help="Only labels written by this run (store sources)."),
     author: Optional[str] = typer.Option(None, "--author", help="Only labels by this author (store sources)."),
     split_of: Optional[Path] = typer.Option(None, "--split-of",
-                                            help="Adapter folder: evaluate only on its dev queries (split.json)."),
+                                            help="Adapter folder: evaluate only on its dev queries (split.json), "
+                                                 "or on its dev pairs when it was trained with --dev-split pair."),
     out: Path = typer.Option(Path("labeler-eval"), "--out", help="Folder for metrics.json, PNGs and report.html."),
     bins: int = typer.Option(10, "--bins", help="Bins of the reliability diagram / ECE."),
 ) -> None:
@@ -292,8 +297,11 @@ def eval_labeler_command(
         split_path = split_of / "split.json"
         if not split_path.is_file():
             raise MnrError(f"--split-of {split_of}: no split.json there (written by `mnr finetune`)")
-        dev_queries = set(json.loads(split_path.read_text())["dev_query_ids"])
-        reference = reference[reference["query_id"].isin(dev_queries)]
+        split = json.loads(split_path.read_text())
+        if split.get("dev_split", "query") == "pair":  # dev queries have train pairs: only the dev pairs are unseen
+            reference = reference[reference["pair_id"].isin(set(split["dev_pair_ids"]))]
+        else:
+            reference = reference[reference["query_id"].isin(set(split["dev_query_ids"]))]
     joined = reference.merge(predictions, on="pair_id", suffixes=("_ref", ""))
     if joined.empty:
         raise MnrError(f"no pair has both a {origin} label and a '{against}' label of scheme '{scheme.name}' "

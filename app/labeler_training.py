@@ -58,10 +58,11 @@ def rating_scale_for(frame: pd.DataFrame, scheme: LabelScheme) -> tuple[float, f
 
 def finetune_data(store: Store, policy: str | Policy, sources: Sequence[str], args: FinetuneArgs, *,
                   keep: Callable[[pd.DataFrame], pd.Series] | None = None) -> FinetuneData:
-    """The store's labels of the policy's scheme from `sources` (rows where `keep` is True), split by
-    query into train / dev (`args.dev_fraction`) and subsampled (`args.max_train`, `args.max_dev`)."""
+    """The store's labels of the policy's scheme from `sources` (rows where `keep` is True), split into train /
+    dev (`args.dev_fraction`, by query or by pair: `args.dev_split`) and subsampled (`args.max_train`,
+    `args.max_dev`)."""
     from annotator.evaluation import labelled_pairs
-    from annotator.finetune import split_by_query, subsample
+    from annotator.finetune import split_dev, subsample
     from annotator.prompts import load_prompt_policy
 
     loaded = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
@@ -74,7 +75,7 @@ def finetune_data(store: Store, policy: str | Policy, sources: Sequence[str], ar
         raise NoTrainingLabels(f"the store has no labels of scheme '{scheme.name}' (policy '{loaded.name}') from "
                        f"source(s) {', '.join(sources)}; add human labels in the review app, or pass "
                        "--sources human,import to train on an ingested human-rated dataset")
-    train, dev = split_by_query(frame, args.dev_fraction, args.seed)
+    train, dev = split_dev(frame, args.dev_fraction, args.seed, by=args.dev_split)
     train, dev = subsample(train, args.max_train, args.seed), subsample(dev, args.max_dev, args.seed)
     return FinetuneData(loaded, list(sources), train, dev)
 

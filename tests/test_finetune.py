@@ -255,6 +255,25 @@ def test_split_by_query_and_class_weights() -> None:
     assert class_weights(np.array([0, 0, 0, 1]), 3, "sqrt") == pytest.approx(np.sqrt([4 / 6, 2.0, 1.0]))
 
 
+def test_a_pair_dev_split_shares_queries_but_no_pair(toy_policy_path: Path, tmp_path: Path) -> None:
+    """`--dev-split pair` (finishing queries people started): dev pairs drawn at random, so their queries are in
+    train too; finetune accepts that split but refuses a pair on both sides, and an unknown split, up front."""
+    from annotator.finetune import FinetuneArgs, FinetuneError, finetune, split_dev
+
+    frame = synthetic_pairs(n_queries=20).rename(columns={"text": "query"})
+    train, dev = split_dev(frame, 0.25, seed=3, by="pair")
+    assert len(train) + len(dev) == len(frame) and len(dev) == pytest.approx(0.25 * len(frame), abs=1)
+    assert not set(train["pair_id"]) & set(dev["pair_id"]) and set(dev["query_id"]) & set(train["query_id"])
+    assert split_dev(frame, 0.25, seed=3)[1]["query_id"].isin(split_by_query(frame, 0.25, seed=3)[1]["query_id"]).all()
+    policy = load_prompt_policy(toy_policy_path)
+    with pytest.raises(FinetuneError, match="queries are in both train and dev .*split by query"):
+        finetune(train, dev, policy, "unused", tmp_path / "a", FinetuneArgs())
+    with pytest.raises(FinetuneError, match="1 pairs are in both train and dev .*split by pair"):
+        finetune(pd.concat([train, dev.head(1)]), dev, policy, "unused", tmp_path / "b", FinetuneArgs(dev_split="pair"))
+    with pytest.raises(FinetuneError, match="unknown dev split 'pairs'"):
+        split_dev(frame, 0.25, by="pairs")
+
+
 def _dev_frame(adapter: Path) -> pd.DataFrame:
     dev_pairs = set(json.loads((adapter / "split.json").read_text())["dev_pair_ids"])
     frame = synthetic_pairs().rename(columns={"text": "query"})
