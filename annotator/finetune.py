@@ -395,13 +395,10 @@ def prefix_cache(model: Any, prefix: list[int]) -> tuple[tuple[torch.Tensor, tor
     return tuple((layer.keys, layer.values) for layer in output.past_key_values.layers)
 
 
-def answer_logits(model: Any, prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], prefix_len: int,
-                  suffixes: Sequence[Sequence[int]], pad_id: int, at: np.ndarray | None = None) -> torch.Tensor:
-    """(B, vocab) next-token logits at the end of each prompt ``prefix + suffixes[b]``; with ``at`` (B, P)
-    positions in each suffix, (B, P, vocab) logits there.
-
-    The pair parts are right-padded and attend to the shared prefix cache, expanded to the batch.
-    """
+def pair_forward(model: Any, prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], prefix_len: int,
+                 suffixes: Sequence[Sequence[int]], pad_id: int, *, hidden_states: bool = False) -> Any:
+    """The decoder's output over the pair parts ``suffixes``, right-padded after the shared prefix (its cache
+    ``prefix_kv``, expanded to the batch); with ``hidden_states`` every layer's states too."""
     from transformers import DynamicCache
 
     batch = len(suffixes)
@@ -416,9 +413,21 @@ def answer_logits(model: Any, prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor]
                                          for k, v in prefix_kv]) if prefix_len else None
     positions = torch.arange(prefix_len, prefix_len + width)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
-                             position_ids=positions.unsqueeze(0).expand(batch, -1), cache_position=positions,
-                             use_cache=cache is not None).last_hidden_state
+    return causal_lm.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+                           position_ids=positions.unsqueeze(0).expand(batch, -1), cache_position=positions,
+                           use_cache=cache is not None, output_hidden_states=hidden_states)
+
+
+def answer_logits(model: Any, prefix_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...], prefix_len: int,
+                  suffixes: Sequence[Sequence[int]], pad_id: int, at: np.ndarray | None = None) -> torch.Tensor:
+    """(B, vocab) next-token logits at the end of each prompt ``prefix + suffixes[b]``; with ``at`` (B, P)
+    positions in each suffix, (B, P, vocab) logits there.
+
+    The pair parts are right-padded and attend to the shared prefix cache, expanded to the batch.
+    """
+    batch = len(suffixes)
+    hidden = pair_forward(model, prefix_kv, prefix_len, suffixes, pad_id).last_hidden_state
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if at is None:
         last = torch.tensor([len(s) - 1 for s in suffixes])
         return causal_lm.lm_head(hidden[torch.arange(batch), last])
