@@ -513,9 +513,10 @@ def label_token_loss(logits: torch.Tensor, token_targets: torch.Tensor, class_ta
 
         loss = sum_b w_b * (-a * log softmax(z_b)[t_b] - log softmax(z_b[label_ids])[c_b]) / sum_b w_b
 
-    The first term is the usual SFT cross-entropy over the whole vocabulary (it keeps the label
-    tokens the likeliest next tokens, which engines returning top-k logprobs need); the second is
-    the cross-entropy of the distribution the labeler actually reports, renormalised over the labels.
+    The first term, weighted by a = ``vocab_weight``, is the usual SFT cross-entropy over the whole
+    vocabulary (it keeps the label tokens the likeliest next tokens); the second is the cross-entropy
+    of the distribution the labeler actually reports, renormalised over the labels (every backend
+    restricts the answer to the label tokens, so serving reads only this one).
     """
     full = F.cross_entropy(logits, token_targets, reduction="none")
     restricted = F.cross_entropy(logits[:, label_ids], class_targets, reduction="none")
