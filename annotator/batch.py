@@ -153,16 +153,21 @@ def validate_pairs(policy: Policy, pairs: list[PairText]) -> None:
 
 def label_records(pair_ids: Sequence[str], probs: np.ndarray, *, scheme: LabelScheme, author: str, run_id: str,
                   threshold: float, flag_probs: np.ndarray | None = None,
-                  flag_names: Sequence[str] = ()) -> list[LabelRecord]:
-    """The label rows of a run's scored pairs: top label, rounded probabilities, review flag, key `<run>:<pair>`.
+                  flag_names: Sequence[str] = (), chosen: np.ndarray | None = None) -> list[LabelRecord]:
+    """The label rows of a run's scored pairs: label, rounded probabilities, review flag, key `<run>:<pair>`.
 
-    `flag_probs` (n_pairs, len(flag_names)), when given, become each record's `flags`."""
+    The label is ``chosen`` ((n_pairs,) label indices, the labeler's decision: `Labeler.choose_labels`), or
+    the most probable one; its probability is the confidence. `flag_probs` (n_pairs, len(flag_names)), when
+    given, become each record's `flags`."""
     names = scheme.label_names
+    chosen = np.asarray(probs).argmax(axis=1) if chosen is None else np.asarray(chosen, dtype=int)
+    if chosen.shape != (len(pair_ids),):
+        raise ValueError(f"chosen must have shape ({len(pair_ids)},), not {chosen.shape}")
     if flag_probs is not None and np.shape(flag_probs) != (len(pair_ids), len(flag_names)):
         raise ValueError(f"flag_probs must have shape ({len(pair_ids)}, {len(flag_names)}), not {np.shape(flag_probs)}")
     records = []
     for index, (pair_id, row) in enumerate(zip(pair_ids, probs)):
-        best = int(np.argmax(row))
+        best = int(chosen[index])
         confidence = float(row[best])
         flags = ({name: round(float(p), 6) for name, p in zip(flag_names, flag_probs[index])}
                  if flag_probs is not None and len(flag_names) else None)
@@ -327,7 +332,8 @@ def _label_chunks(store: Store, labeler: Labeler, pending: list[PairText], run_i
             labelled += store.add_labels(label_records([pair.pair_id for pair in chunk], probs,
                                                        scheme=labeler.policy.scheme, author=labeler.author,
                                                        run_id=run_id, threshold=job.review_threshold,
-                                                       flag_probs=flag_probs, flag_names=labeler.flag_names))
+                                                       flag_probs=flag_probs, flag_names=labeler.flag_names,
+                                                       chosen=labeler.choose_labels(probs)))
             bar.update(task, completed=done_before + start + len(chunk), rate=labelled / max(seconds, 1e-9))
             if on_chunk is not None:
                 on_chunk(run_id, done_before + start + len(chunk))

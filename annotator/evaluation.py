@@ -29,13 +29,13 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     ConfusionMatrixDisplay,
     accuracy_score,
-    cohen_kappa_score,
     confusion_matrix,
     f1_score,
     log_loss,
     root_mean_squared_error,
 )
 
+from annotator.decision import expected_grade, grade_kappa  # noqa: E402
 from labelstore.errors import MnrError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -69,11 +69,6 @@ def check_inputs(y_true: np.ndarray, pred_probs: np.ndarray, grades: Sequence[in
     if bad.size:
         raise EvaluationError(f"pred_probs row {int(bad[0])} sums to {row_sums[bad[0]]:.4f}, not 1")
     return y_true.astype(int), pred_probs, grades_arr
-
-
-def expected_grade(pred_probs: np.ndarray, grades: Sequence[int]) -> np.ndarray:
-    """(n,) float: sum over labels of p(label) * grade(label)."""
-    return np.asarray(pred_probs, dtype=float) @ np.asarray(grades, dtype=float)
 
 
 def grade_to_rating(grade: np.ndarray, max_grade: int, rating_scale: tuple[float, float]) -> np.ndarray:
@@ -127,8 +122,13 @@ def expected_calibration_error(y_true: np.ndarray, pred_probs: np.ndarray, n_bin
 
 def evaluate_labels(y_true: np.ndarray, pred_probs: np.ndarray, grades: Sequence[int],
                     raw_ratings: np.ndarray | None = None, *, label_names: Sequence[str] | None = None,
-                    rating_scale: tuple[float, float] | None = None, n_bins: int = 10) -> dict[str, Any]:
+                    rating_scale: tuple[float, float] | None = None, n_bins: int = 10,
+                    chosen: np.ndarray | None = None) -> dict[str, Any]:
     """All metrics of one labeler against reference labels.
+
+    The labels the labeler wrote are ``chosen`` ((n,) label indices; `annotator.decision`), or the argmax of
+    ``pred_probs`` when not given: accuracy, F1, kappa, QWK and the confusion matrix judge them, and the
+    probability metrics (RMSE of the expected grade, log-loss, ECE) judge ``pred_probs``.
 
     Returns a JSON-ready dict: ``n``, ``accuracy``, ``macro_f1``, ``kappa`` (unweighted Cohen),
     ``qwk`` (quadratic-weighted Cohen's kappa on grades), ``within_one_accuracy`` (|grade error| <= 1),
@@ -142,7 +142,9 @@ def evaluate_labels(y_true: np.ndarray, pred_probs: np.ndarray, grades: Sequence
     y_true, pred_probs, grades_arr = check_inputs(y_true, pred_probs, grades)
     n, k = pred_probs.shape
     names = list(label_names) if label_names is not None else [f"label_{i}" for i in range(k)]
-    y_pred = pred_probs.argmax(axis=1)
+    y_pred = pred_probs.argmax(axis=1) if chosen is None else np.asarray(chosen, dtype=int)
+    if y_pred.shape != (n,) or (n and (y_pred.min() < 0 or y_pred.max() >= k)):
+        raise EvaluationError(f"chosen labels must be {n} indices in 0..{k - 1}")
     true_grade, pred_grade = grades_arr[y_true], grades_arr[y_pred]
     expected = expected_grade(pred_probs, grades_arr)
     classes = list(range(k))
@@ -153,8 +155,8 @@ def evaluate_labels(y_true: np.ndarray, pred_probs: np.ndarray, grades: Sequence
         "grades": grades_arr.tolist(),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)),
-        "kappa": _kappa(true_grade, pred_grade, None),
-        "qwk": _kappa(true_grade, pred_grade, "quadratic"),
+        "kappa": grade_kappa(true_grade, pred_grade, None),
+        "qwk": grade_kappa(true_grade, pred_grade, "quadratic"),
         "within_one_accuracy": float(np.mean(np.abs(true_grade - pred_grade) <= 1)),
         "rmse_grade": float(root_mean_squared_error(true_grade, expected)),
         "log_loss": float(log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=classes)),
@@ -179,14 +181,6 @@ def evaluate_labels(y_true: np.ndarray, pred_probs: np.ndarray, grades: Sequence
         for i, name in enumerate(names)
     }
     return metrics
-
-
-def _kappa(true_grade: np.ndarray, pred_grade: np.ndarray, weights: str | None) -> float:
-    # cohen_kappa_score is nan (with a warning) when both raters use one single grade
-    if np.unique(np.concatenate([true_grade, pred_grade])).size < 2:
-        return 1.0 if np.array_equal(true_grade, pred_grade) else 0.0
-    value = cohen_kappa_score(true_grade, pred_grade, weights=weights)
-    return float(value) if np.isfinite(value) else 0.0
 
 
 # -- plots and report ---------------------------------------------------------------------------

@@ -1340,7 +1340,7 @@ def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: Scores, temperatu
         return _headline(evaluate_labels(targets, probs, trainer.grades, trainer.dev_ratings,
                                          rating_scale=trainer.rating_scale, label_names=trainer.labels))
 
-    fitted, report = st.fit_with_report(labels=trainer.labels, lexical=lexical.model,
+    fitted, report = st.fit_with_report(labels=trainer.labels, grades=trainer.grades, lexical=lexical.model,
                                         lexical_dev=lexical.dev_inputs[rows], llm_logprobs=logprobs.grade,
                                         targets=targets, groups=groups, evaluate=evaluate,
                                         adapter_probs=apply_temperature(logprobs.grade, temperature))

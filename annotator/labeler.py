@@ -290,12 +290,19 @@ class Labeler:
             return np.asarray(stack.predict_flags(texts, logprobs), dtype=np.float64)
         return flag_probs_from_logprobs(self.flag_logprobs(pairs, labels), self.flag_temperatures)
 
+    def choose_labels(self, probs: np.ndarray) -> np.ndarray:
+        """(n,) the label indices this labeler writes for (n, n_labels) ``probs`` (its `score`): the stack's
+        decision (`Stack.choose_labels`) when it has one, else the most probable label."""
+        if self.stack is not None:
+            return self.stack.choose_labels(probs)
+        return np.asarray(probs).argmax(axis=1)
+
     def score_with_flags(self, pairs: list[PairText]) -> tuple[np.ndarray, np.ndarray]:
         """(label probabilities (n_pairs, n_labels), flag probabilities (n_pairs, n_flags)): the flags are
-        asked after each pair's most probable label."""
+        asked after the label each pair is given (`choose_labels`)."""
         probs = self.score(pairs)
-        best = [self.label_names[i] for i in probs.argmax(axis=1)] if len(probs) else []
-        return probs, self.score_flags(pairs, best)
+        chosen = [self.label_names[i] for i in self.choose_labels(probs)] if len(probs) else []
+        return probs, self.score_flags(pairs, chosen)
 
     @property
     def flag_temperatures(self) -> list[float]:

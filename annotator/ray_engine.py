@@ -97,6 +97,7 @@ def probability_column(label: str) -> str:
 
 
 FLAG_PREFIX = "flag_"
+LABEL_COLUMN = "label"  # the label the labeler chose; a file without it gets the most probable label
 
 
 def flag_column(flag: str) -> str:
@@ -115,14 +116,20 @@ class ScorePairs:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         probs, flag_probs = score_chunk(self.labeler, pair_texts(batch), self.score_flags)
         return scores_frame(batch["pair_id"].astype(str).tolist(), probs, self.labeler.label_names,
-                            self.labeler.author, flag_probs, self.labeler.flag_names)
+                            self.labeler.author, flag_probs, self.labeler.flag_names,
+                            chosen=self.labeler.choose_labels(probs))
 
 
 def scores_frame(pair_ids: list[str], probs: np.ndarray, label_names: list[str], author: str,
-                 flag_probs: np.ndarray | None = None, flag_names: list[str] | None = None) -> pd.DataFrame:
-    """Columns pair_id, author, p_<label> (float64) for every label of the scheme and, with `flag_probs`
-    (n, n_flags), flag_<name> (float64) for every flag."""
-    columns = {probability_column(name): probs[:, i].astype(np.float64) for i, name in enumerate(label_names)}
+                 flag_probs: np.ndarray | None = None, flag_names: list[str] | None = None, *,
+                 chosen: np.ndarray | None = None) -> pd.DataFrame:
+    """Columns pair_id, author, p_<label> (float64) for every label of the scheme, with `chosen` ((n,) label
+    indices: the labeler's decision) a `label` column of label names, and, with `flag_probs` (n, n_flags),
+    flag_<name> (float64) for every flag."""
+    columns: dict[str, Any] = {probability_column(name): probs[:, i].astype(np.float64)
+                               for i, name in enumerate(label_names)}
+    if chosen is not None:
+        columns[LABEL_COLUMN] = [label_names[i] for i in chosen]
     if flag_probs is not None:
         columns.update({flag_column(name): flag_probs[:, i].astype(np.float64)
                         for i, name in enumerate(flag_names or [])})
@@ -204,6 +211,7 @@ class ScoresFile:
     probs: np.ndarray  # (n, n_labels)
     flag_names: list[str]
     flag_probs: np.ndarray | None  # (n, n_flags), None when the file has no flag columns
+    chosen: np.ndarray | None = None  # (n,) label indices from the file's label column; None: most probable
 
 
 def _checked_flags(name: str, table: pa.Table) -> tuple[list[str], np.ndarray | None]:
@@ -247,7 +255,19 @@ def _checked_scores(name: str, table: pa.Table, scheme: LabelScheme, author: str
         row = int(np.argmax(off))
         raise RayEngineError(f"{name} row {row + 1}: probabilities sum to {probs[row].sum():.6f}, not 1")
     flag_names, flag_probs = _checked_flags(name, table)
-    return ScoresFile(frame["pair_id"].astype(str).tolist(), probs, flag_names, flag_probs)
+    return ScoresFile(frame["pair_id"].astype(str).tolist(), probs, flag_names, flag_probs,
+                      _checked_labels(name, table, scheme))
+
+
+def _checked_labels(name: str, table: pa.Table, scheme: LabelScheme) -> np.ndarray | None:
+    if LABEL_COLUMN not in table.column_names:
+        return None
+    labels = table.column(LABEL_COLUMN).to_pylist()
+    unknown = [row for row, label in enumerate(labels) if label not in scheme.label_names]
+    if unknown:
+        raise RayEngineError(f"{name} row {unknown[0] + 1}, {LABEL_COLUMN}: {labels[unknown[0]]!r} is not a label "
+                             f"of scheme {scheme.name} ({', '.join(scheme.label_names)})")
+    return np.array([scheme.label_names.index(label) for label in labels], dtype=int)
 
 
 def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chunk_size: int = 1024) -> int:
@@ -267,9 +287,11 @@ def import_scores(store: Store, run_id: str, url: str, *, threshold: float, chun
         for start in range(0, len(scores.pair_ids), chunk_size):
             window = slice(start, start + chunk_size)
             flag_probs = scores.flag_probs[window] if scores.flag_probs is not None else None
+            chosen = scores.chosen[window] if scores.chosen is not None else None
             added += store.add_labels(label_records(scores.pair_ids[window], scores.probs[window], scheme=scheme,
                                                     author=author, run_id=run_id, threshold=threshold,
-                                                    flag_probs=flag_probs, flag_names=scores.flag_names))
+                                                    flag_probs=flag_probs, flag_names=scores.flag_names,
+                                                    chosen=chosen))
     return added
 
 

@@ -13,6 +13,10 @@ The regression (standardised inputs, L2) is fitted on the dev pairs that fine-tu
 held-out quality is measured by cross-validation on dev, grouped by query (`cross_validate`), with
 and without the ``llm`` inputs, so the report says whether the LLM adds anything measurable.
 
+The label a stack writes (`Stack.choose_labels`) is the most probable one, or, when cut-points on the
+expected grade beat argmax's dev QWK under cross-fitting, the one those cut-points give (`decide_by_cutoffs`,
+`annotator.decision`): on a graded scale a calibrated model rarely makes a middle grade the most probable.
+
 Policy flags are calibrated too (`FlagModel`, `Stack.predict_flags`): per flag a binary logistic regression on
 the dev pairs with a decision over the LLM's flag log-odds (lp_yes - lp_no), the lexical inputs above and the
 log-odds of a bag of title words fitted on the train decisions (`fit_flag_words`; a word-list rule lives in the
@@ -41,6 +45,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from annotator.decision import DecisionError, choose_labels, cross_fitted_qwk, fit_grade_cutoffs
 from annotator.sklearn_state import (
     content_hash,
     logistic_from_state,
@@ -134,6 +139,8 @@ class Stack:
     lexical: Pipeline
     model: Pipeline
     flags: list[FlagModel] = field(default_factory=list)  # in the policy's flag order
+    grades: list[int] | None = None  # the labels' grades, with ``cutoffs``
+    cutoffs: list[float] | None = None  # cut-points on the expected grade (`annotator.decision`); None: argmax
 
     @property
     def feature_names(self) -> list[str]:
@@ -167,6 +174,12 @@ class Stack:
         matrix = design(self.inputs, llm=llm, lexical=lexical, cosine=cosine)
         return class_probs(self.model, matrix, len(self.labels))
 
+    def choose_labels(self, probs: np.ndarray) -> np.ndarray:
+        """(n,) the label indices the stack writes for (n, K) ``probs`` (its `predict_proba`): by its
+        cut-points on the expected grade when it has them, else the most probable label."""
+        return choose_labels(probs, self.grades or [], self.cutoffs) if self.cutoffs is not None else \
+            np.asarray(probs).argmax(axis=1)
+
     def predict_flags(self, texts: pd.DataFrame, flag_logprobs: np.ndarray | None) -> np.ndarray:
         """(n, n_flags) P(flag applies) of the pairs of ``texts`` (columns query, title), flags in `flag_names`
         order; ``flag_logprobs`` (n, n_flags, 2) the LLM's FLAG_OPTIONS log-probabilities (None: a stack whose
@@ -190,6 +203,9 @@ class Stack:
                   "features": self.feature_names, "lexical": lexical, "scaler": scaler, "linear": linear}
         arrays = {**prefixed("lexical", lexical_arrays), **prefixed("scaler", scaler_arrays),
                   **prefixed("linear", linear_arrays)}
+        if self.cutoffs is not None:  # a stack deciding by argmax keeps the content (and version) it had before
+            params["decision"] = {"rule": "expected_grade_cutoffs", "grades": list(self.grades or []),
+                                  "cutoffs": [float(c) for c in self.cutoffs]}
         if self.flags:  # a stack without flags keeps the content (and version) it had before flags existed
             params["flags"] = []
             for flag in self.flags:
@@ -240,11 +256,21 @@ def load_stack(folder: str | Path) -> Stack | None:
                                   ("logisticregression", logistic_from_state(params["linear"],
                                                                              unprefixed("linear", arrays)))]),
                   flags=[flag_from_state(flag, unprefixed(f"flag.{flag['name']}", arrays))
-                         for flag in params.get("flags", [])])
+                         for flag in params.get("flags", [])],
+                  **_decision_from_params(params.get("decision"), folder))
     if stack.version != params["version"]:
         raise StackError(f"{folder}: the stack's content does not match its version {params['version']} "
                          f"(now {stack.version}); refit it with `mnr finetune`")
     return stack
+
+
+def _decision_from_params(decision: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
+    if decision is None:
+        return {}
+    if decision.get("rule") != "expected_grade_cutoffs":
+        raise StackError(f"{folder / STACK_FILE}: decision rule {decision.get('rule')!r} is not known "
+                         "(expected 'expected_grade_cutoffs')")
+    return {"grades": [int(g) for g in decision["grades"]], "cutoffs": [float(c) for c in decision["cutoffs"]]}
 
 
 def _read_params(folder: Path) -> dict[str, Any]:
@@ -306,12 +332,13 @@ def llm_contribution(full: np.ndarray, lexical: np.ndarray, targets: np.ndarray)
             "verdict": verdict}
 
 
-def fit_with_report(*, labels: Sequence[str], lexical: Pipeline, lexical_dev: np.ndarray, llm_logprobs: np.ndarray,
-                    targets: np.ndarray, groups: Sequence[Any], evaluate: Callable[[np.ndarray], dict[str, Any]],
-                    adapter_probs: np.ndarray, cosine: np.ndarray | None = None) -> tuple[Stack, dict[str, Any]]:
+def fit_with_report(*, labels: Sequence[str], grades: Sequence[int], lexical: Pipeline, lexical_dev: np.ndarray,
+                    llm_logprobs: np.ndarray, targets: np.ndarray, groups: Sequence[Any],
+                    evaluate: Callable[[np.ndarray], dict[str, Any]], adapter_probs: np.ndarray,
+                    cosine: np.ndarray | None = None) -> tuple[Stack, dict[str, Any]]:
     """The full stack fitted on all dev pairs, and the dev report: ``evaluate`` (probabilities -> metrics) of
     the adapter alone (``adapter_probs``), and of the lexical-only and the full stack out of fold
-    (`cross_validate`), with `llm_contribution`."""
+    (`cross_validate`), with `llm_contribution`; and the stack's decision (`decide_by_cutoffs`)."""
     n_classes = len(labels)
     extra = ("cosine",) if cosine is not None else ()
     full_inputs, lexical_inputs_ = ("llm", "lexical", *extra), ("lexical", *extra)
@@ -323,7 +350,25 @@ def fit_with_report(*, labels: Sequence[str], lexical: Pipeline, lexical_dev: np
                         "on the same dev pairs, which also selected it and fitted its temperature (optimistic)",
               "n_dev": int(len(targets)), "adapter": evaluate(adapter_probs), "lexical_only": evaluate(lexical_oof),
               "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets)}
-    return fit_stack(labels, full_inputs, lexical, full, targets), report
+    stack = fit_stack(labels, full_inputs, lexical, full, targets)
+    stack.grades, stack.cutoffs, report["decision"] = decide_by_cutoffs(full_oof, targets, grades, groups)
+    return stack, report
+
+
+def decide_by_cutoffs(oof_probs: np.ndarray, targets: np.ndarray, grades: Sequence[int],
+                      groups: Sequence[Any]) -> tuple[list[int] | None, list[float] | None, dict[str, Any]]:
+    """(grades, cut-points, report): cut-points on the expected grade (`annotator.decision`) fitted on the
+    stack's out-of-fold dev probabilities, kept only when their cross-fitted dev QWK beats argmax's;
+    (None, None, report) otherwise, or when dev is too small or the grades are not distinct."""
+    try:
+        report = cross_fitted_qwk(oof_probs, targets, grades, groups)
+        if not report["cutoffs_better"]:
+            return None, None, {**report, "rule": "argmax"}
+        cutoffs = fit_grade_cutoffs(oof_probs, targets, grades)
+    except DecisionError as exc:
+        return None, None, {"rule": "argmax", "reason": str(exc)}
+    return [int(g) for g in grades], [round(float(c), 6) for c in cutoffs], \
+        {**report, "rule": "expected_grade_cutoffs", "cutoffs": [round(float(c), 6) for c in cutoffs]}
 
 
 # -- flags ------------------------------------------------------------------------------------------

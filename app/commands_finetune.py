@@ -157,6 +157,12 @@ def _print_stack(stack: dict[str, Any] | None) -> None:
     console.print(table)
     colour = "green" if report["llm_adds"] else "yellow"
     console.print(f"[{colour}]{report['verdict']}[/]; mnr label applies the stack (--no-stack: the bare adapter)")
+    decision = report.get("decision") or {}
+    if "argmax_qwk" in decision:
+        rule = ("cut-points on the expected grade " + ", ".join(f"{c:.2f}" for c in decision["cutoffs"])
+                if decision["rule"] == "expected_grade_cutoffs" else "the most probable label")
+        console.print(f"labels written: {rule} (dev QWK, cross-fitted: cut-points {decision['cutoffs_qwk']:.3f}, "
+                      f"argmax {decision['argmax_qwk']:.3f})")
     for name, flag in (stack.get("flag_dev_report") or {}).items():
         if not flag["fitted"]:
             console.print(f"[yellow]flag '{name}': no stack regression: {flag['reason']}[/]")
@@ -308,9 +314,10 @@ def eval_labeler_command(
                        f"({len(predictions):,} predictions, {len(reference):,} reference labels)")
     names = scheme.label_names
     y_true = np.array([names.index(label) for label in joined["label_ref"]])
+    chosen = np.array([names.index(scheme.normalize(label)) for label in joined["label"]])  # the labels as written
     metrics = evaluate_labels(y_true, probability_matrix(joined, scheme), [scheme.grades[n] for n in names],
                               joined["raw_rating"].to_numpy(dtype=float), label_names=names,
-                              rating_scale=rating_scale_for(joined, scheme), n_bins=bins)
+                              rating_scale=rating_scale_for(joined, scheme), n_bins=bins, chosen=chosen)
     metrics.update({"labels_source": origin, "against": against, "scheme": scheme.name,
                     "unmatched_predictions": int(len(predictions) - len(joined))})
     with store.run("eval-labeler", {"labels": labels, "against": against, "scheme": scheme.name, "run": run_id,

@@ -119,14 +119,17 @@ def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: 
     return result, model_id
 
 
-def agreement(probs: np.ndarray, reference: pd.DataFrame, scheme: LabelScheme) -> dict[str, float]:
-    """QWK (quadratic-weighted Cohen's kappa on grades), accuracy and macro-F1 of label probabilities
-    (n, K in scheme order) against the `label` column of `reference`."""
+def agreement(probs: np.ndarray, reference: pd.DataFrame, scheme: LabelScheme,
+              chosen: np.ndarray | None = None) -> dict[str, float]:
+    """QWK (quadratic-weighted Cohen's kappa on grades), accuracy and macro-F1 of the labels ``chosen`` ((n,)
+    label indices; default the most probable) from label probabilities (n, K in scheme order) against the
+    `label` column of `reference`."""
     from annotator.evaluation import evaluate_labels
 
     names = scheme.label_names
     y_true = np.array([names.index(label) for label in reference["label"]])
-    metrics = evaluate_labels(y_true, probs, [scheme.grades[name] for name in names], label_names=names)
+    metrics = evaluate_labels(y_true, probs, [scheme.grades[name] for name in names], label_names=names,
+                              chosen=chosen)
     return {key: round(float(metrics[key]), 4) for key in ("qwk", "accuracy", "macro_f1")}
 
 
@@ -139,8 +142,7 @@ def baseline_probs(train: pd.DataFrame, test: pd.DataFrame, scheme: LabelScheme)
                               len(names))
 
 
-def label_counts(probs: np.ndarray, scheme: LabelScheme) -> dict[str, int]:
-    """How many rows of `probs` have each label as their argmax (labels never chosen left out)."""
-    chosen = probs.argmax(axis=1)
+def label_counts(chosen: np.ndarray, scheme: LabelScheme) -> dict[str, int]:
+    """How many pairs got each label, from (n,) label indices ``chosen`` (labels never chosen left out)."""
     return {name: int((chosen == i).sum()) for i, name in enumerate(scheme.label_names) if (chosen == i).any()}
 

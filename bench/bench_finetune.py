@@ -10,10 +10,13 @@ rating = grade + 1, against the raw mean rating, and QWK) and CrowdFlower under 
   (`mnr finetune --dev-split pair`);
 - ``query``: test is 20% of the queries, dev 10% of the rest, train the rest: no query in two of them.
 
-Per split: the text baseline (TF-IDF + linear, fitted on train: `annotator.text_baseline`), the adapter
+Per split: the text baseline (TF-IDF + linear, fitted on train: `annotator.text_baseline`), labelling by
+argmax and, the stronger reference for QWK, by cut-points on its expected grade fitted on dev
+(`annotator.decision`); the adapter
 alone (`annotator.finetune.finetune` under a wall-clock budget, calibrated), the stack without the LLM
 (the text baseline's match features and class probabilities, fitted on the dev pairs the adapter run
-scored) and the full stack (`annotator.stack`, fitted by the fine-tuning run itself), all on the same
+scored) and the full stack (`annotator.stack`, fitted by the fine-tuning run itself), each stack labelling as
+it serves (cut-points when they beat argmax on dev under cross-fitting: `Stack.choose_labels`), all on the same
 test pairs; plus training pairs/s and epochs reached. The baseline fitted here is the stack's lexical
 part too (passed to `finetune`), so both see the same train pairs.
 
@@ -45,6 +48,7 @@ from sklearn.model_selection import GroupShuffleSplit, train_test_split  # noqa:
 
 from annotator import stack as st  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
+from annotator.decision import choose_labels  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
 from annotator.finetune import (  # noqa: E402
     FinetuneArgs,
@@ -72,7 +76,7 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
 READERS = {"homedepot": read_homedepot, "crowdflower": read_crowdflower}
 
 
-SYSTEMS = ("tfidf_linear", "adapter", "stack_without_llm", "stack")
+SYSTEMS = ("tfidf_linear", "tfidf_linear_cutoffs", "adapter", "stack_without_llm", "stack")
 SPLITS = ("random", "query")
 DEV_SPLIT = {"random": "pair", "query": "query"}  # FinetuneArgs.dev_split: dev drawn as test is
 QUICK = {"minutes": 3.0, "baseline_train": 3000, "max_dev": 64, "test_pairs": 60, "eval_every": 10}
@@ -124,10 +128,10 @@ def split_frame(frame: pd.DataFrame, split: str) -> tuple[pd.DataFrame, pd.DataF
 
 
 def metrics_of(probs: np.ndarray, frame: pd.DataFrame, labels: list[str], grades: list[int],
-               scale: tuple[float, float]) -> dict[str, Any]:
+               scale: tuple[float, float], chosen: np.ndarray | None = None) -> dict[str, Any]:
     truth = np.array([labels.index(label) for label in frame["label"]])
     result = evaluate_labels(truth, probs, grades, frame["raw_rating"].to_numpy(dtype=float), label_names=labels,
-                             rating_scale=scale)
+                             rating_scale=scale, chosen=chosen)
     return {k: result[k] for k in ("n", "accuracy", "macro_f1", "qwk", "rmse_rating", "log_loss", "ece",
                                    "confusion_matrix")}
 
@@ -156,12 +160,28 @@ def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataF
     return logprobs, time.monotonic() - start
 
 
-def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: list[str]) -> st.Stack:
-    """The lexical-only stack, fitted on the dev pairs the adapter run scored (those its full stack was fitted on)."""
+def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: list[str], grades: list[int]) -> st.Stack:
+    """The lexical-only stack, fitted on the dev pairs the adapter run scored (those its full stack was fitted
+    on), deciding as the full stack does (`st.decide_by_cutoffs` on its out-of-fold dev probabilities)."""
     scored = json.loads((adapter / "split.json").read_text())["dev_pair_ids"]
     rows = dev.set_index("pair_id").loc[scored].reset_index()
     matrix = st.design(("lexical",), lexical=st.lexical_inputs(baseline, rows, len(labels)))
-    return st.fit_stack(labels, ("lexical",), baseline, matrix, rows["label"].map(labels.index).to_numpy())
+    targets = rows["label"].map(labels.index).to_numpy()
+    stack = st.fit_stack(labels, ("lexical",), baseline, matrix, targets)
+    oof = st.cross_validate(matrix, targets, rows["query_id"], len(labels))
+    stack.grades, stack.cutoffs, _ = st.decide_by_cutoffs(oof, targets, grades, rows["query_id"])
+    return stack
+
+
+def baseline_with_cutoffs(baseline: Any, dev: pd.DataFrame, test: pd.DataFrame, labels: list[str],
+                          grades: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The text baseline's test labels decided by cut-points on its expected grade, fitted on dev (out of sample
+    for a baseline fitted on train): the stronger reference for QWK; (chosen (n_test,), its dev decision report)."""
+    dev_probs = class_probs(baseline, dev[["query", "title"]], len(labels))
+    grades_, cutoffs, report = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
+                                                    dev["query_id"])
+    test_probs = class_probs(baseline, test[["query", "title"]], len(labels))
+    return choose_labels(test_probs, grades, cutoffs), report
 
 
 def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -176,14 +196,18 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
     tag = f"[{dataset}/{split}]"
     report: dict[str, Any] = {"split": split, "headline_metric": headline, "anchor": anchor,
                               "train_pairs": len(train), "dev_pairs": len(dev), "test_pairs": len(test)}
-    measure = lambda probs: metrics_of(probs, test, labels, grades, scale)  # noqa: E731
+    measure = lambda probs, chosen=None: metrics_of(probs, test, labels, grades, scale, chosen)  # noqa: E731
 
     start = time.monotonic()
     baseline_train = subsample(train, sizes["baseline_train"], SEED)
     baseline = st.fit_lexical(baseline_train, baseline_train["label"].map(labels.index).to_numpy())
     report["tfidf_linear"] = {**measure(class_probs(baseline, test[["query", "title"]], len(labels))),
                               "train_pairs": len(baseline_train), "seconds": round(time.monotonic() - start, 1)}
-    print(f"{tag} tfidf+linear {headline} {report['tfidf_linear'][headline]:.4f}", flush=True)
+    chosen, decision = baseline_with_cutoffs(baseline, dev, test, labels, grades)
+    report["tfidf_linear_cutoffs"] = {**measure(class_probs(baseline, test[["query", "title"]], len(labels)), chosen),
+                                      "dev_decision": decision}
+    print(f"{tag} tfidf+linear {headline} {report['tfidf_linear'][headline]:.4f}, with dev cut-points "
+          f"{report['tfidf_linear_cutoffs'][headline]:.4f}", flush=True)
 
     out = work / f"{dataset}-{split}"
     loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
@@ -196,10 +220,14 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
     meta = result.meta
     logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
     report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
-    lexical_stack = stack_without_llm(baseline, dev, out, labels)
-    report["stack_without_llm"] = measure(lexical_stack.predict_proba(test))
+    lexical_stack = stack_without_llm(baseline, dev, out, labels, grades)
+    lexical_probs = lexical_stack.predict_proba(test)
+    report["stack_without_llm"] = {**measure(lexical_probs, lexical_stack.choose_labels(lexical_probs)),
+                                   "cutoffs": lexical_stack.cutoffs}
     full = st.load_stack(out)
-    report["stack"] = {**measure(full.predict_proba(test, logprobs)), "version": full.version}
+    full_probs = full.predict_proba(test, logprobs)
+    report["stack"] = {**measure(full_probs, full.choose_labels(full_probs)), "version": full.version,
+                       "cutoffs": full.cutoffs}
     train_s = max(meta["train_step_wall_seconds"], 1e-9)
     report["training"] = {
         "budget_minutes": sizes["minutes"], "seconds": meta["train_seconds"], "steps": meta["steps"],
@@ -215,7 +243,8 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
 
 
 PRETTY = {"homedepot": "Home Depot", "crowdflower": "CrowdFlower"}
-SYSTEM_NAMES = {"tfidf_linear": "TF-IDF + linear", "adapter": "adapter alone (LoRA SmolLM2-135M)",
+SYSTEM_NAMES = {"tfidf_linear": "TF-IDF + linear",
+                "tfidf_linear_cutoffs": "TF-IDF + linear, labels by dev cut-points", "adapter": "adapter alone (LoRA SmolLM2-135M)",
                 "stack_without_llm": "stack without the LLM", "stack": "full stack (adapter + lexical)"}
 
 
@@ -230,8 +259,8 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                 unit = "RMSE (rating)" if metric == "rmse_rating" else "QWK"
                 baseline = report["tfidf_linear"][metric]
                 for system in SYSTEMS:
-                    target = ("reference" if system == "tfidf_linear" else
-                              "better than TF-IDF + linear" if system == "stack" else "")
+                    target = ("reference" if system.startswith("tfidf_linear") else
+                              "better than TF-IDF + linear (either decision)" if system == "stack" else "")
                     figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}{mark}",
                                     "value": round(report[system][metric], 4), "unit": unit, "target": target,
                                     "anchor": f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test "

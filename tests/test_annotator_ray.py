@@ -139,13 +139,19 @@ def test_scores_of_another_pair_are_rejected_naming_file_row_and_field(tmp_path:
     pd.DataFrame({**good, "flag_pesticide": [1.25]}).to_parquet(folder / "a.parquet")
     with pytest.raises(RayEngineError, match=r"a\.parquet row 1, flag_pesticide: 1\.25 is not a probability"):
         import_scores(store, "label-x", str(folder), threshold=0.6)
+    pd.DataFrame({**good, "label": ["maybe"]}).to_parquet(folder / "a.parquet")
+    with pytest.raises(RayEngineError, match=r"a\.parquet row 1, label: 'maybe' is not a label of scheme graded3"):
+        import_scores(store, "label-x", str(folder), threshold=0.6)
     pd.DataFrame({k: v for k, v in good.items() if k != "p_partial"}).to_parquet(folder / "a.parquet")
     with pytest.raises(RayEngineError, match=r"a\.parquet: no column 'p_partial'"):
         import_scores(store, "label-x", str(folder), threshold=0.6)
     assert store.scalar("SELECT count(*) FROM labels WHERE run_id = 'label-x'") == 0
-    pd.DataFrame(good).to_parquet(folder / "a.parquet")
+    # the label column is the labeler's decision (a stack's cut-points), written as chosen, not re-derived
+    pd.DataFrame({**good, "label": ["partial"]}).to_parquet(folder / "a.parquet")
     assert import_scores(store, "label-x", str(folder), threshold=0.6) == 1
     assert import_scores(store, "label-x", str(folder), threshold=0.6) == 0
+    label, confidence = store.fetchall("SELECT label, confidence FROM labels WHERE run_id = 'label-x'")[0]
+    assert (label, round(confidence, 6)) == ("partial", 0.25)
 
 
 def test_ray_stays_optional(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -559,6 +559,48 @@ def test_mnr_label_applies_the_stack_and_no_stack_gives_the_bare_labeler(trained
     assert np.abs(as_matrix(stacked) - as_matrix(bare)).max() > 0.05
 
 
+def test_mnr_label_writes_the_label_the_stacks_cutoffs_choose(trained: Path, learnable_llama: Path,
+                                                            toy_policy_path: Path, tmp_path: Path) -> None:
+    """A stack with cut-points on the expected grade: the label written is theirs, not the most probable one,
+    and the confidence is that label's probability; the probabilities are the stack's, untouched."""
+    from annotator import stack as st
+    from annotator.decision import choose_labels, expected_grade
+    from annotator.labeler import Labeler
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained, adapter)
+    stack = st.load_stack(adapter)
+    dev = _dev_frame(trained)
+    policy = load_prompt_policy(toy_policy_path)
+    names = policy.scheme.label_names
+    grades = [policy.scheme.grades[name] for name in names]
+    probs = Labeler(str(learnable_llama), str(toy_policy_path), backend="transformers", adapter=str(adapter),
+                    dtype="float32").score([PairText(q, t) for q, t in zip(dev["query"], dev["title"])])
+    # cut-points at the quartiles of the expected grade: every grade is given, where they say
+    cutoffs = [float(c) for c in np.quantile(expected_grade(probs, grades), [0.25, 0.5, 0.75])]
+    assert not np.array_equal(choose_labels(probs, grades, cutoffs), probs.argmax(axis=1))
+    stack.grades, stack.cutoffs = grades, cutoffs
+    stack.save(adapter)
+    meta = read_meta(adapter)
+    meta["stack"]["version"] = stack.version
+    (adapter / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    store = Store(tmp_path / "mnr.duckdb")
+    write_pairs(store, dev.assign(text=dev["query"]), "esci", "import:toy", None, origin="synthetic")
+    (tmp_path / "queries.txt").write_text("\n".join(sorted(set(dev["query"]))), encoding="utf-8")
+    result = runner.invoke(app, ["--store", str(tmp_path / "mnr.duckdb"), "label", "--select", "query-file",
+                                 "--query-file", str(tmp_path / "queries.txt"),
+                                 "--model", str(learnable_llama), "--adapter", str(adapter), "--policy",
+                                 str(toy_policy_path), "--backend", "transformers", "--dtype", "float32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = store.df("SELECT pair_id, label, confidence, probs FROM labels WHERE source = 'llm'").set_index("pair_id")
+    written = written.loc[dev["pair_id"]]
+    stored = np.array([[json.loads(p)[n] if isinstance(p, str) else p[n] for n in names] for p in written["probs"]])
+    np.testing.assert_allclose(stored, probs, atol=1e-5)
+    chosen = choose_labels(probs, grades, cutoffs)
+    assert written["label"].tolist() == [names[i] for i in chosen]
+    np.testing.assert_allclose(written["confidence"].to_numpy(), probs[np.arange(len(probs)), chosen], atol=1e-5)
+
+
 # -- policy flags (issue #21): learnt beside the grade from human flag decisions ----------------------
 FLAG_MARKER = "ultra"  # a single token of the tiny tokenizer, so a LoRA on the top blocks learns it in a few steps
 # the grade and the flag compete for the tiny adapter: 60 steps, the adapter chosen by the grade's dev log-loss

@@ -48,7 +48,7 @@ def fitted() -> tuple[st.Stack, dict, pd.DataFrame]:
     grades = [3, 2, 1, 0]
     logprobs = noise_logprobs(len(dev), 2)
     stack, report = st.fit_with_report(
-        labels=LABELS, lexical=lexical, lexical_dev=st.lexical_inputs(lexical, dev, len(LABELS)),
+        labels=LABELS, grades=grades, lexical=lexical, lexical_dev=st.lexical_inputs(lexical, dev, len(LABELS)),
         llm_logprobs=logprobs, targets=targets, groups=dev["query_id"],
         evaluate=lambda p: evaluate_labels(targets, p, grades, label_names=LABELS),
         adapter_probs=np.exp(logprobs))
@@ -88,7 +88,7 @@ def test_an_informative_llm_is_measurable() -> None:
     llm = np.log(np.where(hidden[:, None] == 1, [0.1, 0.1, 0.1, 0.7], [0.3, 0.3, 0.3, 0.1]))
     lexical = st.fit_lexical(train, train["target"].to_numpy())
     _, report = st.fit_with_report(
-        labels=LABELS, lexical=lexical, lexical_dev=st.lexical_inputs(lexical, dev, 4), llm_logprobs=llm,
+        labels=LABELS, grades=[3, 2, 1, 0], lexical=lexical, lexical_dev=st.lexical_inputs(lexical, dev, 4), llm_logprobs=llm,
         targets=targets, groups=dev["query_id"], adapter_probs=np.exp(llm),
         evaluate=lambda p: evaluate_labels(targets, p, [3, 2, 1, 0], label_names=LABELS))
     assert report["llm_adds"] is True and "measurable" in report["verdict"]

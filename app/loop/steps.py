@@ -303,8 +303,9 @@ def _heldout_agreement(ctx: StepContext, labeler: Any, heldout: dict[str, Any] |
     frame = labelled_pairs(ctx.store, scheme.name, heldout["sources"]).set_index("pair_id")
     frame = frame.loc[pd.Index(heldout["pair_ids"])].reset_index()
     probs = labeler.score(pair_texts(frame))
-    return {"n": heldout["n"], "queries": heldout["queries"], "labeler": agreement(probs, frame, scheme),
-            "baseline": heldout["baseline"], "labeler_counts": label_counts(probs, scheme)}
+    chosen = labeler.choose_labels(probs)
+    return {"n": heldout["n"], "queries": heldout["queries"], "labeler": agreement(probs, frame, scheme, chosen),
+            "baseline": heldout["baseline"], "labeler_counts": label_counts(chosen, scheme)}
 
 
 def step_engagement(ctx: StepContext) -> dict[str, Any]:
