@@ -161,8 +161,8 @@ def label_records(pair_ids: Sequence[str], probs: np.ndarray, *, scheme: LabelSc
     given, become each record's `flags`."""
     names = scheme.label_names
     chosen = np.asarray(probs).argmax(axis=1) if chosen is None else np.asarray(chosen, dtype=int)
-    if chosen.shape != (len(pair_ids),):
-        raise ValueError(f"chosen must have shape ({len(pair_ids)},), not {chosen.shape}")
+    if chosen.shape != (len(pair_ids),) or (len(chosen) and (chosen.min() < 0 or chosen.max() >= len(names))):
+        raise ValueError(f"chosen must be {len(pair_ids)} label indices in 0..{len(names) - 1}")
     if flag_probs is not None and np.shape(flag_probs) != (len(pair_ids), len(flag_names)):
         raise ValueError(f"flag_probs must have shape ({len(pair_ids)}, {len(flag_names)}), not {np.shape(flag_probs)}")
     records = []

@@ -51,11 +51,19 @@ def choose_labels(probs: np.ndarray, grades: Sequence[int], cutoffs: Sequence[fl
     probs = np.asarray(probs, dtype=np.float64)
     if cutoffs is None or len(probs) == 0:
         return probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    cuts = np.asarray(cutoffs, dtype=np.float64)
+    check_cutoffs(grades, cutoffs)
+    if probs.shape[1] != len(grades):
+        raise DecisionError(f"probabilities of {probs.shape[1]} labels, but {len(grades)} grades")
     order = _grade_order(grades)
-    if cuts.shape != (len(order) - 1,) or np.any(np.diff(cuts) <= 0):
+    return order[np.searchsorted(np.asarray(cutoffs, dtype=np.float64), expected_grade(probs, grades), side="left")]
+
+
+def check_cutoffs(grades: Sequence[int], cutoffs: Sequence[float]) -> None:
+    """`DecisionError` unless ``cutoffs`` are K-1 finite, strictly ascending cut-points for K distinct ``grades``."""
+    order = _grade_order(grades)
+    cuts = np.asarray(cutoffs, dtype=np.float64)
+    if cuts.shape != (len(order) - 1,) or not np.all(np.isfinite(cuts)) or np.any(np.diff(cuts) <= 0):
         raise DecisionError(f"{len(order)} grades need {len(order) - 1} ascending cut-points, got {cuts.tolist()}")
-    return order[np.searchsorted(cuts, expected_grade(probs, grades), side="left")]
 
 
 def fit_grade_cutoffs(probs: np.ndarray, targets: np.ndarray, grades: Sequence[int]) -> np.ndarray:
@@ -63,7 +71,7 @@ def fit_grade_cutoffs(probs: np.ndarray, targets: np.ndarray, grades: Sequence[i
     indices) on (n, K) held-out ``probs``: coordinate ascent from the rounding cut-points (midway between
     grades) over the quantiles of the expected grade; a move must raise QWK, so ties keep rounding."""
     order = _grade_order(grades)
-    targets = np.asarray(targets, dtype=int)
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=int)
     if len(targets) < MIN_PAIRS:
         raise DecisionError(f"{len(targets)} held-out pairs: cut-points need {MIN_PAIRS} or more")
     sorted_grades = np.asarray(grades, dtype=np.float64)[order]
@@ -93,9 +101,12 @@ def cross_fitted_qwk(probs: np.ndarray, targets: np.ndarray, grades: Sequence[in
                      folds: int = 5) -> dict[str, Any]:
     """QWK of argmax and of cut-points on the same (n, K) held-out ``probs``, the cut-points fitted on the other
     folds (grouped by ``groups``, e.g. query, when there are enough) and applied to each fold, so neither
-    number saw its own pairs. ``cutoffs_better`` says which decision to keep."""
-    targets = np.asarray(targets, dtype=int)
-    groups = np.asarray(groups)
+    number saw its own pairs' targets through the cut-points (``probs`` being out-of-fold, the models behind them
+    did). ``cutoffs_better`` says which decision to keep."""
+    probs, targets, groups = np.asarray(probs, dtype=np.float64), np.asarray(targets, dtype=int), np.asarray(groups)
+    if len(targets) < MIN_PAIRS * folds / (folds - 1):
+        raise DecisionError(f"{len(targets)} held-out pairs: cross-fitted cut-points need {MIN_PAIRS} in each "
+                            f"fitting share of {folds} folds")
     true_grades = np.asarray(grades)[targets]
     argmax_qwk = grade_kappa(true_grades, np.asarray(grades)[choose_labels(probs, grades)])
     if len(np.unique(groups)) >= folds:

@@ -16,7 +16,7 @@ Its version goes into the author (`...+<adapter>+stack-<version>@<policy>:<versi
 (`mnr label --no-stack`) gives the bare labeler.
 
 Policy flags (`Policy.flags`) are scored after the grade, one yes/no label-token pass per flag
-(`flag_logprobs`, `score_flags`): the flag prompt is the grade prompt, the most probable grade label
+(`flag_logprobs`, `score_flags`): the flag prompt is the grade prompt, the LLM's most probable grade label
 and `Flag <name>:` (`Policy.flag_suffix`), so an engine with prefix caching reuses the grade prompt's
 blocks. P(flag) is the stack's (`Stack.predict_flags`) when the stack was fitted with flags, else
 sigmoid((logprob yes - logprob no) / T) with T from `meta.json` `flag_temperatures` (default 1).
@@ -243,7 +243,9 @@ class Labeler:
 
     def score(self, pairs: list[PairText]) -> np.ndarray:
         """Label probabilities, shape (n_pairs, n_labels), rows sum to 1, columns in scheme order."""
-        logprobs = self.logprobs(pairs)
+        return self._probs(pairs, self.logprobs(pairs))
+
+    def _probs(self, pairs: list[PairText], logprobs: np.ndarray) -> np.ndarray:
         if self.stack is None:
             return probs_from_logprobs(logprobs, self.temperature)
         texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
@@ -263,7 +265,7 @@ class Labeler:
     def flag_logprobs(self, pairs: list[PairText], labels: list[str]) -> np.ndarray:
         """Log-probs of the FLAG_OPTIONS first tokens (column 0: yes) after each flag prompt.
 
-        `labels` are the pairs' grade labels (the most probable ones). Returns shape
+        `labels` are the pairs' grade labels (the LLM's most probable ones). Returns shape
         (n_pairs, n_flags, 2), flags in policy order; (n_pairs, 0, 2) without a backend call when
         the policy has no flags.
         """
@@ -299,10 +301,11 @@ class Labeler:
 
     def score_with_flags(self, pairs: list[PairText]) -> tuple[np.ndarray, np.ndarray]:
         """(label probabilities (n_pairs, n_labels), flag probabilities (n_pairs, n_flags)): the flags are
-        asked after the label each pair is given (`choose_labels`)."""
-        probs = self.score(pairs)
-        chosen = [self.label_names[i] for i in self.choose_labels(probs)] if len(probs) else []
-        return probs, self.score_flags(pairs, chosen)
+        asked after the LLM's own most probable grade, the prompt fine-tuning calibrated them on
+        (`annotator.finetune.flags_after_predicted_grade`); the stack or its cut-points may write another."""
+        logprobs = self.logprobs(pairs)
+        asked_after = [self.label_names[i] for i in np.asarray(logprobs).argmax(axis=1)] if len(pairs) else []
+        return self._probs(pairs, logprobs), self.score_flags(pairs, asked_after)
 
     @property
     def flag_temperatures(self) -> list[float]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -45,7 +44,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from annotator.decision import DecisionError, choose_labels, cross_fitted_qwk, fit_grade_cutoffs
+from annotator.decision import DecisionError, check_cutoffs, choose_labels, cross_fitted_qwk, fit_grade_cutoffs
 from annotator.sklearn_state import (
     content_hash,
     logistic_from_state,
@@ -150,8 +149,9 @@ class Stack:
     def flag_names(self) -> list[str]:
         return [flag.name for flag in self.flags]
 
-    @cached_property
+    @property
     def version(self) -> str:
+        """The hash of the stack's content; computed each time, since a fitted stack's decision is set after it."""
         params, arrays = self.state()
         return content_hash(params, arrays)
 
@@ -257,20 +257,28 @@ def load_stack(folder: str | Path) -> Stack | None:
                                                                              unprefixed("linear", arrays)))]),
                   flags=[flag_from_state(flag, unprefixed(f"flag.{flag['name']}", arrays))
                          for flag in params.get("flags", [])],
-                  **_decision_from_params(params.get("decision"), folder))
+                  **_decision_from_params(params.get("decision"), folder, len(params["labels"])))
     if stack.version != params["version"]:
         raise StackError(f"{folder}: the stack's content does not match its version {params['version']} "
                          f"(now {stack.version}); refit it with `mnr finetune`")
     return stack
 
 
-def _decision_from_params(decision: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
+def _decision_from_params(decision: dict[str, Any] | None, folder: Path, n_labels: int) -> dict[str, Any]:
     if decision is None:
         return {}
+    where = f"{folder / STACK_FILE}, field 'decision'"
     if decision.get("rule") != "expected_grade_cutoffs":
-        raise StackError(f"{folder / STACK_FILE}: decision rule {decision.get('rule')!r} is not known "
+        raise StackError(f"{where}: decision rule {decision.get('rule')!r} is not known "
                          "(expected 'expected_grade_cutoffs')")
-    return {"grades": [int(g) for g in decision["grades"]], "cutoffs": [float(c) for c in decision["cutoffs"]]}
+    try:
+        grades, cutoffs = [int(g) for g in decision["grades"]], [float(c) for c in decision["cutoffs"]]
+        if len(grades) != n_labels:
+            raise DecisionError(f"{len(grades)} grades for {n_labels} labels")
+        check_cutoffs(grades, cutoffs)
+    except (KeyError, TypeError, ValueError) as exc:  # DecisionError is a ValueError
+        raise StackError(f"{where}: {exc}") from exc
+    return {"grades": grades, "cutoffs": cutoffs}
 
 
 def _read_params(folder: Path) -> dict[str, Any]:
@@ -344,15 +352,25 @@ def fit_with_report(*, labels: Sequence[str], grades: Sequence[int], lexical: Pi
     full_inputs, lexical_inputs_ = ("llm", "lexical", *extra), ("lexical", *extra)
     full = design(full_inputs, llm=llm_inputs(llm_logprobs), lexical=lexical_dev, cosine=cosine)
     lexical_only = design(lexical_inputs_, lexical=lexical_dev, cosine=cosine)
-    full_oof = cross_validate(full, targets, groups, n_classes)
+    stack, full_oof, decision = fit_deciding_stack(labels, grades, full_inputs, lexical, full, targets, groups)
     lexical_oof = cross_validate(lexical_only, targets, groups, n_classes)
     report = {"method": f"{CV_FOLDS}-fold cross-validation on dev, grouped by query; the adapter alone is scored "
                         "on the same dev pairs, which also selected it and fitted its temperature (optimistic)",
               "n_dev": int(len(targets)), "adapter": evaluate(adapter_probs), "lexical_only": evaluate(lexical_oof),
-              "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets)}
-    stack = fit_stack(labels, full_inputs, lexical, full, targets)
-    stack.grades, stack.cutoffs, report["decision"] = decide_by_cutoffs(full_oof, targets, grades, groups)
+              "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets), "decision": decision}
     return stack, report
+
+
+def fit_deciding_stack(labels: Sequence[str], grades: Sequence[int], inputs: Sequence[str], lexical: Pipeline,
+                       matrix: np.ndarray, targets: np.ndarray,
+                       groups: Sequence[Any]) -> tuple[Stack, np.ndarray, dict[str, Any]]:
+    """(stack, its (n, K) out-of-fold dev probabilities, its decision report): `fit_stack` over the ``inputs``
+    groups on ``matrix``, writing labels by cut-points when they beat argmax on the out-of-fold probabilities
+    (`decide_by_cutoffs`)."""
+    oof = cross_validate(matrix, targets, groups, len(labels))
+    stack = fit_stack(labels, inputs, lexical, matrix, targets)
+    stack.grades, stack.cutoffs, decision = decide_by_cutoffs(oof, targets, grades, groups)
+    return stack, oof, decision
 
 
 def decide_by_cutoffs(oof_probs: np.ndarray, targets: np.ndarray, grades: Sequence[int],
@@ -361,14 +379,14 @@ def decide_by_cutoffs(oof_probs: np.ndarray, targets: np.ndarray, grades: Sequen
     stack's out-of-fold dev probabilities, kept only when their cross-fitted dev QWK beats argmax's;
     (None, None, report) otherwise, or when dev is too small or the grades are not distinct."""
     try:
-        report = cross_fitted_qwk(oof_probs, targets, grades, groups)
+        report = cross_fitted_qwk(oof_probs, targets, grades, groups, folds=CV_FOLDS)
         if not report["cutoffs_better"]:
             return None, None, {**report, "rule": "argmax"}
         cutoffs = fit_grade_cutoffs(oof_probs, targets, grades)
     except DecisionError as exc:
         return None, None, {"rule": "argmax", "reason": str(exc)}
-    return [int(g) for g in grades], [round(float(c), 6) for c in cutoffs], \
-        {**report, "rule": "expected_grade_cutoffs", "cutoffs": [round(float(c), 6) for c in cutoffs]}
+    return [int(g) for g in grades], [float(c) for c in cutoffs], \
+        {**report, "rule": "expected_grade_cutoffs", "cutoffs": [round(float(c), 4) for c in cutoffs]}
 
 
 # -- flags ------------------------------------------------------------------------------------------

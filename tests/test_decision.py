@@ -104,7 +104,13 @@ def test_a_stack_keeps_its_cutoffs_through_save_and_load(tmp_path: Path) -> None
     np.testing.assert_array_equal(loaded.choose_labels(probs), choose_labels(probs, GRADES, [0.4, 1.6, 2.2]))
     np.testing.assert_array_equal(st.load_stack(tmp_path / "plain").choose_labels(probs), probs.argmax(axis=1))
     params = json.loads((tmp_path / "cut" / st.STACK_FILE).read_text())
-    params["decision"]["rule"] = "median"
-    (tmp_path / "cut" / st.STACK_FILE).write_text(json.dumps(params))
-    with pytest.raises(st.StackError, match="decision rule 'median'"):
-        st.load_stack(tmp_path / "cut")
+    for damage, message in ((lambda d: d.update(rule="median"), "decision rule 'median'"),
+                             (lambda d: d.update(cutoffs=[0.4, 1.6]), r"4 grades need 3 ascending cut-points"),
+                             (lambda d: d.update(cutoffs=[1.6, 0.4, 2.2]), r"ascending cut-points"),
+                             (lambda d: d.pop("grades"), "'grades'"),
+                             (lambda d: d.update(grades=[3, 2, 1]), "3 grades for 4 labels")):
+        broken = json.loads(json.dumps(params))
+        damage(broken["decision"])
+        (tmp_path / "cut" / st.STACK_FILE).write_text(json.dumps(broken))
+        with pytest.raises(st.StackError, match=r"stack\.json, field 'decision': .*" + message):
+            st.load_stack(tmp_path / "cut")
