@@ -243,9 +243,11 @@ class Labeler:
 
     def score(self, pairs: list[PairText]) -> np.ndarray:
         """Label probabilities, shape (n_pairs, n_labels), rows sum to 1, columns in scheme order."""
-        return self._probs(pairs, self.logprobs(pairs))
+        return self.probs_of(pairs, self.logprobs(pairs))
 
-    def _probs(self, pairs: list[PairText], logprobs: np.ndarray) -> np.ndarray:
+    def probs_of(self, pairs: list[PairText], logprobs: np.ndarray) -> np.ndarray:
+        """Label probabilities (n_pairs, n_labels) of `pairs` from their label log-probabilities (`logprobs`):
+        the stack's when the labeler has one, else softmax(logprobs / temperature)."""
         if self.stack is None:
             return probs_from_logprobs(logprobs, self.temperature)
         texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
@@ -305,7 +307,7 @@ class Labeler:
         (`annotator.finetune.flags_after_predicted_grade`); the stack or its cut-points may write another."""
         logprobs = self.logprobs(pairs)
         asked_after = [self.label_names[i] for i in np.asarray(logprobs).argmax(axis=1)] if len(pairs) else []
-        return self._probs(pairs, logprobs), self.score_flags(pairs, asked_after)
+        return self.probs_of(pairs, logprobs), self.score_flags(pairs, asked_after)
 
     @property
     def flag_temperatures(self) -> list[float]:

@@ -94,6 +94,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-loss-weight", type=float, default=None,
                         help="FinetuneArgs.vocab_loss_weight (default: fine-tuning's own).")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
+    parser.add_argument("--keep-adapters", type=Path, default=None,
+                        help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
+                             "(injection, throughput); default: a temporary folder, removed.")
     return parser.parse_args()
 
 
@@ -306,9 +309,10 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2, default=float))
 
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
+        work = args.keep_adapters or Path(tmp)
         for dataset in datasets:
             for split in splits:
-                reports.setdefault(dataset, {})[split] = run_split(dataset, split, model_dir, sizes, Path(tmp))
+                reports.setdefault(dataset, {})[split] = run_split(dataset, split, model_dir, sizes, work)
                 save(partial=True)
     save(partial=False)
 

@@ -5,7 +5,11 @@ pairs. The vLLM backend scores a batch in one `generate` call with the policy pr
 baseline runs `generate(max_new_tokens=1, output_scores=True)` once per pair on the full prompt.
 Figures: pairs/s of each and their ratio (target >= 10x and >= 20 pairs/s).
 
-    python -m bench.bench_labeler_throughput [--quick]
+With ``--adapter DIR`` both sides run the fine-tuned labeler that adapter serves: vLLM with the LoRA
+(`enable_lora`), its policy, its short pair form and its stack, against the naive loop on the PEFT model with
+the same prompts (targets from the labeler issue: >= 10 pairs/s and >= 5x). JSON `labeler_throughput_finetuned.json`.
+
+    python -m bench.bench_labeler_throughput [--quick] [--adapter DIR]
 """
 from __future__ import annotations
 
@@ -17,18 +21,33 @@ apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
 
-from bench.common import pair_texts, parse_args, read_homedepot, skip, split_sample, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    adapter_labeler_args,
+    command_line,
+    pair_texts,
+    parse_args,
+    read_homedepot,
+    skip,
+    split_sample,
+    write_result,
+)
 
 NAME = "labeler_throughput"
 
 
-def naive_generate_loop(model_path: str, prompts: list[str], token_ids: list[int]) -> tuple[float, np.ndarray]:
-    """Per-pair `generate()` on the full prompt; returns (pairs/s, label logprobs)."""
+def naive_generate_loop(model_path: str, prompts: list[str], token_ids: list[int],
+                        adapter: str | None = None) -> tuple[float, np.ndarray]:
+    """Per-pair `generate()` on the full prompt (with the PEFT ``adapter``, when given); returns (pairs/s, label logprobs)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model = model.eval()
     rows = []
     started = time.perf_counter()
     for prompt in prompts:
@@ -41,42 +60,50 @@ def naive_generate_loop(model_path: str, prompts: list[str], token_ids: list[int
 
 
 def main() -> None:
-    args = parse_args(__doc__)
+    args = parse_args(__doc__, adapter=True)
     frame = read_homedepot()
     if frame is None:
         skip(NAME, args.quick, "../shared/data/homedepot/train.csv is absent")
     from annotator.labeler import Labeler
     from annotator.models import pull
 
+    policy, adapter_kwargs, suffix = adapter_labeler_args(args.adapter)
     model_path = str(pull("smollm2"))
     n_vllm, n_naive = (60, 15) if args.quick else (200, 200)
     sample, _ = split_sample(frame, n_vllm)
     pairs = pair_texts(sample)
-    labeler = Labeler("smollm2", "esci", backend="vllm", max_model_len=2048, max_num_seqs=64)
+    labeler = Labeler("smollm2", policy, backend="vllm", max_model_len=2048, max_num_seqs=64, **adapter_kwargs)
     labeler.score(pairs[:2])  # warm-up: first batch, fills the prefix cache
     started = time.perf_counter()
     vllm_probs = labeler.score(pairs)
     vllm_rate = len(pairs) / (time.perf_counter() - started)
     prompts = labeler.prompts(pairs[:n_naive])
     token_counts = [len(labeler.backend.encode(p, add_special_tokens=True)) for p in prompts]
+    vllm_logprobs = labeler.logprobs(pairs[:n_naive])
     labeler.close()
-    naive_rate, naive_logprobs = naive_generate_loop(model_path, prompts, labeler.token_ids)
-    naive_probs = np.exp(naive_logprobs) / np.exp(naive_logprobs).sum(axis=1, keepdims=True)
-    same_top = float((naive_probs.argmax(1) == vllm_probs[:n_naive].argmax(1)).mean())
+    naive_rate, naive_logprobs = naive_generate_loop(model_path, prompts, labeler.token_ids, labeler.adapter)
+    # compared before any stack: the label-token log-probabilities both sides compute
+    normalise = lambda lp: np.exp(lp) / np.exp(lp).sum(axis=1, keepdims=True)  # noqa: E731
+    naive_probs, vllm_label_probs = normalise(naive_logprobs), normalise(vllm_logprobs)
+    same_top = float((naive_probs.argmax(1) == vllm_label_probs.argmax(1)).mean())
     ratio = vllm_rate / naive_rate
-    write_result(NAME, args.quick, f"../shared/data/homedepot/train.csv, fixed sample of {n_vllm} pairs "
+    what = (f"fine-tuned labeler ({labeler.model_tag}), policy {policy}" if args.adapter else
+            "SmolLM2-135M, ESCI policy")
+    targets = (">= 10", ">= 5") if args.adapter else (">= 20", ">= 10")
+    command = command_line(NAME, args.quick) + (f" --adapter {args.adapter}" if args.adapter else "")
+    write_result(NAME + suffix, args.quick, f"../shared/data/homedepot/train.csv, fixed sample of {n_vllm} pairs "
                  f"({n_naive} for the naive loop)", [
-                     {"name": "vLLM backend throughput, SmolLM2-135M, ESCI policy", "value": round(vllm_rate, 2),
-                      "unit": "pairs/s", "target": ">= 20", "anchor": f"naive generate() loop {naive_rate:.2f} pairs/s"},
+                     {"name": f"vLLM backend throughput, {what}", "value": round(vllm_rate, 2),
+                      "unit": "pairs/s", "target": targets[0], "anchor": f"naive generate() loop {naive_rate:.2f} pairs/s"},
                      {"name": "vLLM vs naive per-pair generate() speed-up", "value": round(ratio, 2), "unit": "x",
-                      "target": ">= 10", "anchor": "same model, prompts and pairs, same run"},
+                      "target": targets[1], "anchor": "same model, prompts and pairs, same run"},
                      {"name": "naive transformers generate() loop throughput", "value": round(naive_rate, 2),
                       "unit": "pairs/s"},
-                 ],
+                 ], command=command, vllm_probs_include_stack=labeler.stack is not None,
                  mean_prompt_tokens=float(np.mean(token_counts)), policy_prefix_chars=len(labeler.policy.prefix()),
                  top_label_agreement_vllm_vs_naive=same_top,
-                 max_abs_prob_diff_vllm_vs_naive=float(np.abs(naive_probs - vllm_probs[:n_naive]).max()))
-
+                 max_abs_prob_diff_vllm_vs_naive=float(np.abs(naive_probs - vllm_label_probs).max()),
+                 vllm_output_label_share=np.bincount(vllm_probs.argmax(1), minlength=len(labeler.label_names)).tolist())
 
 if __name__ == "__main__":
     main()

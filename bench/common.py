@@ -21,10 +21,23 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SAMPLE_SEED = 2602
 
 
-def parse_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, argv: list[str] | None = None, *, adapter: bool = False) -> argparse.Namespace:
+    """``--quick``; with ``adapter``, also ``--adapter DIR``: benchmark that fine-tuned labeler (its policy and stack)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="Small sample: finishes in a few minutes on 2 CPU cores.")
+    if adapter:
+        parser.add_argument("--adapter", type=Path, default=None,
+                            help="A `mnr finetune` adapter folder: benchmark the labeler it serves (under the policy "
+                                 "its meta.json records, with its stack) instead of zero-shot SmolLM2 under esci.")
     return parser.parse_args(argv)
+
+
+def adapter_labeler_args(adapter: Path | None) -> tuple[str, dict[str, Any], str]:
+    """(policy name, Labeler keyword arguments, a result-name suffix) of ``--adapter`` (none: zero-shot, esci)."""
+    if adapter is None:
+        return "esci", {}, ""
+    meta = json.loads((adapter / "meta.json").read_text(encoding="utf-8"))
+    return str(meta["policy"]), {"adapter": str(adapter)}, "_finetuned"
 
 
 def command_line(name: str, quick: bool) -> str:
