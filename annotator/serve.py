@@ -32,7 +32,7 @@ def server_command(model: str, *, host: str = "127.0.0.1", port: int = 8000, ada
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", resolve_model(model), "--served-model-name", model,
-        "--host", host, "--port", str(port), "--dtype", preferred_dtype() if dtype == "auto" else dtype,
+        "--host", host, "--port", str(port), "--dtype", preferred_dtype(adapter) if dtype == "auto" else dtype,
         "--max-model-len", str(max_model_len), "--logprobs-mode", "processed_logprobs",
         "--enable-prefix-caching", "--block-size", str(PREFIX_BLOCK_SIZE), "--enforce-eager", "--disable-uvicorn-access-log",
     ]

@@ -43,7 +43,7 @@ from labelstore.paths import cache_dir, shared_data_dir
 from labelstore.schemes import load_scheme
 from labelstore.store import LabelRecord, Store
 
-from bench.common import tfidf_linear_model
+from bench.common import device, tfidf_linear_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = {
@@ -213,7 +213,7 @@ def main() -> None:
     global DUMP_DIR
     DUMP_DIR = args.dump
     command = "python -m bench.bench_label_errors" + (" --quick" if args.quick else "")
-    out: dict = {"name": "label_errors", "command": command, "quick": args.quick, "device": "cpu, 2 cores",
+    out: dict = {"name": "label_errors", "command": command, "quick": args.quick, "device": device(),
                  "simulated": True, "figures": []}
     if shared_data_dir() is None:
         out["skipped"] = "../shared/data is absent"

@@ -21,14 +21,21 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SAMPLE_SEED = 2602
 
 
-def parse_args(description: str, argv: list[str] | None = None, *, adapter: bool = False) -> argparse.Namespace:
-    """``--quick``; with ``adapter``, also ``--adapter DIR``: benchmark that fine-tuned labeler (its policy and stack)."""
+def parse_args(description: str, argv: list[str] | None = None, *, adapter: bool = False,
+               engine: bool = False) -> argparse.Namespace:
+    """``--quick``; with ``adapter``, also ``--adapter DIR``: benchmark that fine-tuned labeler (its policy and stack);
+    with ``engine``, also the vLLM engine's ``--dtype`` and ``--adapter-mode``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="Small sample: finishes in a few minutes on 2 CPU cores.")
     if adapter:
         parser.add_argument("--adapter", type=Path, default=None,
                             help="A `mnr finetune` adapter folder: benchmark the labeler it serves (under the policy "
                                  "its meta.json records, with its stack) instead of zero-shot SmolLM2 under esci.")
+    if engine:
+        parser.add_argument("--dtype", default="auto",
+                            help="vLLM dtype (default auto: float32 on CPUs without native bf16, else the model's).")
+        parser.add_argument("--adapter-mode", choices=("merge", "lora"), default="merge",
+                            help="Serve the adapter merged into the weights (default) or through vLLM's LoRA path.")
     return parser.parse_args(argv)
 
 
@@ -45,7 +52,20 @@ def command_line(name: str, quick: bool) -> str:
 
 
 def device() -> str:
-    return f"cpu, {os.cpu_count()} cores ({platform.machine()})"
+    """The CPU in words: timings from machines with different vector units (AVX2 vs AVX-512 and AMX, where
+    vLLM serves bf16) are not comparable, so the JSON says which one ran."""
+    return f"cpu, {os.cpu_count()} cores ({', '.join([platform.machine(), *_cpu_model_and_units()])})"
+
+
+def _cpu_model_and_units() -> list[str]:
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return ([model] if model else []) + units
 
 
 def write_result(name: str, quick: bool, data: str, figures: list[dict[str, Any]], **extra: Any) -> Path:

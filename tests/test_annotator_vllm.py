@@ -39,9 +39,9 @@ def adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_labeler(tiny_llama: Path, adapter: Path) -> Labeler:
+def vllm_labeler(tiny_llama: Path, adapter: Path, tmp_path_factory: pytest.TempPathFactory) -> Labeler:
     labeler = Labeler(str(tiny_llama), "esci", backend="vllm", adapter=str(adapter), dtype="float32",
-                      max_model_len=1024, max_num_seqs=32)
+                      max_model_len=1024, max_num_seqs=32, merged_root=tmp_path_factory.mktemp("merged"))
     yield labeler
     labeler.close()
 
@@ -52,7 +52,10 @@ def test_request_uses_choice_allowed_tokens_and_processed_logprobs(vllm_labeler:
     assert params.structured_outputs.choice == [" exact", " substitute", " complement", " irrelevant"]
     assert params.allowed_token_ids == vllm_labeler.token_ids and params.logprobs == 4 and params.max_tokens == 1
     assert backend.llm.llm_engine.model_config.logprobs_mode == "processed_logprobs"
-    assert backend.lora_request is not None and backend.lora_request.lora_path.endswith("tiny-lora")
+    # the adapter is served folded into the weights (vLLM's CPU LoRA path is 3-10x slower); the same function
+    assert backend.adapter_mode == "merge" and backend.lora_request is None
+    served = Path(backend.llm.llm_engine.model_config.model)
+    assert "+tiny-lora-" in served.name and (served / "merged.json").is_file()
 
 
 def test_vllm_with_lora_agrees_with_transformers_with_lora(vllm_labeler: Labeler, tiny_llama: Path,
@@ -137,3 +140,14 @@ def test_batch_job_on_vllm_writes_labels_with_the_adapter_in_the_author(vllm_lab
     assert set(labels["author"]) == {vllm_labeler.author} and "+tiny-lora-" in vllm_labeler.author
     assert all(abs(sum(json.loads(p).values()) - 1) < 1e-5 for p in labels["probs"])
     assert result.pairs_per_s > 0
+
+
+def test_an_adapter_is_served_in_float32_the_precision_it_was_trained_and_calibrated_in(tiny_llama: Path,
+                                                                                        adapter: Path) -> None:
+    from annotator.backends.vllm_backend import preferred_dtype
+    from annotator.serve import server_command
+
+    assert preferred_dtype(adapter) == "float32"
+    assert preferred_dtype() in ("float32", "auto")  # the base model: bf16 only where the CPU has it natively
+    command = server_command(str(tiny_llama), adapter=str(adapter))
+    assert command[command.index("--dtype") + 1] == "float32"

@@ -287,19 +287,23 @@ LOGPROB_ATOL = 1e-2  # per label log-probability (nats)
 
 
 @pytest.mark.vllm
-def test_adapter_serves_through_vllm_lora_and_agrees_with_transformers(trained: Path, learnable_llama: Path,
-                                                                       toy_policy_path: Path) -> None:
-    _check_vllm_agrees_with_transformers(trained, learnable_llama, toy_policy_path)
+def test_adapter_serves_merged_through_vllm_and_agrees_with_transformers(trained: Path, learnable_llama: Path,
+                                                                         toy_policy_path: Path, tmp_path: Path) -> None:
+    """The default: the adapter folded into the weights (annotator.backends.merged)."""
+    _check_vllm_agrees_with_transformers(trained, learnable_llama, toy_policy_path, adapter_mode="merge",
+                                         merged_root=tmp_path)
 
 
 @pytest.mark.vllm
 def test_top_block_adapter_serves_through_vllm_lora(top_block_run, learnable_llama: Path,
                                                     toy_policy_path: Path) -> None:
-    """An adapter on a subset of the blocks (PEFT layers_to_transform) is a normal adapter to vLLM."""
-    _check_vllm_agrees_with_transformers(top_block_run.out_dir, learnable_llama, toy_policy_path)
+    """An adapter on a subset of the blocks (PEFT layers_to_transform) is a normal adapter to vLLM's LoRA path
+    (`enable_lora`, what `mnr serve` serves)."""
+    _check_vllm_agrees_with_transformers(top_block_run.out_dir, learnable_llama, toy_policy_path, adapter_mode="lora")
 
 
-def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, toy_policy_path: Path) -> None:
+def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, toy_policy_path: Path,
+                                         **adapter_options) -> None:
     from annotator.labeler import Labeler
 
     policy = load_prompt_policy(toy_policy_path)
@@ -307,7 +311,9 @@ def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, t
     pairs = [PairText(r.query, r.title, pair_id=r.pair_id) for r in dev.itertuples()]
     meta = json.loads((trained / "meta.json").read_text())
     with Labeler(str(learnable_llama), policy, backend="vllm", adapter=str(trained), dtype="float32",
-                 max_model_len=512, max_num_seqs=32) as served:
+                 max_model_len=512, max_num_seqs=32, **adapter_options) as served:
+        assert served.backend.adapter_mode == adapter_options["adapter_mode"]
+        assert (served.backend.lora_request is not None) == (adapter_options["adapter_mode"] == "lora")
         assert served.temperature == pytest.approx(meta["temperature"])
         vllm_stacked = served.score(pairs)
         vllm_logprobs = served.logprobs(pairs)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from annotator.backends.base import STOP
+from annotator.backends.merged import merged_model
 from labelstore.runtime import apply_engine_env_defaults
 
 # Prefix caching reuses whole KV blocks only: small blocks cache more of the policy prefix
@@ -21,6 +22,7 @@ from labelstore.runtime import apply_engine_env_defaults
 PREFIX_BLOCK_SIZE = 32
 
 
+ADAPTER_MODES = ("merge", "lora")
 LORA_RANK_SLOTS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -30,8 +32,12 @@ def adapter_rank(adapter: str | Path) -> int:
     return next((slot for slot in LORA_RANK_SLOTS if slot >= rank), rank)
 
 
-def preferred_dtype() -> str:
-    """float32 on CPUs without native bf16 (no avx512_bf16 / amx_bf16: bf16 is emulated and slow), else auto."""
+def preferred_dtype(adapter: str | Path | None = None) -> str:
+    """float32 with a fine-tuned adapter: `mnr finetune` trains and calibrates it in float32, and bf16 scoring
+    moved 7% of the top labels of a Home Depot adapter (docs/annotator.md). Without one: float32 on CPUs
+    without native bf16 (no avx512_bf16 / amx_bf16: bf16 is emulated and slow), else auto."""
+    if adapter is not None:
+        return "float32"
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -46,23 +52,34 @@ def preferred_dtype() -> str:
 class VllmBackend:
     """Parameters: `model` a local HF folder; `adapter` a PEFT LoRA folder; engine options pass
     through to `vllm.LLM` (e.g. `max_model_len`, `enforce_eager`, `max_num_seqs`). `dtype="auto"`
-    picks float32 on CPUs without native bf16."""
+    picks float32 with an adapter or on CPUs without native bf16 (`preferred_dtype`).
+
+    `adapter_mode`: "merge" (default) serves the adapter folded into the base weights
+    (`annotator.backends.merged`), the same function at the base model's speed; "lora" serves it through
+    vLLM's LoRA path (`enable_lora`), as `mnr serve` does, 3-10x slower on CPU. `merged_root`: where merged
+    models are kept (default `<cache>/models/merged`)."""
 
     def __init__(self, model: str, adapter: str | None = None, *, structured: bool = True,
                  max_model_len: int = 2048, enforce_eager: bool = True, seed: int = 0, dtype: str = "auto",
-                 block_size: int = PREFIX_BLOCK_SIZE, **engine_options: Any):
+                 block_size: int = PREFIX_BLOCK_SIZE, adapter_mode: str = "merge", merged_root: Path | None = None,
+                 **engine_options: Any):
+        if adapter_mode not in ADAPTER_MODES:
+            raise ValueError(f"adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got {adapter_mode!r}")
         apply_engine_env_defaults()
         from vllm import LLM
 
         self.structured = structured
+        self.adapter_mode = adapter_mode if adapter is not None else None
         self.lora_request = None
         lora_options: dict[str, Any] = {}
-        if adapter is not None:
+        if adapter is not None and adapter_mode == "merge":
+            model = str(merged_model(model, adapter, root=merged_root))
+        elif adapter is not None:
             from vllm.lora.request import LoRARequest
 
             lora_options = {"enable_lora": True, "max_loras": 1, "max_lora_rank": adapter_rank(adapter)}
             self.lora_request = LoRARequest(Path(adapter).name or "adapter", 1, str(adapter))
-        self.dtype = preferred_dtype() if dtype == "auto" else dtype
+        self.dtype = preferred_dtype(adapter) if dtype == "auto" else dtype
         self.llm = LLM(model=model, dtype=self.dtype, enable_prefix_caching=True, block_size=block_size,
                        logprobs_mode="processed_logprobs",
                        max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
