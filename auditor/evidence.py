@@ -44,3 +44,18 @@ def labeler_matrix(probs_json: pd.Series, grade_of: dict[str, int], n_grades: in
                     matrix[row, grade_of[name]] = float(p)
     total = matrix.sum(axis=1, keepdims=True)
     return np.where(total > 0, matrix / np.maximum(total, _TINY), np.nan)
+
+
+def confident_relabels(posterior: np.ndarray, *, min_confidence: float = 0.9) -> np.ndarray:
+    """Shape (n_pairs,): the grade a relabel may write without a person, or -1 where a person decides.
+
+    posterior: shape (n_pairs, n_grades), e.g. `combined_posterior` of flagged pairs. A pair gets its most
+    likely grade only when that grade's probability is at least `min_confidence`: a calibrated posterior
+    then writes a wrong grade on at most 1 - min_confidence of the pairs it relabels, and the rest wait in
+    the review queue instead of trading one error for another.
+    """
+    if not 0.5 < min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be in (0.5, 1], got {min_confidence}")
+    best = posterior.argmax(axis=1)
+    sure = posterior[np.arange(len(posterior)), best] >= min_confidence
+    return np.where(sure, best, -1)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from auditor.audit import evidence_checks, run_audit
+from auditor.evidence import confident_relabels
 from auditor.flags import engagement_evidence_mask
 from auditor.settings import AuditSettings
 from auditor.simulate import SimulationParams, corrupt_grades, simulate_into_store, truth_from_store
@@ -194,3 +195,19 @@ def test_combined_flags_need_another_likely_grade_and_survive_a_permissive_thres
     assert flagged["pair_id"].tolist() == ["disputed"]
     permissive = find_combined_issues(metrics, AuditSettings(max_label_posterior=1.0))
     assert permissive["pair_id"].tolist() == ["disputed"]
+
+
+def test_confident_relabels_write_a_grade_only_where_the_posterior_is_sure_and_are_rarely_wrong():
+    """Draw true grades from a calibrated posterior: the pairs relabelled at >= 0.9 are wrong at most about 10%
+    of the time, the unsure ones are left to a person (-1), and a threshold of 0.5 or less is refused."""
+    rng = np.random.default_rng(0)
+    posterior = rng.dirichlet(np.full(4, 0.3), size=20_000)
+    truth = np.array([rng.choice(4, p=row) for row in posterior])
+    chosen = confident_relabels(posterior, min_confidence=0.9)
+    sure = chosen >= 0
+    assert (posterior[sure].max(axis=1) >= 0.9).all() and (posterior[~sure].max(axis=1) < 0.9).all()
+    assert 0.1 < sure.mean() < 0.9
+    assert (chosen[sure] != truth[sure]).mean() <= 0.1
+    assert (posterior[~sure].argmax(axis=1) != truth[~sure]).mean() > 0.2  # what a blind relabel would have cost
+    with pytest.raises(ValueError, match="min_confidence"):
+        confident_relabels(posterior, min_confidence=0.5)
