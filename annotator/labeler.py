@@ -41,7 +41,7 @@ from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
 from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
-from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy
+from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy, remove_steering
 from annotator.scoring import flag_probs_from_logprobs, label_token_ids, probs_from_logprobs
 from annotator.stack import load_stack, stack_version
 from labelstore.errors import MnrError
@@ -250,8 +250,7 @@ class Labeler:
         the stack's when the labeler has one, else softmax(logprobs / temperature)."""
         if self.stack is None:
             return probs_from_logprobs(logprobs, self.temperature)
-        texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
-        return self.stack.predict_proba(texts, logprobs if self.stack.uses_llm else None)
+        return self.stack.predict_proba(self.stack_texts(pairs), logprobs if self.stack.uses_llm else None)
 
     @property
     def flag_names(self) -> list[str]:
@@ -289,10 +288,16 @@ class Labeler:
         if self._stack_scores_flags():
             stack = self.stack
             assert stack is not None
-            texts = pd.DataFrame({"query": [p.query for p in pairs], "title": [p.title for p in pairs]})
             logprobs = self.flag_logprobs(pairs, labels) if stack.flags_use_llm else None
-            return np.asarray(stack.predict_flags(texts, logprobs), dtype=np.float64)
+            return np.asarray(stack.predict_flags(self.stack_texts(pairs), logprobs), dtype=np.float64)
         return flag_probs_from_logprobs(self.flag_logprobs(pairs, labels), self.flag_temperatures)
+
+    def stack_texts(self, pairs: list[PairText]) -> pd.DataFrame:
+        """The stack's input (columns query, title): the text as stored, less any steering request, which the
+        prompt drops too (`remove_steering`); otherwise the text the stack was fitted on."""
+        words = self.policy.label_words
+        return pd.DataFrame({"query": [remove_steering(p.query, words) for p in pairs],
+                             "title": [remove_steering(p.title or "", words) for p in pairs]})
 
     def choose_labels(self, probs: np.ndarray) -> np.ndarray:
         """(n,) the label indices this labeler writes for (n, n_labels) ``probs`` (its `score`): the stack's
