@@ -27,7 +27,9 @@ REPO_ROOT = BENCH_DIR.parent
 CAVEATS = [
     "How to read these numbers:",
     "",
-    "- Machine: a 2-core AMD EPYC CPU (AVX2, no native bf16, so vLLM runs float32), no GPU.",
+    "- Machine: 2 CPU cores, no GPU. Runs that do not name the CPU in their `device` (the Runs table) were made on",
+    "  an AMD EPYC with AVX2 and no native bf16, where vLLM runs float32. Runs that name it say so: those of",
+    "  2026-12-05 ran on an Intel Xeon with AVX-512 and AMX-BF16, faster per core; compare timings within a run.",
     "- Timings: some runs had the machine to themselves, others shared it with up to seven jobs (load average",
     "  5-20), which makes absolute timings pessimistic. Ratios (speed-ups, x faster) are always taken within one",
     "  run, against a baseline measured in that run. The docs page of each area says which runs were idle.",
