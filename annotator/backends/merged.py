@@ -22,22 +22,27 @@ from annotator.models import models_dir
 from labelstore.ids import file_hash, stable_hash
 
 COMPLETE = "merged.json"
+KEEP = 4
 
 
-def merged_model(model: str | Path, adapter: str | Path, *, root: Path | None = None) -> Path:
+def merged_model(model: str | Path, adapter: str | Path, *, root: Path | None = None, keep: int = KEEP) -> Path:
     """The folder of `model` (a local HF folder) with the PEFT LoRA `adapter` merged in; built once, then reused.
 
-    root: where merged models are kept (default `<cache>/models/merged`).
+    root: where merged models are kept (default `<cache>/models/merged`). keep: how many merged models stay
+    there; the least recently used beyond it are removed when a new one is written (each is a full model).
     """
     model, adapter = Path(model).resolve(), Path(adapter).resolve()
     out = (root or models_dir() / "merged") / f"{model.name}+{adapter.name}-{_merge_key(model, adapter)}"
     if (out / COMPLETE).is_file():
+        os.utime(out / COMPLETE)  # recently used: kept by the pruning below
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _write_merged(model, adapter, staging)
+        if out.exists() and not (out / COMPLETE).is_file():  # left by a merge killed before it was complete
+            shutil.rmtree(out, ignore_errors=True)
         try:
             os.replace(staging, out)
         except OSError:  # another process finished the same merge first: keep its folder
@@ -45,7 +50,15 @@ def merged_model(model: str | Path, adapter: str | Path, *, root: Path | None = 
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    _prune(out.parent, keep=max(keep, 1))
     return out
+
+
+def _prune(root: Path, *, keep: int) -> None:
+    done = sorted((folder for folder in root.iterdir() if (folder / COMPLETE).is_file()),
+                  key=lambda folder: (folder / COMPLETE).stat().st_mtime, reverse=True)
+    for folder in done[keep:]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _merge_key(model: Path, adapter: Path) -> str:
