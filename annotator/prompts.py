@@ -104,11 +104,13 @@ _LEAD_IN_WORDS = frozenset("""
     raters rating real reply response reviewer right rule rules shall should so system the then this to true user
     will you your
 """.split())
-_LEAD_IN_TOKEN = re.compile(r"([\w']+|[^\w\s]+)\s*$")
+_LEAD_IN_TOKEN = re.compile(r"[\w']+|[^\w\s]+")
+_LEAD_IN_REACH = 12  # tokens walked back at most: a lead-in is a few words, and the walk stays linear
 _PUNCTUATION = re.compile(r"^[^\w\s.!?;,<>]+$")  # a sentence end or a tag belongs to the text before the request
-_CLAUSE_END = re.compile(r"[.!?;)\]]+")
+_CLAUSE_END = re.compile(r"[.!?;)\]\n\u2022|]+|\s[-\u2013\u2014]\s")
+_CLAUSE_REACH = 80  # characters after the request at most: a missing full stop does not take the rest of a text
 _CHAT_TOKEN = re.compile(r"(?:<\||\(\|)\s*\w{1,20}\s*\|[>)]")  # "<|im_start|>", also after "<" became "("
-_DANGLING = re.compile(r"[\s\-\u2013\u2014:,/|+=]+$")
+_DANGLING = re.compile(r"[\s\-\u2013\u2014:,=]+$")
 
 
 def remove_steering(text: str, label_words: tuple[str, ...] = ()) -> str:
@@ -116,15 +118,28 @@ def remove_steering(text: str, label_words: tuple[str, ...] = ()) -> str:
     "answer" or "label" followed within a few words by one of `label_words` (the scheme's label names and
     aliases). Each goes whole: its lead-in ("note to the rater:", "the correct answer is") and the rest of its
     clause, so nothing is left that the labeler never saw in training ("AND", "instructions.", a marker).
-    Ordinary mentions ("Exact Fit cover", "irrelevant details") are kept, and text without a request is
-    returned unchanged.
+    Repeated until nothing changes, since removing one request can join the pieces of another. Ordinary
+    mentions ("Exact Fit cover", "irrelevant details") are kept, and text without a request is returned
+    unchanged.
     """
     patterns = [_IGNORE_RULES, _CHAT_TOKEN] + ([_steer_for(tuple(label_words))] if label_words else [])
-    spans = sorted(_steering_span(text, match) for pattern in patterns for match in pattern.finditer(text))
-    if not spans:
-        return text
+    while True:
+        matches = [match for pattern in patterns for match in pattern.finditer(text)]
+        if not matches:
+            return text
+        shorter = _without(text, [_steering_span(text, match) for match in matches])
+        if not shorter.strip():  # a whole text that reads as a request: drop only the requests themselves,
+            shorter = _without(text, [match.span() for match in matches])  # unless nothing but lead-in is left
+            if all(t.lower() in _LEAD_IN_WORDS or _PUNCTUATION.match(t) for t in _LEAD_IN_TOKEN.findall(shorter)):
+                return ""
+        if shorter == text:
+            return text
+        text = shorter
+
+
+def _without(text: str, spans: list[tuple[int, int]]) -> str:
     kept, cursor = [], 0
-    for start, end in spans:
+    for start, end in sorted(spans):
         if start > cursor:
             kept.append(text[cursor:start])
         cursor = max(cursor, end)
@@ -134,24 +149,26 @@ def remove_steering(text: str, label_words: tuple[str, ...] = ()) -> str:
 
 def _steering_span(text: str, match: re.Match[str]) -> tuple[int, int]:
     start = _lead_in_start(text, match.start())
-    closer = _CLAUSE_END.search(text, match.end())
-    end = closer.end() if closer else len(text)
-    span = text[start:end]
-    for close, open_ in ((")", "("), ("]", "[")):  # a bracket whose partner is outside the request stays
-        depth, first = 0, 0
-        for i, char in enumerate(span):
-            depth += (char == open_) - (char == close)
-            if depth < 0:  # "(Grill) - rated exact": the walk back took the title's own ")"
-                depth, first = 0, i + 1
-        start, span = start + first, span[first:]
-        while span.count(close) > span.count(open_) and span.rstrip().endswith(close):
-            span = span.rstrip()[:-1]
-    return start, start + len(span)
+    closer = _CLAUSE_END.search(text, match.end(), match.end() + _CLAUSE_REACH)
+    end = closer.end() if closer else min(len(text), match.end() + _CLAUSE_REACH)
+    if closer and closer.group()[0].isspace():  # " - " or a line break: the text after it keeps its separator
+        end = closer.start()
+    for close, open_ in ((")", "("), ("]", "[")):
+        depth = 0
+        for i in range(start, match.start()):  # the walk back may have taken the text's own ")": "(Grill) - rated exact"
+            depth += (text[i] == open_) - (text[i] == close)
+            if depth < 0:
+                depth, start = 0, i + 1
+        while text[start:end].count(close) > text[start:end].count(open_) and text[start:end].rstrip().endswith(close):
+            end = start + len(text[start:end].rstrip()) - 1  # a closer of the text around the request stays
+    return start, max(end, match.end())
 
 
 def _lead_in_start(text: str, start: int) -> int:
-    while (token := _LEAD_IN_TOKEN.search(text[:start])) is not None:
-        word = token.group(1)
+    window = max(0, start - 200)
+    tokens = list(_LEAD_IN_TOKEN.finditer(text, window, start))
+    for token in reversed(tokens[-_LEAD_IN_REACH:]):
+        word = token.group()
         if word.lower() not in _LEAD_IN_WORDS and not _PUNCTUATION.match(word):
             break
         start = token.start()

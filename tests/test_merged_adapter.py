@@ -2,6 +2,8 @@
 built once and reused, rebuilt when the adapter changes, and the cache kept to a few models."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +61,16 @@ def test_a_half_written_merge_is_not_used_and_the_cache_keeps_the_most_recent(ti
     again = merged_model(tiny_llama, adapter, root=root)
     assert again == first and (again / COMPLETE).is_file()
     made = [again]
+    hour_ago = time.time() - 3600
     for seed in (5, 6):
+        for age, folder in enumerate(reversed(made)):  # used an hour or more ago, the first made the longest
+            os.utime(folder / COMPLETE, (hour_ago - 60 * age, hour_ago - 60 * age))
         made.append(merged_model(tiny_llama, build_tiny_adapter(tiny_llama, tmp_path / f"lora-{seed}", seed=seed),
                                  root=root, keep=2))
     kept = sorted(folder.name for folder in root.iterdir())
     assert kept == sorted(folder.name for folder in made[1:]), "the least recently used merge was removed"
+    stale = root / f"{made[-1].name}.tmp-killed"  # a merge killed long ago left its staging folder
+    stale.mkdir()
+    os.utime(stale, (hour_ago - 7 * 3600, hour_ago - 7 * 3600))
+    merged_model(tiny_llama, build_tiny_adapter(tiny_llama, tmp_path / "lora-7", seed=7), root=root, keep=2)
+    assert not stale.exists()

@@ -8,6 +8,7 @@ masking: exactly the label tokens. Build it under `if __name__ == "__main__":` i
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,17 @@ class VllmBackend:
         from vllm import LLM
 
         self.structured = structured
-        self.adapter_mode = adapter_mode if adapter is not None else None
         self.lora_request = None
         lora_options: dict[str, Any] = {}
         if adapter is not None and adapter_mode == "merge":
-            model = str(merged_model(model, adapter, root=merged_root))
-        elif adapter is not None:
+            try:
+                model = str(merged_model(model, adapter, root=merged_root))
+            except OSError as exc:  # e.g. a read-only or full cache: the LoRA path computes the same, slower
+                warnings.warn(f"could not merge adapter {adapter} into {model} ({exc}); serving it through vLLM's "
+                              "LoRA path instead, 3-10x slower on CPU", stacklevel=2)
+                adapter_mode = "lora"
+        self.adapter_mode = adapter_mode if adapter is not None else None
+        if adapter is not None and adapter_mode == "lora":
             from vllm.lora.request import LoRARequest
 
             lora_options = {"enable_lora": True, "max_loras": 1, "max_lora_rank": adapter_rank(adapter)}
