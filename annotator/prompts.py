@@ -72,9 +72,10 @@ _HTML_TAG = re.compile(r"<[^<>]{0,300}>")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
 _SPACES = re.compile(r"\s+")
 _ROLE_MARKER = re.compile(r"(?i)(?:\b(?:system|assistant|user|instruction|human)\s*:|#{2,}|\[/?inst\]|<\|)")
+# "Bypass Kit for ... Above Ground Pools" is a product: the object must be the rules, not any word after "above"
 _IGNORE_RULES = re.compile(
     r"(?i)\b(?:ignore|disregard|forget|override|bypass|skip)\b[^.!?;]{0,60}?"
-    r"\b(?:rules?|instructions?|policy|policies|guidelines?|above|previous|prompt|system)\b"
+    r"\b(?:rules?|instructions?|policy|policies|guidelines?|prompt|(?:the|all|everything)\s+(?:above|previous))\b"
 )
 _STEER_VERBS = (
     r"answer|answers|respond|reply|label|labels|labelled|labeled|classify|classified|rate|rated|rating|"
