@@ -89,13 +89,38 @@ class FinetuneError(MnrError):
     """Fine-tuning cannot start or continue with these inputs."""
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX tiles or AVX512-BF16); elsewhere it is emulated, slower
+    than float32."""
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`FinetuneArgs.compute_dtype` as a torch dtype ("auto": bfloat16 on a CPU with native bf16, else float32)."""
+    if name == "auto":
+        return torch.bfloat16 if native_bfloat16() else torch.float32
+    if name not in COMPUTE_DTYPES:
+        raise FinetuneError(f"unknown compute dtype '{name}' (use auto, float32 or bfloat16)")
+    return COMPUTE_DTYPES[name]
+
+
+def compute_in(dtype: torch.dtype) -> Any:
+    """The context the training arithmetic runs in: CPU autocast to ``dtype`` (nothing for float32)."""
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+
 @dataclass
 class FinetuneArgs:
     """Training arguments; all of them go into ``meta.json``."""
 
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    # no dropout: at 0.05 its random masks took 35% of a bfloat16 step (SmolLM2, top 4 blocks, 32 Home Depot
+    # pairs: 1.05 s against 0.78 s), and a run makes one or two passes over its pairs, not many
+    lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = LLAMA_LORA_MODULES
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -122,7 +147,10 @@ class FinetuneArgs:
     train_top_k: int = 4
     pair_form: str = "short"  # full | short (see annotator.pair_form)
     cache_memory_gb: float = 4.0  # resident layer cache; beyond it the cache is a memmap in out_dir
-    cache_share: float = 0.4  # most of the budget left after dev caching that caching train pairs may take
+    cache_share: float = 0.8  # most of the budget left after dev caching that caching train pairs may take
+    # caching train pairs stops where the pairs cached could still be trained on this many times in the budget left
+    # (at the measured caching and step paces): the issue's target is 20,000 distinct pairs, more than one pass
+    target_epochs: float = 1.5
     dev_cache_share: float = 0.15  # most of the budget that caching dev pairs may take
     cache_batch_size: int = 64
     min_steps: int = 10  # a budget that cannot fit this many steps (by the measured caching pace) is an error
@@ -140,6 +168,11 @@ class FinetuneArgs:
     # spends early steps on making the labels the likeliest next tokens (CrowdFlower, 4 min: train loss 7.8 over
     # the first 25 steps at 1.0, 2.1 at 0.0). Kept at 1.0 until a full-budget run shows which labels better.
     vocab_loss_weight: float = 1.0
+    # precision of the training arithmetic only (caching the train pairs' lower blocks, training steps): "auto" is
+    # bfloat16 where this CPU multiplies it natively (AMX or AVX512-BF16), else float32. Weights, gradients and the
+    # optimiser stay float32, and dev is cached and scored in float32, as the labeler serves, so selection, the
+    # temperature and the stack see the served model's numbers. Xeon with AMX: a forward ran 2.2x faster
+    compute_dtype: str = "auto"  # auto | float32 | bfloat16
 
     def record(self) -> dict[str, Any]:
         """The settings as ``meta.json`` stores them (``training_args``), JSON-ready."""
@@ -720,35 +753,39 @@ class TrainingPath:
 
 
 def full_path(*, model: Any, train_examples: EncodedExamples, dev_examples: EncodedExamples, label_ids: list[int],
-              flag_ids: list[int], pad_id: int, eval_batch_size: int) -> TrainingPath:
-    """Every step runs the whole model; the prefix once per step, shared by the batch."""
+              flag_ids: list[int], pad_id: int, eval_batch_size: int, dtype: torch.dtype = torch.float32) -> TrainingPath:
+    """Every step runs the whole model (in ``dtype``: `compute_in`); the prefix once per step, shared by the batch.
+    Dev is scored in float32."""
     prefix = train_examples.prefix
 
     def logits(batch: np.ndarray) -> torch.Tensor:
-        prefix_kv = prefix_cache(model, prefix) if prefix else ()
-        return answer_logits(model, prefix_kv, len(prefix), [train_examples.suffixes[i] for i in batch], pad_id,
-                             at=answer_positions(train_examples, batch))
+        with compute_in(dtype):
+            prefix_kv = prefix_cache(model, prefix) if prefix else ()
+            logits_low = answer_logits(model, prefix_kv, len(prefix), [train_examples.suffixes[i] for i in batch],
+                                       pad_id, at=answer_positions(train_examples, batch))
+        return logits_low.float()  # the loss's log-softmax over the vocabulary in float32
 
     def score_dev() -> Scores:
         return score_examples(model, dev_examples, label_ids, flag_ids, pad_id, eval_batch_size)
 
     n = len(train_examples.targets)
     return TrainingPath(np.arange(n), _lengths(train_examples), logits, score_dev,
-                        np.arange(len(dev_examples.targets)), {"path": "full"})
+                        np.arange(len(dev_examples.targets)), {"path": "full", "compute_dtype": str(dtype)})
 
 
 def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: EncodedExamples,
                 encode: Callable[[pd.DataFrame], EncodedExamples], encode_seconds_per_pair: float,
                 label_ids: list[int], flag_ids: list[int], args: FinetuneArgs, clock: Clock, state: LoopState, spill_dir: Path,
-                key: str) -> tuple[TrainingPath, EncodedExamples]:
+                key: str, dtype: torch.dtype = torch.float32) -> tuple[TrainingPath, EncodedExamples]:
     """Lower blocks run once per pair into a `LayerCache`; steps run the top blocks over it.
 
     Dev is cached first (at most ``dev_cache_share`` of the budget); its measured pace (`CachePace`)
     decides whether ``args.min_steps`` steps fit at all (else `FinetuneError`) and how many train pairs,
-    drawn at random, are encoded and cached: ``cache_share`` of what is left after a reserve for
-    evaluation and saving, and never so much that the minimum steps no longer fit. The pairs cached are
+    drawn at random, are encoded and cached: as many as the time left after them can train on
+    ``target_epochs`` times (`CachePace.cache_seconds`). The pairs cached are
     the pairs trained on; a resumed run caches the same ones again (or reuses a spilled cache with the
-    same ``key``). Returns the path and the encoded train pairs, in cache order.
+    same ``key``). Train pairs are cached and stepped on in ``dtype`` (`compute_in`), at a pace measured on a few
+    dev pairs; dev is cached and scored in float32. Returns the path and the encoded train pairs, in cache order.
     """
     from annotator import layer_cache as lc
 
@@ -758,10 +795,12 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
     n_layers = int(model.get_base_model().config.num_hidden_layers)
     pace = CachePace(prefix_s=dev.prefix_seconds, pair_s=dev.cache.fill_seconds / max(1, dev.cache.filled),
                      encode_s=encode_seconds_per_pair, top_share=(n_layers - split) / max(1, split))
+    if dtype != torch.float32 and state.n_cached is None:
+        pace.train_cache_s = _train_cache_pace(model, dev, dev_examples, args, dtype)
     reserve_s = 2 * pace.eval_s(len(dev.index)) + FINISH_MARGIN_S
     if state.n_cached is None:
         _check_budget(pace, args=args, clock=clock, n_dev=len(dev.index))
-    cache_s = pace.cache_seconds(args=args, clock=clock, reserve_s=reserve_s)
+    cache_s = pace.cache_seconds(args=args, clock=clock, reserve_s=reserve_s, n_dev=len(dev.index))
     n_take = state.n_take or (len(train) if math.isinf(cache_s) else
                               int(min(len(train), max(args.batch_size, 1.25 * cache_s / pace.train_pair_s))))
     state.n_take = n_take
@@ -784,14 +823,17 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
     if not state.n_cached and not math.isinf(clock.limit_s) and len(lengths) >= args.batch_size:
         # one batch cached, one timed step on it: the step's real cost (it can be 3x the forward pace's
         # prediction on a busy machine) sets how long caching may go on
-        lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
-                      batch_size=args.cache_batch_size, stop_after=args.batch_size)
-        pace.measured_step_s = _probe_step(model, prefix, cache, args.batch_size)
+        with compute_in(dtype):
+            lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
+                          batch_size=args.cache_batch_size, stop_after=args.batch_size)
+        pace.measured_step_s = _probe_step(model, prefix, cache, args.batch_size, dtype)
         _check_budget(pace, args=args, clock=clock, n_dev=len(dev_index))
-        deadline = time.monotonic() + pace.cache_seconds(args=args, clock=clock, reserve_s=reserve_s)
-    n_cached = lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
-                             batch_size=args.cache_batch_size, deadline=deadline, stop_after=state.n_cached,
-                             at_least=args.batch_size)
+        deadline = time.monotonic() + pace.cache_seconds(args=args, clock=clock, reserve_s=reserve_s,
+                                                         n_dev=len(dev.index))
+    with compute_in(dtype):
+        n_cached = lc.fill_cache(model, prefix, train_examples.suffixes, cache, order=np.arange(len(lengths)),
+                                 batch_size=args.cache_batch_size, deadline=deadline, stop_after=state.n_cached,
+                                 at_least=args.batch_size)
     train_seconds, train_cpu_seconds = time.monotonic() - tick, time.process_time() - cpu_tick
     log.info("encoded %d and cached %d of %d train pairs in %.1fs (%.1fs into the budget)", len(lengths), n_cached,
              len(train), train_seconds, clock.elapsed())
@@ -803,7 +845,10 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
 
     def logits(batch: np.ndarray) -> torch.Tensor:
         hidden, batch_lengths = cache.batch(batch)
-        return lc.top_block_logits(model, prefix, hidden, batch_lengths, at=answer_positions(train_examples, batch))
+        with compute_in(dtype):
+            logits_low = lc.top_block_logits(model, prefix, hidden, batch_lengths,
+                                             at=answer_positions(train_examples, batch))
+        return logits_low.float()  # the loss's log-softmax over the vocabulary in float32
 
     cached_dev = dev_examples.take(dev_index)
 
@@ -815,6 +860,7 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
         return score_rows(model, dev_logits, cached_dev, label_ids, flag_ids, batch_size=args.eval_batch_size)
 
     info = {"path": "cached", "split": split, "top_k": args.train_top_k, "prefix_tokens": prefix.length,
+            "compute_dtype": str(dtype),
             "cache_dtype": str(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
             "cache_bytes_per_token": hidden_size * cache.rows.itemsize, "train_pairs_cached": n_cached,
             "train_tokens_cached": int(cache.lengths[:n_cached].sum()),
@@ -822,6 +868,7 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
             "train_cache_pairs_per_s": round(n_cached / max(train_seconds, 1e-9), 2),
             "train_cache_cpu_seconds": round(train_cpu_seconds, 1),
             "dev_pairs_cached": len(dev_index), "dev_cache_seconds": round(dev.seconds, 1),
+            "train_cache_pace_probe_pairs_per_s": (round(1 / pace.train_cache_s, 2) if pace.train_cache_s else None),
             "prefix_seconds": round(dev.prefix_seconds, 2), "dev_cache_pairs_per_s": round(1 / pace.pair_s, 2),
             "estimated_step_seconds": round(pace.step_s(args.batch_size), 2)}
     path = TrainingPath(np.arange(n_cached), lengths[:n_cached], logits, score_dev, dev_index, info,
@@ -848,42 +895,75 @@ class CachePace:
     encode_s: float
     top_share: float
     measured_step_s: float | None = None  # a real training step, once one was timed
+    train_cache_s: float | None = None  # a train pair through the lower blocks, when train pairs cache in another dtype
 
     @property
     def train_pair_s(self) -> float:
         """Encoding and caching one train pair."""
-        return self.pair_s + self.encode_s
+        return (self.train_cache_s or self.pair_s) + self.encode_s
 
     def step_s(self, batch_size: int) -> float:
-        """A training step: the batch and the prefix through the top blocks, forward and backward."""
+        """A training step: the batch (in the train pairs' dtype) and the prefix through the top blocks, forward and
+        backward."""
         if self.measured_step_s is not None:
             return self.measured_step_s
-        return BACKWARD_FACTOR * self.top_share * (batch_size * self.pair_s + self.prefix_s)
+        return BACKWARD_FACTOR * self.top_share * (batch_size * (self.train_cache_s or self.pair_s) + self.prefix_s)
 
     def eval_s(self, n_dev: int) -> float:
         """Scoring the cached dev pairs (forward through the top blocks)."""
         return self.top_share * (n_dev * self.pair_s + self.prefix_s)
 
-    def cache_seconds(self, *, args: FinetuneArgs, clock: Clock, reserve_s: float) -> float:
-        """Seconds for encoding and caching train pairs: ``cache_share`` of what is left after ``reserve_s``,
-        less whatever would leave no room for ``args.min_steps`` steps."""
+    def cache_seconds(self, *, args: FinetuneArgs, clock: Clock, reserve_s: float, n_dev: int) -> float:
+        """Seconds for encoding and caching train pairs, of what is left after ``reserve_s``: the share that
+        caches as many pairs as the rest can train on ``args.target_epochs`` times (steps and the dev evaluations
+        between them), at most ``cache_share``, and never so much that ``args.min_steps`` steps no longer fit."""
         if math.isinf(clock.limit_s):
             return math.inf
         left = clock.left() - reserve_s
-        return max(0.0, min(args.cache_share * left, left - _min_steps(args) * self.step_s(args.batch_size)))
+        batch = args.batch_size
+        train_s = (self.step_s(batch) + self.eval_s(n_dev) / max(1, args.eval_every)) / batch  # per pair, per pass
+        share = self.train_pair_s / (self.train_pair_s + args.target_epochs * train_s)
+        return max(0.0, min(args.cache_share * left, share * left, left - _min_steps(args) * self.step_s(batch)))
+
+
+TRAIN_PACE_PROBE = 32  # dev pairs cached (twice, the second timed) to measure the train caching pace in its dtype
+
+
+def _train_cache_pace(model: Any, dev: "DevCache", dev_examples: EncodedExamples, args: FinetuneArgs,
+                      dtype: torch.dtype) -> float | None:
+    """Seconds per pair through the lower blocks in ``dtype``, timed on dev pairs into a scratch cache; the first
+    pass warms the kernels up and is not timed. None when too few dev pairs are cached to time."""
+    from annotator import layer_cache as lc
+
+    rows = dev.index[:TRAIN_PACE_PROBE]
+    if len(rows) < 8:
+        return None
+    suffixes = [dev_examples.suffixes[i] for i in rows]
+    seconds = 0.0
+    for _ in range(2):
+        scratch = lc.allocate_cache(_lengths(dev_examples)[rows], dev.cache.rows.shape[1],
+                                    max_resident_bytes=2**62, spill_dir=None)
+        with compute_in(dtype):
+            lc.fill_cache(model, dev.prefix, suffixes, scratch, order=np.arange(len(rows)),
+                          batch_size=args.cache_batch_size)
+        seconds = scratch.fill_seconds
+    return seconds / len(rows)
 
 
 def _min_steps(args: FinetuneArgs) -> int:
     return max(1, min(args.min_steps, args.max_steps))
 
 
-def _probe_step(model: Any, prefix: Any, cache: Any, batch_size: int) -> float:
-    """Seconds of a forward and backward pass over the first ``batch_size`` cached pairs; no update is kept."""
+def _probe_step(model: Any, prefix: Any, cache: Any, batch_size: int, dtype: torch.dtype = torch.float32) -> float:
+    """Seconds of a forward (in ``dtype``) and backward pass over the first ``batch_size`` cached pairs; no update
+    is kept."""
     from annotator import layer_cache as lc
 
     tick = time.monotonic()
     hidden, lengths = cache.batch(np.arange(batch_size))
-    lc.top_block_logits(model, prefix, hidden, lengths).logsumexp(dim=-1).mean().backward()
+    with compute_in(dtype):
+        logits = lc.top_block_logits(model, prefix, hidden, lengths)
+    logits.float().logsumexp(dim=-1).mean().backward()
     model.zero_grad(set_to_none=True)
     return time.monotonic() - tick
 
@@ -973,6 +1053,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     args = args or FinetuneArgs()
     out_dir = Path(out_dir)
     _check_split(train, dev, args.dev_split)
+    dtype = resolve_compute_dtype(args.compute_dtype)
     if args.select_metric not in {"qwk", "kappa", "accuracy", "macro_f1", "log_loss", "rmse_grade", "within_one_accuracy"}:
         raise FinetuneError(f"unknown select metric '{args.select_metric}'")
     from annotator.pair_form import policy_in_form
@@ -1013,14 +1094,15 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         train_examples = encode(train)
         _check_encoded(train_examples, dev_examples)
         path = full_path(model=model, train_examples=train_examples, dev_examples=dev_examples, label_ids=label_ids,
-                         flag_ids=flag_ids, pad_id=int(tokenizer.pad_token_id), eval_batch_size=args.eval_batch_size)
+                         flag_ids=flag_ids, pad_id=int(tokenizer.pad_token_id), eval_batch_size=args.eval_batch_size,
+                         dtype=dtype)
     else:
         _check_encoded(dev_examples)
-        key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed)
+        key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed, str(dtype))
         path, train_examples = cached_path(model=model, split=split, train=train, dev_examples=dev_examples,
                                            encode=encode, encode_seconds_per_pair=encode_seconds_per_pair,
                                            label_ids=label_ids, flag_ids=flag_ids, args=args, clock=clock, state=state,
-                                           spill_dir=out_dir / "layer-cache", key=key)
+                                           spill_dir=out_dir / "layer-cache", key=key, dtype=dtype)
         _check_encoded(train_examples, dev_examples)
     dev_examples = _take(dev_examples, path.dev_index)
     clock.phase("caching")

@@ -14,6 +14,11 @@ on the adapter, so they are recomputed once per step (with gradients) and shared
 Pair parts are right-padded after the prefix, at positions ``P .. P+T-1``, with a causal mask
 that hides padding. A real token never attends to padding, so its hidden states equal those of
 the unpadded prompt: the cache stores exactly what a full forward of the prompt computes.
+
+Attention (`grouped_sdpa_attention`) reads the grouped key/value heads in place: transformers' own SDPA
+path copies each of them once per query head it serves whenever there is a mask. Caching 64 Home Depot
+pairs (37 tokens each, a 480-token prefix), attention took 87 ms a block that way and 33 ms this way,
+against about 100 ms for the block's weights.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import torch
 KV = tuple[torch.Tensor, torch.Tensor]
 CACHE_DTYPE = np.float16
 READY_FILE = "ready.json"
+GROUPED_SDPA_ATTENTION = "mnr_grouped_sdpa"  # the name `run_blocks` registers with transformers' AttentionInterface
 
 
 # -- running a range of blocks ----------------------------------------------------------------------
@@ -48,12 +54,12 @@ class _PrefixKV:
         if layer_idx not in self.prefix:
             return keys, values
         old_k, old_v = self.prefix[layer_idx]
-        return (torch.cat([old_k.expand(self.batch, -1, -1, -1), keys], dim=2),
-                torch.cat([old_v.expand(self.batch, -1, -1, -1), values], dim=2))
+        return (torch.cat([old_k.expand(self.batch, -1, -1, -1).to(keys.dtype), keys], dim=2),
+                torch.cat([old_v.expand(self.batch, -1, -1, -1).to(values.dtype), values], dim=2))
 
 
-def attention_bias(prefix_len: int, lengths: Sequence[int], width: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, W, P+W) additive mask: every token sees the prefix and the real tokens up to itself."""
+def attention_mask(prefix_len: int, lengths: Sequence[int], width: int) -> torch.Tensor:
+    """(B, 1, W, P+W) boolean mask (True: attended): every token sees the prefix and the real tokens up to itself."""
     lengths_t = torch.as_tensor(list(lengths))
     query = torch.arange(width)
     key = torch.arange(width)
@@ -61,9 +67,47 @@ def attention_bias(prefix_len: int, lengths: Sequence[int], width: int, dtype: t
     real_key = key[None, :] < lengths_t[:, None]
     allowed = torch.cat([torch.ones(len(lengths), width, prefix_len, dtype=torch.bool),
                          causal[None] & real_key[:, None, :]], dim=2)
-    bias = torch.zeros(allowed.shape, dtype=dtype)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None]
+    return allowed[:, None]
+
+
+def grouped_sdpa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                           **_: Any) -> tuple[torch.Tensor, None]:
+    """SDPA with grouped key/value heads read in place (``enable_gqa``), under a mask.
+
+    ``query`` (B, H, W, d); ``key``, ``value`` (B, G, P+W, d), G key/value heads each serving H/G query heads;
+    ``attention_mask`` (B, 1, W, P+W) boolean. Returns (B, W, H, d), as transformers' attention functions do.
+    transformers' own SDPA path copies every key/value head H/G times whenever there is a mask. No dropout: the
+    frozen blocks have none, and LoRA's sits in its own layers.
+    """
+    if torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32:
+        return _explicit_attention(query, key, value, attention_mask, scaling), None
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                        scaling: float) -> torch.Tensor:
+    """`grouped_sdpa_attention` as matmuls and a softmax in the scores' dtype, for training in bfloat16. The CPU
+    flash kernel's backward in bfloat16 ran 4.5x slower than this (a batch of 32 pairs over a 480-token prefix:
+    74 ms against 17 ms a block), and a float32 softmax 2.4x slower than one in bfloat16. Each key/value head
+    takes its query heads as one longer sequence, so nothing is copied."""
+    batch, heads, width, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * width, dim) * scaling, key.transpose(-1, -2))
+    if mask is not None:
+        bias = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
+        scores = scores + bias.expand(batch, group, width, length).reshape(batch, 1, group * width, length)
+    out = torch.matmul(torch.softmax(scores, dim=-1), value)  # (B, G, group*W, d)
+    return out.reshape(batch, heads, width, dim).transpose(1, 2).contiguous()
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_SDPA_ATTENTION, grouped_sdpa_attention)
 
 
 def decoder_of(model: Any) -> Any:
@@ -87,11 +131,18 @@ def run_blocks(model: Any, blocks: range, hidden: torch.Tensor, *, prefix_kv: di
     batch, width, _ = hidden.shape
     positions = torch.arange(prefix_len, prefix_len + width).unsqueeze(0).expand(batch, -1)
     rotary = decoder.rotary_emb(hidden, positions)
-    bias = attention_bias(prefix_len, lengths, width, hidden.dtype)
+    mask = attention_mask(prefix_len, lengths, width)
     cache = _PrefixKV(prefix_kv, batch)
-    for index in blocks:
-        hidden = decoder.layers[index](hidden, attention_mask=bias, position_ids=positions, past_key_values=cache,
-                                       use_cache=True, position_embeddings=rotary)
+    _register_attention()
+    config = decoder.config
+    chosen = config._attn_implementation
+    config._attn_implementation = GROUPED_SDPA_ATTENTION
+    try:
+        for index in blocks:
+            hidden = decoder.layers[index](hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                           use_cache=True, position_embeddings=rotary)
+    finally:
+        config._attn_implementation = chosen
     return hidden, cache.new
 
 

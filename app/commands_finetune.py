@@ -71,6 +71,10 @@ def finetune_command(
     pair_form: str = typer.Option("short", "--pair-form",
                                   help="Pair part of the prompt: short (query, title, brand, description cut hard) "
                                        "or full (the policy's limits); recorded in meta.json for labelling."),
+    compute_dtype: str = typer.Option("auto", "--compute-dtype",
+                                      help="Precision of the training arithmetic: auto (bfloat16 on a CPU with native "
+                                           "bf16, AMX or AVX512-BF16; else float32), float32 or bfloat16. Weights "
+                                           "and dev scoring stay float32, as the labeler serves."),
     cache_memory_gb: float = typer.Option(4.0, "--cache-memory-gb",
                                           help="Layer cache kept in memory up to this size, else spilled to disk."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoint."),
@@ -97,7 +101,8 @@ def finetune_command(
                         dev_fraction=dev_fraction, max_train=max_train, max_dev=max_dev, seed=seed,
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
-                        flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split)
+                        flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split,
+                        compute_dtype=compute_dtype)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
@@ -178,7 +183,8 @@ def _print_path(meta: dict[str, Any]) -> None:
         console.print(f"layer cache: {info['train_pairs_cached']:,} train pairs ({info['train_tokens_cached']:,} tokens, "
                       f"{info['cache_bytes'] / 2**20:,.0f} MiB {info['cache_dtype']}"
                       f"{', spilled to disk' if info['cache_spilled'] else ''}) in {info['train_encode_and_cache_seconds']:.0f}s "
-                      f"({info['train_cache_pairs_per_s']:.1f} pairs/s); top {info['top_k']} blocks trained")
+                      f"({info['train_cache_pairs_per_s']:.1f} pairs/s); top {info['top_k']} blocks trained, "
+                      f"arithmetic in {info.get('compute_dtype', 'torch.float32').removeprefix('torch.')}")
     console.print(f"{meta['pairs_seen']:,} pairs seen over {meta['n_train_used']:,} distinct: {meta['epochs']:.2f} epochs")
 
 

@@ -93,6 +93,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--vocab-loss-weight", type=float, default=None,
                         help="FinetuneArgs.vocab_loss_weight (default: fine-tuning's own).")
+    parser.add_argument("--compute-dtype", default="auto",
+                        help="FinetuneArgs.compute_dtype: auto (bfloat16 where the CPU has it natively), float32, "
+                             "bfloat16.")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     parser.add_argument("--keep-adapters", type=Path, default=None,
                         help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
@@ -212,7 +215,8 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
     out = work / f"{dataset}-{split}"
     loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
-                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split], **loss)
+                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
+                        compute_dtype=sizes["compute_dtype"], **loss)
     result = finetune(train, dev, policy, model_dir, out, args, base_model_name="smollm2", rating_scale=scale,
                       stack_lexical=baseline,
                       progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
@@ -234,6 +238,7 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
         "distinct_pairs": meta["n_train_used"], "pairs_seen": meta["pairs_seen"], "epochs": meta["epochs"],
         "pairs_per_s": round(meta["pairs_seen"] / train_s, 2),
         "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
+        "compute_dtype": meta["training_path"].get("compute_dtype", "torch.float32"),
         "stop_reason": meta["stop_reason"], "phase_seconds": meta["phase_seconds"], "temperature": meta["temperature"],
         "calibration": meta["calibration"],
         "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
@@ -271,7 +276,8 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                             "value": training["pairs_per_s"], "unit": "pairs/s",
                             "target": ">= 20,000 distinct pairs, > 1 epoch in 30 min",
                             "anchor": f"{training['pairs_seen']:,} pairs seen, {training['epochs']:.2f} epochs of "
-                                      f"{training['distinct_pairs']:,} distinct, {training['budget_minutes']:g} min budget"})
+                                      f"{training['distinct_pairs']:,} distinct, {training['budget_minutes']:g} min budget, "
+                                      f"arithmetic in {training.get('compute_dtype', 'torch.float32').removeprefix('torch.')}"})
     return figures
 
 
@@ -287,6 +293,7 @@ def main() -> None:
     if args.test_pairs is not None:
         sizes["test_pairs"] = args.test_pairs
     sizes["vocab_loss_weight"] = args.vocab_loss_weight
+    sizes["compute_dtype"] = args.compute_dtype
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if any(READERS[d]() is None for d in datasets):

@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import annotator.finetune as finetune_module
 from annotator.finetune import (
     FinetuneArgs,
+    FinetuneError,
     class_weights,
     read_meta,
     encode_examples,
@@ -386,6 +388,30 @@ def test_top_k_forward_over_the_cache_equals_the_full_forward(learnable_llama: P
     assert len(set(map(len, examples.suffixes))) > 1
 
 
+def test_grouped_attention_equals_sdpa_over_repeated_heads() -> None:
+    """6 query heads on 2 key/value heads (SmolLM2: 9 on 3), a prefix and padding."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from annotator import layer_cache as lc
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, width, dim, prefix_len = 3, 6, 2, 5, 8, 7
+    lengths = [5, 2, 4]
+    query = torch.randn(batch, heads, width, dim, generator=gen)
+    key, value = (torch.randn(batch, kv_heads, prefix_len + width, dim, generator=gen) for _ in range(2))
+    mask = lc.attention_mask(prefix_len, lengths, width)
+    assert mask.shape == (batch, 1, width, prefix_len + width) and bool(mask[1, 0, 4, :prefix_len].all())
+    assert not bool(mask[1, 0, 4, prefix_len + 2:].any()), "padding is never attended"
+    out, _ = lc.grouped_sdpa_attention(SimpleNamespace(layer_idx=0), query, key, value, mask, dim ** -0.5)
+    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(heads // kv_heads, 1),
+                                              value.repeat_interleave(heads // kv_heads, 1), attn_mask=mask)
+    torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=0)
+    explicit = lc._explicit_attention(query, key, value, mask, dim ** -0.5)  # what bfloat16 training runs
+    torch.testing.assert_close(explicit, expected.transpose(1, 2), atol=1e-5, rtol=0)
+
+
 def test_spilled_cache_is_a_memmap_and_reads_back(tmp_path: Path) -> None:
     from annotator import layer_cache as lc
 
@@ -404,14 +430,18 @@ def test_spilled_cache_is_a_memmap_and_reads_back(tmp_path: Path) -> None:
 def top_block_run(learnable_llama: Path, toy_policy_path: Path, tmp_path_factory: pytest.TempPathFactory):
     frame = synthetic_pairs().rename(columns={"text": "query"})
     train, dev = split_by_query(frame, 0.2)
+    # bfloat16 arithmetic whatever this CPU is (auto picks it only where it is native): the serving test below
+    # checks that dev, scored in float32, is what the float32 labeler reproduces
     args = FinetuneArgs(train_top_k=1, max_steps=40, eval_every=10, patience=10, learning_rate=5e-3, batch_size=16,
-                        warmup_steps=10, max_epochs=50, select_metric="accuracy")
+                        warmup_steps=10, max_epochs=50, select_metric="accuracy", compute_dtype="bfloat16")
     return finetune(train, dev, load_prompt_policy(toy_policy_path), learnable_llama, tmp_path_factory.mktemp("topk") / "a", args)
 
 
 def test_top_block_path_learns_the_rule_and_writes_a_partial_peft_adapter(top_block_run) -> None:
     meta, history = top_block_run.meta, top_block_run.history
     assert meta["training_path"]["path"] == "cached" and meta["training_path"]["split"] == 1
+    assert meta["training_path"]["compute_dtype"] == "torch.bfloat16"
+    assert meta["training_args"]["compute_dtype"] == "bfloat16"
     # the full-vocabulary term dominates the loss and falls slowly with one trainable block
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
     assert meta["dev_metrics"]["accuracy"] >= 0.7  # chance is about 0.25
@@ -446,6 +476,19 @@ def test_labeler_serves_the_adapter_with_its_pair_form_and_reproduces_dev(top_bl
     by_hand = load_stack(top_block_run.out_dir).predict_proba(dev, logprobs)
     np.testing.assert_allclose(stacked_probs, by_hand, atol=1e-9)
     assert np.abs(stacked_probs - probs).max() > 0.05, "the stack changes the probabilities"
+
+
+def test_compute_dtype_auto_is_bfloat16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from annotator import finetune as ft
+
+    for amx, avx512_bf16, expected in [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                       (False, False, torch.float32)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert ft.resolve_compute_dtype("auto") == expected
+    assert ft.resolve_compute_dtype("float32") == torch.float32
+    with pytest.raises(FinetuneError, match="unknown compute dtype 'fp8'"):
+        ft.resolve_compute_dtype("fp8")
 
 
 def test_short_pair_form_cuts_the_description_and_round_trips_through_meta() -> None:
