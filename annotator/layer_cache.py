@@ -133,6 +133,8 @@ def run_blocks(model: Any, blocks: range, hidden: torch.Tensor, *, prefix_kv: di
     rotary = decoder.rotary_emb(hidden, positions)
     mask = attention_mask(prefix_len, lengths, width)
     cache = _PrefixKV(prefix_kv, batch)
+    # the model's attention function is swapped for these blocks and put back after: no other thread may run
+    # the same model meanwhile (fine-tuning runs one)
     _register_attention()
     config = decoder.config
     chosen = config._attn_implementation
@@ -190,7 +192,8 @@ def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, len
         picked = out[torch.arange(len(lengths)), torch.as_tensor(list(lengths)) - 1]
     else:
         picked = out[torch.arange(len(lengths))[:, None], torch.as_tensor(np.asarray(at), dtype=torch.long)]
-    return lm_head_of(model)(decoder_of(model).norm(picked))
+    with torch.autocast("cpu", enabled=False):  # the answer logits in float32 whatever the blocks ran in
+        return lm_head_of(model)(decoder_of(model).norm(picked.float()))
 
 
 # -- the cache --------------------------------------------------------------------------------------

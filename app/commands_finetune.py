@@ -37,7 +37,7 @@ def finetune_command(
                                                 help="Wall-clock budget of the whole command (caching, training, dev "
                                                      "scoring and calibration)."),
     max_steps: int = typer.Option(2000, "--max-steps", help="Most optimiser steps."),
-    max_epochs: float = typer.Option(3.0, "--max-epochs", help="Most passes over the training pairs."),
+    max_epochs: float = typer.Option(6.0, "--max-epochs", help="Most passes over the training pairs."),
     flag_weight: float = typer.Option(0.3, "--flag-weight", min=0.0, help="Weight of the policy flags' answer loss "
                                       "beside the grade's (0: flags are scored but not learnt)."),
     vocab_loss_weight: float = typer.Option(1.0, "--vocab-loss-weight", min=0.0,

@@ -408,8 +408,16 @@ def test_grouped_attention_equals_sdpa_over_repeated_heads() -> None:
     expected = F.scaled_dot_product_attention(query, key.repeat_interleave(heads // kv_heads, 1),
                                               value.repeat_interleave(heads // kv_heads, 1), attn_mask=mask)
     torch.testing.assert_close(out, expected.transpose(1, 2), atol=1e-5, rtol=0)
-    explicit = lc._explicit_attention(query, key, value, mask, dim ** -0.5)  # what bfloat16 training runs
+    explicit = lc._explicit_attention(query, key, value, mask, dim ** -0.5)
     torch.testing.assert_close(explicit, expected.transpose(1, 2), atol=1e-5, rtol=0)
+    # what bfloat16 training runs: the explicit form under autocast with gradients, within bf16's rounding
+    leaf = query.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = lc.grouped_sdpa_attention(SimpleNamespace(layer_idx=0), leaf, key, value, mask, dim ** -0.5)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected.transpose(1, 2), atol=0.05, rtol=0.02)
+    low.float().sum().backward()
+    assert leaf.grad is not None and bool(torch.isfinite(leaf.grad).all())
 
 
 def test_spilled_cache_is_a_memmap_and_reads_back(tmp_path: Path) -> None:
