@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from annotator import sql
 from annotator.labeler import Adapter, Labeler, adapter_stack_version, adapter_tag, check_adapter
 from annotator.prompts import EmptyProductTextError, PairText, Policy, load_prompt_policy
+from annotator.stack import RetrieverCosine
 from labelstore.errors import MnrError
 from labelstore.ids import stable_hash
 from labelstore.schemes import LabelScheme
@@ -260,11 +261,13 @@ def finish_label_run(store: Store, run_id: str, *, resumed: bool, labelled_now: 
     return result
 
 
-def job_labeler(job: LabelJob, policy: Policy | None = None, adapter: Adapter | None = None) -> Labeler:
+def job_labeler(job: LabelJob, policy: Policy | None = None, adapter: Adapter | None = None,
+                retriever: RetrieverCosine | None = None) -> Labeler:
     """The `Labeler` that `job` describes (model, policy, backend, adapter, stack, backend options), so a
-    caller that builds its own labeler for a job scores exactly as the job's fingerprint and author say."""
+    caller that builds its own labeler for a job scores exactly as the job's fingerprint and author say;
+    ``retriever``: the cosine a stack fitted with one reads (the caller loads it)."""
     return Labeler(job.model, policy or job.policy, backend=job.backend, adapter=adapter or job.adapter,
-                   use_stack=job.use_stack, **job.backend_options)
+                   use_stack=job.use_stack, retriever=retriever, **job.backend_options)
 
 
 def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None, run_id: str | None = None,

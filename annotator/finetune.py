@@ -60,7 +60,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -75,6 +75,9 @@ from annotator.prompts import FLAG_OPTIONS, EmptyProductTextError, PairText, Pol
 from annotator.scoring import label_token_ids
 from labelstore import ids
 from labelstore.errors import MnrError
+
+if TYPE_CHECKING:
+    from annotator.stack import RetrieverCosine
 
 META_FILE = "meta.json"
 SPLIT_FILE = "split.json"
@@ -1048,7 +1051,8 @@ def _lengths(examples: EncodedExamples) -> np.ndarray:
 def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: str | Path, out_dir: str | Path,
              args: FinetuneArgs | None = None, *, base_model_name: str | None = None,
              rating_scale: tuple[float, float] | None = None, progress: ProgressFn | None = None,
-             resume: bool = False, started_at: float | None = None, stack_lexical: Any = None) -> FinetuneResult:
+             resume: bool = False, started_at: float | None = None, stack_lexical: Any = None,
+             stack_cosine: RetrieverCosine | None = None) -> FinetuneResult:
     """Train a LoRA adapter on ``train``, select and calibrate it on ``dev``, save it to ``out_dir``.
 
     ``train`` and ``dev`` have columns pair_id, query_id, query, title, description, brand, label
@@ -1060,7 +1064,8 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
 
     With ``args.stack`` the text baseline is fitted on ``train`` first (or ``stack_lexical``, one already
     fitted on it, is used) and, at the end, the calibrated stack (`annotator.stack`) on the dev scores:
-    it is saved beside the adapter and its dev report goes into ``meta["stack"]``.
+    it is saved beside the adapter and its dev report goes into ``meta["stack"]``. ``stack_cosine`` adds the
+    retriever's query-title cosine to the stack's inputs (the labeler applying it then needs that retriever).
     """
     args = args or FinetuneArgs()
     out_dir = Path(out_dir)
@@ -1093,7 +1098,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
         warnings.warn(f"policy '{policy.name}' declares flag(s) {', '.join(undecided)} that no training label "
                       "decides: they are not learnt (set or clear them in the review UI)", FlagsWithoutDecisionsWarning,
                       stacklevel=2)
-    lexical = _lexical_part(train, dev, prompt_policy, args, clock, stack_lexical)
+    lexical = _lexical_part(train, dev, prompt_policy, args, clock, stack_lexical, stack_cosine)
     clock.phase("text_baseline")
     tick = time.monotonic()
     dev_examples = encode(dev)
@@ -1359,10 +1364,12 @@ class LexicalPart:
     seconds: float
     train_pairs: int | None = None  # pairs the baseline was fitted on here (None: passed in fitted)
     flag_words: dict[str, Any] = field(default_factory=dict)  # flag -> title-words model fitted on train (or None)
+    dev_cosine: np.ndarray | None = None  # the retriever's cosine of every dev pair (rows of ``dev_index``)
+    retriever: str | None = None  # that retriever's name
 
 
 def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: FinetuneArgs, clock: Clock,
-                  fitted: Any = None) -> LexicalPart | None:
+                  fitted: Any = None, cosine: RetrieverCosine | None = None) -> LexicalPart | None:
     from annotator.stack import fit_flag_words, lexical_inputs
 
     if not args.stack:
@@ -1372,8 +1379,9 @@ def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: 
     model, n_fit = (fitted, None) if fitted is not None else _fit_lexical_in_budget(train, policy, args, clock)
     inputs = lexical_inputs(model, dev, len(labels))
     flag_words = {name: fit_flag_words(*_flag_decisions(train, name)) for name in policy.flag_names}
+    dev_cosine = cosine(dev) if cosine is not None else None
     return LexicalPart(model, inputs, {pid: i for i, pid in enumerate(dev["pair_id"])}, time.monotonic() - tick,
-                       n_fit, flag_words)
+                       n_fit, flag_words, dev_cosine, cosine.name if cosine is not None else None)
 
 
 LEXICAL_PROBE_PAIRS = 2000  # a first fit of the text baseline on this many pairs measures its pace
@@ -1437,7 +1445,9 @@ def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: Scores, temperatu
     fitted, report = st.fit_with_report(labels=trainer.labels, grades=trainer.grades, lexical=lexical.model,
                                         lexical_dev=lexical.dev_inputs[rows], llm_logprobs=logprobs.grade,
                                         targets=targets, groups=groups, evaluate=evaluate,
-                                        adapter_probs=apply_temperature(logprobs.grade, temperature))
+                                        adapter_probs=apply_temperature(logprobs.grade, temperature),
+                                        cosine=None if lexical.dev_cosine is None else lexical.dev_cosine[rows],
+                                        retriever=lexical.retriever)
     flag_report = None
     if trainer.flag_names:
         flag_dev = _flag_dev(trainer, logprobs.flag, pair_ids, flag_temperatures, lexical.flag_words)

@@ -43,7 +43,7 @@ from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy, remove_steering
 from annotator.scoring import flag_probs_from_logprobs, label_token_ids, probs_from_logprobs
-from annotator.stack import load_stack, stack_version
+from annotator.stack import RetrieverCosine, load_stack, stack_version
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
 
@@ -182,12 +182,14 @@ class Labeler:
     adapter : PEFT LoRA folder (for `openai`: served under its folder name by `mnr serve`).
     allow_policy_mismatch : label with an adapter fine-tuned under another policy version (warns).
     use_stack : apply the adapter folder's calibrated stack when it has one (default); False: the bare labeler.
+    retriever : the retriever's cosine (`annotator.stack.RetrieverCosine`), needed when the stack was fitted
+        with one (`mnr finetune --retriever`); it must be the same retriever.
     backend_options : passed to the backend (e.g. `endpoints=[...]` for openai, `dtype`, `batch_size`).
     """
 
     def __init__(self, model: str, policy: str | Policy = "esci", backend: str = "vllm",
                  adapter: str | Adapter | None = None, *, allow_policy_mismatch: bool = False,
-                 use_stack: bool = True, **backend_options: Any):
+                 use_stack: bool = True, retriever: RetrieverCosine | None = None, **backend_options: Any):
         self.policy = policy if isinstance(policy, Policy) else load_prompt_policy(policy)
         self.backend_name = backend
         self.model = model
@@ -203,6 +205,9 @@ class Labeler:
         self.stack = load_stack(checked.path) if checked is not None and use_stack else None
         if self.stack is not None:
             self._check_stack_labels()
+            if self.stack.uses_cosine:
+                self._check_stack_retriever(retriever)
+        self.retriever = retriever
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, checked, **backend_options)
         if self.stack is not None:
@@ -250,7 +255,8 @@ class Labeler:
         the stack's when the labeler has one, else softmax(logprobs / temperature)."""
         if self.stack is None:
             return probs_from_logprobs(logprobs, self.temperature)
-        return self.stack.predict_proba(self.stack_texts(pairs), logprobs if self.stack.uses_llm else None)
+        return self.stack.predict_proba(self.stack_texts(pairs), logprobs if self.stack.uses_llm else None,
+                                        self.retriever)
 
     @property
     def flag_names(self) -> list[str]:
@@ -328,6 +334,13 @@ class Labeler:
             raise AdapterError(f"adapter {self.adapter}: its stack predicts flags {stack_flags}, but policy "
                                f"'{self.policy.name}' declares {self.flag_names}; label with --no-stack or refit it")
         return True
+
+    def _check_stack_retriever(self, retriever: RetrieverCosine | None) -> None:
+        assert self.stack is not None
+        if retriever is None or retriever.name != self.stack.retriever:
+            given = f", not {retriever.name}'s" if retriever is not None else ""
+            raise AdapterError(f"adapter {self.adapter}: its stack reads retriever {self.stack.retriever}'s cosine"
+                               f"{given}: label with --retriever {self.stack.retriever}, or --no-stack")
 
     def _check_stack_labels(self) -> None:
         assert self.stack is not None

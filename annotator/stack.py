@@ -7,7 +7,9 @@ combines them, per pair, from these input groups (`INPUTS`):
 - ``lexical``: the query-title match scores of `QueryTitleFeatures` (word and character
   TF-IDF cosine, share of query words in the title) and the log class probabilities of the text
   baseline fitted on the *train* pairs, so they are out of sample on dev (3 + K columns);
-- ``cosine``: the retriever's query-product cosine, when the caller has one (1 column).
+- ``cosine``: the retriever's query-title cosine (1 column), when the caller gives one (`RetrieverCosine`:
+  ``mnr finetune --retriever``). The stack records the retriever's name; a labeler applying it must be given
+  the same retriever (the app loads it: annotator never imports trainer).
 
 The regression (standardised inputs, L2) is fitted on the dev pairs that fine-tuning scores; its
 held-out quality is measured by cross-validation on dev, grouped by query (`cross_validate`), with
@@ -83,6 +85,23 @@ class StackError(MnrError):
     """A stack cannot be fitted, loaded or applied with these inputs."""
 
 
+@dataclass(frozen=True)
+class RetrieverCosine:
+    """The retriever's cosine as a stack input: ``name`` (what the stack records: a registry model id, or
+    ``zero-shot``) and ``score`` (a frame with columns query, title -> (n,) query-title cosines)."""
+
+    name: str
+    score: Callable[[pd.DataFrame], np.ndarray]
+
+    def __call__(self, frame: pd.DataFrame) -> np.ndarray:
+        if len(frame) == 0:
+            return np.zeros(0)
+        cosines = np.asarray(self.score(frame[["query", "title"]]), dtype=np.float64).reshape(-1)
+        if len(cosines) != len(frame):
+            raise StackError(f"retriever {self.name}: {len(cosines)} cosines for {len(frame)} pairs")
+        return cosines
+
+
 def fit_lexical(train: pd.DataFrame, targets: np.ndarray) -> Pipeline:
     """The text baseline (`tfidf_linear_model`) fitted on ``train`` (columns query, title) and class indices ``targets``."""
     return tfidf_linear_model().fit(train[["query", "title"]], targets)
@@ -140,6 +159,7 @@ class Stack:
     flags: list[FlagModel] = field(default_factory=list)  # in the policy's flag order
     grades: list[int] | None = None  # the labels' grades, with ``cutoffs``
     cutoffs: list[float] | None = None  # cut-points on the expected grade (`annotator.decision`); None: argmax
+    retriever: str | None = None  # the `RetrieverCosine` name, when ``inputs`` has "cosine"
 
     @property
     def feature_names(self) -> list[str]:
@@ -160,18 +180,35 @@ class Stack:
         return "llm" in self.inputs
 
     @property
+    def uses_cosine(self) -> bool:
+        return "cosine" in self.inputs
+
+    def cosines(self, frame: pd.DataFrame, retriever: RetrieverCosine | None) -> np.ndarray | None:
+        """(n,) the ``retriever``'s cosines of ``frame``'s pairs when the stack reads them (None when it does not);
+        `StackError` when it does and ``retriever`` is missing or not the one it was fitted with."""
+        if not self.uses_cosine:
+            return None
+        if retriever is None:
+            raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine: give that retriever "
+                             "(mnr label --retriever), or label without the stack (--no-stack)")
+        if retriever.name != self.retriever:
+            raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine, not {retriever.name}'s")
+        return retriever(frame)
+
+    @property
     def flags_use_llm(self) -> bool:
         """Whether any flag needs the LLM's flag log-probabilities (an LLM input, or a temperature alone)."""
         return any(flag.model is None or "llm" in flag.inputs for flag in self.flags)
 
     def predict_proba(self, frame: pd.DataFrame, llm_logprobs: np.ndarray | None = None,
-                      cosine: np.ndarray | None = None) -> np.ndarray:
-        """(n, K) label probabilities of the pairs of ``frame`` (columns query, title), scheme order."""
+                      retriever: RetrieverCosine | None = None) -> np.ndarray:
+        """(n, K) label probabilities of the pairs of ``frame`` (columns query, title), scheme order;
+        ``retriever`` gives the cosine of a stack fitted with one (`cosines`)."""
         if len(frame) == 0:
             return np.zeros((0, len(self.labels)))
         lexical = lexical_inputs(self.lexical, frame, len(self.labels)) if "lexical" in self.inputs else None
         llm = llm_inputs(llm_logprobs) if llm_logprobs is not None else None
-        matrix = design(self.inputs, llm=llm, lexical=lexical, cosine=cosine)
+        matrix = design(self.inputs, llm=llm, lexical=lexical, cosine=self.cosines(frame, retriever))
         return class_probs(self.model, matrix, len(self.labels))
 
     def choose_labels(self, probs: np.ndarray) -> np.ndarray:
@@ -201,6 +238,8 @@ class Stack:
         linear, linear_arrays = logistic_state(self.model[-1])
         params = {"format": STACK_FORMAT, "labels": list(self.labels), "inputs": list(self.inputs),
                   "features": self.feature_names, "lexical": lexical, "scaler": scaler, "linear": linear}
+        if self.uses_cosine:  # a stack without the cosine keeps the content (and version) it had before
+            params["retriever"] = self.retriever
         arrays = {**prefixed("lexical", lexical_arrays), **prefixed("scaler", scaler_arrays),
                   **prefixed("linear", linear_arrays)}
         if self.cutoffs is not None:  # a stack deciding by argmax keeps the content (and version) it had before
@@ -223,7 +262,8 @@ class Stack:
         np.savez(folder / STACK_ARRAYS, **arrays)
         (folder / STACK_FILE).write_text(json.dumps({**params, "version": version}, indent=1), encoding="utf-8")
         return {"version": version, "inputs": list(self.inputs), "features": self.feature_names,
-                "flags": self.flag_names, "files": [STACK_FILE, STACK_ARRAYS]}
+                "flags": self.flag_names, "files": [STACK_FILE, STACK_ARRAYS],
+                **({"retriever": self.retriever} if self.uses_cosine else {})}
 
 
 def has_stack(folder: str | Path) -> bool:
@@ -235,6 +275,14 @@ def stack_version(folder: str | Path) -> str | None:
     if not has_stack(folder):
         return None
     return str(_read_params(Path(folder))["version"])
+
+
+def stack_retriever(folder: str | Path) -> str | None:
+    """The retriever whose cosine ``folder``'s stack reads (None: no stack, or one without the cosine)."""
+    if not has_stack(folder):
+        return None
+    params = _read_params(Path(folder))
+    return str(params["retriever"]) if "cosine" in params.get("inputs", ()) else None
 
 
 def load_stack(folder: str | Path) -> Stack | None:
@@ -257,6 +305,7 @@ def load_stack(folder: str | Path) -> Stack | None:
                                                                              unprefixed("linear", arrays)))]),
                   flags=[flag_from_state(flag, unprefixed(f"flag.{flag['name']}", arrays))
                          for flag in params.get("flags", [])],
+                  retriever=params.get("retriever"),
                   **_decision_from_params(params.get("decision"), folder, len(params["labels"])))
     if stack.version != params["version"]:
         raise StackError(f"{folder}: the stack's content does not match its version {params['version']} "
@@ -294,10 +343,13 @@ def _read_params(folder: Path) -> dict[str, Any]:
 
 # -- fitting and its honest dev quality ---------------------------------------------------------------
 def fit_stack(labels: Sequence[str], inputs: Sequence[str], lexical: Pipeline, matrix: np.ndarray,
-              targets: np.ndarray) -> Stack:
-    """A stack over the ``inputs`` groups, fitted on ``matrix`` (`design` of the dev pairs) and class indices ``targets``."""
+              targets: np.ndarray, retriever: str | None = None) -> Stack:
+    """A stack over the ``inputs`` groups, fitted on ``matrix`` (`design` of the dev pairs) and class indices
+    ``targets``; ``retriever`` names the cosine's retriever when ``inputs`` has "cosine"."""
+    if ("cosine" in inputs) != (retriever is not None):
+        raise StackError("a stack reads the retriever's cosine exactly when it is told the retriever's name")
     model = stack_model().fit(matrix, targets)
-    return Stack(labels=list(labels), inputs=tuple(inputs), lexical=lexical, model=model)
+    return Stack(labels=list(labels), inputs=tuple(inputs), lexical=lexical, model=model, retriever=retriever)
 
 
 def cross_validate(matrix: np.ndarray, targets: np.ndarray, groups: Sequence[Any], n_classes: int,
@@ -343,32 +395,35 @@ def llm_contribution(full: np.ndarray, lexical: np.ndarray, targets: np.ndarray)
 def fit_with_report(*, labels: Sequence[str], grades: Sequence[int], lexical: Pipeline, lexical_dev: np.ndarray,
                     llm_logprobs: np.ndarray, targets: np.ndarray, groups: Sequence[Any],
                     evaluate: Callable[[np.ndarray], dict[str, Any]], adapter_probs: np.ndarray,
-                    cosine: np.ndarray | None = None) -> tuple[Stack, dict[str, Any]]:
+                    cosine: np.ndarray | None = None, retriever: str | None = None) -> tuple[Stack, dict[str, Any]]:
     """The full stack fitted on all dev pairs, and the dev report: ``evaluate`` (probabilities -> metrics) of
     the adapter alone (``adapter_probs``), and of the lexical-only and the full stack out of fold
-    (`cross_validate`), with `llm_contribution`; and the stack's decision (`decide_by_cutoffs`)."""
+    (`cross_validate`), with `llm_contribution`; and the stack's decision (`decide_by_cutoffs`). ``cosine``
+    (n_dev,): the cosines of the retriever named ``retriever``, an input of both stacks."""
     n_classes = len(labels)
     extra = ("cosine",) if cosine is not None else ()
     full_inputs, lexical_inputs_ = ("llm", "lexical", *extra), ("lexical", *extra)
     full = design(full_inputs, llm=llm_inputs(llm_logprobs), lexical=lexical_dev, cosine=cosine)
     lexical_only = design(lexical_inputs_, lexical=lexical_dev, cosine=cosine)
-    stack, full_oof, decision = fit_deciding_stack(labels, grades, full_inputs, lexical, full, targets, groups)
+    stack, full_oof, decision = fit_deciding_stack(labels, grades, full_inputs, lexical, full, targets, groups,
+                                                   retriever=retriever)
     lexical_oof = cross_validate(lexical_only, targets, groups, n_classes)
     report = {"method": f"{CV_FOLDS}-fold cross-validation on dev, grouped by query; the adapter alone is scored "
                         "on the same dev pairs, which also selected it and fitted its temperature (optimistic)",
               "n_dev": int(len(targets)), "adapter": evaluate(adapter_probs), "lexical_only": evaluate(lexical_oof),
-              "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets), "decision": decision}
+              "full": evaluate(full_oof), **llm_contribution(full_oof, lexical_oof, targets), "decision": decision,
+              "retriever": retriever}
     return stack, report
 
 
 def fit_deciding_stack(labels: Sequence[str], grades: Sequence[int], inputs: Sequence[str], lexical: Pipeline,
-                       matrix: np.ndarray, targets: np.ndarray,
-                       groups: Sequence[Any]) -> tuple[Stack, np.ndarray, dict[str, Any]]:
+                       matrix: np.ndarray, targets: np.ndarray, groups: Sequence[Any],
+                       retriever: str | None = None) -> tuple[Stack, np.ndarray, dict[str, Any]]:
     """(stack, its (n, K) out-of-fold dev probabilities, its decision report): `fit_stack` over the ``inputs``
     groups on ``matrix``, writing labels by cut-points when they beat argmax on the out-of-fold probabilities
     (`decide_by_cutoffs`)."""
     oof = cross_validate(matrix, targets, groups, len(labels))
-    stack = fit_stack(labels, inputs, lexical, matrix, targets)
+    stack = fit_stack(labels, inputs, lexical, matrix, targets, retriever)
     stack.grades, stack.cutoffs, decision = decide_by_cutoffs(oof, targets, grades, groups)
     return stack, oof, decision
 

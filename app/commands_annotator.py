@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from annotator.batch import LabelJob, LabelJobResult
     from annotator.labeler import Labeler
     from annotator.ray_engine import RaySettings
+    from annotator.stack import RetrieverCosine
 
 models_app = typer.Typer(help="Labeler models available without hub access.", no_args_is_help=True)
 
@@ -92,9 +93,21 @@ def label(
                    review_threshold=float(_setting(review_threshold, "review_threshold", DEFAULT_REVIEW_THRESHOLD)),
                    backend_options=options, use_stack=not no_stack, score_flags=not no_flags)
     if engine == "local":
-        labeler = _mismatched_labeler(job) if allow_policy_mismatch and job.adapter else None
-        result = run_label_job(open_store(), job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
+        from annotator.batch import job_labeler
+        from app.retriever_cosine import adapter_retriever
+
+        store = open_store()
+        cosine = adapter_retriever(store, job.adapter, use_stack=job.use_stack)
+        labeler = (_mismatched_labeler(job, cosine) if allow_policy_mismatch and job.adapter else
+                   job_labeler(job, retriever=cosine) if cosine is not None else None)
+        result = run_label_job(store, job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
     elif engine == "ray":
+        from annotator.stack import stack_retriever
+
+        if job.adapter and job.use_stack and stack_retriever(job.adapter):
+            raise typer.BadParameter(f"{job.adapter}: its stack reads retriever {stack_retriever(job.adapter)}'s "
+                                     "cosine, which the Ray actors do not load: use --engine local or --no-stack",
+                                     param_hint="--engine")
         if allow_policy_mismatch:
             raise typer.BadParameter("works with --engine local only: the Ray actors load the adapter themselves "
                                      "and refuse a mismatched policy", param_hint="--allow-policy-mismatch")
@@ -151,7 +164,7 @@ def _label_on_ray(job: LabelJob, settings: RaySettings, *, step: str, run_id: Op
     return ray_engine.import_run(open_store(), job, run_id, folders.scores)
 
 
-def _mismatched_labeler(job: LabelJob) -> Labeler:
+def _mismatched_labeler(job: LabelJob, retriever: RetrieverCosine | None = None) -> Labeler:
     """A labeler that may use an adapter of another policy, its warning printed plainly.
 
     Built here because a `LabelJob` has no such switch: the job's own labeler refuses a mismatch."""
@@ -160,7 +173,7 @@ def _mismatched_labeler(job: LabelJob) -> Labeler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PolicyMismatchWarning)
         labeler = Labeler(job.model, job.policy, backend=job.backend, adapter=job.adapter, allow_policy_mismatch=True,
-                          use_stack=job.use_stack, **job.backend_options)
+                          use_stack=job.use_stack, retriever=retriever, **job.backend_options)
     if labeler.policy_mismatch:
         err_console.print(f"[yellow]warning:[/] {escape(labeler.policy_mismatch)} (--allow-policy-mismatch)",
                           highlight=False)

@@ -80,6 +80,9 @@ def finetune_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoint."),
     no_stack: bool = typer.Option(False, "--no-stack", help="Fit no calibrated stack (the text baseline's match "
                                   "features + the adapter's scores, applied by mnr label) beside the adapter."),
+    retriever: Optional[str] = typer.Option(None, "--retriever", help="Add this retriever's query-title cosine to "
+                                            "the stack's inputs: a registered model id, zero-shot, latest-stage1, "
+                                            "latest-stage2 or a folder; mnr label then loads it too."),
 ) -> None:
     """Train a LoRA adapter on the store's human labels under a policy; calibrate it on dev."""
     import time
@@ -111,8 +114,16 @@ def finetune_command(
     if loaded_policy.flags:
         with_decisions = int(train["flags"].map(lambda d: bool(d)).sum())
         console.print(f"flags {', '.join(loaded_policy.flag_names)}: {with_decisions:,} train pairs carry flag decisions")
+    cosine = None
+    if retriever is not None:
+        if no_stack:
+            raise typer.BadParameter("the retriever's cosine is an input of the stack: drop --no-stack",
+                                     param_hint="--retriever")
+        from app.retriever_cosine import retriever_cosine
+
+        cosine = retriever_cosine(store, retriever)
     result, _ = run_finetune(store, data, model, out, args, progress=_print_progress, resume=resume,
-                             started_at=started_at)
+                             started_at=started_at, retriever=cosine)
     meta = result.meta
     dev_metrics = meta["dev_metrics"]
     _print_path(meta)

@@ -22,6 +22,7 @@ from labelstore.store import Store
 
 if TYPE_CHECKING:  # torch: imported when a run starts, not when the CLI loads
     from annotator.finetune import FinetuneArgs, FinetuneResult
+    from annotator.stack import RetrieverCosine
 
 ADAPTER_KIND = "labeler-adapter"
 
@@ -97,18 +98,21 @@ def with_flag_decisions(store: Store, frame: pd.DataFrame, scheme: str, flag_nam
 
 def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: FinetuneArgs, *,
                  progress: Callable[[dict[str, Any]], None] | None = None, resume: bool = False,
-                 started_at: float | None = None) -> tuple[FinetuneResult, str]:
-    """Train an adapter on `data` into `out` as a 'finetune' run; returns the result and its model id."""
+                 started_at: float | None = None, retriever: RetrieverCosine | None = None,
+                 ) -> tuple[FinetuneResult, str]:
+    """Train an adapter on `data` into `out` as a 'finetune' run; returns the result and its model id.
+    ``retriever``: its cosine becomes an input of the stack (`annotator.stack`)."""
     from annotator.finetune import finetune
     from annotator.models import resolve_model
 
     model_dir = resolve_model(model)
     params = {"policy": data.policy.name, "policy_hash": data.policy.version, "model": model, "out": str(out),
-              "sources": data.sources, "args": {**args.__dict__, "target_modules": list(args.target_modules)}}
+              "sources": data.sources, "args": {**args.__dict__, "target_modules": list(args.target_modules)},
+              "retriever": retriever.name if retriever is not None else None}
     with store.run("finetune", params) as run:
         result = finetune(data.train, data.dev, data.policy, model_dir, out, args, base_model_name=model,
                           rating_scale=rating_scale_for(data.dev, data.policy.scheme), progress=progress,
-                          resume=resume, started_at=started_at)
+                          resume=resume, started_at=started_at, stack_cosine=retriever)
         meta = result.meta
         run.metrics.update({"dev": meta["dev_metrics"], "temperature": meta["temperature"], "steps": meta["steps"],
                             "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"],

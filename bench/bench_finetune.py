@@ -18,7 +18,9 @@ alone (`annotator.finetune.finetune` under a wall-clock budget, calibrated), the
 scored) and the full stack (`annotator.stack`, fitted by the fine-tuning run itself), each stack labelling as
 it serves (cut-points when they beat argmax on dev under cross-fitting: `Stack.choose_labels`), all on the same
 test pairs; plus training pairs/s and epochs reached. The baseline fitted here is the stack's lexical
-part too (passed to `finetune`), so both see the same train pairs.
+part too (passed to `finetune`), so both see the same train pairs. Both stacks also read the retriever's
+query-title cosine (``--retriever zero-shot``, the default: all-MiniLM-L6-v2 as shipped, trained on nothing
+here; ``--retriever none`` leaves it out).
 
     python -m bench.bench_finetune [--quick] [--minutes M] [--test-pairs N] [--datasets homedepot,crowdflower]
 
@@ -96,6 +98,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compute-dtype", default="auto",
                         help="FinetuneArgs.compute_dtype: auto (bfloat16 where the CPU has it natively), float32, "
                              "bfloat16.")
+    parser.add_argument("--retriever", default="zero-shot", choices=("zero-shot", "none"),
+                        help="The retriever cosine both stacks read: zero-shot MiniLM (default) or none.")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     parser.add_argument("--keep-adapters", type=Path, default=None,
                         help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
@@ -166,14 +170,27 @@ def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataF
     return logprobs, time.monotonic() - start
 
 
-def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: list[str], grades: list[int]) -> st.Stack:
-    """The lexical-only stack, fitted on the dev pairs the adapter run scored (those its full stack was fitted
-    on), deciding as the full stack does (`st.decide_by_cutoffs` on its out-of-fold dev probabilities)."""
+def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: list[str], grades: list[int],
+                      retriever: st.RetrieverCosine | None) -> st.Stack:
+    """The stack without the LLM (lexical inputs, and the ``retriever``'s cosine when given), fitted on the dev
+    pairs the adapter run scored (those its full stack was fitted on), deciding as the full stack does
+    (`st.decide_by_cutoffs` on its out-of-fold dev probabilities)."""
     scored = json.loads((adapter / "split.json").read_text())["dev_pair_ids"]
     rows = dev.set_index("pair_id").loc[scored].reset_index()
-    matrix = st.design(("lexical",), lexical=st.lexical_inputs(baseline, rows, len(labels)))
-    return st.fit_deciding_stack(labels, grades, ("lexical",), baseline, matrix,
-                                 rows["label"].map(labels.index).to_numpy(), rows["query_id"])[0]
+    inputs = ("lexical", "cosine") if retriever is not None else ("lexical",)
+    matrix = st.design(inputs, lexical=st.lexical_inputs(baseline, rows, len(labels)),
+                       cosine=retriever(rows) if retriever is not None else None)
+    return st.fit_deciding_stack(labels, grades, inputs, baseline, matrix, rows["label"].map(labels.index).to_numpy(),
+                                 rows["query_id"], retriever=retriever.name if retriever is not None else None)[0]
+
+
+def zero_shot_retriever() -> st.RetrieverCosine:
+    """all-MiniLM-L6-v2 as shipped, under the name `mnr` registers it by (`trainer.registry.ensure_zero_shot`)."""
+    from trainer.model import ZERO_SHOT_MODEL_ID, TwoTowerModel
+
+    two_tower = TwoTowerModel.from_pretrained()
+    return st.RetrieverCosine(ZERO_SHOT_MODEL_ID,
+                              lambda frame: two_tower.pair_cosines(frame["query"].tolist(), frame["title"].tolist()))
 
 
 def baseline_labels_by_dev_decision(baseline: Any, dev: pd.DataFrame, test_probs: np.ndarray, labels: list[str],
@@ -218,20 +235,20 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
                         max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
                         compute_dtype=sizes["compute_dtype"], **loss)
     result = finetune(train, dev, policy, model_dir, out, args, base_model_name="smollm2", rating_scale=scale,
-                      stack_lexical=baseline,
+                      stack_lexical=baseline, stack_cosine=sizes["retriever"],
                       progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
                                                f"dev qwk {r['qwk']:.3f} {r['elapsed_s']:.0f}s", flush=True))
     meta = result.meta
     logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
     report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
-    lexical_stack = stack_without_llm(baseline, dev, out, labels, grades)
-    lexical_probs = lexical_stack.predict_proba(test)
+    lexical_stack = stack_without_llm(baseline, dev, out, labels, grades, sizes["retriever"])
+    lexical_probs = lexical_stack.predict_proba(test, retriever=sizes["retriever"])
     report["stack_without_llm"] = {**measure(lexical_probs, lexical_stack.choose_labels(lexical_probs)),
                                    "cutoffs": lexical_stack.cutoffs}
     full = st.load_stack(out)
-    full_probs = full.predict_proba(test, logprobs)
+    full_probs = full.predict_proba(test, logprobs, sizes["retriever"])
     report["stack"] = {**measure(full_probs, full.choose_labels(full_probs)), "version": full.version,
-                       "cutoffs": full.cutoffs}
+                       "cutoffs": full.cutoffs, "retriever": full.retriever}
     train_s = max(meta["train_step_wall_seconds"], 1e-9)
     report["training"] = {
         "budget_minutes": sizes["minutes"], "seconds": meta["train_seconds"], "steps": meta["steps"],
@@ -268,7 +285,9 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                         continue  # the expected rating does not depend on the label written
                     target = ("reference" if system.startswith("tfidf_linear") else
                               "better than TF-IDF + linear (either decision)" if system == "stack" else "")
-                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}{mark}",
+                    cosine = " (+ zero-shot MiniLM cosine)" if system.startswith("stack") and \
+                        report["stack"].get("retriever") else ""
+                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}{cosine}{mark}",
                                     "value": round(report[system][metric], 4), "unit": unit, "target": target,
                                     "anchor": f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test "
                                               f"pairs; {report['anchor']}"})
@@ -294,6 +313,7 @@ def main() -> None:
         sizes["test_pairs"] = args.test_pairs
     sizes["vocab_loss_weight"] = args.vocab_loss_weight
     sizes["compute_dtype"] = args.compute_dtype
+    sizes["retriever"] = zero_shot_retriever() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if any(READERS[d]() is None for d in datasets):
@@ -309,7 +329,8 @@ def main() -> None:
 
     def save(partial: bool) -> None:
         # written after every split, so a run cut short still leaves what it measured
-        path = write_result(args.result_name, args.quick, data, figures_of(reports, args.quick), datasets=reports, sizes=sizes,
+        recorded = {**sizes, "retriever": args.retriever}
+        path = write_result(args.result_name, args.quick, data, figures_of(reports, args.quick), datasets=reports, sizes=recorded,
                             total_seconds=round(time.monotonic() - started, 1), partial=partial)
         result = json.loads(path.read_text())
         result["command"] = command

@@ -658,6 +658,47 @@ def test_mnr_label_writes_the_label_the_stacks_cutoffs_choose(trained: Path, lea
     np.testing.assert_allclose(written["confidence"].to_numpy(), probs[np.arange(len(probs)), chosen], atol=1e-5)
 
 
+def test_a_stack_with_the_retriever_cosine_is_fitted_by_finetune_and_applied_by_mnr_label(
+        store_path: Path, learnable_llama: Path, toy_policy_path: Path, tmp_path: Path) -> None:
+    """`mnr finetune --retriever zero-shot`: the stack reads MiniLM's query-title cosine; `mnr label` loads that
+    retriever itself and writes the probabilities the stack gives by hand; a labeler without it is refused."""
+    from annotator.labeler import AdapterError, Labeler
+    from app.retriever_cosine import retriever_cosine
+
+    out = tmp_path / "with-cosine"
+    result = runner.invoke(app, ["--store", str(store_path), "finetune", "--policy", str(toy_policy_path),
+                                 "--model", str(learnable_llama), "--out", str(out), "--retriever", "zero-shot",
+                                 *TRAIN_ARGS[2:], "--max-steps", "10"])
+    assert result.exit_code == 0, result.output
+    stack = load_stack(out)
+    assert stack.inputs == ("llm", "lexical", "cosine") and stack.retriever == "retriever-zero-shot-minilm"
+    assert read_meta(out)["stack"]["dev_report"]["retriever"] == "retriever-zero-shot-minilm"
+    with pytest.raises(AdapterError, match="retriever-zero-shot-minilm's cosine"):
+        Labeler(str(learnable_llama), str(toy_policy_path), backend="transformers", adapter=str(out), dtype="float32")
+
+    dev = _dev_frame(out)
+    queries = sorted(set(dev["query"]))[:2]
+    (tmp_path / "queries.txt").write_text("\n".join(queries), encoding="utf-8")
+    common = ["--store", str(store_path), "label", "--select", "query-file", "--query-file", str(tmp_path / "queries.txt"),
+              "--model", str(learnable_llama), "--adapter", str(out), "--policy", str(toy_policy_path),
+              "--backend", "transformers", "--dtype", "float32", "--quiet"]
+    refused = runner.invoke(app, [*common, "--engine", "ray"])
+    assert refused.exit_code != 0 and "use --engine local or --no-stack" in refused.output
+    result = runner.invoke(app, common)
+    assert result.exit_code == 0, result.output
+    written = Store(store_path).df("SELECT pair_id, probs FROM labels WHERE source = 'llm' AND author LIKE ?",
+                                   [f"%+stack-{stack.version}@%"]).set_index("pair_id")
+    rows = dev[dev["query"].isin(queries)]
+    assert len(written) == len(rows) > 0
+    names = load_prompt_policy(toy_policy_path).scheme.label_names
+    stored = np.array([[json.loads(p)[n] if isinstance(p, str) else p[n] for n in names]
+                       for p in written.loc[rows["pair_id"], "probs"]])
+    with Labeler(str(learnable_llama), str(toy_policy_path), backend="transformers", adapter=str(out), dtype="float32",
+                 retriever=retriever_cosine(Store(store_path), "zero-shot")) as labeler:
+        by_hand = labeler.score([PairText(q, t) for q, t in zip(rows["query"], rows["title"])])
+    np.testing.assert_allclose(stored, by_hand, atol=1e-5)
+
+
 # -- policy flags (issue #21): learnt beside the grade from human flag decisions ----------------------
 FLAG_MARKER = "ultra"  # a single token of the tiny tokenizer, so a LoRA on the top blocks learns it in a few steps
 # the grade and the flag compete for the tiny adapter: 60 steps, the adapter chosen by the grade's dev log-loss

@@ -119,17 +119,36 @@ def test_a_tampered_stack_is_refused(fitted, tmp_path: Path) -> None:
         st.load_stack(tmp_path)
 
 
-def test_a_stack_fitted_with_the_retriever_cosine_needs_it(fitted) -> None:
+def test_a_stack_fitted_with_the_retriever_cosine_needs_that_retriever(fitted, tmp_path: Path) -> None:
     stack, _, dev = fitted
     lexical = st.lexical_inputs(stack.lexical, dev, 4)
-    cosine = np.linspace(0, 1, len(dev))
+    # a "retriever" that knows the rule: the share of the query's words in the title
+    def share(frame: pd.DataFrame) -> np.ndarray:
+        return np.array([len(set(q.split()) & set(t.split())) / 3 for q, t in zip(frame["query"], frame["title"])])
+    retriever = st.RetrieverCosine("toy-retriever", share)
     matrix = st.design(("llm", "lexical", "cosine"), llm=st.llm_inputs(noise_logprobs(len(dev), 1)), lexical=lexical,
-                       cosine=cosine)
-    with_cosine = st.fit_stack(LABELS, ("llm", "lexical", "cosine"), stack.lexical, matrix, dev["target"].to_numpy())
-    assert with_cosine.feature_names[-1] == "retriever_cosine"
-    assert with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), cosine).shape == (len(dev), 4)
-    with pytest.raises(st.StackError, match="retriever's cosine"):
+                       cosine=retriever(dev))
+    with pytest.raises(st.StackError, match="told the retriever's name"):
+        st.fit_stack(LABELS, ("llm", "lexical", "cosine"), stack.lexical, matrix, dev["target"].to_numpy())
+    with_cosine = st.fit_stack(LABELS, ("llm", "lexical", "cosine"), stack.lexical, matrix, dev["target"].to_numpy(),
+                               retriever.name)
+    assert with_cosine.feature_names[-1] == "retriever_cosine" and with_cosine.uses_cosine
+    probs = with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), retriever)
+    assert probs.shape == (len(dev), 4)
+    with pytest.raises(st.StackError, match="toy-retriever's cosine: give that retriever"):
         with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1))
+    with pytest.raises(st.StackError, match="not other's"):
+        with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), st.RetrieverCosine("other", share))
+    with pytest.raises(st.StackError, match="2 cosines for"):
+        st.RetrieverCosine("short", lambda frame: np.zeros(2))(dev)
+    # saved and reloaded, it names its retriever and gives the same probabilities; a stack without keeps no name
+    record = with_cosine.save(tmp_path / "with")
+    assert record["retriever"] == "toy-retriever" and st.stack_retriever(tmp_path / "with") == "toy-retriever"
+    loaded = st.load_stack(tmp_path / "with")
+    np.testing.assert_array_equal(loaded.predict_proba(dev, noise_logprobs(len(dev), 1), retriever), probs)
+    stack.save(tmp_path / "without")
+    assert st.stack_retriever(tmp_path / "without") is None and st.stack_retriever(tmp_path / "none") is None
+    assert "retriever" not in json.loads((tmp_path / "without" / st.STACK_FILE).read_text())
 
 
 # -- policy flags -----------------------------------------------------------------------------------

@@ -115,6 +115,19 @@ class TwoTowerModel:
     def encode_products(self, texts: Sequence[str], batch_size: int = 128, show_progress: bool = False) -> np.ndarray:
         return _encode(self.product_encoder, texts, batch_size, show_progress)
 
+    def pair_cosines(self, queries: Sequence[str], product_texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+        """(n,) float32 cosine of each query with the product text beside it; each distinct text is encoded once."""
+        if len(queries) != len(product_texts):
+            raise ValueError(f"{len(queries)} queries for {len(product_texts)} product texts")
+        if not len(queries):
+            return np.zeros(0, dtype=np.float32)
+        distinct_queries, query_rows = np.unique(np.asarray(queries, dtype=object).astype(str), return_inverse=True)
+        distinct_products, product_rows = np.unique(np.asarray(product_texts, dtype=object).astype(str),
+                                                    return_inverse=True)
+        query_vectors = self.encode_queries(distinct_queries.tolist(), batch_size)
+        product_vectors = self.encode_products(distinct_products.tolist(), batch_size)
+        return np.einsum("ij,ij->i", query_vectors[query_rows], product_vectors[product_rows])
+
 
 def _embed(encoder, texts: Sequence[str]) -> torch.Tensor:
     features = encoder.preprocess(list(texts))

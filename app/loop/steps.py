@@ -270,7 +270,9 @@ def step_relabel(ctx: StepContext) -> dict[str, Any]:
                        "review_threshold", DEFAULT_REVIEW_THRESHOLD))),
                    backend_options=dict(options.get("backend_options", {})))
     # one engine labels the mined pairs and scores the finetune step's held-out pairs
-    with job_labeler(job) as labeler:
+    from app.retriever_cosine import adapter_retriever
+
+    with job_labeler(job, retriever=adapter_retriever(ctx.store, job.adapter, use_stack=job.use_stack)) as labeler:
         result = run_label_job(ctx.store, job, labeler=labeler, progress=False)
         heldout = _heldout_agreement(ctx, labeler, finetuned.get("heldout"))
     if heldout is not None and finetuned.get("model_id") and adapter == finetuned["adapter"]:
