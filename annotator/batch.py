@@ -272,17 +272,19 @@ def job_labeler(job: LabelJob, policy: Policy | None = None, adapter: Adapter | 
 
 def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None, run_id: str | None = None,
                   new_run: bool = False, progress: bool = True,
-                  on_chunk: Callable[[str, int], None] | None = None) -> LabelJobResult:
+                  on_chunk: Callable[[str, int], None] | None = None,
+                  retriever: RetrieverCosine | None = None) -> LabelJobResult:
     """Label the selected pairs; resume the unfinished run of the same job unless `new_run`.
 
     `labeler` reuses an already built `Labeler` (its policy must be `job.policy`); otherwise one is
-    built from the job. `on_chunk(run_id, n_done)` is called after each written chunk.
+    built from the job, with `retriever` when its stack reads one. `on_chunk(run_id, n_done)` is called after
+    each written chunk.
     """
     policy = labeler.policy if labeler is not None else load_prompt_policy(job.policy)
     adapter = check_adapter(job.adapter) if job.adapter else None
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     if labeler is None:
-        labeler = job_labeler(job, policy, adapter)
+        labeler = job_labeler(job, policy, adapter, retriever)
     run_id = open_run(store, job, policy, plan, labeler.author, scored_flags(job, labeler))
     pending = pair_texts(pending_pairs(store, run_id))
     n_selected = selected_count(store, run_id)

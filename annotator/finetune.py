@@ -1070,6 +1070,8 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     args = args or FinetuneArgs()
     out_dir = Path(out_dir)
     _check_split(train, dev, args.dev_split)
+    if stack_cosine is not None and not args.stack:
+        raise FinetuneError("the retriever's cosine is an input of the stack, and this run fits none (stack=False)")
     dtype = resolve_compute_dtype(args.compute_dtype)
     if args.select_metric not in {"qwk", "kappa", "accuracy", "macro_f1", "log_loss", "rmse_grade", "within_one_accuracy"}:
         raise FinetuneError(f"unknown select metric '{args.select_metric}'")
@@ -1366,6 +1368,7 @@ class LexicalPart:
     flag_words: dict[str, Any] = field(default_factory=dict)  # flag -> title-words model fitted on train (or None)
     dev_cosine: np.ndarray | None = None  # the retriever's cosine of every dev pair (rows of ``dev_index``)
     retriever: str | None = None  # that retriever's name
+    cosine_seconds: float = 0.0
 
 
 def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: FinetuneArgs, clock: Clock,
@@ -1379,9 +1382,10 @@ def _lexical_part(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, args: 
     model, n_fit = (fitted, None) if fitted is not None else _fit_lexical_in_budget(train, policy, args, clock)
     inputs = lexical_inputs(model, dev, len(labels))
     flag_words = {name: fit_flag_words(*_flag_decisions(train, name)) for name in policy.flag_names}
+    seconds, tick = time.monotonic() - tick, time.monotonic()
     dev_cosine = cosine(dev) if cosine is not None else None
-    return LexicalPart(model, inputs, {pid: i for i, pid in enumerate(dev["pair_id"])}, time.monotonic() - tick,
-                       n_fit, flag_words, dev_cosine, cosine.name if cosine is not None else None)
+    return LexicalPart(model, inputs, {pid: i for i, pid in enumerate(dev["pair_id"])}, seconds, n_fit, flag_words,
+                       dev_cosine, cosine.name if cosine is not None else None, round(time.monotonic() - tick, 2))
 
 
 LEXICAL_PROBE_PAIRS = 2000  # a first fit of the text baseline on this many pairs measures its pace
@@ -1460,6 +1464,7 @@ def _fit_stack(trainer: _Trainer, dev: pd.DataFrame, logprobs: Scores, temperatu
     return {"fitted": True, **record, "dev_report": report,
             **({"flag_dev_report": flag_report} if flag_report is not None else {}),
             "lexical_fit_seconds": round(lexical.seconds, 1), "lexical_train_pairs": lexical.train_pairs,
+            **({"cosine_seconds": lexical.cosine_seconds} if lexical.retriever else {}),
             "fit_seconds": round(time.monotonic() - tick, 2)}
 
 

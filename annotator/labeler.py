@@ -340,7 +340,8 @@ class Labeler:
         if retriever is None or retriever.name != self.stack.retriever:
             given = f", not {retriever.name}'s" if retriever is not None else ""
             raise AdapterError(f"adapter {self.adapter}: its stack reads retriever {self.stack.retriever}'s cosine"
-                               f"{given}: label with --retriever {self.stack.retriever}, or --no-stack")
+                               f"{given}: pass retriever= (a RetrieverCosine named {self.stack.retriever}; "
+                               "app.retriever_cosine builds it from the store), or use_stack=False (--no-stack)")
 
     def _check_stack_labels(self) -> None:
         assert self.stack is not None

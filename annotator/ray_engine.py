@@ -36,6 +36,7 @@ from annotator.labeler import (Adapter, Labeler, adapter_stack_version, check_ad
                                model_tag, read_adapter_meta)
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import Policy, load_prompt_policy
+from annotator.stack import stack_retriever
 from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme, load_scheme
 from labelstore.store import Store
@@ -315,6 +316,14 @@ class RayRun:
     n_imported: int
 
 
+def refuse_retriever_stack(job: LabelJob) -> None:
+    """`RayEngineError` when the job's stack reads a retriever's cosine: the Ray actors do not load retrievers."""
+    retriever = stack_retriever(job.adapter) if job.adapter and job.use_stack else None
+    if retriever is not None:
+        raise RayEngineError(f"adapter {job.adapter}: its stack reads retriever {retriever}'s cosine, which the "
+                             "Ray actors do not load: label with --engine local, or --no-stack")
+
+
 def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: str | None = None,
                new_run: bool = False) -> RayRun:
     """Start (or resume) the job's run as in-process, import what an earlier attempt scored, and write the
@@ -324,6 +333,7 @@ def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: st
     adapter = check_adapter(job.adapter) if job.adapter else None
     if adapter is not None:  # refuse a mismatched adapter before a run is recorded, as the in-process engine does
         check_policy(adapter.path, read_adapter_meta(adapter.path), policy)
+    refuse_retriever_stack(job)
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     run_id = open_run(store, job, policy, plan, job_author(job, policy, adapter),
                       policy.flag_names if job.score_flags else [])
@@ -355,6 +365,7 @@ def import_run(store: Store, job: LabelJob, run_id: str, scores_url: str, *, res
 def run_ray_label_job(store: Store, job: LabelJob, settings: RaySettings, *, run_id: str | None = None,
                       new_run: bool = False, progress: bool = True) -> LabelJobResult:
     """`run_label_job` with the scoring on Ray Data: same selection, resume and labels; see the module doc."""
+    refuse_retriever_stack(job)
     require_ray()
     run = export_run(store, job, settings, run_id=run_id, new_run=new_run)
     seconds = 0.0

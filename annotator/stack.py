@@ -189,8 +189,9 @@ class Stack:
         if not self.uses_cosine:
             return None
         if retriever is None:
-            raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine: give that retriever "
-                             "(mnr label --retriever), or label without the stack (--no-stack)")
+            raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine: pass that retriever "
+                             f"(a RetrieverCosine named {self.retriever}; app.retriever_cosine builds it), or label "
+                             "without the stack (use_stack=False, mnr label --no-stack)")
         if retriever.name != self.retriever:
             raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine, not {retriever.name}'s")
         return retriever(frame)
@@ -282,7 +283,12 @@ def stack_retriever(folder: str | Path) -> str | None:
     if not has_stack(folder):
         return None
     params = _read_params(Path(folder))
-    return str(params["retriever"]) if "cosine" in params.get("inputs", ()) else None
+    if "cosine" not in params.get("inputs", ()):
+        return None
+    if not params.get("retriever"):
+        raise StackError(f"{Path(folder) / STACK_FILE}: the stack reads a retriever's cosine but names no retriever; "
+                         "refit it with `mnr finetune --retriever`")
+    return str(params["retriever"])
 
 
 def load_stack(folder: str | Path) -> Stack | None:

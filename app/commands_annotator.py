@@ -102,12 +102,6 @@ def label(
                    job_labeler(job, retriever=cosine) if cosine is not None else None)
         result = run_label_job(store, job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
     elif engine == "ray":
-        from annotator.stack import stack_retriever
-
-        if job.adapter and job.use_stack and stack_retriever(job.adapter):
-            raise typer.BadParameter(f"{job.adapter}: its stack reads retriever {stack_retriever(job.adapter)}'s "
-                                     "cosine, which the Ray actors do not load: use --engine local or --no-stack",
-                                     param_hint="--engine")
         if allow_policy_mismatch:
             raise typer.BadParameter("works with --engine local only: the Ray actors load the adapter themselves "
                                      "and refuse a mismatched policy", param_hint="--allow-policy-mismatch")

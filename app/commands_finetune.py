@@ -88,6 +88,9 @@ def finetune_command(
     import time
 
     started_at = time.monotonic()  # the budget counts importing torch and reading the store too
+    if retriever is not None and no_stack:
+        raise typer.BadParameter("the retriever's cosine is an input of the stack: drop --no-stack",
+                                 param_hint="--retriever")
 
     import torch
 
@@ -116,9 +119,6 @@ def finetune_command(
         console.print(f"flags {', '.join(loaded_policy.flag_names)}: {with_decisions:,} train pairs carry flag decisions")
     cosine = None
     if retriever is not None:
-        if no_stack:
-            raise typer.BadParameter("the retriever's cosine is an input of the stack: drop --no-stack",
-                                     param_hint="--retriever")
         from app.retriever_cosine import retriever_cosine
 
         cosine = retriever_cosine(store, retriever)
@@ -166,8 +166,9 @@ def _print_stack(stack: dict[str, Any] | None) -> None:
         return
     report = stack["dev_report"]
     keys = [k for k in ("accuracy", "qwk", "rmse_rating", "log_loss") if k in report["full"]]
+    reads = f"; reads retriever {stack['retriever']}'s cosine" if stack.get("retriever") else ""
     table = Table("on dev", *keys, title=f"stack {stack['version']} ({report['n_dev']:,} dev pairs; stacks "
-                                         "cross-validated by query)")
+                                         f"cross-validated by query{reads})")
     for name, part in (("adapter alone", "adapter"), ("stack without the LLM", "lexical_only"), ("stack", "full")):
         table.add_row(name, *(f"{report[part][k]:.3f}" for k in keys))
     console.print(table)

@@ -64,6 +64,7 @@ from annotator.finetune import (  # noqa: E402
 from annotator.prompts import load_prompt_policy  # noqa: E402
 from annotator.scoring import label_token_ids  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
+from app.retriever_cosine import zero_shot_cosine  # noqa: E402
 from bench.common import read_crowdflower, read_homedepot, skip, write_result  # noqa: E402
 
 NAME = "finetune"
@@ -182,15 +183,6 @@ def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: l
                        cosine=retriever(rows) if retriever is not None else None)
     return st.fit_deciding_stack(labels, grades, inputs, baseline, matrix, rows["label"].map(labels.index).to_numpy(),
                                  rows["query_id"], retriever=retriever.name if retriever is not None else None)[0]
-
-
-def zero_shot_retriever() -> st.RetrieverCosine:
-    """all-MiniLM-L6-v2 as shipped, under the name `mnr` registers it by (`trainer.registry.ensure_zero_shot`)."""
-    from trainer.model import ZERO_SHOT_MODEL_ID, TwoTowerModel
-
-    two_tower = TwoTowerModel.from_pretrained()
-    return st.RetrieverCosine(ZERO_SHOT_MODEL_ID,
-                              lambda frame: two_tower.pair_cosines(frame["query"].tolist(), frame["title"].tolist()))
 
 
 def baseline_labels_by_dev_decision(baseline: Any, dev: pd.DataFrame, test_probs: np.ndarray, labels: list[str],
@@ -313,7 +305,7 @@ def main() -> None:
         sizes["test_pairs"] = args.test_pairs
     sizes["vocab_loss_weight"] = args.vocab_loss_weight
     sizes["compute_dtype"] = args.compute_dtype
-    sizes["retriever"] = zero_shot_retriever() if args.retriever == "zero-shot" else None
+    sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if any(READERS[d]() is None for d in datasets):
@@ -322,7 +314,8 @@ def main() -> None:
 
     model_dir = str(pull("smollm2"))
     started = time.monotonic()
-    command = " ".join(["python -m bench.bench_finetune", *sys.argv[1:]])
+    explicit = [] if "--retriever" in sys.argv else ["--retriever", args.retriever]  # its default changed once
+    command = " ".join(["python -m bench.bench_finetune", *sys.argv[1:], *explicit])
     data = (f"../shared/data homedepot/train.csv, crowdflower/train.csv; splits {', '.join(splits)}; "
             f"{sizes['test_pairs']} test pairs, at most {sizes['max_dev']} dev pairs per split")
     reports: dict[str, dict[str, dict[str, Any]]] = {}

@@ -43,8 +43,19 @@ def adapter_labeler_args(adapter: Path | None) -> tuple[str, dict[str, Any], str
     """(policy name, Labeler keyword arguments, a result-name suffix) of ``--adapter`` (none: zero-shot, esci)."""
     if adapter is None:
         return "esci", {}, ""
+    from annotator.stack import stack_retriever
+    from app.retriever_cosine import zero_shot_cosine
+    from trainer.model import ZERO_SHOT_MODEL_ID
+
     meta = json.loads((adapter / "meta.json").read_text(encoding="utf-8"))
-    return str(meta["policy"]), {"adapter": str(adapter)}, "_finetuned"
+    kwargs: dict[str, Any] = {"adapter": str(adapter)}
+    retriever = stack_retriever(adapter)
+    if retriever is not None:  # bench_finetune's stacks read the zero-shot MiniLM cosine; no store here
+        if retriever != ZERO_SHOT_MODEL_ID:
+            raise SystemExit(f"{adapter}: its stack reads retriever {retriever}'s cosine; the benchmarks load only "
+                             f"{ZERO_SHOT_MODEL_ID} (no store)")
+        kwargs["retriever"] = zero_shot_cosine()
+    return str(meta["policy"]), kwargs, "_finetuned"
 
 
 def command_line(name: str, quick: bool) -> str:

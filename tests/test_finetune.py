@@ -683,7 +683,12 @@ def test_a_stack_with_the_retriever_cosine_is_fitted_by_finetune_and_applied_by_
               "--model", str(learnable_llama), "--adapter", str(out), "--policy", str(toy_policy_path),
               "--backend", "transformers", "--dtype", "float32", "--quiet"]
     refused = runner.invoke(app, [*common, "--engine", "ray"])
-    assert refused.exit_code != 0 and "use --engine local or --no-stack" in refused.output
+    said = " ".join(f"{refused.output} {refused.exception}".replace("│", " ").split())
+    assert refused.exit_code != 0 and "label with --engine local, or --no-stack" in said, said
+    refused = runner.invoke(app, ["--store", str(store_path), "finetune", "--policy", str(toy_policy_path), "--model",
+                                  str(learnable_llama), "--out", str(tmp_path / "x"), "--retriever", "zero-shot",
+                                  "--no-stack"])
+    assert refused.exit_code != 0 and not (tmp_path / "x").exists()
     result = runner.invoke(app, common)
     assert result.exit_code == 0, result.output
     written = Store(store_path).df("SELECT pair_id, probs FROM labels WHERE source = 'llm' AND author LIKE ?",

@@ -135,7 +135,7 @@ def test_a_stack_fitted_with_the_retriever_cosine_needs_that_retriever(fitted, t
     assert with_cosine.feature_names[-1] == "retriever_cosine" and with_cosine.uses_cosine
     probs = with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), retriever)
     assert probs.shape == (len(dev), 4)
-    with pytest.raises(st.StackError, match="toy-retriever's cosine: give that retriever"):
+    with pytest.raises(st.StackError, match="toy-retriever's cosine: pass that retriever"):
         with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1))
     with pytest.raises(st.StackError, match="not other's"):
         with_cosine.predict_proba(dev, noise_logprobs(len(dev), 1), st.RetrieverCosine("other", share))

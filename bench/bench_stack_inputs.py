@@ -1,0 +1,126 @@
+"""What each input of the calibrated stack adds, without the LLM: Home Depot and CrowdFlower, both splits.
+
+The same splits, dev and test pairs as `bench.bench_finetune` (its `split_frame`, 1,000 dev and 1,000 test
+pairs), and per split:
+
+- the text baseline (TF-IDF + linear fitted on train; labels by argmax and by dev cut-points);
+- the stack over the lexical inputs alone, fitted on the dev pairs (`annotator.stack`);
+- the stack over the lexical inputs and the retriever's query-title cosine (all-MiniLM-L6-v2 zero-shot,
+  `trainer.model.TwoTowerModel.pair_cosines`).
+
+Both stacks label as they serve (`Stack.choose_labels`). No fine-tuning, so it runs in minutes: the LLM's
+own contribution is measured by `bench_finetune`, which reads this cosine in both of its stacks.
+
+    python -m bench.bench_stack_inputs [--quick] [--datasets homedepot,crowdflower] [--splits random,query]
+
+``--quick``: 3,000 train pairs for the baseline, 200 dev and 200 test pairs (numbers are noise).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from labelstore.runtime import apply_engine_env_defaults
+
+apply_engine_env_defaults()
+
+from annotator import stack as st  # noqa: E402
+from annotator.finetune import subsample  # noqa: E402
+from annotator.prompts import load_prompt_policy  # noqa: E402
+from annotator.text_baseline import class_probs  # noqa: E402
+from bench.bench_finetune import (  # noqa: E402
+    DATASETS,
+    PRETTY,
+    READERS,
+    SEED,
+    SPLITS,
+    baseline_labels_by_dev_decision,
+    labelled_frame,
+    metrics_of,
+    split_frame,
+)
+from app.retriever_cosine import zero_shot_cosine  # noqa: E402
+from bench.common import skip, write_result  # noqa: E402
+
+NAME = "stack_inputs"
+SIZES = {False: {"baseline_train": None, "dev": 1000, "test": 1000}, True: {"baseline_train": 3000, "dev": 200, "test": 200}}
+SYSTEMS = {"tfidf_linear": "TF-IDF + linear", "tfidf_linear_cutoffs": "TF-IDF + linear, dev decision",
+           "stack_lexical": "stack, lexical inputs", "stack_lexical_cosine": "stack, lexical + zero-shot MiniLM cosine"}
+
+
+def run_split(dataset: str, split: str, sizes: dict[str, Any], retriever: st.RetrieverCosine) -> dict[str, Any]:
+    policy_name, rating_source, headline, anchor = DATASETS[dataset]
+    scheme = load_prompt_policy(policy_name).scheme
+    labels = scheme.label_names
+    grades = [scheme.grades[name] for name in labels]
+    scale = tuple(float(x) for x in scheme.rating_maps[rating_source].scale)
+    train, dev, test = split_frame(labelled_frame(dataset, policy_name, rating_source), split)
+    dev, test = subsample(dev, sizes["dev"], SEED), subsample(test, sizes["test"], SEED)
+    train = subsample(train, sizes["baseline_train"], SEED)
+    measure = lambda probs, chosen=None: metrics_of(probs, test, labels, grades, scale, chosen)  # noqa: E731
+    started = time.monotonic()
+    baseline = st.fit_lexical(train, train["label"].map(labels.index).to_numpy())
+    baseline_probs = class_probs(baseline, test[["query", "title"]], len(labels))
+    report: dict[str, Any] = {"split": split, "headline_metric": headline, "anchor": anchor, "train_pairs": len(train),
+                              "dev_pairs": len(dev), "test_pairs": len(test), "tfidf_linear": measure(baseline_probs)}
+    chosen, _ = baseline_labels_by_dev_decision(baseline, dev, baseline_probs, labels, grades)
+    report["tfidf_linear_cutoffs"] = measure(baseline_probs, chosen)
+    targets = dev["label"].map(labels.index).to_numpy()
+    lexical_dev = st.lexical_inputs(baseline, dev, len(labels))
+    tick = time.monotonic()
+    cosine_dev = retriever(dev)
+    report["cosine_seconds_per_1000_pairs"] = round((time.monotonic() - tick) / max(1, len(dev)) * 1000, 2)
+    for system, inputs in (("stack_lexical", ("lexical",)), ("stack_lexical_cosine", ("lexical", "cosine"))):
+        name = retriever.name if "cosine" in inputs else None
+        matrix = st.design(inputs, lexical=lexical_dev, cosine=cosine_dev if name else None)
+        stack = st.fit_deciding_stack(labels, grades, inputs, baseline, matrix, targets, dev["query_id"],
+                                      retriever=name)[0]
+        probs = stack.predict_proba(test, retriever=retriever if name else None)
+        report[system] = {**measure(probs, stack.choose_labels(probs)), "cutoffs": stack.cutoffs}
+    report["seconds"] = round(time.monotonic() - started, 1)
+    print(f"[{dataset}/{split}] " + ", ".join(f"{system} {report[system][headline]:.4f}" for system in SYSTEMS),
+          flush=True)
+    return report
+
+
+def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[dict[str, Any]]:
+    mark = " (quick: numbers are noise)" if quick else ""
+    figures = []
+    for dataset, splits in reports.items():
+        for split, report in splits.items():
+            for metric in ("rmse_rating", "qwk") if report["headline_metric"] == "rmse_rating" else ("qwk",):
+                unit = "RMSE (rating)" if metric == "rmse_rating" else "QWK"
+                for system, pretty in SYSTEMS.items():
+                    if system == "tfidf_linear_cutoffs" and metric == "rmse_rating":
+                        continue  # the expected rating does not depend on the label written
+                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {pretty}{mark}",
+                                    "value": round(report[system][metric], 4), "unit": unit,
+                                    "target": "reference" if system.startswith("tfidf") else "",
+                                    "anchor": f"same {report['test_pairs']} test pairs as bench_finetune; "
+                                              f"{report['anchor']}"})
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--datasets", default="homedepot,crowdflower")
+    parser.add_argument("--splits", default=",".join(SPLITS))
+    args = parser.parse_args()
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if any(READERS[d]() is None for d in datasets):
+        skip(NAME, args.quick, "../shared/data (homedepot/crowdflower train.csv) is absent")
+    retriever = zero_shot_cosine()
+    reports = {dataset: {split: run_split(dataset, split, SIZES[args.quick], retriever) for split in splits}
+               for dataset in datasets}
+    data = (f"../shared/data homedepot/train.csv, crowdflower/train.csv; splits {', '.join(splits)}; "
+            f"{SIZES[args.quick]['test']} test pairs, {SIZES[args.quick]['dev']} dev pairs per split")
+    path = write_result(NAME, args.quick, data, figures_of(reports, args.quick), datasets=reports)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
