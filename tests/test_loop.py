@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from annotator.stack import load_stack
+
 from app.loop import (
     STEP_NAMES, STEPS, LoopConfig, StepContext, StepFailed, latest_loop_run, loop_summary, plan_loop, run_loop,
     step_statuses, validate_config,
@@ -345,3 +347,16 @@ def test_whole_loop_on_the_catalog_resumes_after_a_bad_engagement_file(tmp_path:
     assert reused["reused"] is True and reused["adapter"] == finetune["adapter"]
     assert reused["heldout"] == finetune["heldout"]
     assert store.scalar("SELECT count(*) FROM runs WHERE kind = 'finetune'") == 1
+
+    # with the retriever's cosine the stack is another recipe: a new adapter, which relabel applies with MiniLM
+    config_path.write_text(loop_toml(tmp_path / "ws", tiny_llama, '[loop.engagement]\nsource = "simulate"\n'
+                                     'n_sessions = 1500').replace("heldout_pairs = 40", 'heldout_pairs = 40\n'
+                                                                  'retriever = "zero-shot"'), encoding="utf-8")
+    with_cosine = run_loop(store, LoopConfig.from_file(config_path), only_step="finetune", log=lines.append)
+    adapter = with_cosine.outputs["finetune"]
+    assert adapter["reused"] is False and adapter["adapter"] != finetune["adapter"]
+    assert load_stack(adapter["adapter"]).retriever == "retriever-zero-shot-minilm"
+    relabelled = run_loop(store, LoopConfig.from_file(config_path), only_step="relabel", log=lines.append)
+    stack_version = load_stack(adapter["adapter"]).version
+    assert f"+stack-{stack_version}@" in relabelled.outputs["relabel"]["author"]
+    assert relabelled.outputs["relabel"]["labelled_now"] > 0

@@ -157,9 +157,15 @@ def step_finetune(ctx: StepContext) -> dict[str, Any]:
     except NoTrainingLabels as exc:
         return {"skipped": True, "reason": f"{exc}; relabel uses the base model"}
     _pull(ctx, model)
-    found = _reusable_adapter(ctx.store, data.data_hash, policy.version, model, args)
+    retriever = None
+    if options.get("retriever"):
+        from app.retriever_cosine import retriever_cosine
+
+        retriever = retriever_cosine(ctx.store, str(options["retriever"]))
+    found = _reusable_adapter(ctx.store, data.data_hash, policy.version, model, args,
+                              retriever.name if retriever is not None else None)
     if found is None:
-        outputs = _train_adapter(ctx, data, model, args, started_at)
+        outputs = _train_adapter(ctx, data, model, args, started_at, retriever)
     else:
         outputs = {**found, "reused": True, "items": 0, "unit": "pairs seen"}
         ctx.log(f"[finetune] reusing adapter {found['adapter']} (same labels, policy, base model and settings)")
@@ -180,8 +186,10 @@ def _finetune_args(options: dict[str, Any]) -> Any:
     return FinetuneArgs(**values)
 
 
-def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str, args: Any) -> dict[str, Any] | None:
-    """The newest registered adapter of these labels, policy version, base model and training settings."""
+def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str, args: Any,
+                      retriever: str | None) -> dict[str, Any] | None:
+    """The newest registered adapter of these labels, policy version, base model, training settings and stack
+    retriever (None: a stack without the retriever's cosine)."""
     from pathlib import Path
 
     from annotator.finetune import read_meta
@@ -192,8 +200,8 @@ def _reusable_adapter(store: Store, data_hash: str, policy_hash: str, model: str
         if not (Path(path) / "meta.json").is_file():
             continue
         meta = read_meta(path)
-        if (meta.get("policy_hash"), meta.get("base_model"), meta.get("training_args")) == (
-                policy_hash, model, args.record()):
+        if (meta.get("policy_hash"), meta.get("base_model"), meta.get("training_args"),
+                (meta.get("stack") or {}).get("retriever")) == (policy_hash, model, args.record(), retriever):
             return _adapter_outputs(model_id, path, meta)
     return None
 
@@ -205,7 +213,8 @@ def _adapter_outputs(model_id: str, path: Any, meta: dict[str, Any]) -> dict[str
             "train_seconds": meta["train_seconds"], "dev_qwk": meta["dev_metrics"].get("qwk")}
 
 
-def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_at: float) -> dict[str, Any]:
+def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_at: float,
+                   retriever: Any = None) -> dict[str, Any]:
     """Train into a folder named by what the adapter is made of: a re-run after a crash resumes from its checkpoint."""
     import json
 
@@ -213,8 +222,8 @@ def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_a
     from app.labeler_training import run_finetune
     from labelstore.ids import stable_hash
 
-    key = stable_hash(data.data_hash, data.policy.version, model, json.dumps(args.record(), sort_keys=True),
-                      length=12)
+    recipe = [data.data_hash, data.policy.version, model, json.dumps(args.record(), sort_keys=True)]
+    key = stable_hash(*recipe, *([retriever.name] if retriever is not None else []), length=12)
     out = ctx.workspace / "adapters" / f"{data.policy.name}-{key}"
     resume = (out / CHECKPOINT_DIR).is_dir()
     ctx.log(f"[finetune] {len(data.train):,} train / {len(data.dev):,} dev pairs, policy '{data.policy.name}', "
@@ -225,7 +234,7 @@ def _train_adapter(ctx: StepContext, data: Any, model: str, args: Any, started_a
                 f"accuracy {record['accuracy']:.3f} ({record['elapsed_s']:.0f}s)")
 
     result, model_id = run_finetune(ctx.store, data, model, out, args, progress=progress, resume=resume,
-                                    started_at=started_at)
+                                    started_at=started_at, retriever=retriever)
     return {**_adapter_outputs(model_id, out.resolve(), result.meta), "reused": False,
             "items": int(result.meta["pairs_seen"]), "unit": "pairs seen"}
 
@@ -503,7 +512,7 @@ def _mine_keys() -> set[str]:
 def _finetune_keys() -> set[str]:
     from annotator.finetune import FinetuneArgs
 
-    return {"enabled", "sources", "model", "policy", "heldout_pairs"} | _fields(FinetuneArgs)
+    return {"enabled", "sources", "model", "policy", "heldout_pairs", "retriever"} | _fields(FinetuneArgs)
 
 
 def _relabel_keys() -> set[str]:
