@@ -591,15 +591,21 @@ def test_the_cache_fills_what_it_owes_then_what_fits_before_its_deadline() -> No
     assert _group_size(done=990, at_least=32, deadline=float("inf"), pace=None, **common) == 10
 
 
+def _label_queries_args(store: Path, queries: list[str], model: Path, adapter: Path, policy: Path,
+                        folder: Path) -> list[str]:
+    """`mnr label` arguments: the pairs of ``queries`` (written to a query file in ``folder``), transformers, float32."""
+    (folder / "queries.txt").write_text("\n".join(queries), encoding="utf-8")
+    return ["--store", str(store), "label", "--select", "query-file", "--query-file", str(folder / "queries.txt"),
+            "--model", str(model), "--adapter", str(adapter), "--policy", str(policy),
+            "--backend", "transformers", "--dtype", "float32", "--quiet"]
+
+
 def test_mnr_label_applies_the_stack_and_no_stack_gives_the_bare_labeler(trained: Path, store_path: Path,
                                                                          learnable_llama: Path, toy_policy_path: Path,
                                                                          tmp_path: Path) -> None:
     dev = _dev_frame(trained)
     queries = sorted(set(dev["query"]))[:3]
-    (tmp_path / "queries.txt").write_text("\n".join(queries), encoding="utf-8")
-    common = ["--store", str(store_path), "label", "--select", "query-file", "--query-file", str(tmp_path / "queries.txt"),
-              "--model", str(learnable_llama), "--adapter", str(trained), "--policy", str(toy_policy_path),
-              "--backend", "transformers", "--dtype", "float32", "--quiet"]
+    common = _label_queries_args(store_path, queries, learnable_llama, trained, toy_policy_path, tmp_path)
     for extra in ([], ["--no-stack"]):
         result = runner.invoke(app, [*common, *extra])
         assert result.exit_code == 0, result.output
@@ -678,10 +684,7 @@ def test_a_stack_with_the_retriever_cosine_is_fitted_by_finetune_and_applied_by_
 
     dev = _dev_frame(out)
     queries = sorted(set(dev["query"]))[:2]
-    (tmp_path / "queries.txt").write_text("\n".join(queries), encoding="utf-8")
-    common = ["--store", str(store_path), "label", "--select", "query-file", "--query-file", str(tmp_path / "queries.txt"),
-              "--model", str(learnable_llama), "--adapter", str(out), "--policy", str(toy_policy_path),
-              "--backend", "transformers", "--dtype", "float32", "--quiet"]
+    common = _label_queries_args(store_path, queries, learnable_llama, out, toy_policy_path, tmp_path)
     refused = runner.invoke(app, [*common, "--engine", "ray"])
     said = " ".join(f"{refused.output} {refused.exception}".replace("│", " ").split())
     assert refused.exit_code != 0 and "label with --engine local, or --no-stack" in said, said
