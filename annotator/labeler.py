@@ -43,7 +43,7 @@ from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy, remove_steering
 from annotator.scoring import flag_probs_from_logprobs, label_token_ids, probs_from_logprobs
-from annotator.stack import RetrieverCosine, load_stack, stack_version
+from annotator.stack import RetrieverCosine, StackError, load_stack, stack_version
 from labelstore.errors import MnrError
 from labelstore.ids import file_hash
 
@@ -205,8 +205,10 @@ class Labeler:
         self.stack = load_stack(checked.path) if checked is not None and use_stack else None
         if self.stack is not None:
             self._check_stack_labels()
-            if self.stack.uses_cosine:
-                self._check_stack_retriever(retriever)
+            try:
+                self.stack.check_retriever(retriever)
+            except StackError as exc:
+                raise AdapterError(f"adapter {self.adapter}: {exc}") from exc
         self.retriever = retriever
         self.backend: Backend
         self.backend, self.model_tag = load_backend(model, backend, checked, **backend_options)
@@ -334,14 +336,6 @@ class Labeler:
             raise AdapterError(f"adapter {self.adapter}: its stack predicts flags {stack_flags}, but policy "
                                f"'{self.policy.name}' declares {self.flag_names}; label with --no-stack or refit it")
         return True
-
-    def _check_stack_retriever(self, retriever: RetrieverCosine | None) -> None:
-        assert self.stack is not None
-        if retriever is None or retriever.name != self.stack.retriever:
-            given = f", not {retriever.name}'s" if retriever is not None else ""
-            raise AdapterError(f"adapter {self.adapter}: its stack reads retriever {self.stack.retriever}'s cosine"
-                               f"{given}: pass retriever= (a RetrieverCosine named {self.stack.retriever}; "
-                               "app.retriever_cosine builds it from the store), or use_stack=False (--no-stack)")
 
     def _check_stack_labels(self) -> None:
         assert self.stack is not None

@@ -183,18 +183,20 @@ class Stack:
     def uses_cosine(self) -> bool:
         return "cosine" in self.inputs
 
+    def check_retriever(self, retriever: RetrieverCosine | None) -> None:
+        """`StackError` when the stack reads a retriever's cosine and ``retriever`` is missing or another one."""
+        if not self.uses_cosine or (retriever is not None and retriever.name == self.retriever):
+            return
+        given = f", not {retriever.name}'s" if retriever is not None else ""
+        raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine{given}: pass that retriever "
+                         f"(a RetrieverCosine named {self.retriever}; app.retriever_cosine builds it), or label "
+                         "without the stack (use_stack=False, mnr label --no-stack)")
+
     def cosines(self, frame: pd.DataFrame, retriever: RetrieverCosine | None) -> np.ndarray | None:
         """(n,) the ``retriever``'s cosines of ``frame``'s pairs when the stack reads them (None when it does not);
         `StackError` when it does and ``retriever`` is missing or not the one it was fitted with."""
-        if not self.uses_cosine:
-            return None
-        if retriever is None:
-            raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine: pass that retriever "
-                             f"(a RetrieverCosine named {self.retriever}; app.retriever_cosine builds it), or label "
-                             "without the stack (use_stack=False, mnr label --no-stack)")
-        if retriever.name != self.retriever:
-            raise StackError(f"the stack was fitted with retriever {self.retriever}'s cosine, not {retriever.name}'s")
-        return retriever(frame)
+        self.check_retriever(retriever)
+        return retriever(frame) if self.uses_cosine and retriever is not None else None
 
     @property
     def flags_use_llm(self) -> bool:

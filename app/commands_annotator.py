@@ -93,14 +93,13 @@ def label(
                    review_threshold=float(_setting(review_threshold, "review_threshold", DEFAULT_REVIEW_THRESHOLD)),
                    backend_options=options, use_stack=not no_stack, score_flags=not no_flags)
     if engine == "local":
-        from annotator.batch import job_labeler
         from app.retriever_cosine import adapter_retriever
 
         store = open_store()
         cosine = adapter_retriever(store, job.adapter, use_stack=job.use_stack)
-        labeler = (_mismatched_labeler(job, cosine) if allow_policy_mismatch and job.adapter else
-                   job_labeler(job, retriever=cosine) if cosine is not None else None)
-        result = run_label_job(store, job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet)
+        labeler = _mismatched_labeler(job, cosine) if allow_policy_mismatch and job.adapter else None
+        result = run_label_job(store, job, labeler=labeler, run_id=run_id, new_run=new_run, progress=not quiet,
+                               retriever=cosine)
     elif engine == "ray":
         if allow_policy_mismatch:
             raise typer.BadParameter("works with --engine local only: the Ray actors load the adapter themselves "

@@ -134,12 +134,8 @@ def _grade_options(scheme: LabelScheme) -> dict[str, list]:
 
 def pair_scores(model: TwoTowerModel, pairs: pd.DataFrame) -> pd.DataFrame:
     """Cosine similarity of every labelled pair: the frame with a `score` column added."""
-    queries = pairs.drop_duplicates("query_id")
-    products = pairs.drop_duplicates("product_id")
-    query_vectors = dict(zip(queries["query_id"], model.encode_queries(queries["query_text"].tolist())))
-    product_vectors = dict(zip(products["product_id"], model.encode_products(products["product_text"].tolist())))
-    scores = [float(query_vectors[q] @ product_vectors[p]) for q, p in zip(pairs["query_id"], pairs["product_id"])]
-    return pairs.assign(score=scores)
+    return pairs.assign(score=model.pair_cosines(pairs["query_text"].tolist(), pairs["product_text"].tolist())
+                        .astype(np.float64))
 
 
 def _scored_arrays(model: TwoTowerModel, pairs: LabelledPairs) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
