@@ -29,8 +29,9 @@ import pandas as pd
 from cleanlab.filter import find_label_issues
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import precision_recall_fscore_support
-from sklearn.model_selection import cross_val_predict
+from sklearn.model_selection import GroupKFold, cross_val_predict
 
+from annotator.stack import RetrieverCosine, stack_model
 from auditor.audit import run_audit
 from auditor.evidence import combined_posterior
 from auditor.flags import engagement_evidence_mask
@@ -53,6 +54,7 @@ DATASETS = {
 }
 CORRUPTION_RATE = 0.1
 LABELER_VERSION = "tfidf-match-lr-c4-v2"
+STACK_VERSION = "stack-logprobs-cosine-v1"
 DUMP_DIR: Path | None = None  # --dump: save each dataset's arrays for analysis
 
 
@@ -75,26 +77,50 @@ def subsample_queries(path: Path, keep_queries: int | None, seed: int, workdir: 
     return out
 
 
-def labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int, seed: int) -> np.ndarray:
+def labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int, seed: int,
+                  retriever: RetrieverCosine | None = None) -> np.ndarray:
     """Out-of-sample class probabilities, shape (n_pairs, n_grades), columns = grades 0..max.
 
-    Cached under cache_dir()/bench_label_errors, keyed by the pairs and the corrupted labels (the
-    cross-validation is the slowest step on this CPU and does not depend on the engagement log)."""
-    key = stable_hash(list(truth["pair_id"]), labels.tolist(), n_grades, seed, LABELER_VERSION)
+    Without `retriever`: the text baseline (TF-IDF + linear), 5-fold `cross_val_predict` on `labels`.
+    With it: the stack the product fits without an LLM (`annotator.stack.stack_model` over the baseline's
+    out-of-sample log-probabilities and the retriever's query-title cosine), out-of-sample over query groups.
+    Cached under cache_dir()/bench_label_errors, keyed by the pairs, the labels and the retriever (the
+    cross-validation and the cosines are the slowest steps on this CPU and do not depend on the engagement log)."""
+    name = retriever.name if retriever is not None else None
+    key = stable_hash(list(truth["pair_id"]), labels.tolist(), n_grades, seed, LABELER_VERSION,
+                      *([name, STACK_VERSION] if name else []))
     cached = cache_dir() / "bench_label_errors" / f"labeler-{key}.npy"
     if cached.exists():
         return np.load(cached)
-    full = fit_labeler(store, truth, labels, n_grades)
+    frame = _pair_texts(store, truth)
+    full = fit_labeler(frame, labels, n_grades)
+    if retriever is not None:
+        full = fit_stacked(frame, full, retriever(frame), labels, n_grades)
     cached.parent.mkdir(parents=True, exist_ok=True)
     np.save(cached, full)
     return full
 
 
-def fit_labeler(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grades: int) -> np.ndarray:
-    frame = store.df("SELECT p.pair_id, q.text AS query, pr.title FROM pairs p "
+def _pair_texts(store: Store, truth: pd.DataFrame) -> pd.DataFrame:
+    frame = store.df("SELECT p.pair_id, p.query_id, q.text AS query, pr.title FROM pairs p "
                      "JOIN queries q USING (query_id) JOIN products pr USING (product_id)")
-    frame = truth[["pair_id"]].merge(frame, on="pair_id", how="left").fillna({"query": "", "title": ""})
-    probs = cross_val_predict(tfidf_linear_model(), frame, labels, cv=5, method="predict_proba")
+    return truth[["pair_id"]].merge(frame, on="pair_id", how="left").fillna({"query": "", "title": ""})
+
+
+def fit_labeler(frame: pd.DataFrame, labels: np.ndarray, n_grades: int) -> np.ndarray:
+    probs = cross_val_predict(tfidf_linear_model(), frame[["query", "title"]], labels, cv=5, method="predict_proba")
+    full = np.zeros((len(labels), n_grades))
+    full[:, np.unique(labels)] = probs
+    return full
+
+
+def fit_stacked(frame: pd.DataFrame, baseline: np.ndarray, cosine: np.ndarray, labels: np.ndarray,
+                n_grades: int) -> np.ndarray:
+    """Shape (n_pairs, n_grades): the stack over log `baseline` (out-of-sample already) and `cosine`,
+    predicted for each query group by a stack fitted on the other groups."""
+    inputs = np.column_stack([np.log(np.clip(baseline, 1e-6, 1.0)), np.asarray(cosine, dtype=float)])
+    probs = cross_val_predict(stack_model(), inputs, labels, cv=GroupKFold(5), groups=frame["query_id"].astype(str),
+                              method="predict_proba")
     full = np.zeros((len(labels), n_grades))
     full[:, np.unique(labels)] = probs
     return full
