@@ -25,6 +25,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -62,6 +63,16 @@ RELABEL_GATES = (0.6, 0.7, 0.8, 0.9, 0.95)
 LABELER_BOOSTS = (0.5, 1.0, 1.5, 2.0)
 LABELER = ("the stack without an LLM: the text baseline's out-of-sample log-probabilities and the zero-shot "
            "all-MiniLM-L6-v2 query-title cosine (bench_label_errors.labeler_probs with the retriever)")
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """The planted label errors: ``rate`` of the labels, ``neighbour_share`` of those to an adjacent grade."""
+
+    rate: float = CORRUPTION_RATE
+    neighbour_share: float = NEIGHBOUR_SHARE
+
+
 SESSIONS = {"homedepot": (3_000_000, 600_000), "crowdflower": (600_000, 300_000)}
 
 
@@ -135,7 +146,8 @@ def _oracle_counts(events: Path, truth: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.ndarray, labeler: np.ndarray,
-             scheme_name: str, params: SimulationParams, settings: AuditSettings) -> dict:
+             scheme_name: str, params: SimulationParams, settings: AuditSettings,
+             corruption: Corruption = Corruption()) -> dict:
     scheme = load_scheme(scheme_name)
     n_grades = scheme.max_grade + 1
     wrong = noisy != truth["grade"].to_numpy()
@@ -161,8 +173,8 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
     prior = np.bincount(truth["grade"], minlength=n_grades) / len(truth)
     oracle_score = oracle_wrong_probability(noisy, counts["exposure"].to_numpy(float), counts["clicks"].to_numpy(float),
                                             counts["carts"].to_numpy(float), counts["buys"].to_numpy(float), params,
-                                            scheme.max_grade, prior, corruption_matrix(scheme.max_grade, CORRUPTION_RATE,
-                                                                                       NEIGHBOUR_SHARE))
+                                            scheme.max_grade, prior, corruption_matrix(scheme.max_grade, corruption.rate,
+                                                                                       corruption.neighbour_share))
     oracle_flags = oracle_score > 0.5
 
     likelihood, _, noise = engagement_evidence(result, truth, settings, n_grades)
@@ -203,7 +215,10 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
 def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
                 sessions: int | None = None, click_models: tuple[str, ...] = CLICK_MODELS,
                 rankers: tuple[str, ...] = RANKERS, explore_rates: tuple[float, ...] = EXPLORE_RATES,
-                retriever: RetrieverCosine | None = None) -> list[dict]:
+                retriever: RetrieverCosine | None = None, simulation: dict | None = None,
+                corruption: Corruption = Corruption()) -> list[dict]:
+    """The cells of one dataset; ``simulation`` overrides `SimulationParams` fields in every cell (pair_noise
+    `PAIR_NOISE` unless given), ``corruption`` sets the planted errors."""
     file, preset, scheme_name, _, _, keep_quick = DATASETS[name]
     scheme = load_scheme(scheme_name)
     sessions = sessions or SESSIONS[name][1 if quick else 0]
@@ -215,16 +230,16 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
         store = Store(base)
         ingest_file(store, source, preset=preset)
         truth = truth_from_store(store, scheme_name)
-        noisy = corrupt_grades(truth["grade"].to_numpy(), scheme.max_grade, CORRUPTION_RATE,
-                               neighbour_share=NEIGHBOUR_SHARE, seed=seed)
+        noisy = corrupt_grades(truth["grade"].to_numpy(), scheme.max_grade, corruption.rate,
+                               neighbour_share=corruption.neighbour_share, seed=seed)
         changed = noisy != truth["grade"].to_numpy()
         store.add_labels([LabelRecord(p, scheme_name, scheme.label_for_grade(int(g)), int(g), "human", "bench:corrupted")
                           for p, g in zip(truth["pair_id"][changed], noisy[changed])])
         labeler = labeler_probs(store, truth, noisy, scheme.max_grade + 1, seed, retriever)
         for click_model, ranker, explore in itertools.product(click_models, rankers, explore_rates):
             params = SimulationParams(n_sessions=sessions, seed=seed, click_model=click_model, ranker=ranker,
-                                      explore_rate=explore, pair_noise=PAIR_NOISE)
-            cell = run_cell(base, workdir, truth, noisy, labeler, scheme_name, params, settings)
+                                      explore_rate=explore, **{"pair_noise": PAIR_NOISE, **(simulation or {})})
+            cell = run_cell(base, workdir, truth, noisy, labeler, scheme_name, params, settings, corruption)
             cell["dataset"] = name
             print(json.dumps({k: cell[k] for k in ("dataset", "click_model", "ranker", "explore_rate", "click_model_seen",
                                                    "after_click_examination", "audit", "oracle", "combined",
@@ -235,18 +250,8 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
 
 def figures(cells: list[dict]) -> list[dict]:
     """One RESULTS.md row per cell: the audit's F1 against the cell's targets."""
-    rows = []
-    for cell in cells:
-        where = f"{cell['dataset']} {cell['click_model']}/{cell['ranker']}/explore {cell['explore_rate']}"
-        audit, oracle = cell["audit"], cell["oracle"]
-        met = (audit["precision"] >= 0.6 and audit["f1"] >= 0.8 * oracle["f1"]
-               and cell["flagged_share_audited"] <= 1.5 * cell["true_error_share_audited"])
-        rows.append({"name": f"{where}: audit F1 (simulated)", "value": audit["f1"], "unit": "F1",
-                     "target": "precision >= 0.6, F1 >= 0.8 x oracle, flagged <= 1.5 x true share"
-                               + (" (met)" if met else " (NOT met)"),
-                     "anchor": (f"precision {audit['precision']}, oracle F1 {oracle['f1']}, flagged "
-                                f"{cell['flagged_share_audited']:.1%} vs {cell['true_error_share_audited']:.1%} wrong, "
-                                f"combined F1 {cell['combined']['f1']}, cleanlab F1 {cell['cleanlab']['f1']}")})
+    rows = [cell_figure(cell, f"{cell['dataset']} {cell['click_model']}/{cell['ranker']}/explore {cell['explore_rate']}")
+            for cell in cells]
     for dataset in sorted({cell["dataset"] for cell in cells}):
         rows.extend(combined_gain_rows(dataset, [cell for cell in cells if cell["dataset"] == dataset]))
         own = [cell for cell in cells if cell["dataset"] == dataset and "automatic" in cell["relabel_cycle"]]
@@ -280,6 +285,19 @@ def gate_tradeoff(cells: list[dict]) -> str:
     return ("by gate " + "; ".join(parts) + ". " if parts else "") + (
         f"With a reviewer deciding the pairs below {RELABEL_CONFIDENCE}: {max(r['with_person']['error_share_after_audited'] for r in person):.1%} "
         f"left, up to {max(r['to_person'] for r in person)} pairs to review")
+
+
+def cell_figure(cell: dict, where: str) -> dict:
+    """A cell's RESULTS.md row: the audit's F1 against the per-cell targets."""
+    audit, oracle = cell["audit"], cell["oracle"]
+    met = (audit["precision"] >= 0.6 and audit["f1"] >= 0.8 * oracle["f1"]
+           and cell["flagged_share_audited"] <= 1.5 * cell["true_error_share_audited"])
+    return {"name": f"{where}: audit F1 (simulated)", "value": audit["f1"], "unit": "F1",
+            "target": "precision >= 0.6, F1 >= 0.8 x oracle, flagged <= 1.5 x true share" + (" (met)" if met else " (NOT met)"),
+            "anchor": (f"precision {audit['precision']}, oracle F1 {oracle['f1']}, flagged "
+                       f"{cell['flagged_share_audited']:.1%} vs {cell['true_error_share_audited']:.1%} wrong, "
+                       f"calibration error {cell['audit_calibration_error']}, "
+                       f"combined F1 {cell['combined']['f1']}, cleanlab F1 {cell['cleanlab']['f1']}")}
 
 
 def combined_gain_rows(dataset: str, cells: list[dict]) -> list[dict]:

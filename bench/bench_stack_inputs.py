@@ -67,22 +67,33 @@ def run_split(dataset: str, split: str, sizes: dict[str, Any], retriever: st.Ret
                               "dev_pairs": len(dev), "test_pairs": len(test), "tfidf_linear": measure(baseline_probs)}
     chosen, _ = baseline_labels_by_dev_decision(baseline, dev, baseline_probs, labels, grades)
     report["tfidf_linear_cutoffs"] = measure(baseline_probs, chosen)
-    targets = dev["label"].map(labels.index).to_numpy()
-    lexical_dev = st.lexical_inputs(baseline, dev, len(labels))
-    tick = time.monotonic()
-    cosine_dev = retriever(dev)
-    report["cosine_seconds_per_1000_pairs"] = round((time.monotonic() - tick) / max(1, len(dev)) * 1000, 2)
-    for system, inputs in (("stack_lexical", ("lexical",)), ("stack_lexical_cosine", ("lexical", "cosine"))):
-        name = retriever.name if "cosine" in inputs else None
-        matrix = st.design(inputs, lexical=lexical_dev, cosine=cosine_dev if name else None)
-        stack = st.fit_deciding_stack(labels, grades, inputs, baseline, matrix, targets, dev["query_id"],
-                                      retriever=name)[0]
-        probs = stack.predict_proba(test, retriever=retriever if name else None)
+    stacks, cosine_seconds = fit_input_stacks(labels, grades, baseline, dev, retriever)
+    report["cosine_seconds_per_1000_pairs"] = round(cosine_seconds / max(1, len(dev)) * 1000, 2)
+    for system, stack in stacks.items():
+        probs = stack.predict_proba(test, retriever=retriever if stack.uses_cosine else None)
         report[system] = {**measure(probs, stack.choose_labels(probs)), "cutoffs": stack.cutoffs}
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"[{dataset}/{split}] " + ", ".join(f"{system} {report[system][headline]:.4f}" for system in SYSTEMS),
           flush=True)
     return report
+
+
+def fit_input_stacks(labels: list[str], grades: list[int], baseline: Any, dev: Any,
+                     retriever: st.RetrieverCosine) -> tuple[dict[str, st.Stack], float]:
+    """({stack_lexical, stack_lexical_cosine}: the stack over those inputs fitted on ``dev`` (columns query, title,
+    label, query_id) and labelling by its dev decision, the seconds the dev cosines took)."""
+    targets = dev["label"].map(labels.index).to_numpy()
+    lexical_dev = st.lexical_inputs(baseline, dev, len(labels))
+    tick = time.monotonic()
+    cosine_dev = retriever(dev)
+    cosine_seconds = time.monotonic() - tick
+    stacks = {}
+    for system, inputs in (("stack_lexical", ("lexical",)), ("stack_lexical_cosine", ("lexical", "cosine"))):
+        name = retriever.name if "cosine" in inputs else None
+        matrix = st.design(inputs, lexical=lexical_dev, cosine=cosine_dev if name else None)
+        stacks[system] = st.fit_deciding_stack(labels, grades, inputs, baseline, matrix, targets, dev["query_id"],
+                                               retriever=name)[0]
+    return stacks, cosine_seconds
 
 
 def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from annotator.evaluation import evaluate_labels  # noqa: E402
 from annotator.finetune import subsample  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
 from app.retriever_cosine import zero_shot_cosine  # noqa: E402
+from bench.bench_stack_inputs import fit_input_stacks  # noqa: E402
 from bench.common import read_crowdflower, read_homedepot, shared_data_dir, skip, write_result  # noqa: E402
 from labelstore.schemes import LabelScheme, load_scheme  # noqa: E402
 
@@ -106,15 +107,8 @@ def run(quick: bool) -> dict[str, Any] | None:
     always = np.tile(np.eye(len(labels))[labels.index(majority)], (len(test), 1))
     report["always_commonest_test_label"] = {"label": majority, **metrics(scheme, test, always)}
     retriever = zero_shot_cosine()
-    targets = dev["label"].map(labels.index).to_numpy()
-    lexical_dev = st.lexical_inputs(baseline, dev, len(labels))
-    cosine_dev = retriever(dev)
-    for system, inputs in (("stack_lexical", ("lexical",)), ("stack_lexical_cosine", ("lexical", "cosine"))):
-        name = retriever.name if "cosine" in inputs else None
-        matrix = st.design(inputs, lexical=lexical_dev, cosine=cosine_dev if name else None)
-        stack = st.fit_deciding_stack(labels, grades, inputs, baseline, matrix, targets, dev["query_id"],
-                                      retriever=name)[0]
-        probs = stack.predict_proba(test, retriever=retriever if name else None)
+    for system, stack in fit_input_stacks(labels, grades, baseline, dev, retriever)[0].items():
+        probs = stack.predict_proba(test, retriever=retriever if stack.uses_cosine else None)
         report[system] = {**metrics(scheme, test, probs, stack.choose_labels(probs)), "cutoffs": stack.cutoffs,
                           "argmax": metrics(scheme, test, probs)}
     report["seconds"] = round(time.monotonic() - started, 1)
