@@ -62,8 +62,12 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}")
-    out: dict = {"name": RESULTS_NAME, "command": f"python -m bench.bench_audit_stress --dataset {args.dataset}",
-                 "quick": True, "device": device(), "simulated": True, "labeler": LABELER, "figures": [], "cells": []}
+    path = RESULTS / f"{RESULTS_NAME}.json"
+    # a run of one dataset keeps the other dataset's cells of an earlier run
+    earlier = json.loads(path.read_text(encoding="utf-8")).get("cells", []) if path.is_file() else []
+    out: dict = {"name": RESULTS_NAME, "command": "python -m bench.bench_audit_stress [--dataset homedepot]",
+                 "quick": True, "device": device(), "simulated": True, "labeler": LABELER,
+                 "cells": [cell for cell in earlier if cell["dataset"] != args.dataset]}
     if shared_data_dir() is None:
         out["skipped"] = "../shared/data is absent"
     else:
@@ -76,10 +80,15 @@ def main() -> None:
                                  simulation=simulation, corruption=corruption)
             cell.update(variant=variant, simulation=simulation, corruption=vars(corruption), sessions=sessions)
             out["cells"].append(cell)
-            out["figures"].append(cell_figure(cell, f"{args.dataset} {click_model}/{RANKER}/explore {EXPLORE}, {variant}"))
-            print(json.dumps(out["figures"][-1]), file=sys.stderr, flush=True)
+            print(json.dumps(figure_of(cell)), file=sys.stderr, flush=True)
+    out["figures"] = [figure_of(cell) for cell in out["cells"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{RESULTS_NAME}.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+    path.write_text(json.dumps(out, indent=2), encoding="utf-8")
+
+
+def figure_of(cell: dict) -> dict:
+    return cell_figure(cell, f"{cell['dataset']} {cell['click_model']}/{cell['ranker']}/explore {cell['explore_rate']}, "
+                             f"{cell['variant']}")
 
 
 if __name__ == "__main__":
