@@ -21,7 +21,7 @@ _TINY = 1e-9
 _MIN_RHO = 1e-4
 START_VARIATION = 0.5
 # fixed-point rounds of the saturating weights of `_beta_binomial_rho`
-SHAPE_ROUNDS = 3
+RHO_ROUNDS = 3
 # a grade with less posterior mass than this many pairs takes the pooled click spread
 MIN_SHAPE_PAIRS = 20.0
 # Products of one grade differ in appeal by at least this coefficient of variation (price, image, brand).
@@ -155,9 +155,10 @@ def _negative_binomial_shapes(clicks: np.ndarray, expected: np.ndarray, coec: np
     sliver of a grade's posterior, set that grade's profile."""
     mean = np.maximum(expected[:, None] * coec[None, :], _TINY)
     bounds = (2.0 * np.log(max(min_variation, 1e-3)), np.log(4.0))
-    pooled = _shape_inverse(clicks, mean, responsibility, bounds)
-    inverse = np.array([_shape_inverse(clicks, mean[:, [g]], responsibility[:, [g]], bounds)
-                        if responsibility[:, g].sum() >= MIN_SHAPE_PAIRS else pooled for g in range(mean.shape[1])])
+    own = responsibility.sum(axis=0) >= MIN_SHAPE_PAIRS
+    pooled = _shape_inverse(clicks, mean, responsibility, bounds) if not own.all() else np.nan
+    inverse = np.array([_shape_inverse(clicks, mean[:, [g]], responsibility[:, [g]], bounds) if own[g] else pooled
+                        for g in range(mean.shape[1])])
     return 1.0 / np.clip(inverse, min_variation ** 2, 4.0)
 
 
@@ -181,12 +182,12 @@ def _beta_binomial_rho(successes: np.ndarray, trials: np.ndarray, rate: np.ndarr
     """Moment estimate of the intra-pair correlation of a rate, from Var(x) = n p (1 - p) (1 + (n - 1) rho)
     with p each pair's expected rate (shape (n_pairs,)); pairs with fewer than 2 trials say nothing.
     Kept within [0, 0.5]. A pair's weight saturates with its trials (1 / (1 + (n - 1) rho)^2, about the inverse
-    variance of its term; `SHAPE_ROUNDS` rounds from ``start_rho``), so the busiest pairs do not decide it, as
+    variance of its term; `RHO_ROUNDS` rounds from ``start_rho``), so the busiest pairs do not decide it, as
     they would weighted by n^2 (see `_negative_binomial_shapes`)."""
     used = trials >= 2
     n, x, p = trials[used], successes[used], np.clip(rate[used], 1e-6, 1 - 1e-6)
     rho = start_rho
-    for _ in range(SHAPE_ROUNDS):
+    for _ in range(RHO_ROUNDS):
         weight = 1.0 / (1.0 + (n - 1) * rho) ** 2
         excess = float(np.sum(weight * ((x - n * p) ** 2 - n * p * (1 - p))))
         scale = float(np.sum(weight * n * (n - 1) * p * (1 - p)))

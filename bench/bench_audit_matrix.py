@@ -11,7 +11,7 @@ examination probabilities, `bench.audit_oracle`); cleanlab on the labeler's prob
 signals combined; and one audit -> relabel cycle over the audit's queue plus the combined flags (as the
 product queues them). Every engagement figure is SIMULATED. Writes bench/results/audit_matrix.json.
 
-The labeler is the stack the product fits without an LLM (`LABELER`), out-of-sample: the fine-tuned LLM
+The labeler is a stack like the one the product fits without an LLM (`LABELER`), out-of-sample: the fine-tuned LLM
 is too slow to label every pair here out of sample, and added nothing measurable on dev (bench_finetune).
 Each cell also reports the combined F1 with stronger labelers (the true grade's log-odds raised by
 `LABELER_BOOSTS`; analysis only, it reads the truth), so the combined target is stated as the labeler
@@ -61,8 +61,9 @@ RELABEL_CONFIDENCE = 0.9
 RELABEL_GATES = (0.6, 0.7, 0.8, 0.9, 0.95)
 # what a stronger labeler would add: the true grade's log-odds raised by each of these (analysis only: uses the truth)
 LABELER_BOOSTS = (0.5, 1.0, 1.5, 2.0)
-LABELER = ("the stack without an LLM: the text baseline's out-of-sample log-probabilities and the zero-shot "
-           "all-MiniLM-L6-v2 query-title cosine (bench_label_errors.labeler_probs with the retriever)")
+LABELER = ("a stack without an LLM: the text baseline's out-of-sample log-probabilities and the zero-shot "
+           "all-MiniLM-L6-v2 query-title cosine, without the product stack's three match scores "
+           "(bench_label_errors.labeler_probs with the retriever)")
 
 
 @dataclass(frozen=True)
@@ -340,14 +341,15 @@ def main() -> None:
         cells = [cell for name in names
                  for cell in run_dataset(name, args.quick, args.seed, settings, args.sessions, retriever=retriever)]
         # --only one dataset keeps the other dataset's cells of an earlier run
-        out["cells"] = [cell for cell in _earlier_cells() if cell["dataset"] not in names] + cells
+        out["cells"] = [cell for cell in earlier_cells("audit_matrix") if cell["dataset"] not in names] + cells
         out["figures"] = figures(out["cells"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "audit_matrix.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
 
 
-def _earlier_cells() -> list[dict]:
-    path = RESULTS / "audit_matrix.json"
+def earlier_cells(name: str) -> list[dict]:
+    """The cells of bench/results/<name>.json from an earlier run (none when absent)."""
+    path = RESULTS / f"{name}.json"
     return json.loads(path.read_text(encoding="utf-8")).get("cells", []) if path.is_file() else []
 
 

@@ -29,7 +29,7 @@ import sys
 
 from app.retriever_cosine import zero_shot_cosine
 from auditor.settings import AuditSettings
-from bench.bench_audit_matrix import LABELER, RESULTS, SESSIONS, Corruption, cell_figure, run_dataset
+from bench.bench_audit_matrix import LABELER, RESULTS, SESSIONS, Corruption, cell_figure, earlier_cells, run_dataset
 from bench.common import device
 from labelstore.paths import shared_data_dir
 
@@ -62,12 +62,12 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}")
-    path = RESULTS / f"{RESULTS_NAME}.json"
-    # a run of one dataset keeps the other dataset's cells of an earlier run
-    earlier = json.loads(path.read_text(encoding="utf-8")).get("cells", []) if path.is_file() else []
+    # a run keeps the cells of an earlier run that it does not redo (other datasets, other variants)
+    earlier = [cell for cell in earlier_cells(RESULTS_NAME)
+               if cell["dataset"] != args.dataset or cell["variant"] not in variants]
     out: dict = {"name": RESULTS_NAME, "command": "python -m bench.bench_audit_stress [--dataset homedepot]",
                  "quick": True, "device": device(), "simulated": True, "labeler": LABELER,
-                 "cells": [cell for cell in earlier if cell["dataset"] != args.dataset]}
+                 "cells": earlier}
     if shared_data_dir() is None:
         out["skipped"] = "../shared/data is absent"
     else:
@@ -83,7 +83,7 @@ def main() -> None:
             print(json.dumps(figure_of(cell)), file=sys.stderr, flush=True)
     out["figures"] = [figure_of(cell) for cell in out["cells"]]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    (RESULTS / f"{RESULTS_NAME}.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
 
 
 def figure_of(cell: dict) -> dict:

@@ -82,8 +82,9 @@ def labeler_probs(store: Store, truth: pd.DataFrame, labels: np.ndarray, n_grade
     """Out-of-sample class probabilities, shape (n_pairs, n_grades), columns = grades 0..max.
 
     Without `retriever`: the text baseline (TF-IDF + linear), 5-fold `cross_val_predict` on `labels`.
-    With it: the stack the product fits without an LLM (`annotator.stack.stack_model` over the baseline's
-    out-of-sample log-probabilities and the retriever's query-title cosine), out-of-sample over query groups.
+    With it: a stack like the product's without an LLM (`annotator.stack.stack_model` over the baseline's
+    out-of-sample log-probabilities and the retriever's query-title cosine, not the three match scores),
+    out-of-sample over query groups.
     Cached under cache_dir()/bench_label_errors, keyed by the pairs, the labels and the retriever (the
     cross-validation and the cosines are the slowest steps on this CPU and do not depend on the engagement log)."""
     name = retriever.name if retriever is not None else None

@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupShuffleSplit
 
 from labelstore.runtime import apply_engine_env_defaults
 
@@ -37,11 +36,12 @@ apply_engine_env_defaults()
 
 from annotator import stack as st  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
-from annotator.finetune import subsample  # noqa: E402
+from annotator.finetune import split_by_query, subsample  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
 from app.retriever_cosine import zero_shot_cosine  # noqa: E402
+from bench.bench_finetune import labelled_frame  # noqa: E402
 from bench.bench_stack_inputs import fit_input_stacks  # noqa: E402
-from bench.common import read_crowdflower, read_homedepot, shared_data_dir, skip, write_result  # noqa: E402
+from bench.common import shared_data_dir, skip, write_result  # noqa: E402
 from labelstore.schemes import LabelScheme, load_scheme  # noqa: E402
 
 NAME = "transfer"
@@ -49,24 +49,23 @@ SEED = 2602
 DEV_QUERY_SHARE = 0.1
 QUICK_TRAIN = 5000
 ESCI_ANCHOR = 0.655
-SOURCES = {"homedepot": read_homedepot, "crowdflower": read_crowdflower}
+SOURCES = ("homedepot", "crowdflower")  # each is also its rating map's name in prompts/schemes/esci.toml
 SYSTEMS = {"tfidf_linear": "TF-IDF + linear", "stack_lexical": "stack, lexical inputs",
            "stack_lexical_cosine": "stack, lexical + zero-shot MiniLM cosine"}
 
 
-def source_pairs(scheme: LabelScheme, quick: bool) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-    """(train, dev) pooled over `SOURCES`, labelled by the scheme's rating maps; dev holds out each source's queries."""
+def source_pairs(quick: bool) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """(train, dev) pooled over `SOURCES`, labelled by the esci scheme's rating maps; dev holds out each source's
+    queries (`annotator.finetune.split_by_query`)."""
     trains, devs = [], []
-    for source, read in SOURCES.items():
-        raw = read()
-        if raw is None:
+    for source in SOURCES:
+        frame = labelled_frame(source, "esci", source)
+        if frame is None:
             return None
-        frame = raw.assign(label=[scheme.map_rating(source, r) for r in raw["rating"]],
-                           query_id=source + ":" + raw["query"].str.strip().str.lower())
-        keep, held = next(GroupShuffleSplit(n_splits=1, test_size=DEV_QUERY_SHARE, random_state=SEED)
-                          .split(frame, groups=frame["query_id"]))
-        trains.append(subsample(frame.iloc[keep].reset_index(drop=True), QUICK_TRAIN if quick else None, SEED))
-        devs.append(frame.iloc[held])
+        frame["query_id"] = source + ":" + frame["query_id"]
+        train, dev = split_by_query(frame, DEV_QUERY_SHARE, SEED)
+        trains.append(subsample(train, QUICK_TRAIN if quick else None, SEED))
+        devs.append(dev)
     return pd.concat(trains, ignore_index=True), pd.concat(devs, ignore_index=True)
 
 
@@ -92,7 +91,7 @@ def metrics(scheme: LabelScheme, test: pd.DataFrame, probs: np.ndarray, chosen: 
 def run(quick: bool) -> dict[str, Any] | None:
     scheme = load_scheme("esci")
     labels, grades = scheme.label_names, [scheme.grades[name] for name in scheme.label_names]
-    pairs, test = source_pairs(scheme, quick), esci_rows(scheme)
+    pairs, test = source_pairs(quick), esci_rows(scheme)
     if pairs is None or test is None:
         return None
     train, dev = pairs
