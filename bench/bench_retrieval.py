@@ -38,7 +38,7 @@ from labelstore import Store
 from labelstore.ingest import ingest_file
 from labelstore.paths import shared_data_dir
 from trainer.data import LabelledPairs, load_labelled_pairs, load_products
-from trainer.evaluation import evaluate_systems, paired_p_values, relative_lift
+from trainer.evaluation import JUDGED_SUFFIX, evaluate_systems, paired_p_values, relative_lift
 from trainer.model import TwoTowerModel
 from annotator.text_baseline import tfidf_linear_probs
 from trainer.mining import hard_negatives
@@ -176,17 +176,20 @@ def main(argv: list[str] | None = None) -> None:
         reports = evaluate_systems(held_out, products, {
             "BM25 (bm25s)": None,
             "zero-shot MiniLM": zero_shot(),
-            "Stage 1 (grade SupCon)": stage1, **{VARIANTS[key]: model for key, model in stage2.items()}})
+            "Stage 1 (grade SupCon)": stage1, **{VARIANTS[key]: model for key, model in stage2.items()}},
+            condensed=True)
         eval_s = time.perf_counter() - started
         p_vs_zero = paired_p_values(held_out, reports, "zero-shot MiniLM")
         p_vs_stage1 = paired_p_values(held_out, reports, "Stage 1 (grade SupCon)")
         p_vs_b = paired_p_values(held_out, reports, VARIANTS["b"])
+        p_vs_b_judged = paired_p_values(held_out, reports, VARIANTS["b"] + JUDGED_SUFFIX)
     data = (f"../shared/data/homedepot/train.csv: {settings['queries']} sampled queries, "
             f"{int(reports[0].metrics['n_products'])} products ranked, {int(reports[0].metrics['n_queries'])} held-out "
             f"queries (query-disjoint), {len(train)} training pairs; relabeller: {LABELER}")
-    write_result(NAME, quick, data, figures_of(reports, timings, p_vs_zero, p_vs_stage1, p_vs_b),
+    write_result(NAME, quick, data, figures_of(reports, timings, p_vs_zero, p_vs_stage1, p_vs_b, p_vs_b_judged),
                  systems=[r.as_dict() for r in reports], training=timings, labeler=LABELER,
                  eval_wall_s=eval_s, p_vs_zero_shot=p_vs_zero, p_vs_stage1=p_vs_stage1, p_vs_variant_b=p_vs_b,
+                 p_vs_variant_b_judged_only=p_vs_b_judged,
                  settings={**settings, "hard_negatives_per_query": HARD_NEGATIVES,
                            "relabelled_per_query": RELABEL_PER_QUERY, "confidence_floor": CONFIDENCE_FLOOR,
                            "products_per_query": sample.common["products_per_query"]},
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def figures_of(reports: list[Any], timings: dict[str, dict[str, float]], p_vs_zero: dict[str, float],
-               p_vs_stage1: dict[str, float], p_vs_b: dict[str, float]) -> list[dict[str, Any]]:
+               p_vs_stage1: dict[str, float], p_vs_b: dict[str, float],
+               p_vs_b_judged: dict[str, float]) -> list[dict[str, Any]]:
     by_name = {r.system: r.metrics for r in reports}
     n_q = int(reports[0].metrics["n_queries"])
     zero, stage1 = by_name["zero-shot MiniLM"], by_name["Stage 1 (grade SupCon)"]
@@ -218,6 +222,17 @@ def figures_of(reports: list[Any], timings: dict[str, dict[str, float]], p_vs_ze
                             "value": float(f"{p_vs_b[system]:.2g}"), "unit": "p",
                             "target": "< 0.05 and (c) above (b)" if key == "c" else "",
                             "anchor": f"(b) {by_name[VARIANTS['b']]['ndcg@10']:.4f}; paired over {n_q} held-out queries"})
+    for key in ("b", "c"):
+        system = VARIANTS[key]
+        figures.append({"name": f"{system}: judged share of the top 10", "value": round(by_name[system]["judged@10"], 4),
+                        "unit": "share", "target": "",
+                        "anchor": "unjudged products count as irrelevant in NDCG@10; Stage 1 "
+                                  f"{stage1['judged@10']:.4f}, zero-shot {zero['judged@10']:.4f}"})
+    figures.append({"name": "p, condensed NDCG@10 (judged products only) of (c) vs (b)",
+                    "value": float(f"{p_vs_b_judged[VARIANTS['c'] + JUDGED_SUFFIX]:.2g}"), "unit": "p", "target": "",
+                    "anchor": f"(c) {by_name[VARIANTS['c'] + JUDGED_SUFFIX]['ndcg@10']:.4f}, "
+                              f"(b) {by_name[VARIANTS['b'] + JUDGED_SUFFIX]['ndcg@10']:.4f}; each ranking with the "
+                              "unjudged products removed (Sakai 2007), paired over the same queries"})
     figures.append({"name": "p, NDCG@10 of Stage 1 vs zero-shot", "value": float(f"{p_vs_zero['Stage 1 (grade SupCon)']:.2g}"),
                     "unit": "p", "target": "", "anchor": f"two-sided paired t-test over {n_q} held-out queries"})
     cost = timings["stage2c"]

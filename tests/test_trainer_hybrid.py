@@ -18,7 +18,9 @@ from app.cli import app
 from labelstore import Store
 from labelstore.catalog import generate_catalog, write_catalog
 from trainer.bands import ScoreBands
-from trainer.evaluation import retrieval_metrics
+import pandas as pd
+
+from trainer.evaluation import judged_only, judged_products, judged_share, retrieval_metrics
 from trainer.hybrid import calibrated, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax_blend, rrf
 
 BANDS = ScoreBands((0, 1, 2), ("irrelevant", "partial", "relevant"), (0.4, 0.6),
@@ -107,3 +109,15 @@ def test_cli_eval_retrieval_hybrid_on_the_catalog(tmp_path) -> None:
     assert len(curve) == 21 and curve[printed["calibrated_weight"]] == max(curve.values())
     assert printed["n_dev_queries"] > 0 and printed["n_test_queries"] > 0
     assert store.scalar("SELECT count(*) FROM runs WHERE kind = 'eval-hybrid' AND status = 'ok'") == 1
+
+
+def test_condensed_run_drops_unjudged_products_and_scores_by_hand() -> None:
+    judged = judged_products(pd.DataFrame({"query_id": ["q1", "q1", "q2"], "product_id": ["a", "b", "c"]}))
+    run = {"q1": {"x": 0.9, "a": 0.8, "b": 0.7}, "q2": {"y": 0.5, "z": 0.4}}
+    qrels = {"q1": {"a": 2}, "q2": {"c": 1}}
+    short = judged_only(run, judged)
+    assert short == {"q1": {"a": 0.8, "b": 0.7}, "q2": {}}
+    assert judged_share(run, judged) == pytest.approx((2 / 3 + 0 / 2) / 2)
+    # full run: q1's only relevant product at rank 2 (1 / log2(3)), q2 finds nothing; condensed: q1 at rank 1
+    assert retrieval_metrics(qrels, run, 2)["ndcg@10"] == pytest.approx((1 / math.log2(3) + 0) / 2)
+    assert retrieval_metrics(qrels, short, 2)["ndcg@10"] == pytest.approx((1.0 + 0) / 2)

@@ -15,6 +15,12 @@ caller), each system reports `flagged@10`, the mean number of flagged products i
 `flagged@10_total`, their sum over the queries. With `exclude_flagged`, each system is evaluated a second
 time with flagged products filtered out of its rankings (ranked deep enough that k products remain), as
 `<system> (flagged excluded)`.
+
+Incomplete judgments: a product nobody judged for a query counts as irrelevant, so a model that ranks
+unjudged relevant products high looks worse than one that learnt which products got judged. Every report
+carries `judged@10` (mean share of the top 10 that was judged for the query, any grade); with `condensed`,
+each system is evaluated a second time on its condensed ranking (Sakai 2007: its own ranking with the
+unjudged products removed), as `<system> (judged only)`.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from trainer.model import TwoTowerModel
 Run = dict[str, dict[str, float]]
 FLAG_DEPTH = 10
 EXCLUDED_SUFFIX = " (flagged excluded)"
+JUDGED_SUFFIX = " (judged only)"
 
 
 @dataclass
@@ -69,6 +76,23 @@ def flagged_in_top(run: Run, flagged: frozenset[str], k: int = FLAG_DEPTH) -> di
     """`flagged@k`: mean over the run's queries of the flagged products in the top `k`; `flagged@k_total`: their sum."""
     counts = [sum(pid in flagged for pid in top_ids(ranked, k)) for ranked in run.values()]
     return {f"flagged@{k}": float(np.mean(counts)) if counts else 0.0, f"flagged@{k}_total": float(sum(counts))}
+
+
+def judged_products(pairs: pd.DataFrame) -> dict[str, frozenset[str]]:
+    """{query_id: the products judged for it, any grade}."""
+    return {qid: frozenset(group) for qid, group in pairs.groupby("query_id")["product_id"]}
+
+
+def judged_only(run: Run, judged: dict[str, frozenset[str]]) -> Run:
+    """The condensed run: each query's ranking without the products nobody judged for it (order kept)."""
+    return {qid: {pid: s for pid, s in ranked.items() if pid in judged.get(qid, ())} for qid, ranked in run.items()}
+
+
+def judged_share(run: Run, judged: dict[str, frozenset[str]], k: int = 10) -> float:
+    """Mean over the run's non-empty queries of the share of its top `k` (or all, if shorter) judged for the query."""
+    tops = [(qid, top_ids(ranked, k)) for qid, ranked in run.items()]
+    shares = [sum(pid in judged.get(qid, ()) for pid in top) / len(top) for qid, top in tops if top]
+    return float(np.mean(shares)) if shares else 0.0
 
 
 def qrels_from_pairs(pairs: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -153,8 +177,11 @@ def model_bands(model: TwoTowerModel, pairs: LabelledPairs, *, seed: int = 0) ->
 
 def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: dict[str, TwoTowerModel | None],
                      k: int = 100, *, flagged: frozenset[str] | None = None,
-                     exclude_flagged: bool = False) -> list[RetrievalReport]:
+                     exclude_flagged: bool = False, condensed: bool = False) -> list[RetrievalReport]:
     """Evaluate each system (a model, or None for BM25) on the held-out queries against all `products`.
+
+    Every report has `judged@10`; with `condensed`, each system gets a second report on its condensed
+    ranking (`judged_only`, `JUDGED_SUFFIX`).
 
     With `flagged` (product ids), each report counts them in the top 10 (`flagged_in_top`); with
     `exclude_flagged` too, each system gets a second report with them filtered out (`EXCLUDED_SUFFIX`).
@@ -167,6 +194,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         raise ValueError("exclude_flagged needs the flagged products")
     flagged_here = frozenset(flagged or ()) & frozenset(products["product_id"])
     depth = k + (len(flagged_here) if exclude_flagged else 0)  # k products left after filtering
+    judged = judged_products(frame)
     reports = []
     for name, model in systems.items():
         bands, auc = {}, {}
@@ -177,6 +205,9 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
             bands, auc = band_separation(pair_scores(model, frame), held_out.scheme)
         run = truncate_run(deep, k)
         reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), bands, auc, run))
+        if condensed:
+            short = judged_only(run, judged)
+            reports.append(RetrievalReport(name + JUDGED_SUFFIX, retrieval_metrics(qrels, short, top_grade), run=short))
         if exclude_flagged:
             kept = truncate_run(exclude_products(deep, flagged_here), k)
             reports.append(RetrievalReport(name + EXCLUDED_SUFFIX, retrieval_metrics(qrels, kept, top_grade), run=kept))
@@ -187,6 +218,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         report.metrics["n_queries_with_top_grade"] = float(sum(
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
         report.metrics["n_products"] = float(len(products))
+        report.metrics["judged@10"] = judged_share(report.run, judged)
     return reports
 
 
