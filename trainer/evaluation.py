@@ -34,7 +34,9 @@ import pandas as pd
 from labelstore.schemes import LabelScheme
 from trainer.bands import ScoreBands, adjacent_aucs, band_report, fit_bands, grade_distributions
 from trainer.data import LabelledPairs
-from trainer.hybrid import STEMMER, WEIGHT_GRID, Bm25Index, complete_runs, hybrid_runs
+from trainer.hybrid import (
+    STEMMER, WEIGHT_GRID, Bm25Index, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax_blend,
+)
 from trainer.model import TwoTowerModel
 
 Run = dict[str, dict[str, float]]
@@ -234,15 +236,18 @@ def dev_test_split(held_out: LabelledPairs, seed: int = 0) -> tuple[LabelledPair
 
 def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPairs, products: pd.DataFrame, *,
                     k: int = 100, stemmer: str | None = STEMMER, grid: Sequence[float] = WEIGHT_GRID,
-                    flagged: frozenset[str] | None = None,
-                    exclude_flagged: bool = False) -> tuple[list[RetrievalReport], dict]:
+                    flagged: frozenset[str] | None = None, exclude_flagged: bool = False,
+                    test_ceiling: bool = False) -> tuple[list[RetrievalReport], dict]:
     """BM25, `model` and their blends (`trainer.hybrid`) on the `test` queries; the bands and the blend
     weights are fitted on the `dev` queries' labelled pairs. Returns (reports, {weights, dev curves, sizes}).
 
     `flagged` and `exclude_flagged` as in `evaluate_systems`: the excluded rankings filter the flagged
     products out of BM25's and the model's candidates (retrieved deep enough to leave k each), and the
     blends are then built and their weights chosen on dev over those filtered candidates, as a catalog filter
-    in front of the ranker would."""
+    in front of the ranker would.
+
+    `test_ceiling` (analysis only: it reads the test labels) adds to the info, per blend, the weight that scores
+    best on the test queries themselves and its NDCG@10: no weight chosen on dev can beat it."""
     if exclude_flagged and flagged is None:
         raise ValueError("exclude_flagged needs the flagged products")
     flagged_here = frozenset(flagged or ()) & frozenset(products["product_id"])
@@ -280,6 +285,8 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
         if not suffix:
             info = {"calibrated_weight": blends.calibrated_weight, "minmax_weight": blends.minmax_weight,
                     "dev_ndcg@10_by_weight": blends.dev_curve, "dev_ndcg@10_by_weight_minmax": blends.dev_curve_minmax}
+            if test_ceiling:
+                info["test_ceiling"] = _test_ceiling(neural["test"], lexical["test"], bands, qrels["test"], top_grade, grid)
         else:
             info["excluded_weights"] = {"calibrated": blends.calibrated_weight, "minmax": blends.minmax_weight}
     reports = [RetrievalReport(name, retrieval_metrics(qrels["test"], run, top_grade), run=run)
@@ -291,6 +298,20 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
         report.metrics["n_products"] = float(len(products))
     info |= {"n_dev_queries": len(qrels["dev"]), "n_test_queries": len(qrels["test"]), "bands": bands.to_dict()}
     return reports, info
+
+
+def _test_ceiling(neural: Run, lexical: Run, bands: ScoreBands, qrels: dict[str, dict[str, int]], top_grade: int,
+                  grid: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Per blend, {'weight', 'ndcg@10'} of the weight of `grid` that scores best on these (test) queries."""
+    def score(run: Run) -> float:
+        return retrieval_metrics(qrels, run, top_grade)["ndcg@10"]
+
+    ceiling = {}
+    for name, blend in (("calibrated", lambda w: calibrated_blend(neural, lexical, bands, weight=w)),
+                        ("minmax", lambda w: minmax_blend(neural, lexical, weight=w))):
+        weight, curve = choose_weight(score, blend, grid=grid)
+        ceiling[name] = {"weight": weight, "ndcg@10": curve[weight]}
+    return ceiling
 
 
 def paired_p_values(held_out: LabelledPairs, reports: Sequence[RetrievalReport], baseline: str,
