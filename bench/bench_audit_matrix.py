@@ -99,8 +99,9 @@ def confident_relabel_cycle(combined: np.ndarray, queued: np.ndarray, noisy: np.
                             audited: np.ndarray, min_confidence: float = RELABEL_CONFIDENCE) -> dict:
     """One audit -> relabel cycle: a queued pair takes the combined posterior's grade
     when that grade has at least `min_confidence` (`auditor.evidence.confident_relabels`); the others go to
-    a person. Reported without the person (those pairs keep their label) and with a person who gets them
-    right (the reviewer's workload is `to_person`)."""
+    a person. Reported without the person (those pairs keep their label), with a person who gets them
+    right, and with a fallible person who errs like the planted labels (`CORRUPTION_RATE`, `NEIGHBOUR_SHARE`
+    of those to an adjacent grade); the reviewer's workload is `to_person`."""
     chosen = confident_relabels(combined, min_confidence=min_confidence)
     automatic = queued & (chosen >= 0)
     to_person = queued & (chosen < 0)
@@ -108,7 +109,14 @@ def confident_relabel_cycle(combined: np.ndarray, queued: np.ndarray, noisy: np.
     return {"queued": int(queued.sum()), "min_confidence": min_confidence, "relabelled": int(automatic.sum()),
             "to_person": int(to_person.sum()),
             "automatic": relabel_cycle(after_auto, noisy, true_grade, audited),
-            "with_person": relabel_cycle(np.where(to_person, true_grade, after_auto), noisy, true_grade, audited)}
+            "with_person": relabel_cycle(np.where(to_person, true_grade, after_auto), noisy, true_grade, audited),
+            "with_fallible_person": relabel_cycle(np.where(to_person, fallible_review(true_grade, combined.shape[1] - 1),
+                                                           after_auto), noisy, true_grade, audited)}
+
+
+def fallible_review(true_grade: np.ndarray, max_grade: int, seed: int = 1) -> np.ndarray:
+    """The grades a reviewer who errs like the planted labels would give every pair (seeded)."""
+    return corrupt_grades(true_grade, max_grade, CORRUPTION_RATE, neighbour_share=NEIGHBOUR_SHARE, seed=seed)
 
 
 def stronger_labeler(probs: np.ndarray, true_grade: np.ndarray, boost: float) -> np.ndarray:
@@ -285,7 +293,10 @@ def gate_tradeoff(cells: list[dict]) -> str:
     person = [cell["relabel_cycle"] for cell in cells]
     return ("by gate " + "; ".join(parts) + ". " if parts else "") + (
         f"With a reviewer deciding the pairs below {RELABEL_CONFIDENCE}: {max(r['with_person']['error_share_after_audited'] for r in person):.1%} "
-        f"left, up to {max(r['to_person'] for r in person)} pairs to review")
+        f"left, up to {max(r['to_person'] for r in person)} pairs to review"
+        + (f"; with a reviewer who errs like the planted labels: {max(r['with_fallible_person']['error_share_after_audited'] for r in person):.1%} "
+           f"left, <= {max(r['with_fallible_person']['errors_introduced'] for r in person)} introduced"
+           if all("with_fallible_person" in r for r in person) else ""))
 
 
 def cell_figure(cell: dict, where: str) -> dict:
