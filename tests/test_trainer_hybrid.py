@@ -20,7 +20,7 @@ from labelstore.catalog import generate_catalog, write_catalog
 from trainer.bands import ScoreBands
 import pandas as pd
 
-from trainer.evaluation import _test_ceiling, judged_only, judged_products, judged_share, retrieval_metrics
+from trainer.evaluation import best_weight_on, judged_only, judged_products, judged_share, retrieval_metrics
 from trainer.hybrid import calibrated, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax_blend, rrf
 
 BANDS = ScoreBands((0, 1, 2), ("irrelevant", "partial", "relevant"), (0.4, 0.6),
@@ -76,8 +76,8 @@ def test_weight_is_chosen_on_dev_and_applied_to_test() -> None:
     assert ndcg(blends.runs["hybrid: min-max 50/50"]) == pytest.approx((NDCG_Q1_BAC + NDCG_Q2_E_SECOND) / 2)
 
 
-def test_test_ceiling_is_the_best_weight_on_the_queries_given() -> None:
-    ceiling = _test_ceiling(NEURAL, LEXICAL, BANDS, QRELS, 2, (0.0, 0.5, 1.0))
+def test_best_weight_on_the_test_queries_bounds_the_dev_choice() -> None:
+    ceiling = best_weight_on(NEURAL, LEXICAL, BANDS, QRELS, 2, (0.0, 0.5, 1.0))
     # the calibrated curve of the test above: 0.5 wins; min-max: w = 0 is BM25 alone, the best of its three
     assert ceiling["calibrated"] == {"weight": 0.5, "ndcg@10": pytest.approx((NDCG_Q1_BAC + 1.0) / 2)}
     assert ceiling["minmax"]["weight"] == 0.0

@@ -196,7 +196,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         raise ValueError("exclude_flagged needs the flagged products")
     flagged_here = frozenset(flagged or ()) & frozenset(products["product_id"])
     depth = k + (len(flagged_here) if exclude_flagged else 0)  # k products left after filtering
-    judged = judged_products(frame)
+    judged_ids = judged_products(frame)
     reports = []
     for name, model in systems.items():
         bands, auc = {}, {}
@@ -208,7 +208,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         run = truncate_run(deep, k)
         reports.append(RetrievalReport(name, retrieval_metrics(qrels, run, top_grade), bands, auc, run))
         if condensed:
-            short = judged_only(run, judged)
+            short = judged_only(run, judged_ids)
             reports.append(RetrievalReport(name + JUDGED_SUFFIX, retrieval_metrics(qrels, short, top_grade), run=short))
         if exclude_flagged:
             kept = truncate_run(exclude_products(deep, flagged_here), k)
@@ -220,7 +220,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         report.metrics["n_queries_with_top_grade"] = float(sum(
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
         report.metrics["n_products"] = float(len(products))
-        report.metrics["judged@10"] = judged_share(report.run, judged)
+        report.metrics["judged@10"] = judged_share(report.run, judged_ids)
     return reports
 
 
@@ -286,7 +286,8 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
             info = {"calibrated_weight": blends.calibrated_weight, "minmax_weight": blends.minmax_weight,
                     "dev_ndcg@10_by_weight": blends.dev_curve, "dev_ndcg@10_by_weight_minmax": blends.dev_curve_minmax}
             if test_ceiling:
-                info["test_ceiling"] = _test_ceiling(neural["test"], lexical["test"], bands, qrels["test"], top_grade, grid)
+                info["test_ceiling"] = best_weight_on(neural["test"], lexical["test"], bands, qrels["test"], top_grade,
+                                                      grid)
         else:
             info["excluded_weights"] = {"calibrated": blends.calibrated_weight, "minmax": blends.minmax_weight}
     reports = [RetrievalReport(name, retrieval_metrics(qrels["test"], run, top_grade), run=run)
@@ -300,9 +301,9 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
     return reports, info
 
 
-def _test_ceiling(neural: Run, lexical: Run, bands: ScoreBands, qrels: dict[str, dict[str, int]], top_grade: int,
-                  grid: Sequence[float]) -> dict[str, dict[str, float]]:
-    """Per blend, {'weight', 'ndcg@10'} of the weight of `grid` that scores best on these (test) queries."""
+def best_weight_on(neural: Run, lexical: Run, bands: ScoreBands, qrels: dict[str, dict[str, int]], top_grade: int,
+                   grid: Sequence[float]) -> dict[str, dict[str, float]]:
+    """Per blend, {'weight', 'ndcg@10'} of the weight of `grid` that scores best on the queries of `qrels`."""
     def score(run: Run) -> float:
         return retrieval_metrics(qrels, run, top_grade)["ndcg@10"]
 
