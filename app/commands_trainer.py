@@ -310,7 +310,7 @@ def bands(
 
 
 def _print_bands(report: dict, name: str) -> None:
-    table = Table("boundary", "thr", "prec", "rec", "AUC", "ovl", "prec B", "gap", "head", "tail",
+    table = Table("boundary", "thr", "prec", "rec", "AUC", "ovl", "prec B", "gap", "mean gap", "head", "tail",
                   title=f"Score bands of {name}: {report['n_pairs']:,} held-out pairs, {report['n_queries']:,} queries")
     for boundary, precision in report["precision"].items():
         half = report["split_half"][boundary]
@@ -319,6 +319,7 @@ def _print_bands(report: dict, name: str) -> None:
                       _cell(report["adjacent_auc"].get(boundary, float("nan"))),
                       _cell(report["adjacent_overlap"].get(boundary, float("nan"))),
                       _cell(half["precision_other"]), _cell(half["gap"]),
+                      _cell(report.get("split_half_repeated", {}).get(boundary, {}).get("mean_gap", float("nan"))),
                       *(_cell(head_tail.get(group, {}).get(boundary, {}).get("precision", float("nan")))
                         for group in ("head", "tail")))
     console.print(table)
@@ -328,7 +329,7 @@ def _print_bands(report: dict, name: str) -> None:
     console.print(grades)
     console.print("thr: the threshold for grade >= upper (maximises TPR - FPR); prec / rec: precision and recall there; "
                   "ovl: overlap of the two grades' scores; prec B: thresholds fitted on half A of the queries, precision on "
-                  "half B; gap: |prec A - prec B|; head / tail: precision on the half of the queries with the most / "
+                  "half B; gap: |prec A - prec B|; mean gap: over 20 random halvings; head / tail: precision on the half of the queries with the most / "
                   "fewest judged pairs")
 
 

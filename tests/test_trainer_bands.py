@@ -91,7 +91,7 @@ def test_precision_and_stability_across_query_halves_and_groups(planted: dict) -
     scores, grades, query_ids = planted["scores"], planted["grades"], planted["query_ids"]
     bands, report = band_report(scores, grades, query_ids, grade_values=[0, 1, 2, 3], names=NAMES)
     assert set(report) >= {"thresholds", "distributions", "adjacent_auc", "adjacent_overlap", "precision",
-                           "split_half", "head_tail"}
+                           "split_half", "split_half_repeated", "head_tail"}
     assert report["distributions"]["exact"]["p50"] == pytest.approx(MEANS[3], abs=0.01)
     assert report["distributions"]["irrelevant"]["n"] == int(np.sum(grades == 0))
     for boundary, grade in zip(bands.boundaries, (1, 2, 3)):
@@ -107,6 +107,10 @@ def test_precision_and_stability_across_query_halves_and_groups(planted: dict) -
         assert half["n_queries_fit"] + half["n_queries_other"] == len(set(query_ids))
         assert set(query_ids[other]).isdisjoint(query_ids[~other])
         assert half["gap"] < 0.1  # the halves' grade mixes differ (60 queries), the planted bands do not
+        # repeated halvings: the first is the one above; the mean and max over all of them bracket its gap
+        repeated = report["split_half_repeated"][boundary]
+        assert repeated["n_halvings"] == 20 and repeated["max_gap"] >= half["gap"]
+        assert 0.0 <= repeated["mean_gap"] <= repeated["max_gap"] < 0.15
     assert set(report["head_tail"]) == {"head", "tail"}
     # a group whose scores sit lower than the fit loses precision at the same thresholds
     shifted = np.where(np.arange(len(scores)) % 2 == 0, scores, scores + 0.1)

@@ -28,6 +28,7 @@ from labelstore.errors import MnrError
 from trainer.data import is_held_out
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+REPEATED_HALVINGS = 20
 OVERLAP_BINS = 30
 
 
@@ -218,6 +219,22 @@ def split_half_stability(scores: np.ndarray, grades: np.ndarray, query_ids: Sequ
             for key in fit}
 
 
+def split_half_gaps(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str], *,
+                    seeds: Sequence[int] = tuple(range(REPEATED_HALVINGS)), grade_values: Sequence[int] | None = None,
+                    names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+    """`split_half_stability` over many halvings (one per seed): per boundary {mean_gap, max_gap, n_halvings}.
+
+    One halving of a few hundred queries moves a threshold's precision by a few points on its own; the mean
+    over halvings is the expected gap."""
+    gaps: dict[str, list[float]] = {}
+    for seed in seeds:
+        for key, half in split_half_stability(scores, grades, query_ids, seed=seed, grade_values=grade_values,
+                                              names=names).items():
+            gaps.setdefault(key, []).append(half["gap"])
+    return {key: {"mean_gap": float(np.nanmean(values)), "max_gap": float(np.nanmax(values)),
+                  "n_halvings": len(values)} for key, values in gaps.items()}
+
+
 def group_precision(bands: ScoreBands, scores: np.ndarray, grades: np.ndarray,
                     groups: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
     """{group: precision_at_thresholds on the pairs of that group}, e.g. groups 'head' / 'tail' per pair."""
@@ -246,7 +263,7 @@ def band_report(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str]
                 grade_values: Sequence[int] | None = None, names: Sequence[str] | None = None,
                 seed: int = 0) -> tuple[ScoreBands, dict]:
     """Fit bands on all pairs and report them: (bands, {thresholds, distributions, adjacent_auc,
-    adjacent_overlap, precision, split_half, head_tail})."""
+    adjacent_overlap, precision, split_half, split_half_repeated, head_tail})."""
     options = {"grade_values": grade_values, "names": names}
     bands = fit_bands(scores, grades, **options)
     report = {"n_pairs": int(len(scores)), "n_queries": int(len(set(query_ids))),
@@ -256,5 +273,6 @@ def band_report(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str]
               "adjacent_overlap": adjacent_overlap(scores, grades, **options),
               "precision": precision_at_thresholds(bands, scores, grades),
               "split_half": split_half_stability(scores, grades, query_ids, seed=seed, **options),
+              "split_half_repeated": split_half_gaps(scores, grades, query_ids, **options),
               "head_tail": group_precision(bands, scores, grades, head_tail(query_ids))}
     return bands, report
