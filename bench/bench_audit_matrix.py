@@ -96,12 +96,13 @@ def relabel_cycle(relabelled: np.ndarray, noisy: np.ndarray, true_grade: np.ndar
 
 
 def confident_relabel_cycle(combined: np.ndarray, queued: np.ndarray, noisy: np.ndarray, true_grade: np.ndarray,
-                            audited: np.ndarray, min_confidence: float = RELABEL_CONFIDENCE) -> dict:
+                            audited: np.ndarray, min_confidence: float = RELABEL_CONFIDENCE, *,
+                            reviewed: np.ndarray | None = None) -> dict:
     """One audit -> relabel cycle: a queued pair takes the combined posterior's grade
     when that grade has at least `min_confidence` (`auditor.evidence.confident_relabels`); the others go to
     a person. Reported without the person (those pairs keep their label), with a person who gets them
-    right, and with a fallible person who errs like the planted labels (`CORRUPTION_RATE`, `NEIGHBOUR_SHARE`
-    of those to an adjacent grade); the reviewer's workload is `to_person`."""
+    right, and, given `reviewed` (the grades a fallible person would give every pair, `fallible_review`), with
+    that person; the reviewer's workload is `to_person`."""
     chosen = confident_relabels(combined, min_confidence=min_confidence)
     automatic = queued & (chosen >= 0)
     to_person = queued & (chosen < 0)
@@ -110,13 +111,14 @@ def confident_relabel_cycle(combined: np.ndarray, queued: np.ndarray, noisy: np.
             "to_person": int(to_person.sum()),
             "automatic": relabel_cycle(after_auto, noisy, true_grade, audited),
             "with_person": relabel_cycle(np.where(to_person, true_grade, after_auto), noisy, true_grade, audited),
-            "with_fallible_person": relabel_cycle(np.where(to_person, fallible_review(true_grade, combined.shape[1] - 1),
-                                                           after_auto), noisy, true_grade, audited)}
+            **({} if reviewed is None else {"with_fallible_person": relabel_cycle(
+                np.where(to_person, reviewed, after_auto), noisy, true_grade, audited)})}
 
 
-def fallible_review(true_grade: np.ndarray, max_grade: int, seed: int = 1) -> np.ndarray:
-    """The grades a reviewer who errs like the planted labels would give every pair (seeded)."""
-    return corrupt_grades(true_grade, max_grade, CORRUPTION_RATE, neighbour_share=NEIGHBOUR_SHARE, seed=seed)
+def fallible_review(true_grade: np.ndarray, max_grade: int, corruption: "Corruption", seed: int) -> np.ndarray:
+    """The grades a reviewer who errs like the planted labels (`corruption`) would give every pair. Seed it
+    apart from the planted errors', or the reviewer repeats every planted error."""
+    return corrupt_grades(true_grade, max_grade, corruption.rate, neighbour_share=corruption.neighbour_share, seed=seed)
 
 
 def stronger_labeler(probs: np.ndarray, true_grade: np.ndarray, boost: float) -> np.ndarray:
@@ -214,7 +216,9 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
                                                          audit_scores["f1"], settings.max_label_posterior),
         "relabel_cycle_ungated": relabel_cycle(np.where(queued, combined.argmax(axis=1), noisy), noisy, true_grade,
                                                audited),
-        "relabel_cycle": confident_relabel_cycle(combined, queued, noisy, true_grade, audited),
+        "relabel_cycle": confident_relabel_cycle(combined, queued, noisy, true_grade, audited,
+                                                 reviewed=fallible_review(true_grade, scheme.max_grade, corruption,
+                                                                          seed=params.seed + 1)),
         "relabel_cycle_by_gate": [confident_relabel_cycle(combined, queued, noisy, true_grade, audited, gate)
                                   for gate in RELABEL_GATES],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -212,10 +212,12 @@ def main(argv: list[str] | None = None) -> None:
             "Stage 1 (grade SupCon)": stage1, **{VARIANTS[key]: model for key, model in stage2.items()}},
             condensed=True)
         eval_s = time.perf_counter() - started
-        p_vs_zero = paired_p_values(held_out, reports, "zero-shot MiniLM")
-        p_vs_stage1 = paired_p_values(held_out, reports, "Stage 1 (grade SupCon)")
-        p_vs_b = paired_p_values(held_out, reports, VARIANTS["b"])
-        p_vs_b_judged = paired_p_values(held_out, reports, VARIANTS["b"] + JUDGED_SUFFIX)
+        full = [r for r in reports if not r.system.endswith(JUDGED_SUFFIX)]
+        condensed = [r for r in reports if r.system.endswith(JUDGED_SUFFIX)]
+        p_vs_zero = paired_p_values(held_out, full, "zero-shot MiniLM")
+        p_vs_stage1 = paired_p_values(held_out, full, "Stage 1 (grade SupCon)")
+        p_vs_b = paired_p_values(held_out, full, VARIANTS["b"])
+        p_vs_b_judged = paired_p_values(held_out, condensed, VARIANTS["b"] + JUDGED_SUFFIX)
     data = (f"../shared/data/homedepot/train.csv: {settings['queries']} sampled queries, "
             f"{int(reports[0].metrics['n_products'])} products ranked, {int(reports[0].metrics['n_queries'])} held-out "
             f"queries (query-disjoint), {len(train)} training pairs; relabeller: {LABELER}")

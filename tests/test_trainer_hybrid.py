@@ -129,3 +129,24 @@ def test_condensed_run_drops_unjudged_products_and_scores_by_hand() -> None:
     # full run: q1's only relevant product at rank 2 (1 / log2(3)), q2 finds nothing; condensed: q1 at rank 1
     assert retrieval_metrics(qrels, run, 2)["ndcg@10"] == pytest.approx((1 / math.log2(3) + 0) / 2)
     assert retrieval_metrics(qrels, short, 2)["ndcg@10"] == pytest.approx((1.0 + 0) / 2)
+
+
+def test_evaluate_systems_condensed_reports_bm25_on_judged_products_only() -> None:
+    from labelstore.schemes import load_scheme
+    from trainer.data import LabelledPairs
+    from trainer.evaluation import JUDGED_SUFFIX, evaluate_systems
+
+    # "red drill": BM25 ranks the unjudged "red drill press" (two query words) above the judged "drill" (one)
+    products = pd.DataFrame({"product_id": ["p1", "p2", "p3"],
+                             "product_text": ["red drill press", "cordless drill", "garden hose"]})
+    frame = pd.DataFrame({"pair_id": ["x"], "dataset": ["d"], "query_id": ["q"], "query_text": ["red drill"],
+                          "product_id": ["p2"], "product_text": ["cordless drill"], "label": ["relevant"],
+                          "grade": [2], "source": ["human"]})
+    reports = {r.system: r for r in evaluate_systems(LabelledPairs(load_scheme("graded3"), frame), products,
+                                                     {"BM25": None}, k=3, condensed=True)}
+    full, short = reports["BM25"], reports["BM25" + JUDGED_SUFFIX]
+    assert list(full.run["q"])[:2] == ["p1", "p2"] and list(short.run["q"]) == ["p2"]
+    assert full.metrics["ndcg@10"] == pytest.approx(1 / math.log2(3))
+    assert short.metrics["ndcg@10"] == pytest.approx(1.0)
+    assert full.metrics["judged@10"] == pytest.approx(1 / 2)  # BM25 returns the two products with a query word
+    assert "judged@10" not in short.metrics

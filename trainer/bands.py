@@ -219,20 +219,26 @@ def split_half_stability(scores: np.ndarray, grades: np.ndarray, query_ids: Sequ
             for key in fit}
 
 
-def split_half_gaps(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str], *,
-                    seeds: Sequence[int] = tuple(range(REPEATED_HALVINGS)), grade_values: Sequence[int] | None = None,
+def split_half_gaps(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str], *, seed: int = 0,
+                    halvings: int = REPEATED_HALVINGS, grade_values: Sequence[int] | None = None,
                     names: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    """`split_half_stability` over many halvings (one per seed): per boundary {mean_gap, max_gap, n_halvings}.
+    """`split_half_stability` over `halvings` halvings (seeds `seed`, `seed` + 1, ...): per boundary {mean_gap,
+    max_gap, n_halvings}. A halving that leaves one half without pairs on a side of a boundary is skipped.
 
     One halving of a few hundred queries moves a threshold's precision by a few points on its own; the mean
     over halvings is the expected gap."""
     gaps: dict[str, list[float]] = {}
-    for seed in seeds:
-        for key, half in split_half_stability(scores, grades, query_ids, seed=seed, grade_values=grade_values,
-                                              names=names).items():
-            gaps.setdefault(key, []).append(half["gap"])
-    return {key: {"mean_gap": float(np.nanmean(values)), "max_gap": float(np.nanmax(values)),
-                  "n_halvings": len(values)} for key, values in gaps.items()}
+    for offset in range(halvings):
+        try:
+            halves = split_half_stability(scores, grades, query_ids, seed=seed + offset, grade_values=grade_values,
+                                          names=names)
+        except BandsError:
+            continue
+        for key, half in halves.items():
+            if np.isfinite(half["gap"]):
+                gaps.setdefault(key, []).append(half["gap"])
+    return {key: {"mean_gap": float(np.mean(values)), "max_gap": float(np.max(values)), "n_halvings": len(values)}
+            for key, values in gaps.items()}
 
 
 def group_precision(bands: ScoreBands, scores: np.ndarray, grades: np.ndarray,
@@ -273,6 +279,6 @@ def band_report(scores: np.ndarray, grades: np.ndarray, query_ids: Sequence[str]
               "adjacent_overlap": adjacent_overlap(scores, grades, **options),
               "precision": precision_at_thresholds(bands, scores, grades),
               "split_half": split_half_stability(scores, grades, query_ids, seed=seed, **options),
-              "split_half_repeated": split_half_gaps(scores, grades, query_ids, **options),
+              "split_half_repeated": split_half_gaps(scores, grades, query_ids, seed=seed, **options),
               "head_tail": group_precision(bands, scores, grades, head_tail(query_ids))}
     return bands, report

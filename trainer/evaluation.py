@@ -19,8 +19,8 @@ time with flagged products filtered out of its rankings (ranked deep enough that
 Incomplete judgments: a product nobody judged for a query counts as irrelevant, so a model that ranks
 unjudged relevant products high looks worse than one that learnt which products got judged. Every report
 carries `judged@10` (mean share of the top 10 that was judged for the query, any grade); with `condensed`,
-each system is evaluated a second time on its condensed ranking (Sakai 2007: its own ranking with the
-unjudged products removed), as `<system> (judged only)`.
+each system is evaluated a second time on its condensed ranking (Sakai 2007: its top-k ranking with the
+unjudged products removed; judged products it ranks below k stay out), as `<system> (judged only)`.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def judged_products(pairs: pd.DataFrame) -> dict[str, frozenset[str]]:
 
 
 def judged_only(run: Run, judged: dict[str, frozenset[str]]) -> Run:
-    """The condensed run: each query's ranking without the products nobody judged for it (order kept)."""
+    """The condensed run: each query's ranking (as retrieved, e.g. its top k) without the products nobody judged
+    for it, order kept."""
     return {qid: {pid: s for pid, s in ranked.items() if pid in judged.get(qid, ())} for qid, ranked in run.items()}
 
 
@@ -220,7 +221,8 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         report.metrics["n_queries_with_top_grade"] = float(sum(
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
         report.metrics["n_products"] = float(len(products))
-        report.metrics["judged@10"] = judged_share(report.run, judged_ids)
+        if not report.system.endswith(JUDGED_SUFFIX):  # a condensed ranking is all judged by construction
+            report.metrics["judged@10"] = judged_share(report.run, judged_ids)
     return reports
 
 
