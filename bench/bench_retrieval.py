@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.common import SAMPLE_SEED, parse_args, skip, write_result
+from bench.common import SAMPLE_SEED, command_line, parse_args, skip, write_result
 from labelstore import Store
 from labelstore.ingest import ingest_file
 from labelstore.paths import shared_data_dir
@@ -221,7 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     data = (f"../shared/data/homedepot/train.csv: {settings['queries']} sampled queries, "
             f"{int(reports[0].metrics['n_products'])} products ranked, {int(reports[0].metrics['n_queries'])} held-out "
             f"queries (query-disjoint), {len(train)} training pairs; relabeller: {LABELER}")
-    write_result(NAME, quick, data, figures_of(reports, timings, p_vs_zero, p_vs_stage1, p_vs_b, p_vs_b_judged),
+    # a quick run has its own file, so it never overwrites the full-size result
+    write_result(f"{NAME}_variants_quick" if quick else NAME, quick, data,
+                 figures_of(reports, timings, p_vs_zero, p_vs_stage1, p_vs_b, p_vs_b_judged),
+                 command=command_line(NAME, quick),
                  systems=[r.as_dict() for r in reports], training=timings, labeler=LABELER,
                  eval_wall_s=eval_s, p_vs_zero_shot=p_vs_zero, p_vs_stage1=p_vs_stage1, p_vs_variant_b=p_vs_b,
                  p_vs_variant_b_judged_only=p_vs_b_judged,
