@@ -121,10 +121,16 @@ def _log_likelihood(clicks: np.ndarray, expected: np.ndarray, carts: np.ndarray,
     c = clicks[:, None]
     k = spread.click_shape[None, :]
     mean = expected[:, None] * coec[None, :]
-    clicks_ll = gammaln(c + k) - gammaln(k) + k * np.log(k / (k + mean)) + c * np.log(mean / (k + mean))
+    clicks_ll = _negative_binomial_log_pmf(c, mean, k)
     conversion_ll = (_conversion_log_likelihood(carts, trials, atc, spread.cart_rho)
                      + _conversion_log_likelihood(buys, carts, buy, spread.buy_rho))
     return (clicks_ll + conversion_ll) / dispersion
+
+
+def _negative_binomial_log_pmf(clicks: np.ndarray, mean: np.ndarray, shape: np.ndarray | float) -> np.ndarray:
+    """log NegBin(clicks | mean, shape) without the log(clicks!) term (equal for every mean and shape); broadcasts."""
+    return (gammaln(clicks + shape) - gammaln(shape) + shape * np.log(shape / (shape + mean))
+            + clicks * np.log(mean / (shape + mean)))
 
 
 def _conversion_log_likelihood(successes: np.ndarray, trials: np.ndarray, rate: np.ndarray, rho: float) -> np.ndarray:
@@ -170,7 +176,7 @@ def _shape_inverse(clicks: np.ndarray, mean: np.ndarray, weight: np.ndarray, log
 
     def negative_log_likelihood(log_inverse: float) -> float:
         k = np.exp(-log_inverse)
-        return -float(np.sum(w * (gammaln(c + k) - gammaln(k) + k * np.log(k / (k + m)) + c * np.log(m / (k + m)))))
+        return -float(np.sum(w * _negative_binomial_log_pmf(c, m, k)))
 
     if not used.any():
         return float(np.exp(log_bounds[0]))

@@ -115,7 +115,7 @@ def confident_relabel_cycle(combined: np.ndarray, queued: np.ndarray, noisy: np.
                 np.where(to_person, reviewed, after_auto), noisy, true_grade, audited)})}
 
 
-def fallible_review(true_grade: np.ndarray, max_grade: int, corruption: "Corruption", seed: int) -> np.ndarray:
+def fallible_review(true_grade: np.ndarray, max_grade: int, corruption: Corruption, seed: int) -> np.ndarray:
     """The grades a reviewer who errs like the planted labels (`corruption`) would give every pair. Seed it
     apart from the planted errors', or the reviewer repeats every planted error."""
     return corrupt_grades(true_grade, max_grade, corruption.rate, neighbour_share=corruption.neighbour_share, seed=seed)
