@@ -829,7 +829,7 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
     cache = lc.reuse_spilled(spill_dir, key, lengths) if state.n_cached else None
     if cache is None:
         cache = lc.allocate_cache(lengths, hidden_size, max_resident_bytes=int(args.cache_memory_gb * 2**30),
-                                  spill_dir=spill_dir)
+                                  spill_dir=spill_dir, dtype=lc.cache_dtype_for(model))
     # the deadline counts from now, so the encoding above comes out of the caching time
     deadline = math.inf if state.n_cached else tick + cache_s
     if not state.n_cached and not math.isinf(clock.limit_s) and len(lengths) >= args.batch_size:
@@ -954,7 +954,7 @@ def _train_cache_pace(model: Any, dev: "DevCache", dev_examples: EncodedExamples
     seconds = 0.0
     for _ in range(2):
         scratch = lc.allocate_cache(_lengths(dev_examples)[rows], dev.cache.rows.shape[1],
-                                    max_resident_bytes=2**62, spill_dir=None)
+                                    max_resident_bytes=2**62, spill_dir=None, dtype=dev.cache.rows.dtype)
         with compute_in(dtype):
             lc.fill_cache(model, dev.prefix, suffixes, scratch, order=np.arange(len(rows)),
                           batch_size=args.cache_batch_size)
@@ -1025,7 +1025,7 @@ def _cache_dev(*, model: Any, split: int, dev_examples: EncodedExamples, args: F
     prefix_seconds = time.monotonic() - tick
     dev_lengths = _lengths(dev_examples)
     dev_cache = lc.allocate_cache(dev_lengths, int(model.get_base_model().config.hidden_size),
-                                  max_resident_bytes=2**62, spill_dir=None)
+                                  max_resident_bytes=2**62, spill_dir=None, dtype=lc.cache_dtype_for(model))
     dev_order = np.random.default_rng(args.seed).permutation(len(dev_lengths))
     n_dev = lc.fill_cache(model, prefix, dev_examples.suffixes, dev_cache, order=dev_order,
                           batch_size=args.cache_batch_size, stop_after=n_dev, at_least=args.eval_batch_size,

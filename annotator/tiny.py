@@ -96,6 +96,30 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_tiny_gemma3(out_dir: Path, seed: int = 0, sliding_window: int = 8) -> Path:
+    """Write a tiny random `Gemma3ForCausalLM` (3 blocks: two local ones with a ``sliding_window`` of a few
+    tokens, then a global one, as Gemma 3 interleaves them) and the tiny tokenizer to `out_dir`; float32."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32,
+        max_position_embeddings=4096, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], initializer_range=0.02,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    _set_json(out_dir / "config.json", torch_dtype="float32", dtype="float32")
+    return out_dir
+
+
 def _set_json(path: Path, **values: object) -> None:
     data = json.loads(path.read_text())
     data.update(values)

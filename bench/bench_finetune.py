@@ -68,6 +68,8 @@ from app.retriever_cosine import zero_shot_cosine  # noqa: E402
 from bench.common import read_crowdflower, read_homedepot, skip, write_result  # noqa: E402
 
 NAME = "finetune"
+DEFAULT_MODEL = "smollm2"
+MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
 SEED = 2602
 # dataset -> (policy, rating source, headline metric, public anchors)
 DATASETS: dict[str, tuple[str, str, str, str]] = {
@@ -92,6 +94,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=None, help="Fine-tuning budget per run (default 3 quick, 30 full).")
     parser.add_argument("--test-pairs", type=int, default=None, help="Test pairs per split (default 60 quick, 1000 full).")
     parser.add_argument("--datasets", default="homedepot,crowdflower")
+    parser.add_argument("--models", default=DEFAULT_MODEL,
+                        help="Base models to fine-tune, each under the same budget on the same pairs (pulled names: "
+                             "smollm2, gemma3). The first one's figures are the headline.")
     parser.add_argument("--splits", default=",".join(SPLITS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--vocab-loss-weight", type=float, default=None,
@@ -196,7 +201,53 @@ def baseline_labels_by_dev_decision(baseline: Any, dev: pd.DataFrame, test_probs
     return choose_labels(test_probs, grades, cutoffs), report
 
 
-def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], work: Path) -> dict[str, Any]:
+def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, sizes: dict[str, Any], work: Path,
+                    train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, baseline: Any, policy: Any,
+                    scale: tuple[float, ...], measure: Any, *, with_lexical_stack: bool) -> dict[str, Any]:
+    """Fine-tune ``model_name`` on ``train`` under the budget, then score its adapter alone and its full stack on
+    ``test`` (and the stack without the LLM, fitted on the dev pairs this run scored, when asked)."""
+    labels = policy.scheme.label_names
+    grades = [policy.scheme.grades[name] for name in labels]
+    headline = DATASETS[dataset][2]
+    tag = f"[{dataset}/{split}/{model_name}]"
+    report: dict[str, Any] = {}
+    out = work / (f"{dataset}-{split}" if model_name == DEFAULT_MODEL else f"{dataset}-{split}-{model_name}")
+    loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
+    args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
+                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
+                        compute_dtype=sizes["compute_dtype"], **loss)
+    result = finetune(train, dev, policy, model_dir, out, args, base_model_name=model_name, rating_scale=scale,
+                      stack_lexical=baseline, stack_cosine=sizes["retriever"],
+                      progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
+                                               f"dev qwk {r['qwk']:.3f} {r['elapsed_s']:.0f}s", flush=True))
+    meta = result.meta
+    logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
+    report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
+    if with_lexical_stack:
+        lexical_stack = stack_without_llm(baseline, dev, out, labels, grades, sizes["retriever"])
+        lexical_probs = lexical_stack.predict_proba(test, retriever=sizes["retriever"])
+        report["stack_without_llm"] = {**measure(lexical_probs, lexical_stack.choose_labels(lexical_probs)),
+                                       "cutoffs": lexical_stack.cutoffs}
+    full = st.load_stack(out)
+    full_probs = full.predict_proba(test, logprobs, sizes["retriever"])
+    report["stack"] = {**measure(full_probs, full.choose_labels(full_probs)), "version": full.version,
+                       "cutoffs": full.cutoffs, "retriever": full.retriever}
+    train_s = max(meta["train_step_wall_seconds"], 1e-9)
+    report["training"] = {
+        "budget_minutes": sizes["minutes"], "seconds": meta["train_seconds"], "steps": meta["steps"],
+        "distinct_pairs": meta["n_train_used"], "pairs_seen": meta["pairs_seen"], "epochs": meta["epochs"],
+        "pairs_per_s": round(meta["pairs_seen"] / train_s, 2),
+        "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
+        "compute_dtype": meta["training_path"].get("compute_dtype", "torch.float32"),
+        "stop_reason": meta["stop_reason"], "phase_seconds": meta["phase_seconds"], "temperature": meta["temperature"],
+        "calibration": meta["calibration"],
+        "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
+    print(f"{tag} adapter {report['adapter'][headline]:.4f}, stack {report['stack'][headline]:.4f}; "
+          f"{meta['pairs_seen']} pairs seen ({meta['epochs']:.2f} epochs of {meta['n_train_used']})", flush=True)
+    return report
+
+
+def run_split(dataset: str, split: str, model_dirs: dict[str, str], sizes: dict[str, Any], work: Path) -> dict[str, Any]:
     policy_name, rating_source, headline, anchor = DATASETS[dataset]
     policy = load_prompt_policy(policy_name)
     labels = policy.scheme.label_names
@@ -221,44 +272,19 @@ def run_split(dataset: str, split: str, model_dir: str, sizes: dict[str, Any], w
     print(f"{tag} tfidf+linear {headline} {report['tfidf_linear'][headline]:.4f}, with dev cut-points "
           f"{report['tfidf_linear_cutoffs'][headline]:.4f}", flush=True)
 
-    out = work / f"{dataset}-{split}"
-    loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
-    args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
-                        max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
-                        compute_dtype=sizes["compute_dtype"], **loss)
-    result = finetune(train, dev, policy, model_dir, out, args, base_model_name="smollm2", rating_scale=scale,
-                      stack_lexical=baseline, stack_cosine=sizes["retriever"],
-                      progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
-                                               f"dev qwk {r['qwk']:.3f} {r['elapsed_s']:.0f}s", flush=True))
-    meta = result.meta
-    logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
-    report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
-    lexical_stack = stack_without_llm(baseline, dev, out, labels, grades, sizes["retriever"])
-    lexical_probs = lexical_stack.predict_proba(test, retriever=sizes["retriever"])
-    report["stack_without_llm"] = {**measure(lexical_probs, lexical_stack.choose_labels(lexical_probs)),
-                                   "cutoffs": lexical_stack.cutoffs}
-    full = st.load_stack(out)
-    full_probs = full.predict_proba(test, logprobs, sizes["retriever"])
-    report["stack"] = {**measure(full_probs, full.choose_labels(full_probs)), "version": full.version,
-                       "cutoffs": full.cutoffs, "retriever": full.retriever}
-    train_s = max(meta["train_step_wall_seconds"], 1e-9)
-    report["training"] = {
-        "budget_minutes": sizes["minutes"], "seconds": meta["train_seconds"], "steps": meta["steps"],
-        "distinct_pairs": meta["n_train_used"], "pairs_seen": meta["pairs_seen"], "epochs": meta["epochs"],
-        "pairs_per_s": round(meta["pairs_seen"] / train_s, 2),
-        "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
-        "compute_dtype": meta["training_path"].get("compute_dtype", "torch.float32"),
-        "stop_reason": meta["stop_reason"], "phase_seconds": meta["phase_seconds"], "temperature": meta["temperature"],
-        "calibration": meta["calibration"],
-        "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
-    print(f"{tag} " + ", ".join(f"{name} {report[name][headline]:.4f}" for name in SYSTEMS)
-          + f"; {meta['pairs_seen']} pairs seen ({meta['epochs']:.2f} epochs of {meta['n_train_used']})", flush=True)
+    for number, (model_name, model_dir) in enumerate(model_dirs.items()):
+        trained = train_and_score(dataset, split, model_name, model_dir, sizes, work, train, dev, test, baseline,
+                                  policy, scale, measure, with_lexical_stack=number == 0)
+        if number == 0:  # the first model's figures are the headline ones, under the names earlier runs used
+            report.update(trained)
+        report.setdefault("by_model", {})[model_name] = trained
+    print(f"{tag} " + ", ".join(f"{name} {report[name][headline]:.4f}" for name in SYSTEMS), flush=True)
     return report
 
 
 PRETTY = {"homedepot": "Home Depot", "crowdflower": "CrowdFlower"}
 SYSTEM_NAMES = {"tfidf_linear": "TF-IDF + linear",
-                "tfidf_linear_cutoffs": "TF-IDF + linear, labels by the dev decision (cut-points or argmax)", "adapter": "adapter alone (LoRA SmolLM2-135M)",
+                "tfidf_linear_cutoffs": "TF-IDF + linear, labels by the dev decision (cut-points or argmax)",
                 "stack_without_llm": "stack without the LLM", "stack": "full stack (adapter + lexical)"}
 
 
@@ -268,28 +294,45 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
     for dataset, splits in reports.items():
         for split, report in splits.items():
             metrics = ("rmse_rating", "qwk") if report["headline_metric"] == "rmse_rating" else ("qwk",)
-            training = report["training"]
+            models = list(report.get("by_model", {DEFAULT_MODEL: report}))
             for metric in metrics:
                 unit = "RMSE (rating)" if metric == "rmse_rating" else "QWK"
                 baseline = report["tfidf_linear"][metric]
+                anchor = f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test pairs; {report['anchor']}"
                 for system in SYSTEMS:
                     if system == "tfidf_linear_cutoffs" and metric == "rmse_rating":
                         continue  # the expected rating does not depend on the label written
-                    target = ("reference" if system.startswith("tfidf_linear") else
-                              "better than TF-IDF + linear (either decision)" if system == "stack" else "")
-                    cosine = " (+ zero-shot MiniLM cosine)" if system.startswith("stack") and \
-                        report["stack"].get("retriever") else ""
-                    figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, {SYSTEM_NAMES[system]}{cosine}{mark}",
-                                    "value": round(report[system][metric], 4), "unit": unit, "target": target,
-                                    "anchor": f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test "
-                                              f"pairs; {report['anchor']}"})
-            figures.append({"name": f"{PRETTY[dataset]} {split} split: training pairs/s (epochs reached){mark}",
-                            "value": training["pairs_per_s"], "unit": "pairs/s",
-                            "target": ">= 20,000 distinct pairs, > 1 epoch in 30 min",
-                            "anchor": f"{training['pairs_seen']:,} pairs seen, {training['epochs']:.2f} epochs of "
-                                      f"{training['distinct_pairs']:,} distinct, {training['budget_minutes']:g} min budget, "
-                                      f"arithmetic in {training.get('compute_dtype', 'torch.float32').removeprefix('torch.')}"})
+                    for number, model in enumerate(models):
+                        if number and system not in ("adapter", "stack"):
+                            continue
+                        part = report["by_model"][model] if number else report
+                        target = ("reference" if system.startswith("tfidf_linear") else
+                                  "better than TF-IDF + linear (either decision)" if system == "stack" else "")
+                        cosine = " (+ zero-shot MiniLM cosine)" if system.startswith("stack") and \
+                            report["stack"].get("retriever") else ""
+                        figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, "
+                                                f"{system_name(system, model)}{cosine}{mark}",
+                                        "value": round(part[system][metric], 4), "unit": unit, "target": target,
+                                        "anchor": anchor})
+            for model in models:
+                training = report.get("by_model", {}).get(model, report)["training"]
+                which = "" if model == DEFAULT_MODEL else f" ({MODEL_NAMES.get(model, model)})"
+                figures.append({"name": f"{PRETTY[dataset]} {split} split: training pairs/s (epochs reached){which}{mark}",
+                                "value": training["pairs_per_s"], "unit": "pairs/s",
+                                "target": ">= 20,000 distinct pairs, > 1 epoch in 30 min",
+                                "anchor": f"{training['pairs_seen']:,} pairs seen, {training['epochs']:.2f} epochs of "
+                                          f"{training['distinct_pairs']:,} distinct, {training['budget_minutes']:g} min budget, "
+                                          f"arithmetic in {training.get('compute_dtype', 'torch.float32').removeprefix('torch.')}"})
     return figures
+
+
+def system_name(system: str, model: str) -> str:
+    """The table name of ``system``; a fine-tuned one names its base model, the default one as earlier runs did."""
+    if system == "adapter":
+        return f"adapter alone (LoRA {MODEL_NAMES.get(model, model)})"
+    if system == "stack" and model != DEFAULT_MODEL:
+        return f"full stack ({MODEL_NAMES.get(model, model)} adapter + lexical)"
+    return SYSTEM_NAMES[system]
 
 
 def main() -> None:
@@ -308,11 +351,12 @@ def main() -> None:
     sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     if any(READERS[d]() is None for d in datasets):
         skip(NAME, args.quick, "../shared/data (homedepot/crowdflower train.csv) is absent")
     from annotator.models import pull
 
-    model_dir = str(pull("smollm2"))
+    model_dirs = {name: str(pull(name)) for name in models}
     started = time.monotonic()
     explicit = [] if "--retriever" in sys.argv else ["--retriever", args.retriever]  # its default changed once
     command = " ".join(["python -m bench.bench_finetune", *sys.argv[1:], *explicit])
@@ -333,7 +377,7 @@ def main() -> None:
         work = args.keep_adapters or Path(tmp)
         for dataset in datasets:
             for split in splits:
-                reports.setdefault(dataset, {})[split] = run_split(dataset, split, model_dir, sizes, work)
+                reports.setdefault(dataset, {})[split] = run_split(dataset, split, model_dirs, sizes, work)
                 save(partial=True)
     save(partial=False)
 

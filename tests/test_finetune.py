@@ -388,6 +388,44 @@ def test_top_k_forward_over_the_cache_equals_the_full_forward(learnable_llama: P
     assert len(set(map(len, examples.suffixes))) > 1
 
 
+def test_top_k_forward_over_the_cache_keeps_gemma3s_sliding_window(toy_policy_path: Path, tmp_path: Path) -> None:
+    """Gemma 3 (`mnr models pull gemma3`): local blocks see only the last few tokens, and each kind of block
+    rotates at its own base. The cached path must give the full forward's label logits, pair by pair, with a
+    prompt far longer than the window."""
+    from annotator import layer_cache as lc
+    from annotator.tiny import build_tiny_gemma3
+
+    folder = build_tiny_gemma3(tmp_path / "gemma3", sliding_window=8)
+    model = _lora_with_random_b(folder, top_k=2)
+    tokenizer = load_tokenizer(folder)
+    policy = load_prompt_policy(toy_policy_path)
+    examples = encode_examples(tokenizer, policy, synthetic_pairs(n_queries=2).rename(columns={"text": "query"}))
+    assert len(examples.prefix) + min(map(len, examples.suffixes)) > 2 * 8
+    prefix = lc.prefix_states(model, examples.prefix, split=1)
+    cache = lc.allocate_cache([len(s) for s in examples.suffixes], model.config.hidden_size,
+                              max_resident_bytes=2**30, spill_dir=None, dtype=np.float32)
+    lc.fill_cache(model, prefix, examples.suffixes, cache, order=np.arange(len(examples.suffixes)), batch_size=5)
+    label_ids = label_token_ids(tokenizer, policy.answer_options())
+    with torch.no_grad():
+        hidden, lengths = cache.batch(list(range(len(examples.suffixes))))
+        cached = lc.top_block_logits(model, prefix, hidden, lengths)[:, label_ids]
+        full = torch.stack([model(input_ids=torch.tensor([examples.prefix + list(s)])).logits[0, -1, label_ids]
+                            for s in examples.suffixes])
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=0)
+    # what fine-tuning stores for Gemma: bfloat16 bits, since its states outgrow float16
+    assert lc.cache_dtype_for(model) == lc.BFLOAT16_BITS
+    bf16 = lc.allocate_cache([len(s) for s in examples.suffixes], model.config.hidden_size,
+                             max_resident_bytes=2**30, spill_dir=None, dtype=lc.cache_dtype_for(model))
+    bf16.store(0, np.full((1, model.config.hidden_size), 1e5, dtype=np.float32))  # beyond float16's 65,504
+    assert torch.isclose(bf16.batch([0])[0][0, 0, 0], torch.tensor(1e5), rtol=1e-2)
+    lc.fill_cache(model, prefix, examples.suffixes, bf16, order=np.arange(len(examples.suffixes)), batch_size=5)
+    with torch.no_grad():
+        from_bf16 = lc.top_block_logits(model, prefix, bf16.batch(list(range(len(examples.suffixes))))[0],
+                                        lengths)[:, label_ids]
+    torch.testing.assert_close(from_bf16, cached, atol=2e-2, rtol=0)
+    assert len(set(map(len, examples.suffixes))) > 1
+
+
 def test_grouped_attention_equals_sdpa_over_repeated_heads() -> None:
     """6 query heads on 2 key/value heads (SmolLM2: 9 on 3), a prefix and padding."""
     from types import SimpleNamespace
