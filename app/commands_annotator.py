@@ -197,7 +197,7 @@ def serve(
 
 @models_app.command("pull")
 def models_pull(
-    name: str = typer.Argument(..., help="Model to convert into the cache, e.g. smollm2."),
+    name: str = typer.Argument(..., help="Model to convert into the cache: smollm2 or gemma3."),
     force: bool = typer.Option(False, "--force", help="Convert again even if present."),
 ) -> None:
     """Convert a model shipped in a Python package (GGUF) into a Hugging Face folder in the cache."""
