@@ -873,7 +873,7 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
 
     info = {"path": "cached", "split": split, "top_k": args.train_top_k, "prefix_tokens": prefix.length,
             "compute_dtype": str(dtype),
-            "cache_dtype": str(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
+            "cache_dtype": lc.cache_dtype_name(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
             "cache_bytes_per_token": hidden_size * cache.rows.itemsize, "train_pairs_cached": n_cached,
             "train_tokens_cached": int(cache.lengths[:n_cached].sum()),
             "train_encode_and_cache_seconds": round(train_seconds, 1),

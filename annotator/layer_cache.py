@@ -74,7 +74,10 @@ def attention_mask(prefix_len: int, lengths: Sequence[int], width: int, window: 
     if window is not None:
         query_at = torch.arange(prefix_len, prefix_len + width)
         key_at = torch.arange(prefix_len + width)
-        allowed &= (query_at[:, None] - key_at[None, :] < window)[None]
+        in_window = (query_at[:, None] - key_at[None, :] < window)[None]
+        # padding rows keep every key: a row that sees none would softmax to NaN and spread it
+        padding_query = (query[None, :] >= lengths_t[:, None])[:, :, None]
+        allowed &= in_window | padding_query
     return allowed[:, None]
 
 
@@ -141,8 +144,8 @@ def run_blocks(model: Any, blocks: range, hidden: torch.Tensor, *, prefix_kv: di
     config = decoder.config
     layer_types = _layer_types(config)
     rotary = _rotary_by_type(decoder, hidden, positions, layer_types)
-    masks = {kind: attention_mask(prefix_len, lengths, width,
-                                  window=config.sliding_window if kind == "sliding_attention" else None)
+    window = getattr(config, "sliding_window", None)
+    masks = {kind: attention_mask(prefix_len, lengths, width, window=window if kind == "sliding_attention" else None)
              for kind in set(layer_types)}
     cache = _PrefixKV(prefix_kv, batch)
     # the model's attention function is swapped for these blocks and put back after: no other thread may run
@@ -161,19 +164,17 @@ def run_blocks(model: Any, blocks: range, hidden: torch.Tensor, *, prefix_kv: di
 
 
 def _layer_types(config: Any) -> list[str]:
-    """Each block's attention kind: "full_attention", or "sliding_attention" where the config sets a window
-    for it (Gemma 3 interleaves five local blocks to one global one)."""
+    """Each block's attention kind as the config declares it (Gemma 3 interleaves five "sliding_attention"
+    blocks to one "full_attention" one), or "full_attention" for every block."""
     declared = getattr(config, "layer_types", None)
-    if not declared or getattr(config, "sliding_window", None) is None:
-        return ["full_attention"] * config.num_hidden_layers
-    return list(declared)
+    return list(declared) if declared else ["full_attention"] * config.num_hidden_layers
 
 
 def _rotary_by_type(decoder: Any, hidden: torch.Tensor, positions: torch.Tensor,
                     layer_types: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Rotary (cos, sin) per attention kind: Gemma 3's local and global blocks rotate at different bases."""
     kinds = set(layer_types)
-    if len(kinds) == 1 and not hasattr(decoder.rotary_emb, "layer_types"):
+    if not hasattr(decoder.rotary_emb, "layer_types"):
         return {kind: decoder.rotary_emb(hidden, positions) for kind in kinds}
     return {kind: decoder.rotary_emb(hidden, positions, kind) for kind in kinds}
 
@@ -231,7 +232,7 @@ def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, len
 class LayerCache:
     """Lower-block outputs of pairs, flat: pair i is rows ``offsets[i]:offsets[i]+lengths[i]`` of ``rows``.
 
-    ``rows`` is (total tokens, H) float16, in memory or a ``np.memmap`` on disk; ``filled`` pairs
+    ``rows`` is (total tokens, H) float16 (or bfloat16 bits: `cache_dtype_for`), in memory or a ``np.memmap`` on disk; ``filled`` pairs
     (the first ones in ``order``) are computed so far, in ``fill_seconds``.
     """
 
@@ -257,6 +258,10 @@ class LayerCache:
     def store(self, start: int, states: np.ndarray) -> None:
         """Write float32 ``states`` (T, H) at row ``start``, in the rows' dtype."""
         self.rows[start: start + len(states)] = _to_rows(states, self.rows.dtype)
+
+
+def cache_dtype_name(dtype: np.dtype) -> str:
+    return "bfloat16" if dtype == BFLOAT16_BITS else str(dtype)
 
 
 def cache_dtype_for(model: Any) -> np.dtype:
@@ -324,6 +329,9 @@ def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int
     Returns the number of pairs of ``order`` done (a prefix of it); ``cache.filled`` is set to it.
     """
     decoder = decoder_of(model)
+    if cache.rows.dtype == np.dtype(CACHE_DTYPE) and cache_dtype_for(model) != cache.rows.dtype:
+        raise ValueError(f"float16 cache rows for a model whose states outgrow float16: allocate the cache with "
+                         f"dtype=cache_dtype_for(model) ({cache_dtype_for(model)} bfloat16 bits)")
     limit = len(order) if stop_after is None else min(stop_after, len(order))
     done = start_done = cache.filled
     seconds = 0.0

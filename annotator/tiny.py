@@ -76,8 +76,6 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -90,10 +88,7 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     model = LlamaForCausalLM(config).to(torch.float32)
     with torch.no_grad():  # a softer output layer: label probabilities clear of 0 and 1, argmax (greedy) unchanged
         model.lm_head.weight.mul_(LM_HEAD_SCALE)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    _set_json(out_dir / "config.json", torch_dtype="float32", dtype="float32")
-    return out_dir
+    return _write_tiny(Path(out_dir), model, tokenizer)
 
 
 def build_tiny_gemma3(out_dir: Path, seed: int = 0, sliding_window: int = 8) -> Path:
@@ -102,8 +97,6 @@ def build_tiny_gemma3(out_dir: Path, seed: int = 0, sliding_window: int = 8) -> 
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -114,8 +107,14 @@ def build_tiny_gemma3(out_dir: Path, seed: int = 0, sliding_window: int = 8) -> 
     )
     torch.manual_seed(seed)
     model = Gemma3ForCausalLM(config).to(torch.float32)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    return _write_tiny(Path(out_dir), model, tokenizer)
+
+
+def _write_tiny(out_dir: Path, model: object, tokenizer: object) -> Path:
+    """Save a tiny model and its tokenizer to ``out_dir``, its config saying float32; returns ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[attr-defined]
+    tokenizer.save_pretrained(out_dir)  # type: ignore[attr-defined]
     _set_json(out_dir / "config.json", torch_dtype="float32", dtype="float32")
     return out_dir
 

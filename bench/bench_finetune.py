@@ -69,7 +69,6 @@ from bench.common import read_crowdflower, read_homedepot, skip, write_result  #
 
 NAME = "finetune"
 DEFAULT_MODEL = "smollm2"
-MODEL_NAMES = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma 3 270M"}
 SEED = 2602
 # dataset -> (policy, rating source, headline metric, public anchors)
 DATASETS: dict[str, tuple[str, str, str, str]] = {
@@ -276,8 +275,9 @@ def run_split(dataset: str, split: str, model_dirs: dict[str, str], sizes: dict[
         trained = train_and_score(dataset, split, model_name, model_dir, sizes, work, train, dev, test, baseline,
                                   policy, scale, measure, with_lexical_stack=number == 0)
         if number == 0:  # the first model's figures are the headline ones, under the names earlier runs used
-            report.update(trained)
-        report.setdefault("by_model", {})[model_name] = trained
+            report.update(trained, model=model_name)
+        else:
+            report.setdefault("by_model", {})[model_name] = trained
     print(f"{tag} " + ", ".join(f"{name} {report[name][headline]:.4f}" for name in SYSTEMS), flush=True)
     return report
 
@@ -294,7 +294,7 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
     for dataset, splits in reports.items():
         for split, report in splits.items():
             metrics = ("rmse_rating", "qwk") if report["headline_metric"] == "rmse_rating" else ("qwk",)
-            models = list(report.get("by_model", {DEFAULT_MODEL: report}))
+            models = [report.get("model", DEFAULT_MODEL), *report.get("by_model", {})]
             for metric in metrics:
                 unit = "RMSE (rating)" if metric == "rmse_rating" else "QWK"
                 baseline = report["tfidf_linear"][metric]
@@ -316,7 +316,7 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                                         "anchor": anchor})
             for model in models:
                 training = report.get("by_model", {}).get(model, report)["training"]
-                which = "" if model == DEFAULT_MODEL else f" ({MODEL_NAMES.get(model, model)})"
+                which = "" if model == DEFAULT_MODEL else f" ({model_title(model)})"
                 figures.append({"name": f"{PRETTY[dataset]} {split} split: training pairs/s (epochs reached){which}{mark}",
                                 "value": training["pairs_per_s"], "unit": "pairs/s",
                                 "target": ">= 20,000 distinct pairs, > 1 epoch in 30 min",
@@ -329,10 +329,16 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
 def system_name(system: str, model: str) -> str:
     """The table name of ``system``; a fine-tuned one names its base model, the default one as earlier runs did."""
     if system == "adapter":
-        return f"adapter alone (LoRA {MODEL_NAMES.get(model, model)})"
+        return f"adapter alone (LoRA {model_title(model)})"
     if system == "stack" and model != DEFAULT_MODEL:
-        return f"full stack ({MODEL_NAMES.get(model, model)} adapter + lexical)"
+        return f"full stack ({model_title(model)} adapter + lexical)"
     return SYSTEM_NAMES[system]
+
+
+def model_title(model: str) -> str:
+    from annotator.models import PULLABLE
+
+    return PULLABLE[model].title if model in PULLABLE else model
 
 
 def main() -> None:

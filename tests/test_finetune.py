@@ -423,6 +423,12 @@ def test_top_k_forward_over_the_cache_keeps_gemma3s_sliding_window(toy_policy_pa
         from_bf16 = lc.top_block_logits(model, prefix, bf16.batch(list(range(len(examples.suffixes))))[0],
                                         lengths)[:, label_ids]
     torch.testing.assert_close(from_bf16, cached, atol=2e-2, rtol=0)
+    # a short pair padded far past the window: its padding rows still see a key (a row that sees none softmaxes
+    # to NaN, which the next block spreads), while its real token sees only the window
+    mask = lc.attention_mask(prefix_len=4, lengths=[1, 12], width=12, window=8)[:, 0]
+    assert bool(mask.any(dim=-1).all())
+    assert mask[0, 0].tolist() == [True] * 4 + [True] + [False] * 11
+    assert mask[1, 11].sum() == 8 and bool(mask[1, 11, 8:].all())
     assert len(set(map(len, examples.suffixes))) > 1
 
 
