@@ -5,8 +5,8 @@ the frozen base model, so their output for a pair never changes during training.
 once per pair (`build_layer_cache`) and stored, token by token, as float16 rows of width
 ``hidden_size``; a pair of T pair-part tokens costs ``T * hidden_size * 2`` bytes (SmolLM2-135M:
 1,152 bytes a token). Gemma 3's states outgrow float16 (up to about 2e4 at its block 14 on pair tokens,
-1e5 at <bos>; float16 stops at 65,504), so its rows hold bfloat16 bits instead (`cache_dtype_for`). Each training step then runs only the top blocks, the final norm and the
-LM head at the answer position.
+1e5 at <bos>; float16 stops at 65,504), so its rows hold bfloat16 bits instead (`cache_dtype_for`).
+Each training step then runs only the top blocks, the final norm and the LM head at the answer position.
 
 The prompt is ``prefix + pair part``. The prefix is shared: its lower-block keys/values and its
 hidden state at ``split`` are computed once (`PrefixStates`); its upper-block keys/values depend
@@ -232,8 +232,8 @@ def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, len
 class LayerCache:
     """Lower-block outputs of pairs, flat: pair i is rows ``offsets[i]:offsets[i]+lengths[i]`` of ``rows``.
 
-    ``rows`` is (total tokens, H) float16 (or bfloat16 bits: `cache_dtype_for`), in memory or a ``np.memmap`` on disk; ``filled`` pairs
-    (the first ones in ``order``) are computed so far, in ``fill_seconds``.
+    ``rows`` is (total tokens, H) float16 (or bfloat16 bits: `cache_dtype_for`), in memory or a ``np.memmap``
+    on disk; ``filled`` pairs (the first ones in ``order``) are computed so far, in ``fill_seconds``.
     """
 
     rows: np.ndarray
@@ -252,7 +252,7 @@ class LayerCache:
         out = torch.zeros(len(indices), max(lengths), self.rows.shape[1], dtype=dtype)
         for b, (i, n) in enumerate(zip(indices, lengths)):
             start = int(self.offsets[i])
-            out[b, :n] = _from_rows(self.rows[start: start + n]).to(dtype)
+            out[b, :n] = _from_rows(self.rows[start: start + n])
         return out, lengths
 
     def store(self, start: int, states: np.ndarray) -> None:
@@ -279,7 +279,7 @@ def _to_rows(states: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _from_rows(rows: np.ndarray) -> torch.Tensor:
     if rows.dtype == BFLOAT16_BITS:
-        return torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(np.array(rows).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(rows, dtype=np.float32))
 
 
@@ -329,9 +329,9 @@ def fill_cache(model: Any, prefix: PrefixStates, suffixes: Sequence[Sequence[int
     Returns the number of pairs of ``order`` done (a prefix of it); ``cache.filled`` is set to it.
     """
     decoder = decoder_of(model)
-    if cache.rows.dtype == np.dtype(CACHE_DTYPE) and cache_dtype_for(model) != cache.rows.dtype:
-        raise ValueError(f"float16 cache rows for a model whose states outgrow float16: allocate the cache with "
-                         f"dtype=cache_dtype_for(model) ({cache_dtype_for(model)} bfloat16 bits)")
+    if cache.rows.dtype == np.float16 and cache_dtype_for(model) == BFLOAT16_BITS:
+        raise ValueError("float16 cache rows for a model whose states outgrow float16: allocate the cache with "
+                         "dtype=cache_dtype_for(model) (bfloat16 bits)")
     limit = len(order) if stop_after is None else min(stop_after, len(order))
     done = start_done = cache.filled
     seconds = 0.0
