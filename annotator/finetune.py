@@ -69,8 +69,10 @@ import torch.nn.functional as F
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
+from annotator.answer_head import HEAD_MODULE, choose_head, freeze_head, has_head_module, write_head
 from annotator.calibration import apply_temperature, fit_temperature
 from annotator.evaluation import evaluate_labels
+from annotator.layer_cache import lm_head_of
 from annotator.prompts import FLAG_OPTIONS, EmptyProductTextError, PairText, Policy
 from annotator.scoring import label_token_ids
 from labelstore import ids
@@ -180,6 +182,10 @@ class FinetuneArgs:
     # optimiser stay float32, and dev is cached and scored in float32, as the labeler serves, so selection, the
     # temperature and the stack see the served model's numbers. Xeon with AMX: a forward ran 2.2x faster
     compute_dtype: str = "auto"  # auto | float32 | bfloat16
+    # a linear head on the last hidden state, fitted in closed form at the end and served as a LoRA on lm_head
+    # (annotator.answer_head); kept only where it beats the adapter without it on dev. Cached path only
+    answer_head: bool = True
+    head_penalties: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
 
     def __post_init__(self) -> None:
         if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
@@ -187,7 +193,7 @@ class FinetuneArgs:
 
     def record(self) -> dict[str, Any]:
         """The settings as ``meta.json`` stores them (``training_args``), JSON-ready."""
-        return {**asdict(self), "target_modules": list(self.target_modules)}
+        return {**asdict(self), "target_modules": list(self.target_modules), "head_penalties": list(self.head_penalties)}
 
 
 @dataclass
@@ -424,13 +430,27 @@ def load_lora_model(model_dir: str | Path, args: FinetuneArgs, adapter_dir: Path
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     if adapter_dir is not None:
-        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        freeze_head(model)
+        return model
     n_layers = int(base.config.num_hidden_layers)
     top = list(range(max(0, n_layers - args.train_top_k), n_layers)) if 0 < args.train_top_k < n_layers else None
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=list(args.target_modules), layers_to_transform=top, bias="none",
-                        task_type="CAUSAL_LM")
-    return get_peft_model(base, config)
+                        target_modules=lora_targets(args.target_modules, top, head=args.answer_head and top is not None),
+                        bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    freeze_head(model)
+    return model
+
+
+def lora_targets(modules: Sequence[str], layers: Sequence[int] | None, *, head: bool) -> list[str] | str:
+    """PEFT ``target_modules``: ``modules`` in decoder blocks ``layers`` (None: every block), plus lm_head for
+    the answer head. PEFT's ``layers_to_transform`` would drop lm_head (it is in no block), so blocks and head
+    are named by one pattern (PEFT full-matches a string against each module's name)."""
+    if not head and layers is None:
+        return list(modules)
+    blocks = r"\d+" if layers is None else "|".join(str(layer) for layer in layers)
+    return rf"(.*\.layers\.({blocks})\.(self_attn|mlp)\.({'|'.join(modules)}))" + (f"|{HEAD_MODULE}" if head else "")
 
 
 def prefix_cache(model: Any, prefix: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
@@ -761,6 +781,8 @@ class TrainingPath:
     dev_index: np.ndarray
     info: dict[str, Any]
     eval_estimate_s: float | None = None  # scoring dev once, predicted before any evaluation ran
+    # ("train" | "dev", rows) -> (B, H) final normed states at the grade answer, for the answer head (None: none)
+    answer_states: Callable[[str, np.ndarray], torch.Tensor] | None = None
     full_pair_s: float | None = None  # a sequence through the whole model (None: about a dev evaluation's per pair)
 
 
@@ -871,6 +893,15 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
     def score_dev() -> Scores:
         return score_rows(model, dev_logits, cached_dev, label_ids, flag_ids, batch_size=args.eval_batch_size)
 
+    def answer_states(which: str, rows: np.ndarray) -> torch.Tensor:
+        if which == "train":
+            hidden, batch_lengths = cache.batch(rows)
+            at = answer_positions(train_examples, rows)
+        else:
+            hidden, batch_lengths = dev_cache.batch(dev_index[rows])
+            at = answer_positions(cached_dev, rows)
+        return lc.top_block_states(model, prefix, hidden, batch_lengths, at=at)[:, 0]
+
     info = {"path": "cached", "split": split, "top_k": args.train_top_k, "prefix_tokens": prefix.length,
             "compute_dtype": str(dtype),
             "cache_dtype": lc.cache_dtype_name(cache.rows.dtype), "cache_spilled": spilled, "cache_bytes": cache.nbytes,
@@ -884,7 +915,8 @@ def cached_path(*, model: Any, split: int, train: pd.DataFrame, dev_examples: En
             "prefix_seconds": round(dev.prefix_seconds, 2), "dev_cache_pairs_per_s": round(1 / pace.pair_s, 2),
             "estimated_step_seconds": round(pace.step_s(args.batch_size), 2)}
     path = TrainingPath(np.arange(n_cached), lengths[:n_cached], logits, score_dev, dev_index, info,
-                        eval_estimate_s=pace.eval_s(len(dev_index)), full_pair_s=pace.pair_s * n_layers / max(1, split))
+                        eval_estimate_s=pace.eval_s(len(dev_index)), full_pair_s=pace.pair_s * n_layers / max(1, split),
+                        answer_states=answer_states)
     return path, train_examples
 
 
@@ -1181,6 +1213,7 @@ class _Trainer:
         warmup = max(1, args.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.n_train = len(path.train_index)
+        self.uses_head = args.answer_head and path.answer_states is not None and has_head_module(model)
         self.n_train_pairs = len(set(train_examples.take(path.train_index).pair_ids))
         self.save_seconds = 0.0
 
@@ -1202,7 +1235,7 @@ class _Trainer:
     def _out_of_time(self, state: LoopState, *, steps: int) -> bool:
         """No room for ``steps`` more steps, an evaluation and saving the result."""
         eval_s = state.eval_seconds if state.eval_seconds is not None else self._eval_estimate(state)
-        finish_s = FINISH_MARGIN_S + self.save_seconds + self._rescore_estimate(eval_s)
+        finish_s = FINISH_MARGIN_S + self.save_seconds + self._rescore_estimate(eval_s) + self._head_estimate(state, eval_s)
         return self.clock.elapsed() + steps * state.step_seconds + eval_s + finish_s > self.clock.limit_s
 
     def _rescore_estimate(self, eval_s: float) -> float:
@@ -1213,6 +1246,14 @@ class _Trainer:
         if self.path.full_pair_s is not None:
             return n_flags * self.path.full_pair_s
         return eval_s * n_flags / max(1, len(self.dev_examples.targets))
+
+    def _head_estimate(self, state: LoopState, eval_s: float) -> float:
+        """Fitting the answer head: the train pairs' states (a forward, a third of a step), the fits, and scoring
+        dev again with the head."""
+        if not self.uses_head:
+            return 0.0
+        forward_s = state.step_seconds * self.n_train / max(1, self.args.batch_size) / (1 + BACKWARD_FACTOR)
+        return forward_s + HEAD_FIT_S_PER_PAIR * self.n_train * len(self.args.head_penalties) + 2 * eval_s
 
     def _eval_estimate(self, state: LoopState) -> float:
         if self.path.eval_estimate_s is not None:  # the cached path's, from its measured caching pace
@@ -1536,7 +1577,10 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
     model, args, out_dir, dev_examples = trainer.model, trainer.args, trainer.out_dir, trainer.dev_examples
     if state.best_state is not None:
         set_peft_model_state_dict(model, state.best_state)
-    logprobs = state.best_logprobs if state.best_logprobs is not None else trainer.path.score_dev()
+    head_report = _fit_answer_head(trainer)
+    trainer.clock.phase("answer_head")
+    reuse = state.best_logprobs is not None and not head_report.get("used")
+    logprobs = state.best_logprobs if reuse else trainer.path.score_dev()
     if trainer.flag_names:
         flag_scores, n_rescored = flags_after_predicted_grade(
             model=model, tokenizer=tokenizer, policy=prompt_policy, dev=dev, examples=dev_examples, scores=logprobs,
@@ -1547,7 +1591,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
                               trainer.rating_scale, trainer.labels) for t in (1.0, temperature)}
     flag_temperatures, flag_calibration = calibrate_flags(logprobs.flag, dev_examples, trainer.flag_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)  # the head is a LoRA: lm_head stays the base's
     stack = _fit_stack(trainer, dev, logprobs, temperature, flag_temperatures, lexical)
     trainer.clock.phase("calibration_stack_and_save")
     elapsed = trainer.clock.elapsed()
@@ -1575,6 +1619,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "epochs": round(state.pairs_seen / max(1, trainer.n_train), 3),
         "pairs_seen": state.pairs_seen,
         "training_path": trainer.path.info,
+        "answer_head": head_report,
         "step_seconds": round(state.step_seconds, 3),
         "train_step_wall_seconds": round(state.train_wall_s, 1),
         "train_step_cpu_seconds": round(state.train_cpu_s, 1),
@@ -1599,6 +1644,50 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     shutil.rmtree(out_dir / "layer-cache", ignore_errors=True)
     return FinetuneResult(out_dir, meta, state.history)
+
+
+HEAD_FIT_S_PER_PAIR = 2e-4  # one L-BFGS fit of the answer head per penalty (576-wide states, 4 labels)
+
+
+def _answer_states(trainer: _Trainer, which: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(states (n, H), label logits (n, K)) at the grade answer of ``which``'s sequences ``rows``, without head."""
+    states, logits = [], []
+    head = lm_head_of(trainer.model)
+    with torch.no_grad():
+        for start in range(0, len(rows), trainer.args.eval_batch_size):
+            batch = trainer.path.answer_states(which, rows[start:start + trainer.args.eval_batch_size])
+            states.append(batch)
+            logits.append(head(batch)[:, trainer.label_ids])
+    return torch.cat(states).numpy(), torch.cat(logits).double().numpy()
+
+
+def _fit_answer_head(trainer: _Trainer) -> dict[str, Any]:
+    """Fit the answer head (`annotator.answer_head`) on the train pairs' states under the selected adapter, keep
+    it where it beats no head on dev by the selection metric, and write it into the adapter's lm_head LoRA."""
+    if not trainer.uses_head:
+        return {"used": False, "reason": "answer_head off, or the full path (no layer cache)"}
+    model, args = trainer.model, trainer.args
+    grade = trainer.targets.grade.numpy()
+    train_rows = trainer.path.train_index[np.flatnonzero(grade)]
+    dev_rows = trainer.dev_examples.grade_rows
+    tick = time.monotonic()
+    was_training = model.training
+    model.eval()
+    write_head(model, None, trainer.label_ids)
+    train_states, train_logits = _answer_states(trainer, "train", train_rows)
+    dev_states, dev_logits = _answer_states(trainer, "dev", dev_rows)
+    dev_targets = trainer.dev_examples.grade_targets
+
+    def score(logprobs: np.ndarray) -> float:
+        return dev_metrics(logprobs, dev_targets, trainer.grades, 1.0, trainer.dev_ratings, trainer.rating_scale,
+                           trainer.labels)[args.select_metric]
+
+    train = (train_states, train_logits, trainer.targets.classes.numpy()[grade], trainer.targets.weights.numpy()[grade])
+    head, report = choose_head(train, (dev_states, dev_logits), args.head_penalties, score,
+                               lambda value, best: _better(args.select_metric, value, best))
+    write_head(model, head, trainer.label_ids)
+    model.train(was_training)
+    return {**report, "metric": args.select_metric, "seconds": round(time.monotonic() - tick, 1)}
 
 
 HEADLINE_KEYS = ("n", "accuracy", "macro_f1", "kappa", "qwk", "within_one_accuracy", "rmse_grade", "rmse_rating",

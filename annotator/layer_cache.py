@@ -215,6 +215,14 @@ def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, len
     """(B, vocab) answer-position logits from cached lower-block states ``hidden`` (B, W, H); with ``at``
     (B, P) positions in each pair part, (B, P, vocab) logits there (a flag prompt is read at its grade
     answer and at its end)."""
+    states = top_block_states(model, prefix, hidden, lengths, at)
+    with torch.autocast("cpu", enabled=False):  # the answer logits in float32 whatever the blocks ran in
+        return lm_head_of(model)(states)
+
+
+def top_block_states(model: Any, prefix: PrefixStates, hidden: torch.Tensor, lengths: Sequence[int],
+                     at: np.ndarray | None = None) -> torch.Tensor:
+    """The final normed hidden states that `top_block_logits` reads, in float32: (B, H), or (B, P, H) at ``at``."""
     n_layers = len(decoder_of(model).layers)
     kv = {**prefix.lower_kv, **upper_prefix_kv(model, prefix)}
     out, _ = run_blocks(model, range(prefix.split, n_layers), hidden, prefix_kv=kv, prefix_len=prefix.length,
@@ -223,8 +231,8 @@ def top_block_logits(model: Any, prefix: PrefixStates, hidden: torch.Tensor, len
         picked = out[torch.arange(len(lengths)), torch.as_tensor(list(lengths)) - 1]
     else:
         picked = out[torch.arange(len(lengths))[:, None], torch.as_tensor(np.asarray(at), dtype=torch.long)]
-    with torch.autocast("cpu", enabled=False):  # the answer logits in float32 whatever the blocks ran in
-        return lm_head_of(model)(decoder_of(model).norm(picked.float()))
+    with torch.autocast("cpu", enabled=False):
+        return decoder_of(model).norm(picked.float())
 
 
 # -- the cache --------------------------------------------------------------------------------------

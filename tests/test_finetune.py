@@ -7,6 +7,7 @@ irrelevant). A short policy keeps the prompt small so a few dozen steps take sec
 from __future__ import annotations
 
 import json
+import re
 import random
 import shutil
 from pathlib import Path
@@ -499,7 +500,12 @@ def test_top_block_path_learns_the_rule_and_writes_a_partial_peft_adapter(top_bl
     assert meta["dev_metrics"]["accuracy"] >= 0.7  # chance is about 0.25
     assert meta["epochs"] > 1 and meta["n_train_used"] == meta["n_train"]
     config = json.loads((top_block_run.out_dir / "adapter_config.json").read_text())
-    assert config["layers_to_transform"] == [1]
+    # the top block's modules and lm_head (the answer head's LoRA), named by one pattern: no other block
+    pattern = config["target_modules"]
+    assert config["layers_to_transform"] is None
+    assert re.fullmatch(pattern, "model.layers.1.self_attn.q_proj") and re.fullmatch(pattern, "lm_head")
+    assert not re.fullmatch(pattern, "model.layers.0.self_attn.q_proj")
+    assert set(meta["answer_head"]) >= {"used", "dev_without_head", "dev_by_l2"}
     assert not (top_block_run.out_dir / "layer-cache").exists()
 
 

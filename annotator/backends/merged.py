@@ -26,7 +26,7 @@ from annotator.models import models_dir
 from labelstore.ids import file_hash, stable_hash
 
 COMPLETE = "merged.json"
-MERGE_FORMAT = 1  # bump when _write_merged changes what it writes
+MERGE_FORMAT = 2  # bump when _write_merged changes what it writes
 STAGING = ".tmp-"
 KEEP = 4
 RECENT_S = 600.0
@@ -94,8 +94,23 @@ def _write_merged(model: Path, adapter: Path, out: Path) -> None:
 
     served_dtype = AutoConfig.from_pretrained(model).dtype  # what "auto" picks for the base, kept
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    if base.config.tie_word_embeddings and _adapts_lm_head(adapter):
+        # an answer head (a LoRA on lm_head) merged into a tied lm_head would move the label tokens' input
+        # embeddings too, and the prompt spells the labels: the merged model gets its own lm_head
+        base.lm_head.weight = torch.nn.Parameter(base.get_input_embeddings().weight.detach().clone())
+        base.config.tie_word_embeddings = False
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.config.dtype = served_dtype
     merged.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(model).save_pretrained(out)
     (out / COMPLETE).write_text(json.dumps({"base": str(model), "adapter": str(adapter)}), encoding="utf-8")
+
+
+def _adapts_lm_head(adapter: Path) -> bool:
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.exists():
+        return False
+    with safe_open(str(weights), framework="pt") as handle:
+        return any(".lm_head.lora_" in key for key in handle.keys())
