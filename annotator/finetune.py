@@ -18,8 +18,8 @@ calibration, as the grade's), and flags that no training label decides are repor
 
 Two training paths (``FinetuneArgs.train_top_k``):
 
-- cached (``train_top_k`` = k > 0, the default): LoRA on the top k decoder blocks only (PEFT
-  ``layers_to_transform``). The frozen lower blocks' output for every pair is computed once and
+- cached (``train_top_k`` = k > 0, the default): LoRA on the top k decoder blocks only (`lora_targets`),
+  plus the answer head's LoRA on lm_head, fitted at the end (`annotator.answer_head`). The frozen lower blocks' output for every pair is computed once and
   cached (`annotator.layer_cache`); each step runs only the top blocks, so a step costs about k/N
   of a full one and the caching pass one forward of the lower blocks per pair. Training pairs are
   cached in a random order until their share of the budget is spent: those are the pairs trained on,
@@ -438,7 +438,10 @@ def load_lora_model(model_dir: str | Path, args: FinetuneArgs, adapter_dir: Path
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_targets(args.target_modules, top, head=args.answer_head and top is not None),
                         bias="none", task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
+    with warnings.catch_warnings():
+        # a LoRA on a tied lm_head: merging unties it first (annotator.backends.merged), so the warning is handled
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings=True.*", category=UserWarning)
+        model = get_peft_model(base, config)
     freeze_head(model)
     return model
 
@@ -1730,7 +1733,7 @@ def _save_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any, 
     staging = path.with_name(path.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(str(staging / "adapter"))
+    model.save_pretrained(str(staging / "adapter"), save_embedding_layers=False)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "elapsed_s": elapsed_s,
                 **{name: getattr(state, name) for name in CHECKPOINTED}}, staging / "state.pt")
     shutil.rmtree(path, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Train LoRA on the top k decoder blocks over cached outputs of the frozen lower blocks.
 
-With LoRA only on blocks ``split..N-1`` (PEFT ``layers_to_transform``), blocks ``0..split-1`` are
+With LoRA only on blocks ``split..N-1`` (and lm_head: `annotator.answer_head`), blocks ``0..split-1`` are
 the frozen base model, so their output for a pair never changes during training. It is computed
 once per pair (`build_layer_cache`) and stored, token by token, as float16 rows of width
 ``hidden_size``; a pair of T pair-part tokens costs ``T * hidden_size * 2`` bytes (SmolLM2-135M:

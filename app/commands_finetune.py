@@ -78,6 +78,10 @@ def finetune_command(
     cache_memory_gb: float = typer.Option(4.0, "--cache-memory-gb",
                                           help="Layer cache kept in memory up to this size, else spilled to disk."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its checkpoint."),
+    no_answer_head: bool = typer.Option(False, "--no-answer-head",
+                                        help="Fit no answer head (a linear head on the last hidden state, fitted in "
+                                             "closed form after training, served as a LoRA on lm_head; kept only "
+                                             "where it beats the adapter without it on dev)."),
     no_stack: bool = typer.Option(False, "--no-stack", help="Fit no calibrated stack (the text baseline's match "
                                   "features + the adapter's scores, applied by mnr label) beside the adapter."),
     retriever: Optional[str] = typer.Option(None, "--retriever", help="Add this retriever's query-title cosine to "
@@ -108,7 +112,7 @@ def finetune_command(
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
                         flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split,
-                        compute_dtype=compute_dtype)
+                        compute_dtype=compute_dtype, answer_head=not no_answer_head)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
@@ -198,6 +202,14 @@ def _print_path(meta: dict[str, Any]) -> None:
                       f"({info['train_cache_pairs_per_s']:.1f} pairs/s); top {info['top_k']} blocks trained, "
                       f"arithmetic in {info.get('compute_dtype', 'torch.float32').removeprefix('torch.')}")
     console.print(f"{meta['pairs_seen']:,} pairs seen over {meta['n_train_used']:,} distinct: {meta['epochs']:.2f} epochs")
+    head = meta.get("answer_head") or {}
+    if "dev_by_l2" in head:
+        metric = head["metric"]
+        kept = head["dev_by_l2"].get(f"{head['l2']:g}") if head["used"] else None
+        verdict = (f"kept (penalty {head['l2']:g}): dev {metric} {kept:.3f}" if kept is not None
+                   else "not kept: no penalty beat the adapter without it")
+        console.print(f"answer head on {head['train_pairs']:,} train pairs, {verdict}; without it "
+                      f"{head['dev_without_head']:.3f} ({head['seconds']:.0f}s)")
 
 
 def _print_progress(record: dict[str, Any]) -> None:

@@ -107,7 +107,7 @@ def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: 
 
     model_dir = resolve_model(model)
     params = {"policy": data.policy.name, "policy_hash": data.policy.version, "model": model, "out": str(out),
-              "sources": data.sources, "args": {**args.__dict__, "target_modules": list(args.target_modules)},
+              "sources": data.sources, "args": args.record(),
               "retriever": retriever.name if retriever is not None else None}
     with store.run("finetune", params) as run:
         result = finetune(data.train, data.dev, data.policy, model_dir, out, args, base_model_name=model,

@@ -49,6 +49,7 @@ import pandas as pd  # noqa: E402
 from sklearn.model_selection import GroupShuffleSplit, train_test_split  # noqa: E402
 
 from annotator import stack as st  # noqa: E402
+from annotator.answer_head import write_head  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
 from annotator.decision import choose_labels  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
@@ -151,8 +152,10 @@ def metrics_of(probs: np.ndarray, frame: pd.DataFrame, labels: list[str], grades
                                    "confusion_matrix")}
 
 
-def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataFrame) -> tuple[np.ndarray, float]:
-    """(n, K) label log-probabilities of ``frame`` from the base model + ``adapter`` in its pair form, and seconds.
+def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataFrame, *,
+                     without_head: bool = False) -> tuple[np.ndarray, float]:
+    """(n, K) label log-probabilities of ``frame`` from the base model + ``adapter`` in its pair form, and seconds;
+    ``without_head``: with its answer head (`annotator.answer_head`) zeroed, for the same-run comparison.
 
     Scored with the shared-prefix forward of fine-tuning (`score_label_logprobs`), the fastest way on CPU;
     serving through any backend gives the same numbers (tests/test_finetune.py)."""
@@ -167,11 +170,13 @@ def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataF
     tokenizer = load_tokenizer(model_dir)
     prompt_policy = policy_for_adapter(policy, read_meta(adapter))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(adapter))
+    label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
+    if without_head:
+        write_head(model, None, label_ids)
     examples = encode_examples(tokenizer, prompt_policy, frame)
     if examples.skipped:
         raise RuntimeError(f"{len(examples.skipped)} test pairs have no usable text")
-    logprobs = score_label_logprobs(model, examples, label_token_ids(tokenizer, prompt_policy.answer_options()),
-                                    tokenizer.pad_token_id, batch_size=32)
+    logprobs = score_label_logprobs(model, examples, label_ids, tokenizer.pad_token_id, batch_size=32)
     return logprobs, time.monotonic() - start
 
 
@@ -222,6 +227,10 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
     meta = result.meta
     logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
     report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
+    head = meta.get("answer_head") or {}
+    if head.get("used"):
+        bare, _ = adapter_logprobs(model_dir, out, policy, test, without_head=True)
+        report["adapter_without_head"] = {**measure(apply_temperature(bare, 1.0)), "answer_head": head}
     if with_lexical_stack:
         lexical_stack = stack_without_llm(baseline, dev, out, labels, grades, sizes["retriever"])
         lexical_probs = lexical_stack.predict_proba(test, retriever=sizes["retriever"])
@@ -314,6 +323,17 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                                                 f"{system_name(system, model)}{cosine}{mark}",
                                         "value": round(part[system][metric], 4), "unit": unit, "target": target,
                                         "anchor": anchor})
+                for number, model in enumerate(models):
+                    bare = (report["by_model"][model] if number else report).get("adapter_without_head")
+                    if bare is not None:
+                        head = bare["answer_head"]
+                        kept = head["dev_by_l2"][format(head["l2"], "g")]
+                        figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, adapter without its answer "
+                                                f"head (LoRA {model_title(model)}, uncalibrated){mark}",
+                                        "value": round(bare[metric], 4), "unit": unit, "target": "same run, head zeroed",
+                                        "anchor": f"{anchor}; dev {head['metric']} without the head "
+                                                  f"{head['dev_without_head']:.4f}, with it "
+                                                  f"{kept:.4f}"})
             for model in models:
                 training = report.get("by_model", {}).get(model, report)["training"]
                 which = "" if model == DEFAULT_MODEL else f" ({model_title(model)})"

@@ -299,10 +299,26 @@ def test_adapter_serves_merged_through_vllm_and_agrees_with_transformers(trained
 
 @pytest.mark.vllm
 def test_top_block_adapter_serves_through_vllm_lora(top_block_run, learnable_llama: Path,
-                                                    toy_policy_path: Path) -> None:
-    """An adapter on a subset of the blocks (PEFT layers_to_transform) is a normal adapter to vLLM's LoRA path
-    (`enable_lora`, what `mnr serve` serves)."""
-    _check_vllm_agrees_with_transformers(top_block_run.out_dir, learnable_llama, toy_policy_path, adapter_mode="lora")
+                                                    toy_policy_path: Path, tmp_path: Path) -> None:
+    """An adapter on a subset of the blocks plus an answer head (a LoRA on lm_head) is a normal adapter to
+    vLLM's LoRA path (`enable_lora`, what `mnr serve` serves). A small head is written into a copy, so the
+    lm_head LoRA is not zero: served without it, the label log-probabilities would move by about 0.1 nat."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from annotator.answer_head import write_head
+
+    served = tmp_path / "with-head"
+    shutil.copytree(top_block_run.out_dir, served)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(learnable_llama), str(served),
+                                      is_trainable=True)
+    label_ids = top_block_run.meta["label_token_ids"]
+    hidden = model.get_base_model().config.hidden_size
+    write_head(model, 0.02 * np.random.default_rng(0).normal(size=(len(label_ids), hidden)), label_ids)
+    model.save_pretrained(str(served), save_embedding_layers=False)
+    _check_vllm_agrees_with_transformers(served, learnable_llama, toy_policy_path, adapter_mode="lora")
 
 
 def _check_vllm_agrees_with_transformers(trained: Path, learnable_llama: Path, toy_policy_path: Path,
