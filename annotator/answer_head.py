@@ -102,6 +102,11 @@ def has_head_module(model: Any) -> bool:
     return hasattr(lm_head_of(model), "lora_A")
 
 
+def head_rank(model: Any) -> int:
+    """The rank of ``model``'s lm_head LoRA: a head over more labels than this cannot be written."""
+    return int(_head_layer(model).lora_A[ADAPTER_NAME].weight.shape[0])
+
+
 def freeze_head(model: Any) -> None:
     """The head is fitted, not trained: its LoRA takes no gradient in the training loop."""
     if has_head_module(model):

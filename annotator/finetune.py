@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from sklearn.utils.class_weight import compute_class_weight
 
-from annotator.answer_head import HEAD_MODULE, choose_head, freeze_head, has_head_module, write_head
+from annotator.answer_head import HEAD_MODULE, choose_head, freeze_head, has_head_module, head_rank, write_head
 from annotator.calibration import apply_temperature, fit_temperature
 from annotator.evaluation import evaluate_labels
 from annotator.layer_cache import lm_head_of
@@ -704,7 +704,8 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    # without the flag PEFT copies the whole (tied) lm_head weight beside the head's LoRA at every best
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
 
 
 def _set_seed(seed: int) -> None:
@@ -1219,7 +1220,9 @@ class _Trainer:
         warmup = max(1, args.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.n_train = len(path.train_index)
-        self.uses_head = args.answer_head and path.answer_states is not None and has_head_module(model)
+        self.n_grade = int(self.targets.grade.sum())
+        self.uses_head = (args.answer_head and path.answer_states is not None and has_head_module(model)
+                          and len(label_ids) <= head_rank(model))
         self.n_train_pairs = len(set(train_examples.take(path.train_index).pair_ids))
         self.save_seconds = 0.0
 
@@ -1258,7 +1261,7 @@ class _Trainer:
         dev again with the head."""
         if not self.uses_head:
             return 0.0
-        n_head = min(self.n_train, self.args.head_train_pairs or self.n_train)
+        n_head = min(self.n_grade, self.args.head_train_pairs or self.n_grade)
         forward_s = state.step_seconds * n_head / max(1, self.args.batch_size) / (1 + BACKWARD_FACTOR)
         return forward_s + HEAD_FIT_S_PER_PAIR * n_head * len(self.args.head_penalties) + 2 * eval_s
 
@@ -1672,7 +1675,8 @@ def _fit_answer_head(trainer: _Trainer) -> dict[str, Any]:
     """Fit the answer head (`annotator.answer_head`) on the train pairs' states under the selected adapter, keep
     it where it beats no head on dev by the selection metric, and write it into the adapter's lm_head LoRA."""
     if not trainer.uses_head:
-        return {"used": False, "reason": "answer_head off, or the full path (no layer cache)"}
+        return {"used": False, "reason": "answer_head off, the full path (no layer cache), or a LoRA rank below "
+                                         f"the {len(trainer.label_ids)} labels"}
     model, args = trainer.model, trainer.args
     grade = trainer.targets.grade.numpy().copy()
     grade_at = np.flatnonzero(grade)
