@@ -610,7 +610,7 @@ def test_max_minutes_bounds_the_whole_call(learnable_llama: Path, toy_policy_pat
     assert meta["steps"] >= 1 and meta["pairs_seen"] >= args.batch_size
     assert meta["n_train_used"] >= args.batch_size and meta["training_path"]["estimated_step_seconds"] > 0
     phases = meta["phase_seconds"]
-    assert list(phases) == ["setup", "text_baseline", "encode_dev_and_load_model", "caching", "training",
+    assert list(phases) == ["setup", "text_baseline", "encode_dev_and_load_model", "caching", "training", "answer_head",
                             "calibration_stack_and_save"]
     assert abs(sum(phases.values()) - meta["train_seconds"]) <= 1.0
 
