@@ -19,11 +19,11 @@ calibration, as the grade's), and flags that no training label decides are repor
 Two training paths (``FinetuneArgs.train_top_k``):
 
 - cached (``train_top_k`` = k > 0, the default): LoRA on the top k decoder blocks only (`lora_targets`),
-  plus the answer head's LoRA on lm_head, fitted at the end (`annotator.answer_head`). The frozen lower blocks' output for every pair is computed once and
-  cached (`annotator.layer_cache`); each step runs only the top blocks, so a step costs about k/N
-  of a full one and the caching pass one forward of the lower blocks per pair. Training pairs are
-  cached in a random order until their share of the budget is spent: those are the pairs trained on,
-  over several epochs.
+  plus the answer head's LoRA on lm_head, fitted at the end (`annotator.answer_head`). The frozen lower
+  blocks' output for every pair is computed once and cached (`annotator.layer_cache`); each step runs
+  only the top blocks, so a step costs about k/N of a full one and the caching pass one forward of the
+  lower blocks per pair. Training pairs are cached in a random order until their share of the budget is
+  spent: those are the pairs trained on, over several epochs.
 - full (``train_top_k`` = 0): LoRA on every block; each step runs the policy prefix once (with the
   adapter, so gradients flow through it), shares its key/value cache across the batch and runs the
   pair parts.
