@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from annotator import sql
+from annotator.evaluation import labelled_pairs
+from annotator.judged import judged_examples
 from annotator.labeler import Adapter, Labeler, adapter_stack_version, adapter_tag, check_adapter
 from annotator.prompts import EmptyProductTextError, PairText, Policy, load_prompt_policy
 from annotator.stack import RetrieverCosine
@@ -136,6 +138,22 @@ def pair_texts(frame: pd.DataFrame) -> list[PairText]:
 
     return [PairText(query=str(row.query), title=text(row.title) or "", description=text(row.description),
                      brand=text(row.brand), pair_id=str(row.pair_id)) for row in frame.itertuples()]
+
+
+def with_judged_examples(store: Store, labeler: Labeler, pairs: list[PairText], *,
+                         hide: Sequence[str] = ()) -> list[PairText]:
+    """``pairs`` with the judged examples their labeler's adapter was trained with (`annotator.judged`), drawn
+    from the store's current labels of the adapter's sources (a pair never sees its own); unchanged for an
+    adapter without them. ``hide``: pair ids whose labels are not shown (held-out pairs being measured)."""
+    settings = labeler.judged
+    if settings is None or not pairs:
+        return pairs
+    pool = labelled_pairs(store, labeler.policy.scheme.name, list(settings.sources))
+    pool = pool[~pool["pair_id"].isin(set(hide))]
+    frame = pd.DataFrame({"pair_id": [p.pair_id for p in pairs], "query": [p.query for p in pairs],
+                          "title": [p.title for p in pairs]})
+    examples = judged_examples(frame, pool, labeler.label_names, k=settings.k)
+    return [replace(pair, judged=judged) for pair, judged in zip(pairs, examples)]
 
 
 def validate_pairs(policy: Policy, pairs: list[PairText]) -> None:
@@ -286,7 +304,7 @@ def run_label_job(store: Store, job: LabelJob, *, labeler: Labeler | None = None
     if labeler is None:
         labeler = job_labeler(job, policy, adapter, retriever)
     run_id = open_run(store, job, policy, plan, labeler.author, scored_flags(job, labeler))
-    pending = pair_texts(pending_pairs(store, run_id))
+    pending = with_judged_examples(store, labeler, pair_texts(pending_pairs(store, run_id)))
     n_selected = selected_count(store, run_id)
     with failing_run(store, run_id, n_selected, len(pending)):
         labelled_now, seconds = _label_chunks(store, labeler, pending, run_id, job, n_selected, progress, on_chunk)

@@ -72,6 +72,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from annotator.answer_head import HEAD_MODULE, choose_head, freeze_head, has_head_module, head_rank, write_head
 from annotator.calibration import apply_temperature, fit_temperature
 from annotator.evaluation import evaluate_labels
+from annotator.judged import JudgedSettings, judged_examples
 from annotator.layer_cache import lm_head_of
 from annotator.prompts import FLAG_OPTIONS, EmptyProductTextError, PairText, Policy
 from annotator.scoring import label_token_ids
@@ -189,6 +190,11 @@ class FinetuneArgs:
     # train pairs the head is fitted on, drawn at random: their states cost a top-block forward each, and on
     # CrowdFlower all 5,818 took 162 s of the 30 minutes, while 2,048 already gave a frozen model dev QWK 0.35
     head_train_pairs: int | None = 2000
+    # judged examples in the pair part (annotator.judged; short form only): the label counts of the query's
+    # judged pairs and its `judged_examples` nearest judged titles; 0: none. `judged_skip_share` of the train
+    # pairs are shown none, so the adapter also labels queries nobody has judged
+    judged_examples: int = 0
+    judged_skip_share: float = 0.2
 
     def __post_init__(self) -> None:
         if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
@@ -329,7 +335,7 @@ def encode_examples(tokenizer: Any, policy: Policy, frame: pd.DataFrame) -> Enco
     skipped: list[str] = []
     for row, decided in zip(frame.itertuples(index=False), decisions):
         pair = PairText(query=row.query, title=row.title, description=_text_or_none(row.description),
-                        brand=_text_or_none(row.brand), pair_id=row.pair_id)
+                        brand=_text_or_none(row.brand), pair_id=row.pair_id, judged=getattr(row, "judged", None))
         try:
             prompt = policy.render(pair)
         except EmptyProductTextError:
@@ -1091,7 +1097,8 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
              args: FinetuneArgs | None = None, *, base_model_name: str | None = None,
              rating_scale: tuple[float, float] | None = None, progress: ProgressFn | None = None,
              resume: bool = False, started_at: float | None = None, stack_lexical: Any = None,
-             stack_cosine: RetrieverCosine | None = None) -> FinetuneResult:
+             stack_cosine: RetrieverCosine | None = None,
+             label_sources: Sequence[str] = JudgedSettings.sources) -> FinetuneResult:
     """Train a LoRA adapter on ``train``, select and calibrate it on ``dev``, save it to ``out_dir``.
 
     ``train`` and ``dev`` have columns pair_id, query_id, query, title, description, brand, label
@@ -1105,6 +1112,8 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     fitted on it, is used) and, at the end, the calibrated stack (`annotator.stack`) on the dev scores:
     it is saved beside the adapter and its dev report goes into ``meta["stack"]``. ``stack_cosine`` adds the
     retriever's query-title cosine to the stack's inputs (the labeler applying it then needs that retriever).
+    ``label_sources``: the store's label sources ``train`` came from; labelling draws judged examples
+    (``args.judged_examples``) from the same ones.
     """
     args = args or FinetuneArgs()
     out_dir = Path(out_dir)
@@ -1119,7 +1128,10 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     clock = Clock(time.monotonic() if started_at is None else started_at,
                   args.max_minutes * 60 if args.max_minutes else math.inf)
     _set_seed(args.seed)
-    prompt_policy = policy_in_form(policy, args.pair_form)
+    judged = judged_settings(args, label_sources)
+    prompt_policy = policy_in_form(policy, args.pair_form, judged=judged is not None)
+    if judged is not None:
+        train, dev = with_judged(train, dev, policy.scheme.label_names, judged, seed=args.seed)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
     flag_ids = label_token_ids(tokenizer, list(FLAG_OPTIONS)) if prompt_policy.flags else []
@@ -1156,7 +1168,8 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
                          dtype=dtype)
     else:
         _check_encoded(dev_examples)
-        key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed, str(dtype))
+        key = ids.stable_hash(data_hash(train), str(model_dir), split, prompt_policy.version, args.seed, str(dtype),
+                              repr(judged))
         path, train_examples = cached_path(model=model, split=split, train=train, dev_examples=dev_examples,
                                            encode=encode, encode_seconds_per_pair=encode_seconds_per_pair,
                                            label_ids=label_ids, flag_ids=flag_ids, args=args, clock=clock, state=state,
@@ -1178,7 +1191,27 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
                             f"{clock.elapsed():.0f}s went on loading and caching; give a larger budget")
     return _finish(trainer=trainer, state=state, policy=policy, prompt_policy=prompt_policy,
                    train=train, dev=dev, train_examples=train_examples, tokenizer=tokenizer,
-                   base_model_name=base_model_name or str(model_dir), lexical=lexical)
+                   base_model_name=base_model_name or str(model_dir), lexical=lexical, judged=judged)
+
+
+def judged_settings(args: FinetuneArgs, sources: Sequence[str] = JudgedSettings.sources) -> JudgedSettings | None:
+    """How the run shows judged examples (`annotator.judged`), or None for a run without them."""
+    if args.judged_examples < 0 or not 0.0 <= args.judged_skip_share < 1.0:
+        raise FinetuneError(f"judged_examples must be >= 0 (is {args.judged_examples}) and judged_skip_share in "
+                            f"[0, 1) (is {args.judged_skip_share})")
+    if args.judged_examples == 0:
+        return None
+    return JudgedSettings(k=args.judged_examples, skip_share=args.judged_skip_share, sources=tuple(sources))
+
+
+def with_judged(train: pd.DataFrame, dev: pd.DataFrame, label_names: Sequence[str], judged: JudgedSettings, *,
+                seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``train`` and ``dev`` with a ``judged`` column: examples drawn from the train pairs (a train pair never
+    sees itself; ``judged.skip_share`` of them see none), as labelling draws them from the store's judged pairs."""
+    pool = train[["pair_id", "query", "title", "label"]]
+    return (train.assign(judged=judged_examples(train, pool, label_names, k=judged.k, skip_share=judged.skip_share,
+                                                seed=seed)),
+            dev.assign(judged=judged_examples(dev, pool, label_names, k=judged.k)))
 
 
 def _check_encoded(*sets: EncodedExamples) -> None:
@@ -1579,7 +1612,8 @@ def flags_after_predicted_grade(*, model: Any, tokenizer: Any, policy: Policy, d
 
 def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_policy: Policy,
             train: pd.DataFrame, dev: pd.DataFrame, train_examples: EncodedExamples, tokenizer: Any,
-            base_model_name: str, lexical: LexicalPart | None = None) -> FinetuneResult:
+            base_model_name: str, lexical: LexicalPart | None = None,
+            judged: JudgedSettings | None = None) -> FinetuneResult:
     from peft import set_peft_model_state_dict
 
     from annotator.pair_form import form_record
@@ -1612,7 +1646,8 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "labels": trainer.labels,
         "policy": policy.name,
         "policy_hash": policy.version,
-        "pair_form": form_record(prompt_policy, args.pair_form),
+        "pair_form": form_record(prompt_policy, args.pair_form, judged=judged is not None),
+        "judged": judged.record() if judged is not None else None,
         "data_hash": data_hash(pd.concat([train, dev])),
         "label_token_ids": trainer.label_ids,
         "temperature": temperature,

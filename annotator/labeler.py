@@ -39,6 +39,7 @@ import pandas as pd
 
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
+from annotator.judged import JudgedSettings
 from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
 from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy, remove_steering
@@ -200,6 +201,8 @@ class Labeler:
         self.policy_mismatch = check_policy(checked.path if checked else None, self.adapter_meta, self.policy,
                                             allow_mismatch=allow_policy_mismatch)
         self.temperature = float(self.adapter_meta.get("temperature", 1.0))
+        # the judged examples the adapter was trained with (annotator.judged); callers attach them to pairs
+        self.judged = JudgedSettings.from_meta(self.adapter_meta)
         # the adapter learnt one pair form (annotator.pair_form): label with the same prompt
         self.policy = policy_for_adapter(self.policy, self.adapter_meta)
         self.stack = load_stack(checked.path) if checked is not None and use_stack else None

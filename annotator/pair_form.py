@@ -22,23 +22,40 @@ PAIR_FORMS = ("full", "short")
 # characters per field in the short form; a field the policy does not show stays hidden
 SHORT_LIMITS = {"query": 80, "title": 100, "brand": 30, "description": 60}
 SHORT_TEMPLATE = "\nQuery: {{ query }}\n{% for name, value in fields %}{{ name }}: {{ value }}\n{% endfor %}Label:"
+# the short form with the query's judged examples (annotator.judged) before the answer
+SHORT_JUDGED_TEMPLATE = (
+    "\nQuery: {{ query }}\n{% for name, value in fields %}{{ name }}: {{ value }}\n{% endfor %}"
+    "{% if judged %}Judged for this query:{% for label, n in judged.counts %} {{ label }} {{ n }}"
+    "{{ ',' if not loop.last }}{% endfor %}\nMost alike judged: {{ judged.nearest | join(', ') }}\n"
+    "{% endif %}Label:")
 
 
-def policy_in_form(policy: Policy, form: str) -> Policy:
-    """``policy`` rendering its pair part in ``form`` (its version changes with the prompt)."""
+def policy_in_form(policy: Policy, form: str, *, judged: bool = False) -> Policy:
+    """``policy`` rendering its pair part in ``form`` (its version changes with the prompt); ``judged``: with
+    the query's judged examples (`annotator.judged`; short form only)."""
     if form == "full":
+        if judged:
+            raise MnrError("judged examples are shown in the short pair form only (use pair form 'short')")
         return policy
     if form != "short":
         raise MnrError(f"unknown pair form '{form}' (use {', '.join(PAIR_FORMS)})")
     limits = {name: min(policy.limits.get(name, limit), limit) for name, limit in SHORT_LIMITS.items()}
-    return _with_fields(policy, form, policy.fields, {**policy.limits, **limits}, SHORT_TEMPLATE)
+    return _with_fields(policy, form, policy.fields, {**policy.limits, **limits}, template_of(form, judged=judged))
 
 
-def form_record(policy: Policy, form: str) -> dict[str, Any]:
+def template_of(form: str, *, judged: bool = False) -> str | None:
+    """The pair template of a form other than ``full`` (which keeps the policy's own)."""
+    if form == "full":
+        return None
+    return SHORT_JUDGED_TEMPLATE if judged else SHORT_TEMPLATE
+
+
+def form_record(policy: Policy, form: str, *, judged: bool = False) -> dict[str, Any]:
     """What ``meta.json`` keeps of the form: enough to rebuild the exact prompt later."""
     record = {"name": form, "fields": list(policy.fields), "limits": dict(policy.limits), "prompt_hash": policy.version}
-    if form != "full":
-        record["template"] = SHORT_TEMPLATE
+    template = template_of(form, judged=judged)
+    if template is not None:
+        record["template"] = template
     return record
 
 

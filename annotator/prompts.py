@@ -33,9 +33,11 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
+from annotator.judged import Judged
 from labelstore.config import read_toml
 from labelstore.errors import MnrError
 from labelstore.paths import prompts_dir
@@ -65,6 +67,7 @@ class PairText:
     description: str | None = None
     brand: str | None = None
     pair_id: str | None = None
+    judged: Judged | None = None  # what people decided for the same query (`annotator.judged`)
 
 
 # -- untrusted text -------------------------------------------------------------------------------
@@ -268,7 +271,15 @@ class Policy:
         values = {"title": title, "brand": clean_untrusted(pair.brand, words),
                   "description": clean_untrusted(pair.description, words)}
         shown = [(name, truncate(values[name], self.limits[name])) for name in self.fields if values[name]]
-        return self.pair_template.render(query=query, fields=shown)
+        return self.pair_template.render(query=query, fields=shown, judged=self._judged_view(pair.judged))
+
+    @staticmethod
+    def _judged_view(judged: Judged | None) -> dict[str, Any] | None:
+        """The judged examples as a template reads them; None when there are none (a template without a
+        judged block ignores them). They hold label names and counts only, never product text."""
+        if judged is None:
+            return None
+        return {"counts": list(judged.counts), "nearest": list(judged.nearest)}
 
     def render(self, pair: PairText) -> str:
         """The whole prompt for `pair`, ending right before the answer token."""

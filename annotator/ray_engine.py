@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from annotator import sql
 from annotator.batch import (LabelJob, LabelJobResult, failing_run, finish_label_run, label_records, open_run,
                              pair_texts, pending_pairs, plan_run, score_chunk, selected_count)
+from annotator.judged import JudgedSettings
 from annotator.labeler import (Adapter, Labeler, adapter_stack_version, check_adapter, check_policy, labeler_author,
                                model_tag, read_adapter_meta)
 from annotator.pair_form import policy_for_adapter
@@ -334,6 +335,9 @@ def export_run(store: Store, job: LabelJob, settings: RaySettings, *, run_id: st
     if adapter is not None:  # refuse a mismatched adapter before a run is recorded, as the in-process engine does
         check_policy(adapter.path, read_adapter_meta(adapter.path), policy)
     refuse_retriever_stack(job)
+    if adapter is not None and JudgedSettings.from_meta(read_adapter_meta(adapter.path)) is not None:
+        raise RayEngineError(f"adapter {job.adapter} shows judged examples in its prompts, which the Ray export does "
+                             "not carry yet: label with --engine local")
     plan = plan_run(store, job, policy, adapter, run_id=run_id, new_run=new_run)
     run_id = open_run(store, job, policy, plan, job_author(job, policy, adapter),
                       policy.flag_names if job.score_flags else [])

@@ -112,7 +112,7 @@ def run_finetune(store: Store, data: FinetuneData, model: str, out: Path, args: 
     with store.run("finetune", params) as run:
         result = finetune(data.train, data.dev, data.policy, model_dir, out, args, base_model_name=model,
                           rating_scale=rating_scale_for(data.dev, data.policy.scheme), progress=progress,
-                          resume=resume, started_at=started_at, stack_cosine=retriever)
+                          resume=resume, started_at=started_at, stack_cosine=retriever, label_sources=data.sources)
         meta = result.meta
         run.metrics.update({"dev": meta["dev_metrics"], "temperature": meta["temperature"], "steps": meta["steps"],
                             "stop_reason": meta["stop_reason"], "train_seconds": meta["train_seconds"],

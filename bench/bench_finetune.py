@@ -53,6 +53,7 @@ from annotator.answer_head import write_head  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
 from annotator.decision import choose_labels  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
+from annotator.judged import JudgedSettings, judged_examples  # noqa: E402
 from annotator.finetune import (  # noqa: E402
     FinetuneArgs,
     encode_examples,
@@ -106,6 +107,9 @@ def parse_args() -> argparse.Namespace:
                              "bfloat16.")
     parser.add_argument("--retriever", default="zero-shot", choices=("zero-shot", "none"),
                         help="The retriever cosine both stacks read: zero-shot MiniLM (default) or none.")
+    parser.add_argument("--judged", type=int, default=None,
+                        help="FinetuneArgs.judged_examples: judged titles of the same query shown in each prompt "
+                             "(annotator.judged; test pairs see those of the train pairs). Default: fine-tuning's own.")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     parser.add_argument("--keep-adapters", type=Path, default=None,
                         help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
@@ -153,9 +157,10 @@ def metrics_of(probs: np.ndarray, frame: pd.DataFrame, labels: list[str], grades
 
 
 def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataFrame, *,
-                     without_head: bool = False) -> tuple[np.ndarray, float]:
+                     without_head: bool = False, judged_pool: pd.DataFrame | None = None) -> tuple[np.ndarray, float]:
     """(n, K) label log-probabilities of ``frame`` from the base model + ``adapter`` in its pair form, and seconds;
     ``without_head``: with its answer head (`annotator.answer_head`) zeroed, for the same-run comparison.
+    An adapter trained with judged examples (`annotator.judged`) sees those of ``judged_pool`` (the train pairs).
 
     Scored with the shared-prefix forward of fine-tuning (`score_label_logprobs`), the fastest way on CPU;
     serving through any backend gives the same numbers (tests/test_finetune.py)."""
@@ -168,7 +173,14 @@ def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataF
 
     start = time.monotonic()
     tokenizer = load_tokenizer(model_dir)
-    prompt_policy = policy_for_adapter(policy, read_meta(adapter))
+    meta = read_meta(adapter)
+    prompt_policy = policy_for_adapter(policy, meta)
+    judged = JudgedSettings.from_meta(meta)
+    if judged is not None:
+        if judged_pool is None:
+            raise ValueError(f"adapter {adapter} shows judged examples: pass the pairs they are drawn from")
+        pool = judged_pool.assign(label=judged_pool["label"].map(policy.scheme.normalize))
+        frame = frame.assign(judged=judged_examples(frame, pool, policy.scheme.label_names, k=judged.k))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(adapter))
     label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
     if without_head:
@@ -217,6 +229,8 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
     report: dict[str, Any] = {}
     out = work / (f"{dataset}-{split}" if model_name == DEFAULT_MODEL else f"{dataset}-{split}-{model_name}")
     loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
+    if sizes.get("judged") is not None:
+        loss["judged_examples"] = sizes["judged"]
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
                         max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
                         compute_dtype=sizes["compute_dtype"], **loss)
@@ -225,11 +239,11 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
                       progress=lambda r: print(f"{tag} step {r['step']} epoch {r['epoch']:.2f} loss {r['train_loss']:.3f} "
                                                f"dev qwk {r['qwk']:.3f} {r['elapsed_s']:.0f}s", flush=True))
     meta = result.meta
-    logprobs, seconds = adapter_logprobs(model_dir, out, policy, test)
+    logprobs, seconds = adapter_logprobs(model_dir, out, policy, test, judged_pool=train)
     report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
     head = meta.get("answer_head") or {}
     if head.get("used"):
-        bare, _ = adapter_logprobs(model_dir, out, policy, test, without_head=True)
+        bare, _ = adapter_logprobs(model_dir, out, policy, test, without_head=True, judged_pool=train)
         report["adapter_without_head"] = {**measure(apply_temperature(bare, 1.0)), "answer_head": head}
     if with_lexical_stack:
         lexical_stack = stack_without_llm(baseline, dev, out, labels, grades, sizes["retriever"])
@@ -373,6 +387,7 @@ def main() -> None:
     if args.test_pairs is not None:
         sizes["test_pairs"] = args.test_pairs
     sizes["vocab_loss_weight"] = args.vocab_loss_weight
+    sizes["judged"] = args.judged
     sizes["compute_dtype"] = args.compute_dtype
     sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

@@ -304,7 +304,7 @@ def _heldout_agreement(ctx: StepContext, labeler: Any, heldout: dict[str, Any] |
     """The labeler's agreement on the finetune step's held-out pairs, beside the text baseline's there."""
     import pandas as pd
 
-    from annotator.batch import pair_texts
+    from annotator.batch import pair_texts, with_judged_examples
     from annotator.evaluation import labelled_pairs
     from app.labeler_training import agreement, label_counts
 
@@ -313,7 +313,7 @@ def _heldout_agreement(ctx: StepContext, labeler: Any, heldout: dict[str, Any] |
     scheme = labeler.policy.scheme
     frame = labelled_pairs(ctx.store, scheme.name, heldout["sources"]).set_index("pair_id")
     frame = frame.loc[pd.Index(heldout["pair_ids"])].reset_index()
-    probs = labeler.score(pair_texts(frame))
+    probs = labeler.score(with_judged_examples(ctx.store, labeler, pair_texts(frame), hide=heldout["pair_ids"]))
     chosen = labeler.choose_labels(probs)
     return {"n": heldout["n"], "queries": heldout["queries"], "labeler": agreement(probs, frame, scheme, chosen),
             "baseline": heldout["baseline"], "labeler_counts": label_counts(chosen, scheme)}
