@@ -78,6 +78,7 @@ from annotator.prompts import FLAG_OPTIONS, EmptyProductTextError, PairText, Pol
 from annotator.scoring import label_token_ids
 from labelstore import ids
 from labelstore.errors import MnrError
+from labelstore.schemes import LabelScheme
 
 if TYPE_CHECKING:
     from annotator.stack import RetrieverCosine
@@ -1131,7 +1132,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     judged = judged_settings(args, label_sources)
     prompt_policy = policy_in_form(policy, args.pair_form, judged=judged is not None)
     if judged is not None:
-        train, dev = with_judged(train, dev, policy.scheme.label_names, judged, seed=args.seed)
+        train, dev = with_judged(train, dev, policy.scheme, judged, seed=args.seed)
     tokenizer = load_tokenizer(model_dir)
     label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
     flag_ids = label_token_ids(tokenizer, list(FLAG_OPTIONS)) if prompt_policy.flags else []
@@ -1204,14 +1205,15 @@ def judged_settings(args: FinetuneArgs, sources: Sequence[str] = JudgedSettings.
     return JudgedSettings(k=args.judged_examples, skip_share=args.judged_skip_share, sources=tuple(sources))
 
 
-def with_judged(train: pd.DataFrame, dev: pd.DataFrame, label_names: Sequence[str], judged: JudgedSettings, *,
+def with_judged(train: pd.DataFrame, dev: pd.DataFrame, scheme: LabelScheme, judged: JudgedSettings, *,
                 seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``train`` and ``dev`` with a ``judged`` column: examples drawn from the train pairs (a train pair never
     sees itself; ``judged.skip_share`` of them see none), as labelling draws them from the store's judged pairs."""
-    pool = train[["pair_id", "query", "title", "label"]]
-    return (train.assign(judged=judged_examples(train, pool, label_names, k=judged.k, skip_share=judged.skip_share,
+    pool = train[["pair_id", "query", "title"]].assign(label=[scheme.normalize(label) for label in train["label"]])
+    names = scheme.label_names
+    return (train.assign(judged=judged_examples(train, pool, names, k=judged.k, skip_share=judged.skip_share,
                                                 seed=seed)),
-            dev.assign(judged=judged_examples(dev, pool, label_names, k=judged.k)))
+            dev.assign(judged=judged_examples(dev, pool, names, k=judged.k)))
 
 
 def _check_encoded(*sets: EncodedExamples) -> None:

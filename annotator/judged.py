@@ -1,16 +1,15 @@
 """Judged examples: what people already decided for the same query, shown to the labeler in its prompt.
 
 Teams label some pairs of every query and let the labeler finish the rest (the random-pair protocol). The
-labels people gave the query's other products are then strong evidence for a new one. On CrowdFlower's
-random split (1,000 test pairs), the mean rating of the 5 judged titles of the query that share most words
-with the pair's title alone reaches QWK 0.59, against 0.42 for the fine-tuned SmolLM2 without them and 0.65
-for TF-IDF + linear; on Home Depot 0.39 against 0.38 for TF-IDF + linear (`python -m bench.bench_judged_knn`).
+labels people gave the query's other products are then strong evidence for a new one: the labels of the
+query's judged pairs nearest to it, alone, with no model, nearly match TF-IDF + linear on the random splits
+(`python -m bench.bench_stack_inputs`, bench/RESULTS.md), and carry what the fine-tuned LLM learns slowest.
 
 So an adapter may be trained and served with them in its pair part (`annotator.pair_form`, short form):
 how many of the query's judged pairs carry each label, and the labels of the ``k`` judged titles nearest to
 this one, the nearest first. Labels only, no titles: a title costs 10-15 tokens and the order already
 says which is nearest (with three titles a CrowdFlower pair part grew from 42 to 114 tokens; with labels
-only it grows by about 25). Nearness is word overlap (Jaccard over lower-case word sets), with no fitted
+only it grows to 79). Nearness is word overlap (Jaccard over lower-case word sets), with no fitted
 model, so every backend and every store reproduces it; ties go to the smaller pair id. A pair never sees
 its own label. Queries match by their text, lower-cased, spaces collapsed.
 """

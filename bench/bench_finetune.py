@@ -262,6 +262,7 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
         "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
         "compute_dtype": meta["training_path"].get("compute_dtype", "torch.float32"),
         "stop_reason": meta["stop_reason"], "phase_seconds": meta["phase_seconds"], "temperature": meta["temperature"],
+        "judged": meta.get("judged"),
         "calibration": meta["calibration"],
         "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
     print(f"{tag} adapter {report['adapter'][headline]:.4f}, stack {report['stack'][headline]:.4f}; "
@@ -333,8 +334,10 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                                   "better than TF-IDF + linear (either decision)" if system == "stack" else "")
                         cosine = " (+ zero-shot MiniLM cosine)" if system.startswith("stack") and \
                             report["stack"].get("retriever") else ""
+                        judged = (part["training"].get("judged") or {}) if system in ("adapter", "stack") else {}
+                        shown = f" (judged examples, K = {judged['k']})" if judged else ""
                         figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, "
-                                                f"{system_name(system, model)}{cosine}{mark}",
+                                                f"{system_name(system, model)}{shown}{cosine}{mark}",
                                         "value": round(part[system][metric], 4), "unit": unit, "target": target,
                                         "anchor": anchor})
                 for number, model in enumerate(models):

@@ -11,6 +11,10 @@ pairs), and per split:
 Both stacks label as they serve (`Stack.choose_labels`). No fine-tuning, so it runs in minutes: the LLM's
 own contribution is measured by `bench_finetune`, which reads this cosine in both of its stacks.
 
+It also measures the judged examples (`annotator.judged`) alone, with no model: the label shares among the
+``JudgedSettings.k`` train pairs of the query nearest to the test pair (what an adapter's prompt shows), smoothed,
+labelling by their dev decision (`st.decide_by_cutoffs`; a query without any judged pair gets the train prior).
+
     python -m bench.bench_stack_inputs [--quick] [--datasets homedepot,crowdflower] [--splits random,query]
 
 ``--quick``: 3,000 train pairs for the baseline, 200 dev and 200 test pairs (numbers are noise).
@@ -22,12 +26,17 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from labelstore.runtime import apply_engine_env_defaults
 
 apply_engine_env_defaults()
 
 from annotator import stack as st  # noqa: E402
+from annotator.decision import choose_labels  # noqa: E402
 from annotator.finetune import subsample  # noqa: E402
+from annotator.judged import JudgedSettings, judged_examples  # noqa: E402
 from annotator.prompts import load_prompt_policy  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
 from bench.bench_finetune import (  # noqa: E402
@@ -47,7 +56,8 @@ from bench.common import skip, write_result  # noqa: E402
 NAME = "stack_inputs"
 SIZES = {False: {"baseline_train": None, "dev": 1000, "test": 1000}, True: {"baseline_train": 3000, "dev": 200, "test": 200}}
 SYSTEMS = {"tfidf_linear": "TF-IDF + linear", "tfidf_linear_cutoffs": "TF-IDF + linear, dev decision",
-           "stack_lexical": "stack, lexical inputs", "stack_lexical_cosine": "stack, lexical + zero-shot MiniLM cosine"}
+           "stack_lexical": "stack, lexical inputs", "stack_lexical_cosine": "stack, lexical + zero-shot MiniLM cosine",
+           "judged_vote": "judged examples alone (labels of the query's nearest judged pairs, no model)"}
 
 
 def run_split(dataset: str, split: str, sizes: dict[str, Any], retriever: st.RetrieverCosine) -> dict[str, Any]:
@@ -72,10 +82,34 @@ def run_split(dataset: str, split: str, sizes: dict[str, Any], retriever: st.Ret
     for system, stack in stacks.items():
         probs = stack.predict_proba(test, retriever=retriever if stack.uses_cosine else None)
         report[system] = {**measure(probs, stack.choose_labels(probs)), "cutoffs": stack.cutoffs}
+    report["judged_vote"] = judged_vote(train, dev, test, labels, grades, measure)
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"[{dataset}/{split}] " + ", ".join(f"{system} {report[system][headline]:.4f}" for system in SYSTEMS),
           flush=True)
     return report
+
+
+def judged_vote(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, labels: list[str], grades: list[int],
+                measure: Any) -> dict[str, Any]:
+    """The test metrics of `vote_probs` over the train pairs, labelling by the dev decision."""
+    k = JudgedSettings().k
+    prior = train["label"].map(labels.index).value_counts(normalize=True).reindex(range(len(labels)), fill_value=0)
+    dev_probs = vote_probs(dev, train, labels, k, prior.to_numpy())
+    test_probs = vote_probs(test, train, labels, k, prior.to_numpy())
+    _, cutoffs, decision = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
+                                                dev["query_id"])
+    return {**measure(test_probs, choose_labels(test_probs, grades, cutoffs)), "k": k, "dev_decision": decision}
+
+
+def vote_probs(pairs: pd.DataFrame, pool: pd.DataFrame, labels: list[str], k: int, prior: np.ndarray) -> np.ndarray:
+    """(n, K): per pair, the label shares among its ``k`` nearest judged pairs of ``pool`` plus one pseudo-count
+    spread as ``prior``; ``prior`` alone where its query has none."""
+    probs = np.tile(prior, (len(pairs), 1))
+    for row, judged in enumerate(judged_examples(pairs, pool, labels, k=k)):
+        if judged is not None:
+            votes = np.array([judged.nearest.count(name) for name in labels], dtype=float)
+            probs[row] = (votes + prior) / (votes.sum() + 1.0)
+    return probs
 
 
 def fit_input_stacks(labels: list[str], grades: list[int], baseline: Any, dev: Any,

@@ -30,6 +30,7 @@ from annotator.finetune import (
     load_tokenizer,
     score_label_logprobs,
     split_by_query,
+    split_dev,
 )
 from annotator.prompts import PairText, load_prompt_policy
 from annotator.scoring import label_token_ids, probs_from_logprobs
@@ -916,3 +917,62 @@ def test_steering_text_in_titles_moves_neither_the_llm_nor_the_stack(trained: Pa
                for i, p in enumerate(clean)]
     assert labeler.stack_texts(steered)["title"].tolist() == [p.title for p in clean]
     np.testing.assert_allclose(labeler.score(steered), labeler.score(clean), atol=1e-6)
+
+
+# -- judged examples: the query's human labels in the prompt (annotator.judged) ---------------------------
+def query_rule_pairs(n_queries: int = 48, per_query: int = 6, seed: int = 1) -> pd.DataFrame:
+    """Rows in `write_pairs` form whose label is the query's: every product of a query has one label, and no
+    title says which. Only the labels of the query's other products (its judged examples) can tell."""
+    rng = random.Random(seed)
+    grades = {"exact": 3, "substitute": 2, "complement": 1, "irrelevant": 0}
+    rows = []
+    for q in range(n_queries):
+        query, label = f"query {q}", list(MARKERS)[q % len(MARKERS)]
+        qid = ids.query_id("toy", query)
+        for j in range(per_query):
+            pid = ids.product_id("toy", f"{q}-{j}")
+            rows.append({"pair_id": ids.pair_id(qid, pid), "record_id": f"{q}-{j}", "dataset": "toy", "query_id": qid,
+                         "text": query, "product_id": pid, "source_id": f"{q}-{j}",
+                         "title": f"{rng.choice(NOUNS)} {rng.choice(['kit', 'set', 'pack'])} {j}",
+                         "description": None, "brand": None, "attributes": None, "label": label,
+                         "grade": grades[label], "raw_rating": None, "rating_variance": None, "q": q, "j": j})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def judged_run(learnable_llama: Path, toy_policy_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """An adapter trained with judged examples on queries 0-39 (dev: pairs of the same queries)."""
+    frame = query_rule_pairs().rename(columns={"text": "query"})
+    train, dev = split_dev(frame[frame["q"] < 40].reset_index(drop=True), 0.2, by="pair")
+    args = FinetuneArgs(train_top_k=1, max_steps=60, eval_every=10, patience=10, learning_rate=5e-3, batch_size=16,
+                        warmup_steps=10, max_epochs=50, select_metric="accuracy", dev_split="pair", judged_examples=3)
+    return finetune(train, dev, load_prompt_policy(toy_policy_path), learnable_llama,
+                    tmp_path_factory.mktemp("judged") / "a", args, label_sources=("human",))
+
+
+def test_an_adapter_learns_a_rule_only_the_judged_examples_show(judged_run) -> None:
+    meta = judged_run.meta
+    assert meta["judged"] == {"k": 3, "skip_share": 0.2, "sources": ["human"]}
+    assert "Most alike judged" in meta["pair_form"]["template"]
+    assert meta["dev_metrics"]["accuracy"] >= 0.7  # chance 0.25: the titles say nothing about the label
+
+
+def test_mnr_label_draws_judged_examples_from_the_store_for_queries_never_trained_on(
+        judged_run, learnable_llama: Path, toy_policy_path: Path, tmp_path: Path) -> None:
+    frame = query_rule_pairs()
+    store_file = tmp_path / "mnr.duckdb"
+    store = Store(store_file)
+    write_pairs(store, frame.drop(columns=["q", "j"]).assign(label=None), "esci", "import:toy", None, origin="synthetic")
+    # queries 40-47 were never trained on: people judged four products of each, the labeler finishes the other two
+    judged = frame[(frame["q"] < 40) | (frame["j"] < 4)]
+    store.add_labels([LabelRecord(pair_id=r.pair_id, scheme="esci", label=r.label, grade=int(r.grade), source="human",
+                                  author="annotator-1", dedup_key=f"human:{r.pair_id}") for r in judged.itertuples()])
+    unseen = frame[(frame["q"] >= 40) & (frame["j"] >= 4)]
+    result = runner.invoke(app, ["--store", str(store_file), "label", "--select", "unlabeled", "--model",
+                                 str(learnable_llama), "--adapter", str(judged_run.out_dir), "--policy",
+                                 str(toy_policy_path), "--backend", "transformers", "--dtype", "float32", "--quiet",
+                                 "--no-stack"])
+    assert result.exit_code == 0, result.output
+    written = store.df("SELECT pair_id, label FROM labels WHERE source = 'llm'").set_index("pair_id")["label"]
+    assert set(written.index) == set(unseen["pair_id"])
+    assert float((written.loc[unseen["pair_id"]].to_numpy() == unseen["label"].to_numpy()).mean()) >= 0.7
