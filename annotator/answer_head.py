@@ -63,22 +63,37 @@ def head_logprobs(states: np.ndarray, base_logits: np.ndarray, head: np.ndarray)
 
 
 def choose_head(train: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], dev: tuple[np.ndarray, np.ndarray],
-                penalties: Sequence[float], score: Any, better: Any) -> tuple[np.ndarray | None, dict[str, Any]]:
+                penalties: Sequence[float], score: Any, better: Any, *, confidence: float = 0.95,
+                resamples: int = 200, seed: int = 0) -> tuple[np.ndarray | None, dict[str, Any]]:
     """The head, among one fitted per penalty on ``train`` (states, logits, classes, weights), whose dev label
-    log-probabilities (from ``dev`` (states, logits)) get the best ``score(logprobs)``, judged by
-    ``better(value, best)``; None where no head beats the adapter without one. Returns it and a report."""
+    log-probabilities (from ``dev`` (states, logits)) get the best ``score(logprobs, rows)`` (``rows``: the dev
+    rows they belong to), judged by ``better(value, best)``; None where no head beats the adapter without one.
+
+    The best head is kept only where it beats no head in at least ``confidence`` of ``resamples`` bootstrap
+    resamples of the dev pairs (`p_better` in the report): the best of several penalties on one dev set wins by
+    chance too. Home Depot with judged examples: dev QWK 0.320 against 0.305 without a head, a gap within dev's
+    noise; on test the head cost 0.04. Returns the head and a report."""
     dev_states, dev_logits = dev
-    no_head = score(torch.log_softmax(torch.as_tensor(dev_logits, dtype=torch.float64), dim=1).numpy())
+    rows = np.arange(len(dev_logits))
+    bare = torch.log_softmax(torch.as_tensor(dev_logits, dtype=torch.float64), dim=1).numpy()
+    no_head = score(bare, rows)
     best, best_value, tried = None, no_head, {}
     for l2 in penalties:
         head = fit_head(*train, l2=l2)
-        value = score(head_logprobs(dev_states, dev_logits, head))
+        value = score(head_logprobs(dev_states, dev_logits, head), rows)
         tried[f"{l2:g}"] = round(float(value), 4)
         if better(value, best_value):
             best, best_value = (l2, head), value
+    p_better = None
+    if best is not None:
+        with_head = head_logprobs(dev_states, dev_logits, best[1])
+        draws = np.random.default_rng(seed).integers(0, len(rows), size=(resamples, len(rows)))
+        p_better = float(np.mean([better(score(with_head[d], d), score(bare[d], d)) for d in draws]))
+    kept = best if p_better is not None and p_better >= confidence else None
     report = {"dev_without_head": round(float(no_head), 4), "dev_by_l2": tried, "train_pairs": int(len(train[2])),
-              "used": best is not None, "l2": best[0] if best else None}
-    return (best[1] if best else None), report
+              "best_l2": best[0] if best else None, "p_better": p_better, "confidence": confidence,
+              "used": kept is not None, "l2": kept[0] if kept else None}
+    return (kept[1] if kept else None), report
 
 
 def write_head(model: Any, head: np.ndarray | None, label_ids: Sequence[int]) -> None:

@@ -1730,13 +1730,16 @@ def _fit_answer_head(trainer: _Trainer) -> dict[str, Any]:
     dev_states, dev_logits = _answer_states(trainer, "dev", dev_rows)
     dev_targets = trainer.dev_examples.grade_targets
 
-    def score(logprobs: np.ndarray) -> float:
-        return dev_metrics(logprobs, dev_targets, trainer.grades, 1.0, trainer.dev_ratings, trainer.rating_scale,
+    ratings = trainer.dev_ratings
+
+    def score(logprobs: np.ndarray, rows: np.ndarray) -> float:
+        return dev_metrics(logprobs, dev_targets[rows], trainer.grades, 1.0,
+                           None if ratings is None else ratings[rows], trainer.rating_scale,
                            trainer.labels)[args.select_metric]
 
     train = (train_states, train_logits, trainer.targets.classes.numpy()[grade], trainer.targets.weights.numpy()[grade])
     head, report = choose_head(train, (dev_states, dev_logits), args.head_penalties, score,
-                               lambda value, best: _better(args.select_metric, value, best))
+                               lambda value, best: _better(args.select_metric, value, best), seed=args.seed)
     write_head(model, head, trainer.label_ids)
     model.train(was_training)
     return {**report, "metric": args.select_metric, "seconds": round(time.monotonic() - tick, 1)}

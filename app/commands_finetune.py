@@ -210,8 +210,13 @@ def _print_path(meta: dict[str, Any]) -> None:
     if "dev_by_l2" in head:
         metric = head["metric"]
         kept = head["dev_by_l2"].get(f"{head['l2']:g}") if head["used"] else None
-        verdict = (f"kept (penalty {head['l2']:g}): dev {metric} {kept:.3f}" if kept is not None
-                   else "not kept: no penalty beat the adapter without it")
+        if kept is not None:
+            verdict = f"kept (penalty {head['l2']:g}): dev {metric} {kept:.3f}"
+        elif head.get("best_l2") is not None:
+            verdict = (f"not kept: the best (penalty {head['best_l2']:g}) beat the adapter without it in only "
+                       f"{head['p_better']:.0%} of dev resamples")
+        else:
+            verdict = "not kept: no penalty beat the adapter without it"
         console.print(f"answer head on {head['train_pairs']:,} train pairs, {verdict}; without it "
                       f"{head['dev_without_head']:.3f} ({head['seconds']:.0f}s)")
 

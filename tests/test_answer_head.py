@@ -32,7 +32,7 @@ def test_the_head_learns_a_planted_rule_and_is_kept_only_where_it_beats_no_head(
     head = fit_head(states, zeros, targets, np.ones(800), l2=1e-3)
     assert head.shape == (3, 16)
     assert _accuracy(head_logprobs(dev_states, dev_zeros, head), dev_targets) > 0.9  # chance is about 1/3
-    score = lambda logprobs: _accuracy(logprobs, dev_targets)  # noqa: E731
+    score = lambda logprobs, rows: _accuracy(logprobs, dev_targets[rows])  # noqa: E731
     better = lambda value, best: value > best  # noqa: E731
     chosen, report = choose_head((states, zeros, targets, np.ones(800)), (dev_states, dev_zeros), (1e-3, 1.0), score,
                                  better)
@@ -42,6 +42,16 @@ def test_the_head_learns_a_planted_rule_and_is_kept_only_where_it_beats_no_head(
     chosen, report = choose_head((states, 100 * np.eye(3)[targets], targets, np.ones(800)), (dev_states, perfect),
                                  (1e-3,), score, better)
     assert chosen is None and not report["used"] and report["dev_without_head"] == 1.0
+    # a head whose dev gain is within dev's noise is not kept: four dev pairs, the model already right on three
+    # (firmly), the head fixing the fourth; a resample without that pair is a tie, (3/4)^4 of them
+    right = np.flatnonzero(head_logprobs(dev_states, dev_zeros, head).argmax(1) == dev_targets)[:4]
+    few_targets = dev_targets[right]
+    few = 50.0 * np.eye(3)[few_targets]
+    few[0] = 0.1 * np.eye(3)[(few_targets[0] + 1) % 3]
+    chosen, report = choose_head((states, zeros, targets, np.ones(800)), (dev_states[right], few), (1e-3,),
+                                 lambda logprobs, rows: _accuracy(logprobs, few_targets[rows]), better)
+    assert report["dev_without_head"] == 0.75 and report["dev_by_l2"]["0.001"] == 1.0
+    assert report["best_l2"] == 1e-3 and 0.5 < report["p_better"] < 0.95 and chosen is None and not report["used"]
 
 
 def test_the_head_adds_exactly_its_logits_to_the_labels_and_survives_a_merge_into_a_tied_model(tmp_path: Path) -> None:
