@@ -196,6 +196,9 @@ class FinetuneArgs:
     # pairs are shown none, so the adapter also labels queries nobody has judged
     judged_examples: int = 0
     judged_skip_share: float = 0.2
+    # the short pair part also shows how many query words the title holds (annotator.word_match), a count
+    # that carries over to queries the adapter never trained on
+    match_hint: bool = False
 
     def __post_init__(self) -> None:
         if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
@@ -1130,7 +1133,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
                   args.max_minutes * 60 if args.max_minutes else math.inf)
     _set_seed(args.seed)
     judged = judged_settings(args, label_sources)
-    prompt_policy = policy_in_form(policy, args.pair_form, judged=judged is not None)
+    prompt_policy = policy_in_form(policy, args.pair_form, judged=judged is not None, match=args.match_hint)
     if judged is not None:
         train, dev = with_judged(train, dev, policy.scheme, judged, seed=args.seed)
     tokenizer = load_tokenizer(model_dir)
@@ -1648,7 +1651,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "labels": trainer.labels,
         "policy": policy.name,
         "policy_hash": policy.version,
-        "pair_form": form_record(prompt_policy, args.pair_form, judged=judged is not None),
+        "pair_form": form_record(prompt_policy, args.pair_form, judged=judged is not None, match=args.match_hint),
         "judged": judged.record() if judged is not None else None,
         "data_hash": data_hash(pd.concat([train, dev])),
         "label_token_ids": trainer.label_ids,

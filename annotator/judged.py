@@ -15,16 +15,14 @@ its own label. Queries match by their text, lower-cased, spaces collapsed.
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from annotator.word_match import words
 from labelstore.ids import stable_hash
-
-_WORD = re.compile(r"[a-z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def query_key(query: Any) -> str:
 
 
 def _words(title: Any) -> frozenset[str]:
-    return frozenset(_WORD.findall("" if title is None else str(title).lower()))
+    return frozenset(words(title))
 
 
 def skipped(pair_id: str, share: float, seed: int = 0) -> bool:

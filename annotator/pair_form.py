@@ -21,39 +21,51 @@ from labelstore.errors import MnrError
 PAIR_FORMS = ("full", "short")
 # characters per field in the short form; a field the policy does not show stays hidden
 SHORT_LIMITS = {"query": 80, "title": 100, "brand": 30, "description": 60}
-SHORT_TEMPLATE = "\nQuery: {{ query }}\n{% for name, value in fields %}{{ name }}: {{ value }}\n{% endfor %}Label:"
-# the short form with the query's judged examples (annotator.judged) before the answer
-SHORT_JUDGED_TEMPLATE = (
-    "\nQuery: {{ query }}\n{% for name, value in fields %}{{ name }}: {{ value }}\n{% endfor %}"
-    "{% if judged %}Judged for this query:{% for label, n in judged.counts %} {{ label }} {{ n }}"
-    "{{ ',' if not loop.last }}{% endfor %}\nMost alike judged: {{ judged.nearest | join(', ') }}\n"
-    "{% endif %}Label:")
+_SHORT_HEAD = "\nQuery: {{ query }}\n{% for name, value in fields %}{{ name }}: {{ value }}\n{% endfor %}"
+# how many query words the title holds (annotator.word_match), for a run with the match hint
+_MATCH_LINE = "Query words in title: {{ match.found }} of {{ match.total }}\n"
+# the query's judged examples (annotator.judged), when the pair has any
+_JUDGED_BLOCK = ("{% if judged %}Judged for this query:{% for label, n in judged.counts %} {{ label }} {{ n }}"
+                 "{{ ',' if not loop.last }}{% endfor %}\nMost alike judged: {{ judged.nearest | join(', ') }}\n"
+                 "{% endif %}")
+SHORT_TEMPLATE = _SHORT_HEAD + "Label:"
 
 
-def policy_in_form(policy: Policy, form: str, *, judged: bool = False) -> Policy:
+def policy_in_form(policy: Policy, form: str, *, judged: bool = False, match: bool = False) -> Policy:
     """``policy`` rendering its pair part in ``form`` (its version changes with the prompt); ``judged``: with
-    the query's judged examples (`annotator.judged`; short form only)."""
+    the query's judged examples (`annotator.judged`); ``match``: with the count of query words the title
+    holds (`annotator.word_match`). Both are shown in the short form only."""
     if form == "full":
-        if judged:
-            raise MnrError("judged examples are shown in the short pair form only (use pair form 'short')")
+        if judged or match:
+            raise MnrError("judged examples and the match hint are shown in the short pair form only "
+                           "(use pair form 'short')")
         return policy
     if form != "short":
         raise MnrError(f"unknown pair form '{form}' (use {', '.join(PAIR_FORMS)})")
     limits = {name: min(policy.limits.get(name, limit), limit) for name, limit in SHORT_LIMITS.items()}
-    return _with_fields(policy, form, policy.fields, {**policy.limits, **limits}, template_of(form, judged=judged))
+    return _with_fields(policy, form, policy.fields, {**policy.limits, **limits},
+                        template_of(form, judged=judged, match=match))
 
 
-def template_of(form: str, *, judged: bool = False) -> str | None:
+def template_of(form: str, *, judged: bool = False, match: bool = False) -> str | None:
     """The pair template of a form other than ``full`` (which keeps the policy's own)."""
     if form == "full":
         return None
-    return SHORT_JUDGED_TEMPLATE if judged else SHORT_TEMPLATE
+    return _SHORT_HEAD + (_MATCH_LINE if match else "") + (_JUDGED_BLOCK if judged else "") + "Label:"
 
 
-def form_record(policy: Policy, form: str, *, judged: bool = False) -> dict[str, Any]:
+def form_versions(policy: Policy) -> frozenset[str]:
+    """Every version a label made under ``policy`` can carry: the policy's own and each form's, with and
+    without judged examples and the match hint (an adapter labels under its pair form's version)."""
+    short = {policy_in_form(policy, "short", judged=judged, match=match).version
+             for judged in (False, True) for match in (False, True)}
+    return frozenset({policy.version, *short})
+
+
+def form_record(policy: Policy, form: str, *, judged: bool = False, match: bool = False) -> dict[str, Any]:
     """What ``meta.json`` keeps of the form: enough to rebuild the exact prompt later."""
     record = {"name": form, "fields": list(policy.fields), "limits": dict(policy.limits), "prompt_hash": policy.version}
-    template = template_of(form, judged=judged)
+    template = template_of(form, judged=judged, match=match)
     if template is not None:
         record["template"] = template
     return record

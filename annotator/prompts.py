@@ -38,6 +38,7 @@ from typing import Any
 import jinja2
 
 from annotator.judged import Judged
+from annotator.word_match import query_words_found
 from labelstore.config import read_toml
 from labelstore.errors import MnrError
 from labelstore.paths import prompts_dir
@@ -271,7 +272,9 @@ class Policy:
         values = {"title": title, "brand": clean_untrusted(pair.brand, words),
                   "description": clean_untrusted(pair.description, words)}
         shown = [(name, truncate(values[name], self.limits[name])) for name in self.fields if values[name]]
-        return self.pair_template.render(query=query, fields=shown, judged=self._judged_view(pair.judged))
+        found, total = query_words_found(query, title)
+        return self.pair_template.render(query=query, fields=shown, judged=self._judged_view(pair.judged),
+                                         match={"found": found, "total": total})
 
     @staticmethod
     def _judged_view(judged: Judged | None) -> dict[str, Any] | None:

@@ -86,6 +86,10 @@ def finetune_command(
                                         help="Show each prompt the labels people gave the query's other products: "
                                              "their counts and the labels of the K judged titles nearest to it "
                                              "(short pair form; mnr label draws them from the store). 0: none."),
+    match_hint: bool = typer.Option(False, "--match-hint",
+                                    help="Show each prompt how many query words the title holds ('Query words "
+                                         "in title: 2 of 3'; short pair form): a count that carries over to "
+                                         "queries the adapter never trained on."),
     no_stack: bool = typer.Option(False, "--no-stack", help="Fit no calibrated stack (the text baseline's match "
                                   "features + the adapter's scores, applied by mnr label) beside the adapter."),
     retriever: Optional[str] = typer.Option(None, "--retriever", help="Add this retriever's query-title cosine to "
@@ -116,7 +120,8 @@ def finetune_command(
                         warmup_steps=warmup_steps, train_top_k=train_top_k, pair_form=pair_form,
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
                         flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split,
-                        compute_dtype=compute_dtype, answer_head=not no_answer_head, judged_examples=judged_examples)
+                        compute_dtype=compute_dtype, answer_head=not no_answer_head, judged_examples=judged_examples,
+                        match_hint=match_hint)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "

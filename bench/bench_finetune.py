@@ -110,6 +110,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judged", type=int, default=None,
                         help="FinetuneArgs.judged_examples: judged titles of the same query shown in each prompt "
                              "(annotator.judged; test pairs see those of the train pairs). Default: fine-tuning's own.")
+    parser.add_argument("--match-hint", action="store_true",
+                        help="FinetuneArgs.match_hint: each prompt shows how many query words the title holds.")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     parser.add_argument("--keep-adapters", type=Path, default=None,
                         help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
@@ -231,6 +233,8 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
     loss = {} if sizes.get("vocab_loss_weight") is None else {"vocab_loss_weight": sizes["vocab_loss_weight"]}
     if sizes.get("judged") is not None:
         loss["judged_examples"] = sizes["judged"]
+    if sizes.get("match_hint"):
+        loss["match_hint"] = True
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
                         max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
                         compute_dtype=sizes["compute_dtype"], **loss)
@@ -262,7 +266,7 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
         "cache_pairs_per_s": meta["training_path"].get("train_cache_pairs_per_s"),
         "compute_dtype": meta["training_path"].get("compute_dtype", "torch.float32"),
         "stop_reason": meta["stop_reason"], "phase_seconds": meta["phase_seconds"], "temperature": meta["temperature"],
-        "judged": meta.get("judged"),
+        "judged": meta.get("judged"), "match_hint": bool(meta["training_args"].get("match_hint")),
         "calibration": meta["calibration"],
         "dev_stack_report": meta["stack"]["dev_report"], "history": result.history}
     print(f"{tag} adapter {report['adapter'][headline]:.4f}, stack {report['stack'][headline]:.4f}; "
@@ -336,6 +340,8 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                             report["stack"].get("retriever") else ""
                         judged = (part["training"].get("judged") or {}) if system in ("adapter", "stack") else {}
                         shown = f" (judged examples, K = {judged['k']})" if judged else ""
+                        if system in ("adapter", "stack") and part["training"].get("match_hint"):
+                            shown += " (match hint)"
                         figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, "
                                                 f"{system_name(system, model)}{shown}{cosine}{mark}",
                                         "value": round(part[system][metric], 4), "unit": unit, "target": target,
@@ -391,6 +397,7 @@ def main() -> None:
         sizes["test_pairs"] = args.test_pairs
     sizes["vocab_loss_weight"] = args.vocab_loss_weight
     sizes["judged"] = args.judged
+    sizes["match_hint"] = args.match_hint
     sizes["compute_dtype"] = args.compute_dtype
     sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

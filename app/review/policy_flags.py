@@ -72,10 +72,9 @@ def _declared_flags(policy: str) -> tuple[tuple[PolicyFlag, ...], str] | None:
 def _versions_today(policy: str) -> frozenset[str]:
     """The versions a label of `policy` as it is now can carry: the policy's own and each pair form's
     (an adapter labels under its pair form's version)."""
-    from annotator.pair_form import PAIR_FORMS, policy_in_form
+    from annotator.pair_form import form_versions
 
-    loaded = load_prompt_policy(policy)
-    return frozenset(policy_in_form(loaded, form).version for form in PAIR_FORMS)
+    return form_versions(load_prompt_policy(policy))
 
 
 def item_flags(item: ReviewItem) -> ItemFlags:
