@@ -14,6 +14,8 @@ own contribution is measured by `bench_finetune`, which reads this cosine in bot
 It also measures the judged examples (`annotator.judged`) alone, with no model: the label shares among the
 ``JudgedSettings.k`` train pairs of the query nearest to the test pair (what an adapter's prompt shows), smoothed,
 labelling by their dev decision (`st.decide_by_cutoffs`; a query without any judged pair gets the train prior).
+And the match hint (`annotator.word_match`) alone: the share of query words the title holds, in a one-feature
+logistic regression fitted on train, labelling by its dev decision.
 
     python -m bench.bench_stack_inputs [--quick] [--datasets homedepot,crowdflower] [--splits random,query]
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.linear_model import LogisticRegression
 
 from labelstore.runtime import apply_engine_env_defaults
 
@@ -39,6 +42,7 @@ from annotator.finetune import subsample  # noqa: E402
 from annotator.judged import JudgedSettings, judged_examples  # noqa: E402
 from annotator.prompts import load_prompt_policy  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
+from annotator.word_match import query_words_found  # noqa: E402
 from bench.bench_finetune import (  # noqa: E402
     DATASETS,
     PRETTY,
@@ -57,7 +61,8 @@ NAME = "stack_inputs"
 SIZES = {False: {"baseline_train": None, "dev": 1000, "test": 1000}, True: {"baseline_train": 3000, "dev": 200, "test": 200}}
 SYSTEMS = {"tfidf_linear": "TF-IDF + linear", "tfidf_linear_cutoffs": "TF-IDF + linear, dev decision",
            "stack_lexical": "stack, lexical inputs", "stack_lexical_cosine": "stack, lexical + zero-shot MiniLM cosine",
-           "judged_vote": "judged examples alone (labels of the query's nearest judged pairs, no model)"}
+           "judged_vote": "judged examples alone (labels of the query's nearest judged pairs, no model)",
+           "match_share": "match hint alone (share of query words in the title, one-feature logistic regression)"}
 
 
 def run_split(dataset: str, split: str, sizes: dict[str, Any], retriever: st.RetrieverCosine) -> dict[str, Any]:
@@ -83,6 +88,7 @@ def run_split(dataset: str, split: str, sizes: dict[str, Any], retriever: st.Ret
         probs = stack.predict_proba(test, retriever=retriever if stack.uses_cosine else None)
         report[system] = {**measure(probs, stack.choose_labels(probs)), "cutoffs": stack.cutoffs}
     report["judged_vote"] = judged_vote(train, dev, test, labels, grades, measure)
+    report["match_share"] = match_share(train, dev, test, labels, grades, measure)
     report["seconds"] = round(time.monotonic() - started, 1)
     print(f"[{dataset}/{split}] " + ", ".join(f"{system} {report[system][headline]:.4f}" for system in SYSTEMS),
           flush=True)
@@ -99,6 +105,21 @@ def judged_vote(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, labe
     _, cutoffs, decision = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
                                                 dev["query_id"])
     return {**measure(test_probs, choose_labels(test_probs, grades, cutoffs)), "k": k, "dev_decision": decision}
+
+
+def match_share(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, labels: list[str], grades: list[int],
+                measure: Any) -> dict[str, Any]:
+    """The test metrics of a logistic regression on what the match hint shows (`annotator.word_match`): the
+    share of query words the title holds, fitted on the train pairs, labelling by the dev decision."""
+    def shares(frame: pd.DataFrame) -> np.ndarray:
+        found = [query_words_found(q, t) for q, t in zip(frame["query"], frame["title"])]
+        return np.array([[hit / max(1, total)] for hit, total in found])
+
+    model = LogisticRegression(max_iter=1000).fit(shares(train), train["label"].map(labels.index))
+    dev_probs, test_probs = (class_probs(model, shares(frame), len(labels)) for frame in (dev, test))
+    _, cutoffs, decision = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
+                                                dev["query_id"])
+    return {**measure(test_probs, choose_labels(test_probs, grades, cutoffs)), "dev_decision": decision}
 
 
 def vote_probs(pairs: pd.DataFrame, pool: pd.DataFrame, labels: list[str], k: int, prior: np.ndarray) -> np.ndarray:
