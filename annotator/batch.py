@@ -152,7 +152,7 @@ def with_judged_examples(store: Store, labeler: Labeler, pairs: list[PairText], 
     pool = pool[~pool["pair_id"].isin(set(hide))]
     frame = pd.DataFrame({"pair_id": [p.pair_id for p in pairs], "query": [p.query for p in pairs],
                           "title": [p.title for p in pairs]})
-    examples = judged_examples(frame, pool, labeler.label_names, k=settings.k)
+    examples = judged_examples(frame, pool, labeler.label_names, k=settings.k, counts=settings.counts)
     return [replace(pair, judged=judged) for pair, judged in zip(pairs, examples)]
 
 

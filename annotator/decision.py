@@ -11,12 +11,14 @@ maximise QWK on held-out pairs:
 
 `fit_grade_cutoffs` fits them on (n, K) probabilities that were not fitted on the same pairs
 (out-of-fold); `choose_labels` applies them (or argmax when there are none); `cross_fitted_qwk` measures
-both decisions honestly on the same pairs. The probabilities themselves are untouched: they stay the
+both decisions honestly on the same pairs, and `decide_by_cutoffs` keeps cut-points only where they win
+there. The stack (`annotator.stack`) and an adapter alone (`meta.json` "decision", fitted on its calibrated
+dev probabilities) decide this way; `read_decision` reads either record back. The probabilities themselves are untouched: they stay the
 calibrated ones, and only the written label moves.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
@@ -25,6 +27,8 @@ from sklearn.model_selection import GroupKFold, KFold
 CANDIDATE_QUANTILES = np.linspace(0.005, 0.995, 199)  # where a cut-point may go: quantiles of E[g]
 SWEEPS = 3  # coordinate-ascent passes over the cut-points
 MIN_PAIRS = 50  # fewer held-out pairs fit no cut-points
+DECISION_FOLDS = 5  # cross-fitting folds of `decide_by_cutoffs`
+CUTOFFS_RULE = "expected_grade_cutoffs"
 
 
 class DecisionError(ValueError):
@@ -121,6 +125,45 @@ def cross_fitted_qwk(probs: np.ndarray, targets: np.ndarray, grades: Sequence[in
     return {"method": f"{folds}-fold cross-fitting of the cut-points on the held-out probabilities",
             "argmax_qwk": round(argmax_qwk, 4), "cutoffs_qwk": round(cutoffs_qwk, 4),
             "cutoffs_better": bool(cutoffs_qwk > argmax_qwk)}
+
+
+def decide_by_cutoffs(oof_probs: np.ndarray, targets: np.ndarray, grades: Sequence[int],
+                      groups: Sequence[Any]) -> tuple[list[int] | None, list[float] | None, dict[str, Any]]:
+    """(grades, cut-points, report): cut-points on the expected grade fitted on (n, K) held-out probabilities
+    ``oof_probs`` against ``targets`` (n,), kept only when their cross-fitted QWK (folds grouped by ``groups``,
+    e.g. query) beats argmax's; (None, None, report) otherwise, or when there are too few pairs or the grades
+    are not distinct. The report holds the rule, both cross-fitted QWKs and the cut-points."""
+    try:
+        report = cross_fitted_qwk(oof_probs, targets, grades, groups, folds=DECISION_FOLDS)
+        if not report["cutoffs_better"]:
+            return None, None, {**report, "rule": "argmax"}
+        cutoffs = fit_grade_cutoffs(oof_probs, targets, grades)
+    except DecisionError as exc:
+        return None, None, {"rule": "argmax", "reason": str(exc)}
+    return [int(g) for g in grades], [float(c) for c in cutoffs], \
+        {**report, "rule": CUTOFFS_RULE, "cutoffs": [round(float(c), 4) for c in cutoffs]}
+
+
+def decision_record(grades: Sequence[int], cutoffs: Sequence[float]) -> dict[str, Any]:
+    """What a labeler saves of its cut-points (`read_decision` reads it back)."""
+    return {"rule": CUTOFFS_RULE, "grades": [int(g) for g in grades], "cutoffs": [float(c) for c in cutoffs]}
+
+
+def read_decision(record: Mapping[str, Any] | None, n_labels: int) -> tuple[list[int], list[float]] | None:
+    """(grades, cut-points) of a saved decision (`decision_record`), or None for none or argmax;
+    `DecisionError` naming what is wrong with it otherwise."""
+    if record is None or record.get("rule") == "argmax":
+        return None
+    if record.get("rule") != CUTOFFS_RULE:
+        raise DecisionError(f"decision rule {record.get('rule')!r} is not known (expected '{CUTOFFS_RULE}')")
+    try:
+        grades, cutoffs = [int(g) for g in record["grades"]], [float(c) for c in record["cutoffs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DecisionError(f"decision without valid grades and cutoffs: {exc}") from exc
+    if len(grades) != n_labels:
+        raise DecisionError(f"{len(grades)} grades for {n_labels} labels")
+    check_cutoffs(grades, cutoffs)
+    return grades, cutoffs
 
 
 def _grade_order(grades: Sequence[int]) -> np.ndarray:

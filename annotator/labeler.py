@@ -13,7 +13,9 @@ If the adapter folder holds a calibrated stack (`annotator.stack`, fitted by `mn
 applied after the backend's scoring, the same for every backend: probabilities are the stack's, from
 the label log-probabilities and the pairs' lexical match features (the temperature is then unused).
 Its version goes into the author (`...+<adapter>+stack-<version>@<policy>:<version>`); `use_stack=False`
-(`mnr label --no-stack`) gives the bare labeler.
+(`mnr label --no-stack`) gives the bare labeler. Without a stack, an adapter whose `meta.json` holds cut-points
+on the expected grade (`decision`, fitted on dev) writes its label by them, and their hash goes into the
+author (`...+<adapter>+cut-<hash>@...`); the probabilities stay the calibrated ones.
 
 Policy flags (`Policy.flags`) are scored after the grade, one yes/no label-token pass per flag
 (`flag_logprobs`, `score_flags`): the flag prompt is the grade prompt, the LLM's most probable grade label
@@ -39,6 +41,7 @@ import pandas as pd
 
 from annotator.backends import BACKENDS
 from annotator.backends.base import Backend
+from annotator.decision import DecisionError, choose_labels, read_decision
 from annotator.judged import JudgedSettings
 from annotator.models import resolve_model
 from annotator.pair_form import policy_for_adapter
@@ -46,7 +49,7 @@ from annotator.prompts import FLAG_OPTIONS, PairText, Policy, load_prompt_policy
 from annotator.scoring import flag_probs_from_logprobs, label_token_ids, probs_from_logprobs
 from annotator.stack import RetrieverCosine, StackError, load_stack, stack_version
 from labelstore.errors import MnrError
-from labelstore.ids import file_hash
+from labelstore.ids import file_hash, stable_hash
 
 
 class AdapterError(MnrError):
@@ -156,9 +159,23 @@ def load_backend(model: str, backend: str = "vllm", adapter: str | Adapter | Non
 
 
 def model_tag(model: str, adapter: Adapter | None, stack: str | None = None) -> str:
-    """`<model>+<adapter tag>[+stack-<stack version>]`: the model half of a labeler's author, known
-    without loading the model."""
-    return f"{_model_tag(model)}+{adapter_tag(adapter)}" + (f"+stack-{stack}" if stack else "")
+    """`<model>+<adapter tag>[+stack-<stack version> | +cut-<cut-points hash>]`: the model half of a labeler's
+    author, known without loading the model. The stack decides the label when there is one, else the adapter's
+    cut-points (`adapter_decision`) when it has them."""
+    tag = f"{_model_tag(model)}+{adapter_tag(adapter)}"
+    if stack:
+        return f"{tag}+stack-{stack}"
+    decision = adapter_decision(adapter, read_adapter_meta(adapter.path)) if adapter is not None else None
+    return f"{tag}+cut-{stable_hash(json.dumps(decision))[:8]}" if decision is not None else tag
+
+
+def adapter_decision(adapter: Adapter, meta: dict[str, Any]) -> tuple[list[int], list[float]] | None:
+    """(grades, cut-points) the adapter alone writes its label by (meta.json "decision", fitted on dev by
+    `mnr finetune`), or None: argmax. `AdapterError` naming the file when the record is broken."""
+    try:
+        return read_decision(meta.get("decision"), len(meta.get("labels") or []))
+    except DecisionError as exc:
+        raise AdapterError(f"{adapter.path / 'meta.json'}, field 'decision': {exc}") from exc
 
 
 def adapter_stack_version(adapter: Adapter | None, use_stack: bool = True) -> str | None:
@@ -206,6 +223,8 @@ class Labeler:
         # the adapter learnt one pair form (annotator.pair_form): label with the same prompt
         self.policy = policy_for_adapter(self.policy, self.adapter_meta)
         self.stack = load_stack(checked.path) if checked is not None and use_stack else None
+        # the adapter's own cut-points (meta.json "decision"), applied where no stack decides
+        self.decision = adapter_decision(checked, self.adapter_meta) if checked is not None else None
         if self.stack is not None:
             self._check_stack_labels()
             try:
@@ -312,9 +331,12 @@ class Labeler:
 
     def choose_labels(self, probs: np.ndarray) -> np.ndarray:
         """(n,) the label indices this labeler writes for (n, n_labels) ``probs`` (its `score`): the stack's
-        decision (`Stack.choose_labels`) when it has one, else the most probable label."""
+        decision (`Stack.choose_labels`) when it has one, else the adapter's cut-points on the expected grade
+        (`adapter_decision`) when it has them, else the most probable label."""
         if self.stack is not None:
             return self.stack.choose_labels(probs)
+        if self.decision is not None:
+            return choose_labels(probs, *self.decision)
         return np.asarray(probs).argmax(axis=1)
 
     def score_with_flags(self, pairs: list[PairText]) -> tuple[np.ndarray, np.ndarray]:

@@ -28,13 +28,21 @@ _MATCH_LINE = "Query words in title: {{ match.found }} of {{ match.total }}\n"
 _JUDGED_BLOCK = ("{% if judged %}Judged for this query:{% for label, n in judged.counts %} {{ label }} {{ n }}"
                  "{{ ',' if not loop.last }}{% endfor %}\nMost alike judged: {{ judged.nearest | join(', ') }}\n"
                  "{% endif %}")
+# the same, with the counts line only where there are counts: `JudgedSettings.counts` "beyond_k" gives none
+# where the nearest line already lists every judged pair of the query
+_JUDGED_BLOCK_COUNTS_IF_ANY = ("{% if judged %}{% if judged.counts %}Judged for this query:{% for label, n in "
+                               "judged.counts %} {{ label }} {{ n }}{{ ',' if not loop.last }}{% endfor %}\n"
+                               "{% endif %}Most alike judged: {{ judged.nearest | join(', ') }}\n{% endif %}")
+_JUDGED_BLOCKS = {"always": _JUDGED_BLOCK, "beyond_k": _JUDGED_BLOCK_COUNTS_IF_ANY}
 SHORT_TEMPLATE = _SHORT_HEAD + "Label:"
 
 
-def policy_in_form(policy: Policy, form: str, *, judged: bool = False, match: bool = False) -> Policy:
+def policy_in_form(policy: Policy, form: str, *, judged: bool = False, match: bool = False,
+                   judged_counts: str = "always") -> Policy:
     """``policy`` rendering its pair part in ``form`` (its version changes with the prompt); ``judged``: with
-    the query's judged examples (`annotator.judged`); ``match``: with the count of query words the title
-    holds (`annotator.word_match`). Both are shown in the short form only."""
+    the query's judged examples (`annotator.judged`; ``judged_counts``: `JudgedSettings.counts`); ``match``:
+    with the count of query words the title holds (`annotator.word_match`). Both are shown in the short form
+    only."""
     if form == "full":
         if judged or match:
             raise MnrError("judged examples and the match hint are shown in the short pair form only "
@@ -44,28 +52,31 @@ def policy_in_form(policy: Policy, form: str, *, judged: bool = False, match: bo
         raise MnrError(f"unknown pair form '{form}' (use {', '.join(PAIR_FORMS)})")
     limits = {name: min(policy.limits.get(name, limit), limit) for name, limit in SHORT_LIMITS.items()}
     return _with_fields(policy, form, policy.fields, {**policy.limits, **limits},
-                        template_of(form, judged=judged, match=match))
+                        template_of(form, judged=judged, match=match, judged_counts=judged_counts))
 
 
-def template_of(form: str, *, judged: bool = False, match: bool = False) -> str | None:
+def template_of(form: str, *, judged: bool = False, match: bool = False, judged_counts: str = "always") -> str | None:
     """The pair template of a form other than ``full`` (which keeps the policy's own)."""
     if form == "full":
         return None
-    return _SHORT_HEAD + (_MATCH_LINE if match else "") + (_JUDGED_BLOCK if judged else "") + "Label:"
+    if judged_counts not in _JUDGED_BLOCKS:
+        raise MnrError(f"unknown judged counts '{judged_counts}' (use {', '.join(_JUDGED_BLOCKS)})")
+    return _SHORT_HEAD + (_MATCH_LINE if match else "") + (_JUDGED_BLOCKS[judged_counts] if judged else "") + "Label:"
 
 
 def form_versions(policy: Policy) -> frozenset[str]:
     """Every version a label made under ``policy`` can carry: the policy's own and each form's, with and
     without judged examples and the match hint (an adapter labels under its pair form's version)."""
-    short = {policy_in_form(policy, "short", judged=judged, match=match).version
-             for judged in (False, True) for match in (False, True)}
+    short = {policy_in_form(policy, "short", judged=judged, match=match, judged_counts=counts).version
+             for judged in (False, True) for match in (False, True) for counts in _JUDGED_BLOCKS}
     return frozenset({policy.version, *short})
 
 
-def form_record(policy: Policy, form: str, *, judged: bool = False, match: bool = False) -> dict[str, Any]:
+def form_record(policy: Policy, form: str, *, judged: bool = False, match: bool = False,
+                judged_counts: str = "always") -> dict[str, Any]:
     """What ``meta.json`` keeps of the form: enough to rebuild the exact prompt later."""
     record = {"name": form, "fields": list(policy.fields), "limits": dict(policy.limits), "prompt_hash": policy.version}
-    template = template_of(form, judged=judged, match=match)
+    template = template_of(form, judged=judged, match=match, judged_counts=judged_counts)
     if template is not None:
         record["template"] = template
     return record

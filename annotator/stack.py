@@ -46,7 +46,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from annotator.decision import DecisionError, check_cutoffs, choose_labels, cross_fitted_qwk, fit_grade_cutoffs
+from annotator.decision import DecisionError, choose_labels, decide_by_cutoffs, decision_record, read_decision
 from annotator.sklearn_state import (
     content_hash,
     logistic_from_state,
@@ -246,8 +246,7 @@ class Stack:
         arrays = {**prefixed("lexical", lexical_arrays), **prefixed("scaler", scaler_arrays),
                   **prefixed("linear", linear_arrays)}
         if self.cutoffs is not None:  # a stack deciding by argmax keeps the content (and version) it had before
-            params["decision"] = {"rule": "expected_grade_cutoffs", "grades": list(self.grades or []),
-                                  "cutoffs": [float(c) for c in self.cutoffs]}
+            params["decision"] = decision_record(self.grades or [], self.cutoffs)
         if self.flags:  # a stack without flags keeps the content (and version) it had before flags existed
             params["flags"] = []
             for flag in self.flags:
@@ -322,20 +321,11 @@ def load_stack(folder: str | Path) -> Stack | None:
 
 
 def _decision_from_params(decision: dict[str, Any] | None, folder: Path, n_labels: int) -> dict[str, Any]:
-    if decision is None:
-        return {}
-    where = f"{folder / STACK_FILE}, field 'decision'"
-    if decision.get("rule") != "expected_grade_cutoffs":
-        raise StackError(f"{where}: decision rule {decision.get('rule')!r} is not known "
-                         "(expected 'expected_grade_cutoffs')")
     try:
-        grades, cutoffs = [int(g) for g in decision["grades"]], [float(c) for c in decision["cutoffs"]]
-        if len(grades) != n_labels:
-            raise DecisionError(f"{len(grades)} grades for {n_labels} labels")
-        check_cutoffs(grades, cutoffs)
-    except (KeyError, TypeError, ValueError) as exc:  # DecisionError is a ValueError
-        raise StackError(f"{where}: {exc}") from exc
-    return {"grades": grades, "cutoffs": cutoffs}
+        read = read_decision(decision, n_labels)
+    except DecisionError as exc:
+        raise StackError(f"{folder / STACK_FILE}, field 'decision': {exc}") from exc
+    return {} if read is None else {"grades": read[0], "cutoffs": read[1]}
 
 
 def _read_params(folder: Path) -> dict[str, Any]:
@@ -434,22 +424,6 @@ def fit_deciding_stack(labels: Sequence[str], grades: Sequence[int], inputs: Seq
     stack = fit_stack(labels, inputs, lexical, matrix, targets, retriever)
     stack.grades, stack.cutoffs, decision = decide_by_cutoffs(oof, targets, grades, groups)
     return stack, oof, decision
-
-
-def decide_by_cutoffs(oof_probs: np.ndarray, targets: np.ndarray, grades: Sequence[int],
-                      groups: Sequence[Any]) -> tuple[list[int] | None, list[float] | None, dict[str, Any]]:
-    """(grades, cut-points, report): cut-points on the expected grade (`annotator.decision`) fitted on the
-    stack's out-of-fold dev probabilities, kept only when their cross-fitted dev QWK beats argmax's;
-    (None, None, report) otherwise, or when dev is too small or the grades are not distinct."""
-    try:
-        report = cross_fitted_qwk(oof_probs, targets, grades, groups, folds=CV_FOLDS)
-        if not report["cutoffs_better"]:
-            return None, None, {**report, "rule": "argmax"}
-        cutoffs = fit_grade_cutoffs(oof_probs, targets, grades)
-    except DecisionError as exc:
-        return None, None, {"rule": "argmax", "reason": str(exc)}
-    return [int(g) for g in grades], [float(c) for c in cutoffs], \
-        {**report, "rule": "expected_grade_cutoffs", "cutoffs": [round(float(c), 4) for c in cutoffs]}
 
 
 # -- flags ------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def finetune_command(
                                         help="Show each prompt the labels people gave the query's other products: "
                                              "their counts and the labels of the K judged titles nearest to it "
                                              "(short pair form; mnr label draws them from the store). 0: none."),
+    judged_counts: str = typer.Option("beyond_k", "--judged-counts",
+                                      help="With --judged-examples, when the label counts line is shown: beyond_k "
+                                           "(only where the query has more judged pairs than K; otherwise the "
+                                           "nearest line lists them all) or always."),
     match_hint: bool = typer.Option(False, "--match-hint",
                                     help="Show each prompt how many query words the title holds ('Query words "
                                          "in title: 2 of 3'; short pair form): a count that carries over to "
@@ -121,7 +125,7 @@ def finetune_command(
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
                         flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split,
                         compute_dtype=compute_dtype, answer_head=not no_answer_head, judged_examples=judged_examples,
-                        match_hint=match_hint)
+                        judged_counts=judged_counts, match_hint=match_hint)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "
@@ -146,6 +150,7 @@ def finetune_command(
                   f"temperature {meta['temperature']:.3f}; dev accuracy {dev_metrics['accuracy']:.3f}, "
                   f"QWK {dev_metrics['qwk']:.3f}, ECE {meta['dev_metrics_uncalibrated']['ece']:.3f} -> "
                   f"{dev_metrics['ece']:.3f}")
+    _print_decision("the adapter alone (no stack, or --no-stack)", (meta.get("decision") or {}).get("dev_report"))
     _print_flags(meta)
     _print_stack(meta.get("stack"))
     console.print(f"adapter written to {out} (label with: mnr label --model {model} --adapter {out} --policy {policy})")
@@ -171,6 +176,16 @@ def _print_flags(meta: dict[str, Any]) -> None:
                           "stored temperature 1.0[/]")
 
 
+def _print_decision(who: str, report: dict[str, Any] | None) -> None:
+    """How ``who`` writes its labels, from a `decide_by_cutoffs` report."""
+    if not report or "argmax_qwk" not in report:
+        return
+    rule = ("cut-points on the expected grade " + ", ".join(f"{c:.2f}" for c in report["cutoffs"])
+            if report["rule"] == "expected_grade_cutoffs" else "the most probable label")
+    console.print(f"labels written by {who}: {rule} (dev QWK, cross-fitted: cut-points {report['cutoffs_qwk']:.3f}, "
+                  f"argmax {report['argmax_qwk']:.3f})")
+
+
 def _print_stack(stack: dict[str, Any] | None) -> None:
     if stack is None:
         return
@@ -187,12 +202,7 @@ def _print_stack(stack: dict[str, Any] | None) -> None:
     console.print(table)
     colour = "green" if report["llm_adds"] else "yellow"
     console.print(f"[{colour}]{report['verdict']}[/]; mnr label applies the stack (--no-stack: the bare adapter)")
-    decision = report.get("decision") or {}
-    if "argmax_qwk" in decision:
-        rule = ("cut-points on the expected grade " + ", ".join(f"{c:.2f}" for c in decision["cutoffs"])
-                if decision["rule"] == "expected_grade_cutoffs" else "the most probable label")
-        console.print(f"labels written: {rule} (dev QWK, cross-fitted: cut-points {decision['cutoffs_qwk']:.3f}, "
-                      f"argmax {decision['argmax_qwk']:.3f})")
+    _print_decision("the stack", report.get("decision"))
     for name, flag in (stack.get("flag_dev_report") or {}).items():
         if not flag["fitted"]:
             console.print(f"[yellow]flag '{name}': no stack regression: {flag['reason']}[/]")

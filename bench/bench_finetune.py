@@ -51,7 +51,7 @@ from sklearn.model_selection import GroupShuffleSplit, train_test_split  # noqa:
 from annotator import stack as st  # noqa: E402
 from annotator.answer_head import write_head  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
-from annotator.decision import choose_labels  # noqa: E402
+from annotator.decision import choose_labels, read_decision  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
 from annotator.judged import JudgedSettings, judged_examples  # noqa: E402
 from annotator.finetune import (  # noqa: E402
@@ -82,7 +82,8 @@ DATASETS: dict[str, tuple[str, str, str, str]] = {
 READERS = {"homedepot": read_homedepot, "crowdflower": read_crowdflower}
 
 
-SYSTEMS = ("tfidf_linear", "tfidf_linear_cutoffs", "adapter", "stack_without_llm", "stack")
+SYSTEMS = ("tfidf_linear", "tfidf_linear_cutoffs", "adapter", "adapter_decided", "stack_without_llm", "stack")
+FINE_TUNED = ("adapter", "adapter_decided", "stack")  # the systems every base model gets
 SPLITS = ("random", "query")
 DEV_SPLIT = {"random": "pair", "query": "query"}  # FinetuneArgs.dev_split: dev drawn as test is
 QUICK = {"minutes": 3.0, "baseline_train": 3000, "max_dev": 64, "test_pairs": 60, "eval_every": 10}
@@ -110,6 +111,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judged", type=int, default=None,
                         help="FinetuneArgs.judged_examples: judged titles of the same query shown in each prompt "
                              "(annotator.judged; test pairs see those of the train pairs). Default: fine-tuning's own.")
+    parser.add_argument("--judged-counts", default=None, choices=("beyond_k", "always"),
+                        help="FinetuneArgs.judged_counts: when the label counts line is shown (default: "
+                             "fine-tuning's own; runs before stop 39 showed it always).")
     parser.add_argument("--match-hint", action="store_true",
                         help="FinetuneArgs.match_hint: each prompt shows how many query words the title holds.")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
@@ -182,7 +186,8 @@ def adapter_logprobs(model_dir: str, adapter: Path, policy: Any, frame: pd.DataF
         if judged_pool is None:
             raise ValueError(f"adapter {adapter} shows judged examples: pass the pairs they are drawn from")
         pool = judged_pool.assign(label=judged_pool["label"].map(policy.scheme.normalize))
-        frame = frame.assign(judged=judged_examples(frame, pool, policy.scheme.label_names, k=judged.k))
+        frame = frame.assign(judged=judged_examples(frame, pool, policy.scheme.label_names, k=judged.k,
+                                                    counts=judged.counts))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), str(adapter))
     label_ids = label_token_ids(tokenizer, prompt_policy.answer_options())
     if without_head:
@@ -235,6 +240,8 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
         loss["judged_examples"] = sizes["judged"]
     if sizes.get("match_hint"):
         loss["match_hint"] = True
+    if sizes.get("judged_counts"):
+        loss["judged_counts"] = sizes["judged_counts"]
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
                         max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
                         compute_dtype=sizes["compute_dtype"], **loss)
@@ -244,7 +251,11 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
                                                f"dev qwk {r['qwk']:.3f} {r['elapsed_s']:.0f}s", flush=True))
     meta = result.meta
     logprobs, seconds = adapter_logprobs(model_dir, out, policy, test, judged_pool=train)
-    report["adapter"] = {**measure(apply_temperature(logprobs, meta["temperature"])), "score_seconds": round(seconds, 1)}
+    probs = apply_temperature(logprobs, meta["temperature"])
+    report["adapter"] = {**measure(probs), "score_seconds": round(seconds, 1)}
+    decision = read_decision(meta.get("decision"), len(labels))
+    report["adapter_decided"] = {**measure(probs, choose_labels(probs, *decision) if decision else None),
+                                 "decision": (meta.get("decision") or {}).get("dev_report")}
     head = meta.get("answer_head") or {}
     if head.get("used"):
         bare, _ = adapter_logprobs(model_dir, out, policy, test, without_head=True, judged_pool=train)
@@ -328,19 +339,21 @@ def figures_of(reports: dict[str, dict[str, dict[str, Any]]], quick: bool) -> li
                 baseline = report["tfidf_linear"][metric]
                 anchor = f"TF-IDF + linear {baseline:.4f}, same {report['test_pairs']} test pairs; {report['anchor']}"
                 for system in SYSTEMS:
-                    if system == "tfidf_linear_cutoffs" and metric == "rmse_rating":
+                    if system in ("tfidf_linear_cutoffs", "adapter_decided") and metric == "rmse_rating":
                         continue  # the expected rating does not depend on the label written
                     for number, model in enumerate(models):
-                        if number and system not in ("adapter", "stack"):
+                        if number and system not in FINE_TUNED:
                             continue
                         part = report["by_model"][model] if number else report
                         target = ("reference" if system.startswith("tfidf_linear") else
-                                  "better than TF-IDF + linear (either decision)" if system == "stack" else "")
+                                  "better than TF-IDF + linear (either decision)" if system == "stack" else
+                                  ">= 90% of TF-IDF + linear by its dev decision" if system == "adapter_decided" else "")
                         cosine = " (+ zero-shot MiniLM cosine)" if system.startswith("stack") and \
                             report["stack"].get("retriever") else ""
-                        judged = (part["training"].get("judged") or {}) if system in ("adapter", "stack") else {}
-                        shown = f" (judged examples, K = {judged['k']})" if judged else ""
-                        if system in ("adapter", "stack") and part["training"].get("match_hint"):
+                        judged = (part["training"].get("judged") or {}) if system in FINE_TUNED else {}
+                        counts = ", counts only beyond K" if judged.get("counts") == "beyond_k" else ""
+                        shown = f" (judged examples, K = {judged['k']}{counts})" if judged else ""
+                        if system in FINE_TUNED and part["training"].get("match_hint"):
                             shown += " (match hint)"
                         figures.append({"name": f"{PRETTY[dataset]} {split} split {unit}, "
                                                 f"{system_name(system, model)}{shown}{cosine}{mark}",
@@ -373,6 +386,8 @@ def system_name(system: str, model: str) -> str:
     """The table name of ``system``; a fine-tuned one names its base model, the default one as earlier runs did."""
     if system == "adapter":
         return f"adapter alone (LoRA {model_title(model)})"
+    if system == "adapter_decided":
+        return f"adapter alone (LoRA {model_title(model)}), labels by its dev decision (cut-points or argmax)"
     if system == "stack" and model != DEFAULT_MODEL:
         return f"full stack ({model_title(model)} adapter + lexical)"
     return SYSTEM_NAMES[system]
@@ -398,6 +413,7 @@ def main() -> None:
     sizes["vocab_loss_weight"] = args.vocab_loss_weight
     sizes["judged"] = args.judged
     sizes["match_hint"] = args.match_hint
+    sizes["judged_counts"] = args.judged_counts
     sizes["compute_dtype"] = args.compute_dtype
     sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

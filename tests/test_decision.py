@@ -17,9 +17,12 @@ from annotator.decision import (
     DecisionError,
     choose_labels,
     cross_fitted_qwk,
+    decide_by_cutoffs,
+    decision_record,
     expected_grade,
     fit_grade_cutoffs,
     grade_kappa,
+    read_decision,
 )
 
 GRADES = [3, 2, 1, 0]  # exact, substitute, complement, irrelevant
@@ -114,3 +117,20 @@ def test_a_stack_keeps_its_cutoffs_through_save_and_load(tmp_path: Path) -> None
         (tmp_path / "cut" / st.STACK_FILE).write_text(json.dumps(broken))
         with pytest.raises(st.StackError, match=r"stack\.json, field 'decision': .*" + message):
             st.load_stack(tmp_path / "cut")
+
+
+def test_cutoffs_are_kept_only_where_they_beat_argmax_and_their_record_reads_back() -> None:
+    """`decide_by_cutoffs` (a stack's and an adapter's decision): cut-points for an ordinal model whose middle
+    grades never win, argmax for an uninformative one and for too few pairs; `read_decision` round-trips."""
+    probs, targets = ordinal_sample(800, seed=5)
+    groups = np.arange(800) // 4
+    grades, cutoffs, report = decide_by_cutoffs(probs, targets, GRADES, groups)
+    assert report["rule"] == "expected_grade_cutoffs" and report["cutoffs_qwk"] > report["argmax_qwk"]
+    assert read_decision(decision_record(grades, cutoffs), 4) == (GRADES, cutoffs)
+    noise = np.random.default_rng(6).dirichlet(np.ones(4), size=800)
+    kept = decide_by_cutoffs(noise, targets, GRADES, groups)
+    assert kept[1] is None or kept[2]["cutoffs_qwk"] > kept[2]["argmax_qwk"]
+    assert decide_by_cutoffs(probs[:30], targets[:30], GRADES, groups[:30])[:2] == (None, None)
+    assert read_decision(None, 4) is None and read_decision({"rule": "argmax"}, 4) is None
+    with pytest.raises(DecisionError, match="3 grades for 4 labels"):
+        read_decision(decision_record([3, 2, 1], [0.5, 1.5]), 4)

@@ -731,6 +731,55 @@ def test_mnr_label_writes_the_label_the_stacks_cutoffs_choose(trained: Path, lea
     np.testing.assert_allclose(written["confidence"].to_numpy(), probs[np.arange(len(probs)), chosen], atol=1e-5)
 
 
+def test_without_a_stack_mnr_label_writes_the_label_the_adapters_own_cutoffs_choose(
+        trained: Path, learnable_llama: Path, toy_policy_path: Path, tmp_path: Path) -> None:
+    """`mnr finetune` records how the adapter alone decides (meta.json "decision", fitted on dev); with cut-points
+    there, `mnr label --no-stack` writes their label, names them in the author, and keeps the probabilities."""
+    from annotator.decision import choose_labels, decision_record, expected_grade
+    from annotator.labeler import AdapterError, Labeler
+
+    recorded = read_meta(trained)["decision"]
+    # the fixture's 60 dev pairs are too few to cross-fit cut-points: argmax, and the report says why
+    assert recorded == {"rule": "argmax", "dev_report": {"rule": "argmax", "reason": "60 held-out pairs: cross-fitted "
+                                                          "cut-points need 50 in each fitting share of 5 folds"}}
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained, adapter)
+    dev = _dev_frame(trained)
+    policy = load_prompt_policy(toy_policy_path)
+    names = policy.scheme.label_names
+    grades = [policy.scheme.grades[name] for name in names]
+    pairs = [PairText(q, t) for q, t in zip(dev["query"], dev["title"])]
+    probs = Labeler(str(learnable_llama), str(toy_policy_path), backend="transformers", adapter=str(adapter),
+                    use_stack=False, dtype="float32").score(pairs)
+    cutoffs = [float(c) for c in np.quantile(expected_grade(probs, grades), [0.25, 0.5, 0.75])]
+    assert not np.array_equal(choose_labels(probs, grades, cutoffs), probs.argmax(axis=1))
+    meta = read_meta(adapter)
+    meta["decision"] = decision_record(grades, cutoffs)
+    (adapter / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    store = Store(tmp_path / "mnr.duckdb")
+    write_pairs(store, dev.assign(text=dev["query"]), "esci", "import:toy", None, origin="synthetic")
+    args = _label_queries_args(tmp_path / "mnr.duckdb", sorted(set(dev["query"])), learnable_llama, adapter,
+                               toy_policy_path, tmp_path)
+    result = runner.invoke(app, [*args, "--no-stack"])
+    assert result.exit_code == 0, result.output
+    written = store.df("SELECT pair_id, author, label, probs FROM labels WHERE source = 'llm'").set_index("pair_id")
+    written = written.loc[dev["pair_id"]]
+    assert written["label"].tolist() == [names[i] for i in choose_labels(probs, grades, cutoffs)]
+    stored = np.array([[json.loads(p)[n] if isinstance(p, str) else p[n] for n in names] for p in written["probs"]])
+    np.testing.assert_allclose(stored, probs, atol=1e-5)
+    assert written["author"].str.contains("+cut-", regex=False).all()
+    assert not written["author"].str.contains("+stack-", regex=False).any()
+    # with the stack, the stack decides and the author names it, not the adapter's cut-points
+    with_stack = Labeler(str(learnable_llama), str(toy_policy_path), backend="transformers", adapter=str(adapter),
+                         dtype="float32")
+    assert "+stack-" in with_stack.author and "+cut-" not in with_stack.author
+    meta["decision"] = {**decision_record(grades, cutoffs), "cutoffs": cutoffs[::-1]}
+    (adapter / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    with pytest.raises(AdapterError, match=r"meta\.json, field 'decision': .*ascending cut-points"):
+        Labeler(str(learnable_llama), str(toy_policy_path), backend="transformers", adapter=str(adapter),
+                use_stack=False, dtype="float32")
+
+
 def test_a_stack_with_the_retriever_cosine_is_fitted_by_finetune_and_applied_by_mnr_label(
         store_path: Path, learnable_llama: Path, toy_policy_path: Path, tmp_path: Path) -> None:
     """`mnr finetune --retriever zero-shot`: the stack reads MiniLM's query-title cosine; `mnr label` loads that
@@ -952,7 +1001,7 @@ def judged_run(learnable_llama: Path, toy_policy_path: Path, tmp_path_factory: p
 
 def test_an_adapter_learns_a_rule_only_the_judged_examples_show(judged_run) -> None:
     meta = judged_run.meta
-    assert meta["judged"] == {"k": 3, "skip_share": 0.2, "sources": ["human"]}
+    assert meta["judged"] == {"k": 3, "skip_share": 0.2, "sources": ["human"], "counts": "beyond_k"}
     assert "Most alike judged" in meta["pair_form"]["template"]
     assert meta["dev_metrics"]["accuracy"] >= 0.7  # chance 0.25: the titles say nothing about the label
 

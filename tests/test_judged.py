@@ -77,3 +77,32 @@ def test_settings_round_trip_through_meta() -> None:
     settings = JudgedSettings(k=3, skip_share=0.1, sources=("human",))
     assert JudgedSettings.from_meta({"judged": settings.record()}) == settings
     assert JudgedSettings.from_meta({}) is None and JudgedSettings.from_meta({"judged": None}) is None
+
+
+def test_counts_beyond_k_drop_the_counts_line_only_where_the_nearest_line_lists_every_judged_pair() -> None:
+    """`JudgedSettings.counts` "beyond_k": a query with at most K other judged pairs shows no counts line (the
+    nearest line already lists them all); one with more shows it. The "always" form of earlier adapters keeps
+    its template, so their prompts and versions are unchanged."""
+    pairs = pd.DataFrame([("a1", "cordless drill", "DeWalt 20V cordless drill kit")],
+                         columns=["pair_id", "query", "title"])
+    (within,) = judged_examples(pairs, POOL, LABELS, k=3, counts="beyond_k")  # a1 sees 3 others: all listed
+    (beyond,) = judged_examples(pairs, POOL, LABELS, k=2, counts="beyond_k")
+    (always,) = judged_examples(pairs, POOL, LABELS, k=3)
+    assert within == Judged(counts=(), nearest=("good", "fair", "irrelevant"))
+    assert beyond.counts == always.counts == (("perfect", 0), ("good", 1), ("fair", 1), ("irrelevant", 1))
+    policy = load_prompt_policy("graded4")
+    lean = policy_in_form(policy, "short", judged=True, judged_counts="beyond_k")
+    plain = policy_in_form(policy, "short", judged=True)
+    assert lean.version != plain.version
+    assert lean.pair_part(PairText("cordless drill", "DeWalt drill", judged=within)).endswith(
+        "title: DeWalt drill\nMost alike judged: good, fair, irrelevant\nLabel:")
+    assert (lean.pair_part(PairText("q", "t", judged=beyond)) == plain.pair_part(PairText("q", "t", judged=beyond)))
+    rebuilt = policy_for_adapter(policy, {"pair_form": form_record(lean, "short", judged=True, judged_counts="beyond_k")})
+    assert rebuilt.version == lean.version
+    settings = JudgedSettings(k=3, counts="beyond_k")
+    assert JudgedSettings.from_meta({"judged": settings.record()}) == settings
+    assert JudgedSettings.from_meta({"judged": {"k": 5}}).counts == "always"  # adapters made before the setting
+    with pytest.raises(ValueError, match="unknown judged counts 'never'"):
+        judged_examples(pairs, POOL, LABELS, k=3, counts="never")
+    with pytest.raises(MnrError, match="unknown judged counts 'never'"):
+        policy_in_form(policy, "short", judged=True, judged_counts="never")
