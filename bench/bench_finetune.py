@@ -37,6 +37,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -285,15 +286,35 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
     return report
 
 
-def run_split(dataset: str, split: str, model_dirs: dict[str, str], sizes: dict[str, Any], work: Path) -> dict[str, Any]:
-    policy_name, rating_source, headline, anchor = DATASETS[dataset]
+@dataclass(frozen=True)
+class SplitData:
+    """One dataset's split as every run scores it: the policy, its labels and grades, the rating scale, and
+    train, dev (at most ``max_dev`` pairs) and test (``test_pairs``) frames."""
+
+    policy: Any
+    labels: list[str]
+    grades: list[int]
+    scale: tuple[float, ...]
+    train: pd.DataFrame
+    dev: pd.DataFrame
+    test: pd.DataFrame
+
+
+def split_data(dataset: str, split: str, sizes: dict[str, Any]) -> SplitData:
+    policy_name, rating_source, _, _ = DATASETS[dataset]
     policy = load_prompt_policy(policy_name)
     labels = policy.scheme.label_names
-    grades = [policy.scheme.grades[name] for name in labels]
-    scale = tuple(float(x) for x in policy.scheme.rating_maps[rating_source].scale)
     train, dev, test = split_frame(labelled_frame(dataset, policy_name, rating_source), split)
-    test = subsample(test, sizes["test_pairs"], SEED)
-    dev = subsample(dev, sizes["max_dev"], SEED)
+    return SplitData(policy, labels, [policy.scheme.grades[name] for name in labels],
+                     tuple(float(x) for x in policy.scheme.rating_maps[rating_source].scale), train,
+                     subsample(dev, sizes["max_dev"], SEED), subsample(test, sizes["test_pairs"], SEED))
+
+
+def run_split(dataset: str, split: str, model_dirs: dict[str, str], sizes: dict[str, Any], work: Path) -> dict[str, Any]:
+    _, _, headline, anchor = DATASETS[dataset]
+    data = split_data(dataset, split, sizes)
+    policy, labels, grades, scale = data.policy, data.labels, data.grades, data.scale
+    train, dev, test = data.train, data.dev, data.test
     tag = f"[{dataset}/{split}]"
     report: dict[str, Any] = {"split": split, "headline_metric": headline, "anchor": anchor,
                               "train_pairs": len(train), "dev_pairs": len(dev), "test_pairs": len(test)}
