@@ -1138,7 +1138,7 @@ def finetune(train: pd.DataFrame, dev: pd.DataFrame, policy: Policy, model_dir: 
     _set_seed(args.seed)
     judged = judged_settings(args, label_sources)
     prompt_policy = policy_in_form(policy, args.pair_form, judged=judged is not None, match=args.match_hint,
-                                   judged_counts=judged.counts if judged else "always")
+                                   judged_counts=_judged_counts(judged))
     if judged is not None:
         train, dev = with_judged(train, dev, policy.scheme, judged, seed=args.seed)
     tokenizer = load_tokenizer(model_dir)
@@ -1214,6 +1214,11 @@ def judged_settings(args: FinetuneArgs, sources: Sequence[str] = JudgedSettings.
         raise FinetuneError(f"unknown judged counts '{args.judged_counts}' (use {', '.join(JUDGED_COUNTS)})")
     return JudgedSettings(k=args.judged_examples, skip_share=args.judged_skip_share, sources=tuple(sources),
                           counts=args.judged_counts)
+
+
+def _judged_counts(judged: JudgedSettings | None) -> str:
+    """The counts rule of the pair template (`annotator.pair_form`); a run without examples renders none."""
+    return judged.counts if judged is not None else "always"
 
 
 def with_judged(train: pd.DataFrame, dev: pd.DataFrame, scheme: LabelScheme, judged: JudgedSettings, *,
@@ -1647,7 +1652,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
     metrics = {t: dev_metrics(logprobs.grade, dev_examples.grade_targets, trainer.grades, t, trainer.dev_ratings,
                               trainer.rating_scale, trainer.labels) for t in (1.0, temperature)}
     flag_temperatures, flag_calibration = calibrate_flags(logprobs.flag, dev_examples, trainer.flag_names)
-    decision = adapter_decision(apply_temperature(logprobs.grade, temperature), dev_examples.grade_targets,
+    decision = fit_adapter_decision(apply_temperature(logprobs.grade, temperature), dev_examples.grade_targets,
                                 trainer.grades, _dev_queries(dev, dev_examples.grade_pair_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), save_embedding_layers=False)  # the head is a LoRA: lm_head stays the base's
@@ -1662,7 +1667,7 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
         "policy": policy.name,
         "policy_hash": policy.version,
         "pair_form": form_record(prompt_policy, args.pair_form, judged=judged is not None, match=args.match_hint,
-                                 judged_counts=judged.counts if judged else "always"),
+                                 judged_counts=_judged_counts(judged)),
         "judged": judged.record() if judged is not None else None,
         "data_hash": data_hash(pd.concat([train, dev])),
         "label_token_ids": trainer.label_ids,
@@ -1708,17 +1713,17 @@ def _finish(*, trainer: _Trainer, state: LoopState, policy: Policy, prompt_polic
     return FinetuneResult(out_dir, meta, state.history)
 
 
-def adapter_decision(dev_probs: np.ndarray, targets: np.ndarray, grades: Sequence[int],
-                     groups: Sequence[Any]) -> dict[str, Any]:
+def fit_adapter_decision(dev_probs: np.ndarray, targets: np.ndarray, grades: Sequence[int],
+                         groups: Sequence[Any]) -> dict[str, Any]:
     """How the adapter alone writes its label from (n, K) calibrated dev probabilities: cut-points on the
     expected grade where they beat argmax on dev under cross-fitting (`annotator.decision.decide_by_cutoffs`),
     else argmax. ``meta.json`` keeps it under "decision"; the labeler applies it when no stack decides.
     On a 30-minute Home Depot adapter (judged examples and the match hint) they lifted test QWK from 0.306
     to 0.326."""
-    chosen_grades, cutoffs, report = decide_by_cutoffs(dev_probs, targets, grades, groups)
+    _, cutoffs, report = decide_by_cutoffs(dev_probs, targets, grades, groups)
     if cutoffs is None:
         return {"rule": "argmax", "dev_report": report}
-    return {**decision_record(chosen_grades or grades, cutoffs), "dev_report": report}
+    return {**decision_record(grades, cutoffs), "dev_report": report}
 
 
 def _dev_queries(dev: pd.DataFrame, pair_ids: Sequence[str]) -> list[str]:

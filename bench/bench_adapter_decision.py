@@ -26,7 +26,7 @@ apply_engine_env_defaults()
 from annotator import stack as st  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
 from annotator.decision import choose_labels, read_decision  # noqa: E402
-from annotator.finetune import adapter_decision, read_meta  # noqa: E402
+from annotator.finetune import fit_adapter_decision, read_meta  # noqa: E402
 from annotator.text_baseline import class_probs  # noqa: E402
 from bench.bench_finetune import (  # noqa: E402
     DATASETS, FULL, PRETTY, READERS, adapter_logprobs, baseline_labels_by_dev_decision, metrics_of, split_data,
@@ -60,8 +60,8 @@ def measure_run(adapter: Path, dataset: str, split: str) -> dict[str, Any]:
     test_probs = apply_temperature(test_logprobs, meta["temperature"])
     dev_probs = apply_temperature(dev_logprobs, meta["temperature"])
     # the adapter's own record when it has one (trained since the decision existed), else fitted as finetune does
-    decision = meta.get("decision") or adapter_decision(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
-                                                        dev["query_id"].tolist())
+    decision = meta.get("decision") or fit_adapter_decision(dev_probs, dev["label"].map(labels.index).to_numpy(),
+                                                            grades, dev["query_id"].tolist())
     cutoffs = read_decision(decision, len(labels))
     baseline = st.fit_lexical(train, train["label"].map(labels.index).to_numpy())
     baseline_probs = class_probs(baseline, test[["query", "title"]], len(labels))

@@ -52,9 +52,9 @@ from sklearn.model_selection import GroupShuffleSplit, train_test_split  # noqa:
 from annotator import stack as st  # noqa: E402
 from annotator.answer_head import write_head  # noqa: E402
 from annotator.calibration import apply_temperature  # noqa: E402
-from annotator.decision import choose_labels, read_decision  # noqa: E402
+from annotator.decision import choose_labels, decide_by_cutoffs, read_decision  # noqa: E402
 from annotator.evaluation import evaluate_labels  # noqa: E402
-from annotator.judged import JudgedSettings, judged_examples  # noqa: E402
+from annotator.judged import JUDGED_COUNTS, JudgedSettings, judged_examples  # noqa: E402
 from annotator.finetune import (  # noqa: E402
     FinetuneArgs,
     encode_examples,
@@ -112,7 +112,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judged", type=int, default=None,
                         help="FinetuneArgs.judged_examples: judged titles of the same query shown in each prompt "
                              "(annotator.judged; test pairs see those of the train pairs). Default: fine-tuning's own.")
-    parser.add_argument("--judged-counts", default=None, choices=("beyond_k", "always"),
+    parser.add_argument("--judged-counts", default=None, choices=JUDGED_COUNTS,
                         help="FinetuneArgs.judged_counts: when the label counts line is shown (default: "
                              "fine-tuning's own; runs before stop 39 showed it always).")
     parser.add_argument("--match-hint", action="store_true",
@@ -204,7 +204,7 @@ def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: l
                       retriever: st.RetrieverCosine | None) -> st.Stack:
     """The stack without the LLM (lexical inputs, and the ``retriever``'s cosine when given), fitted on the dev
     pairs the adapter run scored (those its full stack was fitted on), deciding as the full stack does
-    (`st.decide_by_cutoffs` on its out-of-fold dev probabilities)."""
+    (`annotator.decision.decide_by_cutoffs` on its out-of-fold dev probabilities)."""
     scored = json.loads((adapter / "split.json").read_text())["dev_pair_ids"]
     rows = dev.set_index("pair_id").loc[scored].reset_index()
     inputs = ("lexical", "cosine") if retriever is not None else ("lexical",)
@@ -216,11 +216,11 @@ def stack_without_llm(baseline: Any, dev: pd.DataFrame, adapter: Path, labels: l
 
 def baseline_labels_by_dev_decision(baseline: Any, dev: pd.DataFrame, test_probs: np.ndarray, labels: list[str],
                                     grades: list[int]) -> tuple[np.ndarray, dict[str, Any]]:
-    """The text baseline's test labels (from ``test_probs``) decided as a stack decides (`st.decide_by_cutoffs`),
-    fitted on dev, out of sample for a baseline fitted on train: the stronger reference for QWK;
-    (chosen (n_test,), the dev decision report)."""
+    """The text baseline's test labels (from ``test_probs``) decided as a stack decides
+    (`annotator.decision.decide_by_cutoffs`), fitted on dev, out of sample for a baseline fitted on train: the
+    stronger reference for QWK; (chosen (n_test,), the dev decision report)."""
     dev_probs = class_probs(baseline, dev[["query", "title"]], len(labels))
-    _, cutoffs, report = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
+    _, cutoffs, report = decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
                                               dev["query_id"])
     return choose_labels(test_probs, grades, cutoffs), report
 

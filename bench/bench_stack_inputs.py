@@ -13,7 +13,8 @@ own contribution is measured by `bench_finetune`, which reads this cosine in bot
 
 It also measures the judged examples (`annotator.judged`) alone, with no model: the label shares among the
 ``JudgedSettings.k`` train pairs of the query nearest to the test pair (what an adapter's prompt shows), smoothed,
-labelling by their dev decision (`st.decide_by_cutoffs`; a query without any judged pair gets the train prior).
+labelling by their dev decision (`annotator.decision.decide_by_cutoffs`; a query without any judged pair gets the
+train prior).
 And the match hint (`annotator.word_match`) alone: the share of query words the title holds, in a one-feature
 logistic regression fitted on train, labelling by its dev decision.
 
@@ -37,7 +38,7 @@ from labelstore.runtime import apply_engine_env_defaults
 apply_engine_env_defaults()
 
 from annotator import stack as st  # noqa: E402
-from annotator.decision import choose_labels  # noqa: E402
+from annotator.decision import choose_labels, decide_by_cutoffs  # noqa: E402
 from annotator.finetune import subsample  # noqa: E402
 from annotator.judged import JudgedSettings, judged_examples  # noqa: E402
 from annotator.prompts import load_prompt_policy  # noqa: E402
@@ -102,7 +103,7 @@ def judged_vote(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, labe
     prior = train["label"].map(labels.index).value_counts(normalize=True).reindex(range(len(labels)), fill_value=0)
     dev_probs = vote_probs(dev, train, labels, k, prior.to_numpy())
     test_probs = vote_probs(test, train, labels, k, prior.to_numpy())
-    _, cutoffs, decision = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
+    _, cutoffs, decision = decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
                                                 dev["query_id"])
     return {**measure(test_probs, choose_labels(test_probs, grades, cutoffs)), "k": k, "dev_decision": decision}
 
@@ -117,7 +118,7 @@ def match_share(train: pd.DataFrame, dev: pd.DataFrame, test: pd.DataFrame, labe
 
     model = LogisticRegression(max_iter=1000).fit(shares(train), train["label"].map(labels.index))
     dev_probs, test_probs = (class_probs(model, shares(frame), len(labels)) for frame in (dev, test))
-    _, cutoffs, decision = st.decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
+    _, cutoffs, decision = decide_by_cutoffs(dev_probs, dev["label"].map(labels.index).to_numpy(), grades,
                                                 dev["query_id"])
     return {**measure(test_probs, choose_labels(test_probs, grades, cutoffs)), "dev_decision": decision}
 
