@@ -38,7 +38,9 @@ def simulate_engagement(
     drift_at: Optional[str] = typer.Option(None, "--drift-at", help="Plant drift from this date on (ISO)."),
     drift_strength: float = typer.Option(0.8, "--drift-strength", help="0: none; 1: the grade->click relation inverts."),
     click_model: str = typer.Option("pbm", "--click-model", help="pbm (position-based), cascade, dbn (dynamic "
-                                    "Bayesian network) or ubm (user browsing model)."),
+                                    "Bayesian network), ubm (user browsing model) or trust (position-based with trust bias)."),
+    trust_noise: float = typer.Option(0.15, "--trust-noise", help="With --click-model trust: how often an examined "
+                                      "product that does not appeal is clicked at the top (times the examination)."),
     ranker: str = typer.Option("noisy", "--ranker", help="noisy (each session reshuffles around the true grade) or "
                                "fixed (a production ranker: one score per pair, a little jitter per session)."),
     explore_rate: float = typer.Option(0.02, "--explore-rate", help="Share of sessions showing a random order."),
@@ -52,7 +54,7 @@ def simulate_engagement(
     params = SimulationParams(n_sessions=sessions, seed=seed, start=_datetime(start, "--start"), days=days,
                               zipf_exponent=zipf, page_size=page_size, examination_decay=decay, pair_noise=pair_noise,
                               drift_at=_datetime(drift_at, "--drift-at"), drift_strength=drift_strength,
-                              click_model=click_model, ranker=ranker, explore_rate=explore_rate)
+                              click_model=click_model, ranker=ranker, explore_rate=explore_rate, trust_noise=trust_noise)
     params.validate()
     truth = truth_from_store(store, scheme)
     max_grade = load_scheme(scheme).max_grade

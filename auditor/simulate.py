@@ -30,7 +30,10 @@ The model
     s[grade] = satisfaction_min + (satisfaction_max - satisfaction_min) * grade / max_grade, and a
     satisfied shopper stops; otherwise they go on with probability `continue_prob`;
   - `ubm`, user browsing model: examination = d^-examination_decay, d the distance to the last click
-    above (or to the top).
+    above (or to the top);
+  - `trust`, trust bias: examination as `pbm`, and an examined product is clicked with probability
+    attractiveness + trust_noise * examination * (1 - attractiveness): shoppers who trust the ranking click
+    what sits near the top even when it does not appeal to them, so a click means less there.
   Every impression records `true_examination`, the probability that it was examined given the
   session's ranking (for `ubm`, given the clicks above it), so benchmarks can compute an oracle bound.
   The audit never reads it, and the store does not keep it.
@@ -61,7 +64,7 @@ TRUTH_COLUMNS = ["pair_id", "query_id", "query_text", "product_id", "dataset", "
 EVENT_COLUMNS = ["dataset", "session_id", "query_id", "query_text", "product_id", "pair_id", "position",
                  "event_type", "ts", "simulated", "batch_id"]
 ORACLE_COLUMN = "true_examination"
-CLICK_MODELS = ("pbm", "cascade", "dbn", "ubm")
+CLICK_MODELS = ("pbm", "cascade", "dbn", "ubm", "trust")
 RANKERS = ("noisy", "fixed")
 
 
@@ -96,6 +99,7 @@ class SimulationParams:
     continue_prob: float = 0.9
     satisfaction_min: float = 0.1
     satisfaction_max: float = 0.7
+    trust_noise: float = 0.15
 
     def validate(self) -> None:
         if self.n_sessions < 0 or self.days <= 0 or self.page_size <= 0:
@@ -112,6 +116,8 @@ class SimulationParams:
             raise MnrError(f"simulation: ranker must be one of {', '.join(RANKERS)}, not '{self.ranker}'")
         if not 0 < self.continue_prob <= 1 or not 0 <= self.satisfaction_min <= self.satisfaction_max <= 1:
             raise MnrError("simulation: need 0 < continue_prob <= 1 and 0 <= satisfaction_min <= satisfaction_max <= 1")
+        if not 0 <= self.trust_noise <= 1:
+            raise MnrError("simulation: trust_noise must be within [0, 1]")
         if self.ranker_jitter < 0 or self.rank_noise < 0 or self.pair_noise < 0:
             raise MnrError("simulation: ranker_jitter, rank_noise and pair_noise must be >= 0")
 
@@ -187,6 +193,8 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
         del values["examination_decay"]  # a sequential shopper's examination comes from what they saw
         values["cascade"] = params.click_model == "cascade"
         values["continue_prob"] = 1.0 if params.click_model == "cascade" else params.continue_prob
+    if params.click_model == "trust":
+        values["trust_noise"] = params.trust_noise
     query = sql("auditor", "simulate_events").replace("/*CLICK_MODEL*/", sql("auditor", click_file))
     return query, values
 

@@ -13,7 +13,12 @@ setting (a DBN shopper, a fixed production ranker, no exploration), CrowdFlower 
 - ``errors_uniform``: errors to any other grade, none preferring a neighbour;
 - ``light_traffic``: a third of the sessions;
 - ``pbm_steep_position_decay``, ``pbm_appeal_spread_1.0``: a position-based shopper (fixed ranker, no exploration)
-  whose examination falls off twice as fast with the rank, or with twice the appeal spread.
+  whose examination falls off twice as fast with the rank, or with twice the appeal spread;
+- ``trust_bias`` / ``trust_bias_strong``: a click model the audit has no term for, position-based examination
+  with trust bias (`auditor.simulate`, click model ``trust``): an examined product that does not appeal is
+  still clicked with probability 0.15 (0.3) times its examination, so a click at the top says less.
+  The oracle there is Bayes' rule with the examination alone, as elsewhere: it does not know the trust
+  term either, so it is a reference, not a bound.
 
 Each row: the audit's precision, recall and F1 against the oracle's (Bayes' rule with the simulator's truth), the
 flagged share against the true error share, and the flag score's calibration error. Every figure is SIMULATED.
@@ -49,6 +54,8 @@ VARIANTS: dict[str, tuple[str, dict, Corruption, float]] = {
     "light_traffic": ("dbn", {}, Corruption(), 1 / 3),
     "pbm_steep_position_decay": ("pbm", {"examination_decay": 2.0}, Corruption(), 1.0),
     "pbm_appeal_spread_1.0": ("pbm", {"pair_noise": 1.0}, Corruption(), 1.0),
+    "trust_bias": ("trust", {"trust_noise": 0.15}, Corruption(), 1.0),
+    "trust_bias_strong": ("trust", {"trust_noise": 0.3}, Corruption(), 1.0),
 }
 
 

@@ -36,9 +36,10 @@ def _simulate(truth: pd.DataFrame, **overrides) -> pd.DataFrame:
     return _impressions(simulate_events(truth, params, MAX_GRADE, with_truth=True), truth)
 
 
-@pytest.mark.parametrize("click_model", CLICK_MODELS)
+@pytest.mark.parametrize("click_model", [model for model in CLICK_MODELS if model != "trust"])
 def test_known_attractiveness_is_recovered_from_each_click_model(truth, click_model):
-    """clicks / sum(true examination) per grade estimates the grade's attractiveness."""
+    """clicks / sum(true examination) per grade estimates the grade's attractiveness (trust bias breaks this
+    on purpose: see the next test)."""
     impressions = _simulate(truth, click_model=click_model)
     per_grade = impressions.groupby("grade").agg(clicks=("clicked", "sum"), exposure=("true_examination", "sum"))
     recovered = per_grade["clicks"] / per_grade["exposure"]
@@ -47,6 +48,22 @@ def test_known_attractiveness_is_recovered_from_each_click_model(truth, click_mo
     standard_error = np.sqrt(expected * per_grade["exposure"]) / per_grade["exposure"]
     assert (np.abs(recovered - expected) <= 4 * standard_error).all(), recovered.to_dict()
     assert np.max(np.abs(recovered - expected) / expected) < 0.15, recovered.to_dict()
+
+
+def test_trust_bias_clicks_unappealing_products_near_the_top_as_its_formula_says(truth):
+    """P(click) = e * (a + trust_noise * e * (1 - a)), e = position^-decay: per grade at the top and lower down,
+    within 4 standard errors; the lowest grade's click rate per examination is well above its attractiveness
+    at the top, and far lower further down."""
+    impressions = _simulate(truth, click_model="trust", trust_noise=0.3)
+    attractiveness = grade_table(SimulationParams(), MAX_GRADE).set_index("grade")["attractiveness"]
+    e = impressions["position"] ** -1.0
+    np.testing.assert_allclose(impressions["true_examination"], e, rtol=1e-12)
+    expected = e * (impressions["grade"].map(attractiveness) + 0.3 * e * (1 - impressions["grade"].map(attractiveness)))
+    cells = impressions.assign(expected=expected, top=impressions["position"] <= 2).groupby(["grade", "top"])
+    observed, predicted, n = cells["clicked"].mean(), cells["expected"].mean(), cells.size()
+    assert (np.abs(observed - predicted) <= 4 * np.sqrt(predicted * (1 - predicted) / n)).all(), (observed, predicted)
+    per_exposure = (cells["clicked"].sum() / cells["true_examination"].sum()).loc[0]
+    assert per_exposure.loc[True] > 3 * attractiveness.loc[0] and per_exposure.loc[True] > 2.5 * per_exposure.loc[False]
 
 
 def test_position_based_examination_is_the_position_power(truth):
@@ -105,7 +122,8 @@ def test_the_store_never_sees_the_oracle_column(truth):
     assert "true_examination" not in events.columns
 
 
-@pytest.mark.parametrize("bad", [{"click_model": "random"}, {"ranker": "oracle"}, {"continue_prob": 0.0}])
+@pytest.mark.parametrize("bad", [{"click_model": "random"}, {"ranker": "oracle"}, {"continue_prob": 0.0},
+                                 {"trust_noise": 1.5}])
 def test_bad_simulation_settings_are_named(truth, bad):
     with pytest.raises(MnrError, match=next(iter(bad))):
         SimulationParams(**bad).validate()
