@@ -76,6 +76,8 @@ def ingest_events_command(
     dataset: str = typer.Option(..., "--dataset", help="Dataset of the labelled pairs these events are about."),
     mapping: List[str] = typer.Option([], "--map", help="column=field, e.g. --map sku=product_id (repeatable)."),
     ubi_queries: Optional[Path] = typer.Option(None, "--ubi-queries", help="UBI queries JSON (with --format ubi)."),
+    position_base: int = typer.Option(1, "--position-base", help="The log's first position: 1, or 0 for a log that "
+                                      "counts from 0 (stored from 1)."),
 ) -> None:
     """Add engagement events: CSV, Parquet, JSONL (session_id, query, product_id, position, event_type, ts) or UBI."""
     from auditor.ingest import EVENT_FIELDS, OPTIONAL_FIELDS, ingest_events
@@ -83,7 +85,7 @@ def ingest_events_command(
 
     result = ingest_events(open_store(), path, fmt=fmt, dataset=dataset,
                            mapping=parse_mapping(mapping, EVENT_FIELDS + OPTIONAL_FIELDS),
-                           ubi_queries=ubi_queries)
+                           ubi_queries=ubi_queries, position_base=position_base)
     if result.inserted == 0:
         console.print(f"{path}: already ingested (batch {result.batch_id}); nothing added")
     else:

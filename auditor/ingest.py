@@ -76,7 +76,8 @@ def _read(con: duckdb.DuckDBPyConnection, path: Path, fmt: str) -> duckdb.DuckDB
         raise IngestError(str(path), [(None, None, f"cannot read as {fmt}: {exc}")]) from exc
 
 
-def _stage_tabular(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, mapping: dict[str, str], dataset: str) -> None:
+def _stage_tabular(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, mapping: dict[str, str], dataset: str,
+                   position_base: int) -> None:
     relation = _read(con, path, fmt)
     columns = set(relation.columns)
     problems = []
@@ -94,7 +95,8 @@ def _stage_tabular(con: duckdb.DuckDBPyConnection, path: Path, fmt: str, mapping
     relation.create_view("raw_source", replace=True)
     # column names come from the file's own header (quoted), never values
     con.execute(f"CREATE OR REPLACE TEMP VIEW raw_events AS SELECT {', '.join(selects)} FROM raw_source")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE staged_events AS {sql('auditor', 'stage_events')}", {"dataset": dataset})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE staged_events AS {sql('auditor', 'stage_events')}",
+                {"dataset": dataset, "position_base": position_base})
 
 
 def _stage_ubi(con: duckdb.DuckDBPyConnection, queries: Path, events: Path, dataset: str) -> None:
@@ -113,10 +115,17 @@ def _stage_ubi(con: duckdb.DuckDBPyConnection, queries: Path, events: Path, data
 
 
 def ingest_events(store: Store, path: str | Path, *, fmt: str | None = None, dataset: str = "default",
-                  mapping: dict[str, str] | None = None, ubi_queries: str | Path | None = None) -> EventIngestResult:
+                  mapping: dict[str, str] | None = None, ubi_queries: str | Path | None = None,
+                  position_base: int = 1) -> EventIngestResult:
     """Validate and add one event source. For fmt 'ubi', `path` is the UBI events file and
-    `ubi_queries` the UBI queries file. `dataset` must match the dataset of the labelled pairs."""
+    `ubi_queries` the UBI queries file. `dataset` must match the dataset of the labelled pairs.
+    `position_base`: the first position in a tabular source (1, or 0 for a log that counts from 0); the
+    store keeps positions from 1."""
     path = Path(path)
+    if position_base not in (0, 1):
+        raise MnrError(f"position base must be 0 or 1, got {position_base}")
+    if fmt == "ubi" and position_base != 1:
+        raise MnrError("--position-base applies to CSV, Parquet and JSONL events; UBI positions are read as UBI defines them")
     if not path.exists():
         raise MnrError(f"{path}: no such file or folder")
     fmt = detect_format(path, fmt)
@@ -131,7 +140,7 @@ def ingest_events(store: Store, path: str | Path, *, fmt: str | None = None, dat
         if fmt == "ubi":
             _stage_ubi(con, Path(ubi_queries), path, dataset)
         else:
-            _stage_tabular(con, path, fmt, mapping or {}, dataset)
+            _stage_tabular(con, path, fmt, mapping or {}, dataset, position_base)
         problems = con.execute(sql("auditor", "validate_events")).fetchall()
         if problems:
             raise IngestError(str(path), [(int(row), field, message) for row, field, message in problems])

@@ -14,6 +14,9 @@ setting (a DBN shopper, a fixed production ranker, no exploration), CrowdFlower 
 - ``light_traffic``: a third of the sessions;
 - ``pbm_steep_position_decay``, ``pbm_appeal_spread_1.0``: a position-based shopper (fixed ranker, no exploration)
   whose examination falls off twice as fast with the rank, or with twice the appeal spread;
+- ``ranker_sharp``: a production ranker that knows the grades better (rank noise 0.3 instead of 1), so position
+  and grade go together and the log has less to tell them apart with;
+- ``zipf_steep``: query popularity exponent 1.5 instead of 1 (a few head queries take most sessions);
 - ``trust_bias`` / ``trust_bias_strong``: a click model the audit has no term for, position-based examination
   with trust bias (`auditor.simulate`, click model ``trust``): an examined product that does not appeal is
   still clicked with probability 0.15 (0.3) times its examination, so a click at the top says less.
@@ -54,6 +57,8 @@ VARIANTS: dict[str, tuple[str, dict, Corruption, float]] = {
     "light_traffic": ("dbn", {}, Corruption(), 1 / 3),
     "pbm_steep_position_decay": ("pbm", {"examination_decay": 2.0}, Corruption(), 1.0),
     "pbm_appeal_spread_1.0": ("pbm", {"pair_noise": 1.0}, Corruption(), 1.0),
+    "ranker_sharp": ("dbn", {"rank_noise": 0.3}, Corruption(), 1.0),
+    "zipf_steep": ("dbn", {"zipf_exponent": 1.5}, Corruption(), 1.0),
     "trust_bias": ("trust", {"trust_noise": 0.15}, Corruption(), 1.0),
     "trust_bias_strong": ("trust", {"trust_noise": 0.3}, Corruption(), 1.0),
 }

@@ -8,7 +8,7 @@ import pytest
 
 from auditor.ingest import ingest_events
 from labelstore import ids
-from labelstore.errors import IngestError
+from labelstore.errors import IngestError, MnrError
 from labelstore.store import Store
 
 ROWS = [
@@ -67,6 +67,20 @@ def test_bad_rows_reject_the_whole_file(tmp_path):
     message = str(info.value)
     assert "bad.csv" in message and "row 2, field 'position'" in message and "row 3, field 'event_type'" in message
     assert store.scalar("SELECT count(*) FROM engagement_events") == 0
+
+
+def test_a_log_that_counts_positions_from_0_is_refused_with_a_hint_and_stored_from_1_with_its_base(tmp_path):
+    path = tmp_path / "zero.csv"
+    pd.DataFrame(ROWS).assign(position=lambda f: f["position"] - 1).to_csv(path, index=False)
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(IngestError) as error:
+        ingest_events(store, path, dataset="hd")
+    assert "row 1, field 'position'" in str(error.value) and "--position-base 0" in str(error.value)
+    assert len(_events(store)) == 0
+    assert ingest_events(store, path, dataset="hd", position_base=0).inserted == 4
+    assert sorted(_events(store)["position"]) == [1, 2, 2, 2]
+    with pytest.raises(MnrError, match="position base must be 0 or 1"):
+        ingest_events(store, path, dataset="hd", position_base=2)
 
 
 def test_missing_column_is_named(tmp_path):
