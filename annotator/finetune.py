@@ -134,6 +134,10 @@ class FinetuneArgs:
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    # after warm-up: "linear" decays the rate to 0 at the end of the training budget (by time under --max-minutes,
+    # else by max_steps), the schedule that does best when the budget, not convergence, ends training (Li, Yumer
+    # and Ramanan, "Budgeted Training", ICLR 2020); "constant" keeps it
+    lr_schedule: str = "linear"
     batch_size: int = 32
     max_steps: int = 2000
     # dev selection keeps the best checkpoint, so the cap only stops a small set from idling the budget away: at
@@ -205,12 +209,17 @@ class FinetuneArgs:
     match_hint: bool = False
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FinetuneError(f"unknown learning-rate schedule '{self.lr_schedule}' (use {' or '.join(LR_SCHEDULES)})")
         if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
             raise FinetuneError(f"unknown compute dtype '{self.compute_dtype}' (use auto, float32 or bfloat16)")
 
     def record(self) -> dict[str, Any]:
         """The settings as ``meta.json`` stores them (``training_args``), JSON-ready."""
         return {**asdict(self), "target_modules": list(self.target_modules), "head_penalties": list(self.head_penalties)}
+
+
+LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
@@ -758,10 +767,11 @@ class LoopState:
     train_cpu_s: float = 0.0
     eval_seconds: float | None = None
     stop_reason: str = "max_steps"
+    train_started_s: float | None = None  # the clock when the first training step began (the schedule's origin)
 
 
 CHECKPOINTED = ("step", "history", "best_value", "best_state", "best_logprobs", "bad_evals", "pairs_seen", "n_dev",
-                "n_take", "n_cached")
+                "n_take", "n_cached", "train_started_s")
 
 
 @dataclass
@@ -1268,18 +1278,40 @@ class _Trainer:
                                         args.class_weighting, args.flag_weight, args.vocab_loss_weight)
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                            weight_decay=args.weight_decay)
-        warmup = max(1, args.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.n_train = len(path.train_index)
+        self.max_steps = min(args.max_steps, max(1, math.ceil(args.max_epochs * self.n_train / args.batch_size)))
+        self.progress_done = 0.0  # share of the training budget spent, set after each step for the schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.n_grade = int(self.targets.grade.sum())
         self.uses_head = (args.answer_head and path.answer_states is not None and has_head_module(model)
                           and len(label_ids) <= head_rank(model))
         self.n_train_pairs = len(set(train_examples.take(path.train_index).pair_ids))
         self.save_seconds = 0.0
 
+    def _lr_factor(self, step: int) -> float:
+        """The learning rate's multiplier for the step after `step` steps: linear warm-up, then the schedule."""
+        warm = min(1.0, (step + 1) / max(1, self.args.warmup_steps))
+        if self.args.lr_schedule == "constant":
+            return warm
+        return warm * max(0.0, 1.0 - self.progress_done)
+
+    def _budget_progress(self, state: LoopState) -> float:
+        """Share of the training budget spent: of the steps allowed, or of the time from the first step to where
+        the loop must stop (`_out_of_time` with no step left), whichever is further."""
+        by_steps = state.step / self.max_steps
+        if math.isinf(self.clock.limit_s) or state.train_started_s is None:
+            return min(1.0, by_steps)
+        eval_s = state.eval_seconds if state.eval_seconds is not None else self._eval_estimate(state)
+        end_s = self.clock.limit_s - eval_s - self._finish_estimate(state, eval_s)
+        span = end_s - state.train_started_s
+        by_time = (self.clock.elapsed() - state.train_started_s) / span if span > 0 else 1.0
+        return min(1.0, max(by_steps, by_time))
+
     def run(self, state: LoopState) -> None:
         args = self.args
-        max_steps = min(args.max_steps, max(1, math.ceil(args.max_epochs * self.n_train / args.batch_size)))
+        max_steps = self.max_steps
+        if state.train_started_s is None:
+            state.train_started_s = self.clock.elapsed()
         batches = length_batches(self.path.lengths, args.batch_size, np.random.default_rng(args.seed + state.step))
         while state.step < max_steps:
             if self._out_of_time(state, steps=1):
@@ -1295,8 +1327,12 @@ class _Trainer:
     def _out_of_time(self, state: LoopState, *, steps: int) -> bool:
         """No room for ``steps`` more steps, an evaluation and saving the result."""
         eval_s = state.eval_seconds if state.eval_seconds is not None else self._eval_estimate(state)
-        finish_s = FINISH_MARGIN_S + self.save_seconds + self._rescore_estimate(eval_s) + self._head_estimate(state, eval_s)
+        finish_s = self._finish_estimate(state, eval_s)
         return self.clock.elapsed() + steps * state.step_seconds + eval_s + finish_s > self.clock.limit_s
+
+    def _finish_estimate(self, state: LoopState, eval_s: float) -> float:
+        """Seconds kept for what follows the loop: saving, rescoring dev flags, the answer head."""
+        return FINISH_MARGIN_S + self.save_seconds + self._rescore_estimate(eval_s) + self._head_estimate(state, eval_s)
 
     def _rescore_estimate(self, eval_s: float) -> float:
         """Asking every dev flag again after the predicted grade (`flags_after_predicted_grade`), at most."""
@@ -1332,8 +1368,9 @@ class _Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.optimizer.step()
-        self.scheduler.step()
         state.step += 1
+        self.progress_done = self._budget_progress(state)
+        self.scheduler.step()
         state.pairs_seen += len(batch)
         state.losses.append(float(loss.detach()))
         state.step_seconds = time.monotonic() - tick

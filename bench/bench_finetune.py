@@ -56,6 +56,7 @@ from annotator.decision import choose_labels, decide_by_cutoffs, read_decision  
 from annotator.evaluation import evaluate_labels  # noqa: E402
 from annotator.judged import JUDGED_COUNTS, JudgedSettings, judged_examples  # noqa: E402
 from annotator.finetune import (  # noqa: E402
+    LR_SCHEDULES,
     FinetuneArgs,
     encode_examples,
     finetune,
@@ -117,6 +118,8 @@ def parse_args() -> argparse.Namespace:
                              "fine-tuning's own; runs before stop 39 showed it always).")
     parser.add_argument("--match-hint", action="store_true",
                         help="FinetuneArgs.match_hint: each prompt shows how many query words the title holds.")
+    parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                        help="FinetuneArgs.lr_schedule (default: FinetuneArgs' own).")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     parser.add_argument("--keep-adapters", type=Path, default=None,
                         help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
@@ -243,6 +246,8 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
         loss["match_hint"] = True
     if sizes.get("judged_counts"):
         loss["judged_counts"] = sizes["judged_counts"]
+    if sizes.get("lr_schedule"):
+        loss["lr_schedule"] = sizes["lr_schedule"]
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
                         max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
                         compute_dtype=sizes["compute_dtype"], **loss)
@@ -435,6 +440,7 @@ def main() -> None:
     sizes["judged"] = args.judged
     sizes["match_hint"] = args.match_hint
     sizes["judged_counts"] = args.judged_counts
+    sizes["lr_schedule"] = args.lr_schedule
     sizes["compute_dtype"] = args.compute_dtype
     sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
