@@ -53,8 +53,11 @@ def finetune_command(
     batch_size: int = typer.Option(32, "--batch-size"),
     warmup_steps: int = typer.Option(20, "--warmup-steps", help="Steps of linear learning-rate warm-up."),
     learning_rate: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
-    lr_schedule: str = typer.Option("linear", "--lr-schedule", help="After warm-up: linear (decays to 0 at the end "
-                                    "of the budget: --max-minutes, else --max-steps) or constant."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="After warm-up: constant, or linear (decays to 0 "
+                                    "at the end of the budget: --max-minutes, else --max-steps)."),
+    target_epochs: float = typer.Option(1.5, "--target-epochs", help="Cached path: stop caching train pairs where "
+                                        "those cached could still be trained on this many times in the budget left "
+                                        "(more: fewer distinct pairs, more steps)."),
     lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank."),
     lora_alpha: int = typer.Option(16, "--lora-alpha"),
     class_weighting: str = typer.Option("balanced", "--class-weighting", help="balanced, sqrt or none."),
@@ -127,7 +130,8 @@ def finetune_command(
                         cache_memory_gb=cache_memory_gb, stack=not no_stack, min_steps=min_steps,
                         flag_weight=flag_weight, vocab_loss_weight=vocab_loss_weight, dev_split=dev_split,
                         compute_dtype=compute_dtype, answer_head=not no_answer_head, judged_examples=judged_examples,
-                        judged_counts=judged_counts, match_hint=match_hint, lr_schedule=lr_schedule)
+                        judged_counts=judged_counts, match_hint=match_hint, lr_schedule=lr_schedule,
+                        target_epochs=target_epochs)
     data = finetune_data(store, policy, source_list, args)
     train, dev, loaded_policy = data.train, data.dev, data.policy
     console.print(f"training on {len(train):,} pairs ({train['query_id'].nunique():,} queries), dev {len(dev):,} pairs "

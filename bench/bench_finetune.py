@@ -120,6 +120,9 @@ def parse_args() -> argparse.Namespace:
                         help="FinetuneArgs.match_hint: each prompt shows how many query words the title holds.")
     parser.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
                         help="FinetuneArgs.lr_schedule (default: FinetuneArgs' own).")
+    parser.add_argument("--target-epochs", type=float, default=None,
+                        help="FinetuneArgs.target_epochs: caching stops where the pairs cached could still be trained "
+                             "on this many times (default: FinetuneArgs' own).")
     parser.add_argument("--result-name", default=NAME, help="Write bench/results/<this>.json (default finetune).")
     parser.add_argument("--keep-adapters", type=Path, default=None,
                         help="Keep each run's adapter (with its stack) in <this>/<dataset>-<split> for later benchmarks "
@@ -248,6 +251,8 @@ def train_and_score(dataset: str, split: str, model_name: str, model_dir: str, s
         loss["judged_counts"] = sizes["judged_counts"]
     if sizes.get("lr_schedule"):
         loss["lr_schedule"] = sizes["lr_schedule"]
+    if sizes.get("target_epochs"):
+        loss["target_epochs"] = sizes["target_epochs"]
     args = FinetuneArgs(max_minutes=sizes["minutes"], eval_every=sizes["eval_every"], patience=10_000,
                         max_dev=sizes["max_dev"], select_metric="qwk", seed=SEED, dev_split=DEV_SPLIT[split],
                         compute_dtype=sizes["compute_dtype"], **loss)
@@ -441,6 +446,7 @@ def main() -> None:
     sizes["match_hint"] = args.match_hint
     sizes["judged_counts"] = args.judged_counts
     sizes["lr_schedule"] = args.lr_schedule
+    sizes["target_epochs"] = args.target_epochs
     sizes["compute_dtype"] = args.compute_dtype
     sizes["retriever"] = zero_shot_cosine() if args.retriever == "zero-shot" else None
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

@@ -42,7 +42,8 @@ from labelstore.store import LabelRecord
 
 MARKERS = {"exact": "black", "substitute": "white", "complement": "red", "irrelevant": "blue"}
 NOUNS = ("drill", "faucet", "paint", "mower", "ladder", "grill", "vacuum", "saw", "lamp", "hose")
-TRAIN_ARGS = ["--max-steps", "40", "--eval-every", "10", "--patience", "10", "--lr", "5e-3", "--batch-size", "16",
+TRAIN_ARGS = ["--max-steps", "40", "--eval-every", "10", "--patience", "10", "--lr", "5e-3", "--lr-schedule", "linear",
+              "--batch-size", "16",
               "--warmup-steps", "10", "--max-epochs", "50", "--select-metric", "accuracy"]
 
 runner = CliRunner()
@@ -139,6 +140,16 @@ def test_loss_goes_down_and_dev_accuracy_rises_well_above_chance(trained: Path, 
                                          tokenizer.pad_token_id)
     base_accuracy = float(np.mean(base_logprobs.argmax(1) == examples.targets))
     assert meta["dev_metrics"]["accuracy"] > base_accuracy + 0.3
+
+
+def test_the_learning_rate_decays_linearly_to_zero_at_the_end_of_the_step_budget(trained: Path) -> None:
+    """--lr-schedule linear, --max-steps 40, warm-up 10, lr 5e-3, no time budget: after step s the rate is
+    5e-3 * (1 - s / 40)."""
+    history = _history(trained)
+    np.testing.assert_allclose([h["lr"] for h in history], [5e-3 * (1 - h["step"] / 40) for h in history], atol=1e-9)
+    assert json.loads((trained / "meta.json").read_text())["training_args"]["lr_schedule"] == "linear"
+    with pytest.raises(FinetuneError, match="learning-rate schedule 'cosine'"):
+        FinetuneArgs(lr_schedule="cosine")
 
 
 def test_output_folder_holds_adapter_meta_and_query_disjoint_split(trained: Path, store_path: Path,
