@@ -4,7 +4,9 @@
 
 For Home Depot (graded3) and CrowdFlower (graded4) in ../shared/data, with 10% planted label errors
 (70% to a neighbouring grade), every cell simulates a log from the TRUE grades with one click model
-(pbm, cascade, dbn, ubm), one ranker (per-session noise, or a fixed production ranker) and an
+(pbm, cascade, dbn, ubm, and trust: position-based with a trust bias the audit has no term for, where the
+oracle knows the examination but not the trust, so it is a reference, not a bound), one ranker (per-session
+noise, or a fixed production ranker) and an
 exploration share (0 or 2%), products of one grade differing in appeal (pair_noise 0.5), and runs:
 the audit (`mnr audit` on the log read in place); the oracle (Bayes' rule with the simulator's true
 examination probabilities, `bench.audit_oracle`); cleanlab on the labeler's probabilities; both
