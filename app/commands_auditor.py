@@ -41,6 +41,8 @@ def simulate_engagement(
                                     "Bayesian network), ubm (user browsing model) or trust (position-based with trust bias)."),
     trust_noise: float = typer.Option(0.15, "--trust-noise", help="With --click-model trust: how often an examined "
                                       "product that does not appeal is clicked at the top (times the examination)."),
+    query_patience: float = typer.Option(0.0, "--query-patience-spread", help="Spread (log sd) of a per-query "
+                                         "patience: some queries' shoppers look deeper than others. 0: one for all."),
     ranker: str = typer.Option("noisy", "--ranker", help="noisy (each session reshuffles around the true grade) or "
                                "fixed (a production ranker: one score per pair, a little jitter per session)."),
     explore_rate: float = typer.Option(0.02, "--explore-rate", help="Share of sessions showing a random order."),
@@ -54,7 +56,8 @@ def simulate_engagement(
     params = SimulationParams(n_sessions=sessions, seed=seed, start=_datetime(start, "--start"), days=days,
                               zipf_exponent=zipf, page_size=page_size, examination_decay=decay, pair_noise=pair_noise,
                               drift_at=_datetime(drift_at, "--drift-at"), drift_strength=drift_strength,
-                              click_model=click_model, ranker=ranker, explore_rate=explore_rate, trust_noise=trust_noise)
+                              click_model=click_model, ranker=ranker, explore_rate=explore_rate, trust_noise=trust_noise,
+                              query_patience_spread=query_patience)
     params.validate()
     truth = truth_from_store(store, scheme)
     max_grade = load_scheme(scheme).max_grade

@@ -28,7 +28,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from auditor.model import fit_grade_model, fit_position_curve
+from auditor.model import PATIENCE_EXPONENTS, GradeModel, fit_grade_model, fit_position_curve, fit_query_patience
 from auditor.settings import AuditSettings
 from auditor.macros import install_macros
 from labelstore.errors import MnrError
@@ -49,6 +49,9 @@ class EngagementTables:
     n_events: number of raw events read.
     sample_modulus: the curve and the windows read one pair in this many (1: every pair).
     click_context: whether examination depends on an earlier click in the session (ClickContext).
+    query_patience_spread: how much queries differ in how deep their shoppers look (the sd of the log exponent
+        of the examination curve across queries, `auditor.model.fit_query_patience`); 0: no difference found,
+        or the fit is off (AuditSettings.max_query_patience_spread = 0).
     """
 
     position_curve: pd.DataFrame
@@ -59,6 +62,7 @@ class EngagementTables:
     n_events: int
     sample_modulus: int
     click_context: "ClickContext"
+    query_patience_spread: float = 0.0
 
 
 def attach_events(con: duckdb.DuckDBPyConnection, events_path: str | Path | None = None) -> None:
@@ -103,14 +107,17 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
                 {**window, "sample_modulus": sample_modulus})
     curve, context = _position_curve(con, settings)
     reference = {"reference_ctr": _reference_list(curve).tolist(), "after_click_evidence": context.after_click_evidence}
-    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'event_counts')}", reference)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'event_counts')}",
+                {**reference, "curve_attractiveness": _curve_attractiveness(curve),
+                 "patience_grid": [float(e) for e in PATIENCE_EXPONENTS if e != 1.0]})
     n_events, simulated = con.execute(
         "SELECT coalesce(sum(impressions + clicks + add_to_carts + purchases), 0), coalesce(bool_or(simulated), false) "
         "FROM audit_counts").fetchone()
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_labels AS {sql('auditor', 'audit_labels')}", {"scheme": scheme})
+    label_scheme = load_scheme(scheme)
+    patience_spread = _apply_query_patience(con, label_scheme.max_grade + 1, settings)
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {sql('auditor', 'pair_metrics')}", {"z": settings.z})
     metrics = con.execute("SELECT * FROM audit_pair_metrics ORDER BY pair_id").df()
-    label_scheme = load_scheme(scheme)
     metrics, profile = implied_grades(metrics, label_scheme.max_grade + 1, settings)
     profile.insert(1, "label", [label_scheme.label_for_grade(int(g)) for g in profile["grade"]])
     return EngagementTables(
@@ -122,6 +129,7 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         n_events=int(n_events),
         sample_modulus=sample_modulus,
         click_context=context,
+        query_patience_spread=patience_spread,
     )
 
 
@@ -229,6 +237,55 @@ def _reference_list(curve: pd.DataFrame) -> np.ndarray:
     return np.nan_to_num(reference)
 
 
+def _curve_attractiveness(curve: pd.DataFrame) -> float:
+    """The mean attractiveness the curve's reference CTRs were scaled by (reference_ctr / examination)."""
+    usable = curve[(curve["examination"].fillna(0) > 0) & (curve["reference_ctr"].fillna(0) > 0)] if len(curve) else curve
+    return float(usable["reference_ctr"].iloc[0] / usable["examination"].iloc[0]) if len(usable) else 0.0
+
+
+def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int, settings: AuditSettings) -> float:
+    """Fit each query's patience (`auditor.model.fit_query_patience`, on a grade model fitted with the curve as
+    it is) and make audit_counts' expected clicks the patience-adjusted ones, with a query_patience column (the
+    query's exponent, 1 where none was fitted). Returns the fitted spread (0: nothing changed)."""
+    inputs = con.execute(sql("auditor", "patience_inputs")).df()
+    patience = None
+    if settings.max_query_patience_spread > 0 and len(inputs):
+        expected_by_exponent = inputs[[c for c in inputs.columns if c.startswith("expected_clicks")]].to_numpy(float)
+        grade = _label_grades(inputs["grade"], n_grades)
+        model = _fit_grades(inputs, inputs["expected_clicks"].to_numpy(float), grade, n_grades, settings)
+        queries, query_index = np.unique(inputs["query_id"].fillna("").to_numpy(str), return_inverse=True)
+        query_index = np.where(inputs["query_id"].isna().to_numpy(), -1, query_index)
+        patience = fit_query_patience(query_index, inputs["evidence_clicks"].to_numpy(float), expected_by_exponent,
+                                      grade, model, max_spread=settings.max_query_patience_spread,
+                                      dispersion=settings.dispersion)
+    adjusted = pd.DataFrame({"pair_id": pd.Series(dtype=str), "expected_clicks": pd.Series(dtype=float),
+                             "query_patience": pd.Series(dtype=float)})
+    if patience is not None and patience.spread > 0:
+        adjusted = pd.DataFrame({"pair_id": inputs["pair_id"], "expected_clicks": patience.expected_clicks,
+                                 "query_patience": np.where(query_index >= 0, patience.exponent[query_index], 1.0)})
+    con.register("audit_patience", adjusted)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'apply_query_patience')}")
+    con.unregister("audit_patience")
+    return patience.spread if patience is not None else 0.0
+
+
+def _label_grades(grades: pd.Series, n_grades: int) -> np.ndarray:
+    """The label grades as ints, -1 for unlabelled pairs and grades outside the scheme."""
+    grade = grades.fillna(-1).to_numpy(dtype=np.int64)
+    return np.where(grade < n_grades, grade, -1)
+
+
+def _fit_grades(counts: pd.DataFrame, expected_clicks: np.ndarray, grade: np.ndarray, n_grades: int,
+                settings: AuditSettings) -> GradeModel:
+    """`fit_grade_model` on per-pair counts (evidence_clicks, add_to_carts, purchases, clicks) with the settings' knobs."""
+    return fit_grade_model(counts["evidence_clicks"].to_numpy(float), expected_clicks,
+                           counts["add_to_carts"].to_numpy(float), counts["purchases"].to_numpy(float), grade,
+                           n_grades, label_trust=settings.label_trust, pair_variation=settings.pair_variation,
+                           dispersion=settings.dispersion, iterations=settings.em_iterations,
+                           min_pairs_per_grade=settings.min_pairs_per_grade, max_fit_pairs=settings.em_sample_pairs,
+                           all_clicks=counts["clicks"].to_numpy(float), min_pair_variation=settings.min_pair_variation)
+
+
 def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Add the engagement-implied grade to `pair_metrics` (one row per pair) and return each grade's profile.
 
@@ -243,15 +300,9 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
     """
     metrics = pair_metrics.copy()
     observed = (metrics["expected_clicks"].fillna(0) > 0).to_numpy()
-    grade = metrics["grade"].fillna(-1).to_numpy(dtype=np.int64)
-    grade = np.where(grade < n_grades, grade, -1)
+    grade = _label_grades(metrics["grade"], n_grades)
     m = metrics[observed]
-    model = fit_grade_model(m["evidence_clicks"].to_numpy(float), m["expected_clicks"].to_numpy(float),
-                            m["add_to_carts"].to_numpy(float), m["purchases"].to_numpy(float), grade[observed],
-                            n_grades, label_trust=settings.label_trust, pair_variation=settings.pair_variation,
-                            dispersion=settings.dispersion, iterations=settings.em_iterations,
-                            min_pairs_per_grade=settings.min_pairs_per_grade, max_fit_pairs=settings.em_sample_pairs,
-                            all_clicks=m["clicks"].to_numpy(float), min_pair_variation=settings.min_pair_variation)
+    model = _fit_grades(m, m["expected_clicks"].to_numpy(float), grade[observed], n_grades, settings)
     rows = np.arange(int(observed.sum()))
     labelled = grade[observed] >= 0
     label_index = np.where(labelled, grade[observed], 0)

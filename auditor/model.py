@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import betaln, gammaln
+from scipy.special import betaln, gammaln, logsumexp
 from sklearn.isotonic import isotonic_regression
 
 _TINY = 1e-9
@@ -345,3 +345,80 @@ def _normalise(log_weights: np.ndarray) -> np.ndarray:
     """Row-wise softmax of log weights, shape (n, k)."""
     weights = np.exp(log_weights - log_weights.max(axis=1, keepdims=True, initial=-np.inf))
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+# Exponents the audit's examination curve is raised to for a query whose shoppers look deeper (< 1) or less
+# deep (> 1) than the log's average; event_counts.sql sums expected clicks at each but 1 (its own column).
+PATIENCE_EXPONENTS = np.array([0.4, 0.55, 0.75, 1.0, 1.33, 1.8, 2.5])
+# Spreads (sd of the log exponent across queries) tried by the empirical-Bayes fit of `fit_query_patience`.
+PATIENCE_SPREADS = np.array([0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0])
+
+
+@dataclass(frozen=True)
+class QueryPatience:
+    """How far each query's shoppers look, as `fit_query_patience` fitted it.
+
+    spread: the fitted sd of log(exponent) across queries; 0 when the log shows no variation (every exponent 1).
+    exponent: shape (n_queries,), each query's posterior mean exponent of the examination curve.
+    expected_clicks: shape (n_pairs,), each pair's expected clicks under its query's exponent posterior
+        (unchanged for pairs with no query).
+    log_evidence: shape (len(spreads),), the marginal log-likelihood of each spread tried.
+    """
+
+    spread: float
+    exponent: np.ndarray
+    expected_clicks: np.ndarray
+    log_evidence: np.ndarray
+
+
+def fit_query_patience(query_index: np.ndarray, clicks: np.ndarray, expected_by_exponent: np.ndarray,
+                       label_grade: np.ndarray, model: GradeModel, *, max_spread: float = 1.0,
+                       dispersion: float = 1.0) -> QueryPatience:
+    """Per query, an exponent of the examination curve, fitted by empirical Bayes.
+
+    query_index: int, shape (n_pairs,), 0..n_queries-1, or -1 where a pair's query is unknown (left as it is).
+    clicks: shape (n_pairs,), the evidence clicks. expected_by_exponent: shape (n_pairs, len(PATIENCE_EXPONENTS)),
+        the clicks an average pair gets at the positions this pair was shown when the curve's examination is
+        raised to each exponent (column 1.0: the curve itself). label_grade: shape (n_pairs,), -1 unlabelled.
+    model: the grade model fitted with the curve as it is (coec, click spread, label noise).
+
+    The model: query q's shoppers examine position k with examination(k)^g_q (g_q < 1: deeper than the log's
+    average, as a position-based log with a flatter decay, or a DBN with a higher continue probability);
+    log g_q ~ Normal(0, s^2) on the exponent grid; a pair's clicks ~ NegBin(expected(g_q) x coec[t], shape[t]),
+    with its true grade t drawn from P(true | label) (flat for unlabelled pairs), as in `fit_grade_model`.
+    s maximises the marginal likelihood over queries, among PATIENCE_SPREADS up to `max_spread`: a log where
+    every query is browsed alike gets s = 0 and nothing changes. Why: one position curve for all queries reads
+    a query browsed deeper than average as holding better products, and flags its deeper labels as too low.
+    """
+    n_pairs, n_exponents = expected_by_exponent.shape
+    known = query_index >= 0
+    n_queries = int(query_index.max()) + 1 if known.any() else 0
+    spreads = PATIENCE_SPREADS[PATIENCE_SPREADS <= max_spread + 1e-12]
+    centre = int(np.argmin(np.abs(PATIENCE_EXPONENTS - 1.0)))
+    unchanged = QueryPatience(0.0, np.ones(n_queries), expected_by_exponent[:, centre].copy(), np.zeros(len(spreads)))
+    if n_queries == 0 or len(spreads) <= 1:
+        return unchanged
+    n_grades = len(model.coec)
+    prior = np.vstack([model.label_noise, np.full((1, n_grades), 1.0 / n_grades)])
+    log_prior = np.log(np.maximum(prior, _TINY))[np.where(label_grade >= 0, label_grade, n_grades)[known]]
+    c = clicks[known][:, None]
+    per_query = np.zeros((n_queries, n_exponents))
+    for j in range(n_exponents):
+        mean = np.maximum(expected_by_exponent[known, j], _TINY)[:, None] * np.maximum(model.coec, _TINY)[None, :]
+        pair_ll = _negative_binomial_log_pmf(c, mean, model.spread.click_shape[None, :]) / dispersion
+        per_query[:, j] = np.bincount(query_index[known], logsumexp(pair_ll + log_prior, axis=1), n_queries)
+    log_exponent = np.log(PATIENCE_EXPONENTS)
+    evidence, posteriors = [], []
+    for spread in spreads:
+        weights = (np.eye(n_exponents)[centre] if spread == 0 else np.exp(-log_exponent ** 2 / (2 * spread ** 2)))
+        log_weights = np.log(np.maximum(weights / weights.sum(), 1e-300))
+        joint = per_query + log_weights[None, :]
+        evidence.append(float(logsumexp(joint, axis=1).sum()))
+        posteriors.append(_normalise(joint))
+    best = int(np.argmax(evidence))
+    if spreads[best] == 0:
+        return QueryPatience(0.0, np.ones(n_queries), unchanged.expected_clicks, np.array(evidence))
+    posterior = posteriors[best]
+    expected = unchanged.expected_clicks
+    expected[known] = np.sum(posterior[query_index[known]] * expected_by_exponent[known], axis=1)
+    return QueryPatience(float(spreads[best]), posterior @ PATIENCE_EXPONENTS, expected, np.array(evidence))

@@ -32,6 +32,9 @@ class AuditSettings:
         dispersion: divides log-likelihoods (1 trusts the model fully). em_iterations: at most this many EM steps.
         em_sample_pairs: the EM fits the grade profiles on a seeded sample of at most this many pairs,
             then gives every pair its posterior (a few dozen parameters need no more).
+        max_query_patience_spread: queries differ in how deep their shoppers look; each query's examination
+            curve is the log's raised to an exponent whose spread across queries (sd of its log) is fitted
+            from the log, up to this (`auditor.model.fit_query_patience`); 0 turns the fit off.
     Engagement flags (all must hold)
         min_impressions, min_expected_clicks: enough data.
         min_log_likelihood_ratio: best grade vs the label's grade, after dispersion.
@@ -65,6 +68,7 @@ class AuditSettings:
     dispersion: float = 1.0
     em_iterations: int = 30
     em_sample_pairs: int = 100_000
+    max_query_patience_spread: float = 1.0
     min_impressions: int = 20
     min_expected_clicks: float = 2.0
     min_log_likelihood_ratio: float = 2.0

@@ -61,6 +61,9 @@ VARIANTS: dict[str, tuple[str, dict, Corruption, float]] = {
     "zipf_steep": ("dbn", {"zipf_exponent": 1.5}, Corruption(), 1.0),
     "trust_bias": ("trust", {"trust_noise": 0.15}, Corruption(), 1.0),
     "trust_bias_strong": ("trust", {"trust_noise": 0.3}, Corruption(), 1.0),
+    "patience_by_query": ("dbn", {"query_patience_spread": 0.5}, Corruption(), 1.0),
+    "patience_by_query_strong": ("dbn", {"query_patience_spread": 1.0}, Corruption(), 1.0),
+    "pbm_patience_by_query": ("pbm", {"query_patience_spread": 0.5}, Corruption(), 1.0),
 }
 
 

@@ -11,6 +11,20 @@ SELECT pair_id,
        count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
        coalesce(sum(reference_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click)))
                 FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks,
+       -- the same with the curve's examination raised to each exponent of $patience_grid (a query whose
+       -- shoppers look deeper than average, exponent < 1, or less deep, > 1; auditor.model.fit_query_patience)
+       coalesce(sum(patient_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click), $curve_attractiveness, $patience_grid[1]))
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_1,
+       coalesce(sum(patient_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click), $curve_attractiveness, $patience_grid[2]))
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_2,
+       coalesce(sum(patient_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click), $curve_attractiveness, $patience_grid[3]))
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_3,
+       coalesce(sum(patient_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click), $curve_attractiveness, $patience_grid[4]))
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_4,
+       coalesce(sum(patient_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click), $curve_attractiveness, $patience_grid[5]))
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_5,
+       coalesce(sum(patient_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click), $curve_attractiveness, $patience_grid[6]))
+                FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_6,
        bool_or(simulated) AS simulated
 FROM audit_context_events
 WHERE pair_id IS NOT NULL AND position IS NOT NULL

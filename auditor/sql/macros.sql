@@ -47,3 +47,9 @@ CREATE OR REPLACE TEMP MACRO curve_key(position, after_click) AS (
 CREATE OR REPLACE TEMP MACRO reference_ctr(reference, key) AS (
     CASE WHEN key >= 1 THEN coalesce(list_extract(reference, key), 0) ELSE 0 END
 );
+-- The same with the examination (reference / attractiveness, the curve's mean attractiveness) raised to
+-- `exponent`: what an average pair gets there from shoppers who look deeper (exponent < 1) or less deep.
+CREATE OR REPLACE TEMP MACRO patient_ctr(reference, key, attractiveness, exponent) AS (
+    CASE WHEN key >= 1 AND attractiveness > 0
+         THEN attractiveness * pow(coalesce(list_extract(reference, key), 0) / attractiveness, exponent) ELSE 0 END
+);

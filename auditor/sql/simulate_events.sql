@@ -47,6 +47,10 @@ ranked AS (
 shown AS MATERIALIZED (
     SELECT r.*, g.add_to_cart_rate, g.purchase_rate, g.satisfaction,
            u01(hash($seed, 'click', r.session_hash, r.pair_id)) AS u_click,
+           -- shoppers of one query share a patience (1 unless $query_patience_spread > 0): the click model's
+           -- examination decay is divided by it, its continue probability raised to 1 / patience
+           exp($query_patience_spread * std_normal(hash($seed, 'patience1', r.query_id),
+                                                   hash($seed, 'patience2', r.query_id))) AS patience,
            1.0 / (1.0 + exp(-(ln(a / (1 - a)) + $pair_noise * std_normal(hash($seed, 'pair1', r.pair_id),
                                                                           hash($seed, 'pair2', r.pair_id))))) AS attractiveness
     FROM ranked r JOIN sim_grades g USING (grade),
