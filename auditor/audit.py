@@ -146,6 +146,7 @@ def _summary(run_id: str, scheme: str, engagement: EngagementTables, issues: pd.
                                     else round(engagement.click_context.after_click_examination, 4)),
         "click_context_effect": (None if np.isnan(engagement.click_context.click_context_effect)
                                  else round(engagement.click_context.click_context_effect, 4)),
+        "query_patience_spread": round(engagement.query_patience_spread, 3),
         "pairs_with_events": int(len(metrics)),
         "pairs_labelled_with_events": int(metrics["grade"].notna().sum()) if not metrics.empty else 0,
         "audited_pairs": audited,

@@ -237,6 +237,10 @@ def _reference_list(curve: pd.DataFrame) -> np.ndarray:
     return np.nan_to_num(reference)
 
 
+# rounds of (grade model, query patience) fits
+PATIENCE_ROUNDS = 2
+
+
 def _curve_attractiveness(curve: pd.DataFrame) -> float:
     """The mean attractiveness the curve's reference CTRs were scaled by (reference_ctr / examination)."""
     usable = curve[(curve["examination"].fillna(0) > 0) & (curve["reference_ctr"].fillna(0) > 0)] if len(curve) else curve
@@ -252,12 +256,19 @@ def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int, setting
     if settings.max_query_patience_spread > 0 and len(inputs):
         expected_by_exponent = inputs[[c for c in inputs.columns if c.startswith("expected_clicks")]].to_numpy(float)
         grade = _label_grades(inputs["grade"], n_grades)
-        model = _fit_grades(inputs, inputs["expected_clicks"].to_numpy(float), grade, n_grades, settings)
         queries, query_index = np.unique(inputs["query_id"].fillna("").to_numpy(str), return_inverse=True)
         query_index = np.where(inputs["query_id"].isna().to_numpy(), -1, query_index)
-        patience = fit_query_patience(query_index, inputs["evidence_clicks"].to_numpy(float), expected_by_exponent,
-                                      grade, model, max_spread=settings.max_query_patience_spread,
-                                      dispersion=settings.dispersion)
+        expected = inputs["expected_clicks"].to_numpy(float)
+        for _ in range(PATIENCE_ROUNDS):
+            # the grade model read with the curve as it is takes part of the queries' differences for spread
+            # within a grade; a second round refits it on the patience-adjusted expectations
+            model = _fit_grades(inputs, expected, grade, n_grades, settings)
+            patience = fit_query_patience(query_index, inputs["evidence_clicks"].to_numpy(float), expected_by_exponent,
+                                          grade, model, max_spread=settings.max_query_patience_spread,
+                                          dispersion=settings.dispersion)
+            if patience.spread == 0:
+                break
+            expected = patience.expected_clicks
     adjusted = pd.DataFrame({"pair_id": pd.Series(dtype=str), "expected_clicks": pd.Series(dtype=float),
                              "query_patience": pd.Series(dtype=float)})
     if patience is not None and patience.spread > 0:

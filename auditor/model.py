@@ -349,9 +349,9 @@ def _normalise(log_weights: np.ndarray) -> np.ndarray:
 
 # Exponents the audit's examination curve is raised to for a query whose shoppers look deeper (< 1) or less
 # deep (> 1) than the log's average; event_counts.sql sums expected clicks at each but 1 (its own column).
-PATIENCE_EXPONENTS = np.array([0.4, 0.55, 0.75, 1.0, 1.33, 1.8, 2.5])
+PATIENCE_EXPONENTS = np.array([0.3, 0.5, 0.72, 1.0, 1.4, 2.0, 3.3])
 # Spreads (sd of the log exponent across queries) tried by the empirical-Bayes fit of `fit_query_patience`.
-PATIENCE_SPREADS = np.array([0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0])
+PATIENCE_SPREADS = np.array([0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.25, 1.5])
 
 
 @dataclass(frozen=True)

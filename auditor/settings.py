@@ -68,7 +68,7 @@ class AuditSettings:
     dispersion: float = 1.0
     em_iterations: int = 30
     em_sample_pairs: int = 100_000
-    max_query_patience_spread: float = 1.0
+    max_query_patience_spread: float = 1.5
     min_impressions: int = 20
     min_expected_clicks: float = 2.0
     min_log_likelihood_ratio: float = 2.0

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from auditor.audit import evidence_checks, run_audit
+from auditor.report import write_report
 from auditor.evidence import confident_relabels
 from auditor.flags import engagement_evidence_mask
 from auditor.settings import AuditSettings
@@ -18,7 +19,7 @@ from labelstore.store import LabelRecord, Store
 ESCI = load_scheme("esci")
 
 
-def _audit(path, rate: float, **simulation) -> tuple[pd.DataFrame, object]:
+def _audit(path, rate: float, settings: AuditSettings | None = None, **simulation) -> tuple[pd.DataFrame, object]:
     """Catalog labels with `rate` planted errors (70% to a neighbouring grade), engagement simulated
     from the truth; returns (truth with a `wrong` column, the audit result)."""
     store = Store(path)
@@ -30,7 +31,7 @@ def _audit(path, rate: float, **simulation) -> tuple[pd.DataFrame, object]:
         store.add_labels([LabelRecord(pair, "esci", ESCI.label_for_grade(int(grade)), int(grade), "human", "planted")
                           for pair, grade in zip(truth["pair_id"][truth["wrong"]], noisy[truth["wrong"]])])
     simulate_into_store(store, truth, SimulationParams(seed=1, **simulation), ESCI.max_grade)
-    return truth, run_audit(store, "esci")
+    return truth, run_audit(store, "esci", settings)
 
 
 def _audited(truth: pd.DataFrame, result) -> pd.DataFrame:
@@ -39,6 +40,10 @@ def _audited(truth: pd.DataFrame, result) -> pd.DataFrame:
     frame = audited.merge(truth[["pair_id", "wrong"]], on="pair_id")
     frame["flagged"] = frame["pair_id"].isin(set(result.issues.loc[result.issues["kind"] == "engagement", "pair_id"]))
     return frame
+
+
+def _report_html(path, result) -> str:
+    return write_report(Store(path), result, path.parent / f"{path.stem}_report", AuditSettings()).read_text(encoding="utf-8")
 
 
 def test_heavy_traffic_on_pairs_that_differ_in_appeal_does_not_create_flags(tmp_path):
@@ -94,6 +99,63 @@ def test_a_position_based_log_keeps_every_impression_as_evidence(tmp_path):
     assert result.summary["click_context_effect"] < AuditSettings().max_click_context_effect
     metrics = result.engagement.pair_metrics
     assert (metrics["evidence_clicks"] == metrics["clicks"]).all()
+
+
+def test_queries_whose_shoppers_look_deeper_than_others_do_not_become_flags(tmp_path):
+    """Position-based shoppers whose depth varies by query (examination decay / p, log p ~ N(0, 1)), a fixed
+    ranker, no exploration. Read with one curve for all queries, a query browsed deep makes its lower products
+    look better than their labels: with the per-query fit off, most flags are wrong. The audit finds the spread
+    (the simulator's is 1 on the same log scale) and keeps its flags precise."""
+    simulation = dict(rate=0.1, n_sessions=40_000, ranker="fixed", explore_rate=0.0, query_patience_spread=1.0)
+    truth, result = _audit(tmp_path / "on.duckdb", **simulation)
+    assert result.summary["query_patience_spread"] >= 0.6
+    assert "deeper down the results for some queries" in _report_html(tmp_path / "on.duckdb", result)
+    frame = _audited(truth, result)
+    planted = frame["wrong"].sum()
+    assert planted > 30 and frame["flagged"].sum() <= 1.5 * planted
+    assert frame.loc[frame["flagged"], "wrong"].mean() >= 0.75
+    assert result.engagement.pair_metrics["query_patience"].between(0.3, 3.3).all()
+
+    truth, result = _audit(tmp_path / "off.duckdb", settings=AuditSettings(max_query_patience_spread=0.0), **simulation)
+    frame = _audited(truth, result)
+    assert result.summary["query_patience_spread"] == 0 and frame.loc[frame["flagged"], "wrong"].mean() < 0.5
+
+
+def test_a_log_where_every_query_is_browsed_alike_gets_no_patience_spread(tmp_path):
+    _, result = _audit(tmp_path / "s.duckdb", rate=0.1, n_sessions=40_000, ranker="fixed", explore_rate=0.0)
+    assert result.summary["query_patience_spread"] == 0
+    assert (result.engagement.pair_metrics["query_patience"] == 1.0).all()
+    assert "deeper down the results" not in _report_html(tmp_path / "s.duckdb", result)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_query_patience_is_recovered_from_counts(seed: int) -> None:
+    """Synthetic counts: 300 queries of 8 pairs, each pair at one position, examination k^-g_q with
+    log g_q ~ N(0, 0.5^2), grades' COEC 0.3 / 1 / 2, labels all right."""
+    from auditor.model import PATIENCE_EXPONENTS, GradeModel, Spread, fit_query_patience
+
+    rng = np.random.default_rng(seed)
+    n_queries, per_query = 300, 8
+    true_exponent = np.exp(0.5 * rng.standard_normal(n_queries))
+    query = np.repeat(np.arange(n_queries), per_query)
+    position = np.tile(np.arange(1, per_query + 1), n_queries)
+    grade = rng.integers(0, 3, len(query))
+    coec = np.array([0.3, 1.0, 2.0])
+    impressions = 400.0
+    curve = position.astype(float) ** -1.0
+    clicks = rng.poisson(impressions * 0.2 * curve ** true_exponent[query] * coec[grade]).astype(float)
+    by_exponent = impressions * 0.2 * curve[:, None] ** PATIENCE_EXPONENTS[None, :]
+    model = GradeModel(grades=np.arange(3), coec=coec, add_to_cart_rate=np.zeros(3), purchase_rate=np.zeros(3),
+                       label_noise=np.full((3, 3), 0.05) + 0.85 * np.eye(3), log_likelihood=np.zeros((0, 3)),
+                       likelihood_posterior=np.zeros((0, 3)), posterior=np.zeros((0, 3)), pairs_per_grade=np.zeros(3),
+                       spread=Spread(click_shape=np.full(3, 50.0)))
+    fitted = fit_query_patience(query, clicks, by_exponent, grade, model)
+    assert 0.3 <= fitted.spread <= 0.8
+    assert np.corrcoef(np.log(fitted.exponent), np.log(true_exponent))[0, 1] > 0.8
+    flat = fit_query_patience(query, rng.poisson(impressions * 0.2 * curve * coec[grade]).astype(float), by_exponent,
+                              grade, model)
+    assert flat.spread == 0 and np.allclose(flat.expected_clicks, by_exponent[:, 3])
+    assert np.allclose(fit_query_patience(query, clicks, by_exponent, grade, model, max_spread=0).exponent, 1.0)
 
 
 def test_the_posterior_that_a_label_is_wrong_is_calibrated(tmp_path):
