@@ -69,6 +69,58 @@ def test_bad_rows_reject_the_whole_file(tmp_path):
     assert store.scalar("SELECT count(*) FROM engagement_events") == 0
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_conversions_and_clicks_without_a_position_take_their_impressions_and_other_spellings_are_read(tmp_path, fmt):
+    """Logs record add-to-carts and purchases on the product page, often clicks too, without the search
+    position; and they spell event types their own way."""
+    rows = [dict(r) for r in ROWS] + [
+        {"session_id": "s1", "query": "Cordless Drill", "product_id": "101", "position": None, "event_type": "Add-To-Cart", "ts": "2026-01-05 10:01:00"},
+        {"session_id": "s2", "query": "Cordless Drill", "product_id": "100", "position": 1, "event_type": "view", "ts": "2026-01-06 10:00:00"},
+        {"session_id": "s2", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "click", "ts": "2026-01-06 10:00:05"},
+        {"session_id": "s2", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "order", "ts": "2026-01-06 10:09:00"},
+        # bought later, in a session where it was never shown: no position to take, still the pair's purchase
+        {"session_id": "s3", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "purchase", "ts": "2026-01-07 10:00:00"},
+    ]
+    rows[3]["position"] = None
+    path = tmp_path / f"events.{fmt}"
+    frame = pd.DataFrame(rows).astype({"position": "Int64"})
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_json(path, orient="records", lines=True)
+    store = Store(tmp_path / "s.duckdb")
+    assert ingest_events(store, path, dataset="hd").inserted == len(rows)
+    events = _events(store)
+    position = {(r.session_id, r.product_id[3:], r.event_type): r.position for r in events.itertuples()}
+    assert position[("s1", "101", "purchase")] == 2 and position[("s1", "101", "add_to_cart")] == 2
+    assert position[("s2", "100", "impression")] == 1 and position[("s2", "100", "click")] == 1
+    assert position[("s2", "100", "purchase")] == 1 and pd.isna(position[("s3", "100", "purchase")])
+
+    from auditor.metrics import attach_events, compute_engagement
+    from auditor.settings import AuditSettings
+    with store.connect() as con:
+        attach_events(con)
+        metrics = compute_engagement(con, "esci", AuditSettings()).pair_metrics.set_index("pair_id")
+    drill = ids.query_id("hd", "Cordless Drill")
+    assert metrics.loc[ids.pair_id(drill, "hd:100"), "purchases"] == 2  # s2's order and s3's position-less one
+    assert metrics.loc[ids.pair_id(drill, "hd:101"), "add_to_carts"] == 1
+
+
+def test_a_click_with_no_position_and_no_impression_to_take_one_from_is_refused(tmp_path):
+    rows = [dict(r) for r in ROWS] + [
+        {"session_id": "s9", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "click", "ts": "2026-01-08 10:00:00"},
+        {"session_id": "s9", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "impression", "ts": "2026-01-08 10:00:00"},
+        {"session_id": "s9", "query": "Cordless Drill", "product_id": "100", "position": "top", "event_type": "impression", "ts": "2026-01-08 10:00:00"},
+    ]
+    path = tmp_path / "events.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(IngestError) as info:
+        ingest_events(store, path, dataset="hd")
+    message = str(info.value)
+    assert "row 5, field 'position'" in message and "a click needs a position" in message
+    assert "row 6, field 'position'" in message and "an impression needs a position" in message
+    assert "row 7, field 'position'" in message and "not an integer" in message
+    assert store.scalar("SELECT count(*) FROM engagement_events") == 0
+
+
 def test_a_log_that_counts_positions_from_0_is_refused_with_a_hint_and_stored_from_1_with_its_base(tmp_path):
     path = tmp_path / "zero.csv"
     pd.DataFrame(ROWS).assign(position=lambda f: f["position"] - 1).to_csv(path, index=False)

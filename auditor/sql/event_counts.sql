@@ -27,5 +27,6 @@ SELECT pair_id,
                 FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks_patience_6,
        bool_or(simulated) AS simulated
 FROM audit_context_events
-WHERE pair_id IS NOT NULL AND position IS NOT NULL
+-- add-to-carts and purchases logged without a position still count for their pair
+WHERE pair_id IS NOT NULL AND (position IS NOT NULL OR event_type IN ('add_to_cart', 'purchase'))
 GROUP BY pair_id

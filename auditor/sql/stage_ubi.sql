@@ -34,5 +34,5 @@ actions AS (
     LEFT JOIN hits h ON h.ubi_query_id = e.query_id AND h.object_id = CAST(e.event_attributes.object.object_id AS VARCHAR)
 )
 SELECT row_number() OVER () AS source_row, $dataset AS dataset, session_id, query_text, source_product_id,
-       position, event_type, ts, false AS simulated
+       position, position IS NULL AS position_blank, event_type, ts, false AS simulated
 FROM (SELECT * FROM impressions UNION ALL SELECT * FROM actions WHERE event_type IS NOT NULL)
