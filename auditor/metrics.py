@@ -115,10 +115,10 @@ def compute_engagement(con: duckdb.DuckDBPyConnection, scheme: str, settings: Au
         "FROM audit_counts").fetchone()
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_labels AS {sql('auditor', 'audit_labels')}", {"scheme": scheme})
     label_scheme = load_scheme(scheme)
-    patience_spread = _apply_query_patience(con, label_scheme.max_grade + 1, settings)
+    patience_spread, unchanged_model = _apply_query_patience(con, label_scheme.max_grade + 1, settings)
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_pair_metrics AS {sql('auditor', 'pair_metrics')}", {"z": settings.z})
     metrics = con.execute("SELECT * FROM audit_pair_metrics ORDER BY pair_id").df()
-    metrics, profile = implied_grades(metrics, label_scheme.max_grade + 1, settings)
+    metrics, profile = implied_grades(metrics, label_scheme.max_grade + 1, settings, model=unchanged_model)
     profile.insert(1, "label", [label_scheme.label_for_grade(int(g)) for g in profile["grade"]])
     return EngagementTables(
         position_curve=curve,
@@ -247,17 +247,18 @@ def _curve_attractiveness(curve: pd.DataFrame) -> float:
     return float(usable["reference_ctr"].iloc[0] / usable["examination"].iloc[0]) if len(usable) else 0.0
 
 
-def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int, settings: AuditSettings) -> float:
+def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int,
+                          settings: AuditSettings) -> tuple[float, GradeModel | None]:
     """Fit each query's patience (`auditor.model.fit_query_patience`, on a grade model fitted with the curve as
     it is) and make audit_counts' expected clicks the patience-adjusted ones, with a query_patience column (the
-    query's exponent, 1 where none was fitted). Returns the fitted spread (0: nothing changed)."""
+    query's exponent, 1 where none was fitted). Returns the fitted spread and, when it is 0, the grade model fitted
+    on the unchanged counts (rows: the pairs with expected clicks, by pair_id), which `implied_grades` can reuse."""
     inputs = con.execute(sql("auditor", "patience_inputs")).df()
-    patience = None
+    patience, model = None, None
     if settings.max_query_patience_spread > 0 and len(inputs):
-        expected_by_exponent = inputs[[c for c in inputs.columns if c.startswith("expected_clicks")]].to_numpy(float)
+        expected_by_exponent = inputs[_exponent_columns()].to_numpy(float)
         grade = _label_grades(inputs["grade"], n_grades)
-        queries, query_index = np.unique(inputs["query_id"].fillna("").to_numpy(str), return_inverse=True)
-        query_index = np.where(inputs["query_id"].isna().to_numpy(), -1, query_index)
+        query_index = inputs["query_index"].to_numpy(np.int64)
         expected = inputs["expected_clicks"].to_numpy(float)
         for _ in range(PATIENCE_ROUNDS):
             # the grade model read with the curve as it is takes part of the queries' differences for spread
@@ -277,7 +278,15 @@ def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int, setting
     con.register("audit_patience", adjusted)
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'apply_query_patience')}")
     con.unregister("audit_patience")
-    return patience.spread if patience is not None else 0.0
+    if patience is not None and patience.spread > 0:
+        return patience.spread, None
+    return 0.0, model
+
+
+def _exponent_columns() -> list[str]:
+    """event_counts.sql's expected-click columns in the order of PATIENCE_EXPONENTS (exponent 1: expected_clicks)."""
+    others = iter(range(1, len(PATIENCE_EXPONENTS)))
+    return ["expected_clicks" if e == 1.0 else f"expected_clicks_patience_{next(others)}" for e in PATIENCE_EXPONENTS]
 
 
 def _label_grades(grades: pd.Series, n_grades: int) -> np.ndarray:
@@ -297,7 +306,8 @@ def _fit_grades(counts: pd.DataFrame, expected_clicks: np.ndarray, grade: np.nda
                            all_clicks=counts["clicks"].to_numpy(float), min_pair_variation=settings.min_pair_variation)
 
 
-def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSettings, *,
+                   model: GradeModel | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Add the engagement-implied grade to `pair_metrics` (one row per pair) and return each grade's profile.
 
     Added columns: implied_grade (the most probable true grade given engagement and the label),
@@ -308,12 +318,15 @@ def implied_grades(pair_metrics: pd.DataFrame, n_grades: int, settings: AuditSet
     Profile: one row per grade: grade, pairs (labelled), coec, add_to_cart_rate, purchase_rate, and
     label_trust (the fitted probability that a label of this grade is right), and true_p0..: the
     fitted P(true grade | a label of this grade).
+    model: a grade model already fitted on these pairs' counts (rows: the pairs with expected clicks, in order),
+        used instead of fitting one.
     """
     metrics = pair_metrics.copy()
     observed = (metrics["expected_clicks"].fillna(0) > 0).to_numpy()
     grade = _label_grades(metrics["grade"], n_grades)
     m = metrics[observed]
-    model = _fit_grades(m, m["expected_clicks"].to_numpy(float), grade[observed], n_grades, settings)
+    if model is None or len(model.posterior) != len(m):
+        model = _fit_grades(m, m["expected_clicks"].to_numpy(float), grade[observed], n_grades, settings)
     rows = np.arange(int(observed.sum()))
     labelled = grade[observed] >= 0
     label_index = np.where(labelled, grade[observed], 0)

@@ -209,6 +209,7 @@ def run_cell(base_store: Path, workdir: Path, truth: pd.DataFrame, noisy: np.nda
         "expected_wrong_labels": result.summary["expected_wrong_labels"], "warnings": result.summary["warnings"],
         "click_model_seen": result.summary["click_model"],
         "after_click_examination": result.summary["after_click_examination"],
+        "query_patience_spread": result.summary["query_patience_spread"],
         "oracle": scores(oracle_flags[audited], wrong[audited]),
         "oracle_all_pairs": scores(oracle_flags, wrong),
         "cleanlab": scores(find_label_issues(noisy, labeler)[audited], wrong[audited]),
@@ -257,7 +258,7 @@ def run_dataset(name: str, quick: bool, seed: int, settings: AuditSettings,
             cell = run_cell(base, workdir, truth, noisy, labeler, scheme_name, params, settings, corruption)
             cell["dataset"] = name
             print(json.dumps({k: cell[k] for k in ("dataset", "click_model", "ranker", "explore_rate", "click_model_seen",
-                                                   "after_click_examination", "audit", "oracle", "combined",
+                                                   "after_click_examination", "query_patience_spread", "audit", "oracle", "combined",
                                                    "cleanlab")}), flush=True)
             cells.append(cell)
     return cells
