@@ -92,7 +92,9 @@ def ingest_events_command(
     if result.inserted == 0:
         console.print(f"{path}: already ingested (batch {result.batch_id}); nothing added")
     else:
-        console.print(f"{path}: added {result.inserted:,} events (batch {result.batch_id})")
+        repeated = result.rows_read - result.inserted
+        console.print(f"{path}: added {result.inserted:,} events (batch {result.batch_id})"
+                      + (f"; {repeated:,} repeats of a session's event for the same product kept once" if repeated else ""))
 
 
 def audit(

@@ -27,6 +27,9 @@ EVENT_FORMATS = ("csv", "parquet", "jsonl", "ubi")
 
 @dataclass
 class EventIngestResult:
+    """rows_read: the source's rows; inserted: events stored (a session's repeated events of one kind for one
+    product are stored once, see insert_events.sql); 0 when the source was already ingested."""
+
     source: str
     batch_id: str
     rows_read: int
@@ -146,5 +149,6 @@ def ingest_events(store: Store, path: str | Path, *, fmt: str | None = None, dat
             raise IngestError(str(path), [(int(row), field, message) for row, field, message in problems])
         rows = con.execute("SELECT count(*) FROM staged_events").fetchone()[0]
         con.execute(sql("auditor", "insert_events"), {"batch_id": batch_id})
+        inserted = con.execute("SELECT count(*) FROM engagement_events WHERE batch_id = ?", [batch_id]).fetchone()[0]
         con.execute("DROP TABLE staged_events")
-    return EventIngestResult(str(path), batch_id, int(rows), int(rows))
+    return EventIngestResult(str(path), batch_id, int(rows), int(inserted))

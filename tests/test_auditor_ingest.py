@@ -103,6 +103,24 @@ def test_conversions_and_clicks_without_a_position_take_their_impressions_and_ot
     assert metrics.loc[ids.pair_id(drill, "hd:101"), "add_to_carts"] == 1
 
 
+def test_a_sessions_repeated_events_for_one_product_are_kept_once(tmp_path):
+    """A double click, a logging retry and results shown again: one look-and-click decision per session and
+    product, as the audit's click models assume; otherwise a repeat counts as a click on no impression."""
+    rows = [dict(r) for r in ROWS] + [
+        {**ROWS[2], "ts": "2026-01-05 10:00:10"},  # double click
+        dict(ROWS[1]),  # logging retry, the very same row
+        {**ROWS[0], "ts": "2026-01-05 10:02:00"},  # shown again
+    ]
+    path = tmp_path / "events.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    store = Store(tmp_path / "s.duckdb")
+    result = ingest_events(store, path, dataset="hd")
+    assert (result.rows_read, result.inserted) == (7, 4)
+    events = _events(store)
+    assert events.groupby(["session_id", "product_id", "event_type"]).size().max() == 1
+    assert str(events.loc[events["event_type"] == "click", "ts"].iloc[0]) == "2026-01-05 10:00:09"  # the first kept
+
+
 def test_a_click_with_no_position_and_no_impression_to_take_one_from_is_refused(tmp_path):
     rows = [dict(r) for r in ROWS] + [
         {"session_id": "s9", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "click", "ts": "2026-01-08 10:00:00"},

@@ -61,6 +61,8 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     assert isinstance(result.exception, MnrError) and "missing.csv" in str(result.exception)
     result = _mnr(["simulate-engagement", "--drift-at", "soon"])
     assert isinstance(result.exception, MnrError) and "--drift-at" in str(result.exception)
+    result = _mnr(["simulate-engagement", "--query-patience-spread", "-1"])
+    assert isinstance(result.exception, MnrError) and "query_patience_spread" in str(result.exception)
 
 
 POLICY = TriggerPolicy(min_new_clean_labels=100, max_flagged_share=0.05, fire_on_drift=True, command="true")
