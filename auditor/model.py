@@ -386,8 +386,9 @@ def fit_query_patience(query_index: np.ndarray, clicks: np.ndarray, expected_by_
     average, as a position-based log with a flatter decay, or a DBN with a higher continue probability);
     log g_q ~ Normal(0, s^2) on the exponent grid; a pair's clicks ~ NegBin(expected(g_q) x coec[t], shape[t]),
     with its true grade t drawn from P(true | label) (flat for unlabelled pairs), as in `fit_grade_model`.
-    s maximises the marginal likelihood over queries, among PATIENCE_SPREADS up to `max_spread`: a log where
-    every query is browsed alike gets s = 0 and nothing changes. Why: one position curve for all queries reads
+    s maximises the marginal likelihood over queries, among PATIENCE_SPREADS up to `max_spread`, and must beat
+    s = 0 by half the log of the number of queries (BIC for one parameter): a log where every query is browsed
+    alike gets s = 0 and nothing changes. Why: one position curve for all queries reads
     a query browsed deeper than average as holding better products, and flags its deeper labels as too low.
     """
     n_pairs, n_exponents = expected_by_exponent.shape
@@ -416,6 +417,10 @@ def fit_query_patience(query_index: np.ndarray, clicks: np.ndarray, expected_by_
         evidence.append(float(logsumexp(joint, axis=1).sum()))
         posteriors.append(_normalise(joint))
     best = int(np.argmax(evidence))
+    # a spread must earn its parameter (BIC): where the curve barely depends on the exponent (a cascade log's
+    # examination above the first click is about 1 everywhere) the evidence is flat and its maximum is noise
+    if evidence[best] - evidence[0] < 0.5 * np.log(max(n_queries, 2)):
+        best = 0
     if spreads[best] == 0:
         return QueryPatience(0.0, np.ones(n_queries), unchanged.expected_clicks, np.array(evidence))
     posterior = posteriors[best]
