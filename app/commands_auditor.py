@@ -43,6 +43,8 @@ def simulate_engagement(
                                       "product that does not appeal is clicked at the top (times the examination)."),
     query_patience: float = typer.Option(0.0, "--query-patience-spread", help="Spread (log sd) of a per-query "
                                          "patience: some queries' shoppers look deeper than others. 0: one for all."),
+    query_appeal: float = typer.Option(0.0, "--query-appeal-spread", help="Spread (logit sd) of a per-query click "
+                                       "propensity shared by the query's products. 0: none."),
     ranker: str = typer.Option("noisy", "--ranker", help="noisy (each session reshuffles around the true grade) or "
                                "fixed (a production ranker: one score per pair, a little jitter per session)."),
     explore_rate: float = typer.Option(0.02, "--explore-rate", help="Share of sessions showing a random order."),
@@ -57,7 +59,7 @@ def simulate_engagement(
                               zipf_exponent=zipf, page_size=page_size, examination_decay=decay, pair_noise=pair_noise,
                               drift_at=_datetime(drift_at, "--drift-at"), drift_strength=drift_strength,
                               click_model=click_model, ranker=ranker, explore_rate=explore_rate, trust_noise=trust_noise,
-                              query_patience_spread=query_patience)
+                              query_patience_spread=query_patience, query_appeal_spread=query_appeal)
     params.validate()
     truth = truth_from_store(store, scheme)
     max_grade = load_scheme(scheme).max_grade

@@ -38,6 +38,8 @@ The model
   p = exp(query_patience_spread * N(0, 1)), drawn once per query (some queries are browsed deep, others
   barely past the top): examination_decay becomes examination_decay / p and continue_prob becomes
   continue_prob^(1 / p). The audit fits one position curve for all queries.
+  With `query_appeal_spread` > 0 each query's products share a logit shift of query_appeal_spread * N(0, 1)
+  on their attractiveness: some queries' shoppers click more of what they see (browsing against buying).
   Every impression records `true_examination`, the probability that it was examined given the
   session's ranking (for `ubm`, given the clicks above it), so benchmarks can compute an oracle bound.
   The audit never reads it, and the store does not keep it.
@@ -105,6 +107,7 @@ class SimulationParams:
     satisfaction_max: float = 0.7
     trust_noise: float = 0.15
     query_patience_spread: float = 0.0
+    query_appeal_spread: float = 0.0
 
     def validate(self) -> None:
         if self.n_sessions < 0 or self.days <= 0 or self.page_size <= 0:
@@ -123,8 +126,8 @@ class SimulationParams:
             raise MnrError("simulation: need 0 < continue_prob <= 1 and 0 <= satisfaction_min <= satisfaction_max <= 1")
         if not 0 <= self.trust_noise <= 1:
             raise MnrError("simulation: trust_noise must be within [0, 1]")
-        if self.query_patience_spread < 0:
-            raise MnrError("simulation: query_patience_spread must be >= 0")
+        if self.query_patience_spread < 0 or self.query_appeal_spread < 0:
+            raise MnrError("simulation: query_patience_spread and query_appeal_spread must be >= 0")
         if self.ranker_jitter < 0 or self.rank_noise < 0 or self.pair_noise < 0:
             raise MnrError("simulation: ranker_jitter, rank_noise and pair_noise must be >= 0")
 
@@ -186,7 +189,8 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
     install_macros(con)
     con.register("sim_pairs", truth[TRUTH_COLUMNS])
     con.register("sim_grades", grade_table(params, max_grade))
-    knobs = {k: v for k, v in asdict(params).items() if k != "query_patience_spread" or v}  # older logs keep their id
+    # knobs added later leave the ids of logs made without them unchanged
+    knobs = {k: v for k, v in asdict(params).items() if k not in ("query_patience_spread", "query_appeal_spread") or v}
     batch_id = "sim-" + stable_hash(sorted(knobs.items()), len(truth), max_grade)
     values = {
         "seed": params.seed, "zipf_exponent": params.zipf_exponent, "n_sessions": params.n_sessions,
@@ -195,7 +199,7 @@ def _prepare(con: duckdb.DuckDBPyConnection, truth: pd.DataFrame, params: Simula
         "drift_at": params.drift_at, "page_size": params.page_size, "batch_id": batch_id,
         "page_continue": params.page_continue, "max_pages": params.max_pages, "explore_rate": params.explore_rate,
         "fixed_ranker": params.ranker == "fixed", "ranker_jitter": params.ranker_jitter,
-        "query_patience_spread": params.query_patience_spread,
+        "query_patience_spread": params.query_patience_spread, "query_appeal_spread": params.query_appeal_spread,
     }
     click_file = "simulate_click_sequential" if params.click_model in ("cascade", "dbn") else f"simulate_click_{params.click_model}"
     if click_file == "simulate_click_sequential":

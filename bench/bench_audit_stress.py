@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[str, dict, Corruption, float]] = {
     "patience_by_query": ("dbn", {"query_patience_spread": 0.5}, Corruption(), 1.0),
     "patience_by_query_strong": ("dbn", {"query_patience_spread": 1.0}, Corruption(), 1.0),
     "pbm_patience_by_query": ("pbm", {"query_patience_spread": 0.5}, Corruption(), 1.0),
+    "clicky_queries": ("dbn", {"query_appeal_spread": 0.5}, Corruption(), 1.0),
+    "clicky_queries_strong": ("dbn", {"query_appeal_spread": 1.0}, Corruption(), 1.0),
+    "pbm_clicky_queries": ("pbm", {"query_appeal_spread": 0.5}, Corruption(), 1.0),
 }
 
 

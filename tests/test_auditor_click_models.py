@@ -127,3 +127,25 @@ def test_the_store_never_sees_the_oracle_column(truth):
 def test_bad_simulation_settings_are_named(truth, bad):
     with pytest.raises(MnrError, match=next(iter(bad))):
         SimulationParams(**bad).validate()
+
+
+def test_queries_differ_in_depth_and_in_click_level_only_when_asked(truth):
+    """query_patience_spread: a query's examination is position^-(decay / p), p shared by the query; query_appeal_spread:
+    a query's products share a logit shift. Both off (0), queries of the log are alike; on, they differ as stated."""
+    alike = _simulate(truth)
+    deep = _simulate(truth, query_patience_spread=1.0)
+    position = alike["position"].to_numpy(float)
+    np.testing.assert_allclose(alike["true_examination"], position ** -1.0, rtol=1e-12)
+    # per query, log examination / log position^-1 is the query's 1 / p: one value per query, spread as asked
+    ratio = (np.log(deep["true_examination"]) / -np.log(deep["position"]))[deep["position"] > 1]
+    per_query = ratio.groupby(deep.loc[deep["position"] > 1, "query_id"]).agg(["min", "max"])
+    np.testing.assert_allclose(per_query["min"], per_query["max"], rtol=1e-9)
+    assert 0.6 < np.log(per_query["min"]).std() < 1.4
+
+    clicky = _simulate(truth, query_appeal_spread=1.0)
+    def click_level(impressions: pd.DataFrame) -> pd.Series:
+        by_query = impressions.groupby("query_id")
+        return by_query["clicked"].sum() / by_query["true_examination"].sum()
+    assert np.log(click_level(clicky)).std() > 1.5 * np.log(click_level(alike)).std()
+    with pytest.raises(MnrError, match="query_appeal_spread"):
+        SimulationParams(query_appeal_spread=-1).validate()

@@ -51,8 +51,12 @@ shown AS MATERIALIZED (
            -- examination decay is divided by it, its continue probability raised to 1 / patience
            exp($query_patience_spread * std_normal(hash($seed, 'patience1', r.query_id),
                                                    hash($seed, 'patience2', r.query_id))) AS patience,
+           -- per pair appeal beyond its grade, and per query a click propensity shared by its products (1 unless
+           -- $query_appeal_spread > 0: some queries' shoppers click more of what they see)
            1.0 / (1.0 + exp(-(ln(a / (1 - a)) + $pair_noise * std_normal(hash($seed, 'pair1', r.pair_id),
-                                                                          hash($seed, 'pair2', r.pair_id))))) AS attractiveness
+                                                                          hash($seed, 'pair2', r.pair_id))
+                              + $query_appeal_spread * std_normal(hash($seed, 'qappeal1', r.query_id),
+                                                                  hash($seed, 'qappeal2', r.query_id))))) AS attractiveness
     FROM ranked r JOIN sim_grades g USING (grade),
          LATERAL (SELECT CASE WHEN $drift_at IS NOT NULL AND r.session_ts >= $drift_at
                               THEN g.drifted_attractiveness ELSE g.attractiveness END AS a)
