@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[str, dict, Corruption, float]] = {
     "clicky_queries": ("dbn", {"query_appeal_spread": 0.5}, Corruption(), 1.0),
     "clicky_queries_strong": ("dbn", {"query_appeal_spread": 1.0}, Corruption(), 1.0),
     "pbm_clicky_queries": ("pbm", {"query_appeal_spread": 0.5}, Corruption(), 1.0),
+    "pages_of_24": ("dbn", {"page_size": 24}, Corruption(), 1.0),
+    "pbm_pages_of_24": ("pbm", {"page_size": 24}, Corruption(), 1.0),
 }
 
 

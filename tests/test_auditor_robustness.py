@@ -300,3 +300,14 @@ def test_conversion_spread_is_estimated_when_a_few_pairs_get_most_clicks(seed: i
     successes = rng.binomial(trials.astype(int), rates).astype(float)
     # weighted by trials^2 alone the busiest pairs decided it: 0.026 to 0.113 over these seeds
     assert 0.035 <= _beta_binomial_rho(successes, trials, np.full(n, rate)) <= 0.07
+
+
+def test_clicks_past_the_position_curve_are_not_evidence(tmp_path):
+    """Positions past max_position are left out of the curve, so no clicks are expected there; their clicks must
+    not count either, or a product shown deep (a grid of 24 a page, infinite scroll) looks far better than it is."""
+    _, result = _audit(tmp_path / "s.duckdb", rate=0.0, settings=AuditSettings(max_position=3), n_sessions=5_000,
+                       ranker="fixed", explore_rate=0.0, click_model="pbm")
+    metrics = result.engagement.pair_metrics
+    deep_only = metrics[(metrics["expected_clicks"] == 0) & (metrics["clicks"] > 0)]
+    assert len(deep_only) > 20 and (deep_only["evidence_clicks"] == 0).all()
+    assert result.engagement.position_curve["position"].max() == 3

@@ -6,7 +6,9 @@
 SELECT pair_id,
        count(*) FILTER (WHERE event_type = 'impression') AS impressions,
        count(*) FILTER (WHERE event_type = 'click') AS clicks,
-       count(*) FILTER (WHERE event_type = 'click' AND (NOT after_click OR $after_click_evidence)) AS evidence_clicks,
+       -- clicks where the curve gives no reference (past max_position) are not evidence: no clicks are expected there
+       count(*) FILTER (WHERE event_type = 'click' AND (NOT after_click OR $after_click_evidence)
+                        AND reference_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click)) > 0) AS evidence_clicks,
        count(*) FILTER (WHERE event_type = 'add_to_cart') AS add_to_carts,
        count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
        coalesce(sum(reference_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click)))
