@@ -23,6 +23,17 @@ def _events(store: Store) -> pd.DataFrame:
     return store.df("SELECT * FROM engagement_events ORDER BY ts, product_id, event_type")
 
 
+def _refused(tmp_path, rows: list[dict], name: str) -> str:
+    """Ingest `rows` as a CSV that must be refused whole: the error's message (nothing stored)."""
+    path = tmp_path / name
+    pd.DataFrame(rows).to_csv(path, index=False)
+    store = Store(tmp_path / "s.duckdb")
+    with pytest.raises(IngestError) as info:
+        ingest_events(store, path, dataset="hd")
+    assert store.scalar("SELECT count(*) FROM engagement_events") == 0
+    return str(info.value)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_tabular_formats_fill_store_ids(tmp_path, fmt):
     frame = pd.DataFrame(ROWS)
@@ -59,14 +70,8 @@ def test_bad_rows_reject_the_whole_file(tmp_path):
     rows = [dict(r) for r in ROWS]
     rows[1]["position"] = 0
     rows[2]["event_type"] = "hover"
-    path = tmp_path / "bad.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    store = Store(tmp_path / "s.duckdb")
-    with pytest.raises(IngestError) as info:
-        ingest_events(store, path, dataset="hd")
-    message = str(info.value)
+    message = _refused(tmp_path, rows, "bad.csv")
     assert "bad.csv" in message and "row 2, field 'position'" in message and "row 3, field 'event_type'" in message
-    assert store.scalar("SELECT count(*) FROM engagement_events") == 0
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
@@ -127,16 +132,10 @@ def test_a_click_with_no_position_and_no_impression_to_take_one_from_is_refused(
         {"session_id": "s9", "query": "Cordless Drill", "product_id": "100", "position": None, "event_type": "impression", "ts": "2026-01-08 10:00:00"},
         {"session_id": "s9", "query": "Cordless Drill", "product_id": "100", "position": "top", "event_type": "impression", "ts": "2026-01-08 10:00:00"},
     ]
-    path = tmp_path / "events.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    store = Store(tmp_path / "s.duckdb")
-    with pytest.raises(IngestError) as info:
-        ingest_events(store, path, dataset="hd")
-    message = str(info.value)
+    message = _refused(tmp_path, rows, "events.csv")
     assert "row 5, field 'position'" in message and "a click needs a position" in message
     assert "row 6, field 'position'" in message and "an impression needs a position" in message
     assert "row 7, field 'position'" in message and "not an integer" in message
-    assert store.scalar("SELECT count(*) FROM engagement_events") == 0
 
 
 def test_a_log_that_counts_positions_from_0_is_refused_with_a_hint_and_stored_from_1_with_its_base(tmp_path):
