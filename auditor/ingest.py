@@ -148,7 +148,7 @@ def ingest_events(store: Store, path: str | Path, *, fmt: str | None = None, dat
         if problems:
             raise IngestError(str(path), [(int(row), field, message) for row, field, message in problems])
         rows = con.execute("SELECT count(*) FROM staged_events").fetchone()[0]
-        con.execute(sql("auditor", "insert_events"), {"batch_id": batch_id})
+        con.execute(sql("auditor", "insert_events"), {"batch_id": batch_id, "collapse_repeats": fmt != "ubi"})
         inserted = con.execute("SELECT count(*) FROM engagement_events WHERE batch_id = ?", [batch_id]).fetchone()[0]
         con.execute("DROP TABLE staged_events")
     return EventIngestResult(str(path), batch_id, int(rows), int(inserted))

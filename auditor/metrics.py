@@ -254,7 +254,7 @@ def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int,
     query's exponent, 1 where none was fitted). Returns the fitted spread and, when it is 0, the grade model fitted
     on the unchanged counts (rows: the pairs with expected clicks, by pair_id), which `implied_grades` can reuse."""
     inputs = con.execute(sql("auditor", "patience_inputs")).df()
-    patience, model = None, None
+    accepted, first_model = None, None
     if settings.max_query_patience_spread > 0 and len(inputs):
         expected_by_exponent = inputs[_exponent_columns()].to_numpy(float)
         grade = _label_grades(inputs["grade"], n_grades)
@@ -264,27 +264,28 @@ def _apply_query_patience(con: duckdb.DuckDBPyConnection, n_grades: int,
             # the grade model read with the curve as it is takes part of the queries' differences for spread
             # within a grade; a second round refits it on the patience-adjusted expectations
             model = _fit_grades(inputs, expected, grade, n_grades, settings)
+            first_model = model if first_model is None else first_model
             patience = fit_query_patience(query_index, inputs["evidence_clicks"].to_numpy(float), expected_by_exponent,
                                           grade, model, max_spread=settings.max_query_patience_spread,
                                           dispersion=settings.dispersion)
             if patience.spread == 0:
-                break
-            expected = patience.expected_clicks
+                break  # a later round that finds none keeps the earlier round's fit
+            accepted, expected = patience, patience.expected_clicks
     adjusted = pd.DataFrame({"pair_id": pd.Series(dtype=str), "expected_clicks": pd.Series(dtype=float),
                              "query_patience": pd.Series(dtype=float)})
-    if patience is not None and patience.spread > 0:
-        adjusted = pd.DataFrame({"pair_id": inputs["pair_id"], "expected_clicks": patience.expected_clicks,
-                                 "query_patience": np.where(query_index >= 0, patience.exponent[query_index], 1.0)})
+    if accepted is not None:
+        adjusted = pd.DataFrame({"pair_id": inputs["pair_id"], "expected_clicks": accepted.expected_clicks,
+                                 "query_patience": np.where(query_index >= 0, accepted.exponent[query_index], 1.0)})
     con.register("audit_patience", adjusted)
     con.execute(f"CREATE OR REPLACE TEMP TABLE audit_counts AS {sql('auditor', 'apply_query_patience')}")
     con.unregister("audit_patience")
-    if patience is not None and patience.spread > 0:
-        return patience.spread, None
-    return 0.0, model
+    return (accepted.spread, None) if accepted is not None else (0.0, first_model)
 
 
 def _exponent_columns() -> list[str]:
     """event_counts.sql's expected-click columns in the order of PATIENCE_EXPONENTS (exponent 1: expected_clicks)."""
+    # event_counts.sql (and apply_query_patience.sql) name six sums besides exponent 1
+    assert len(PATIENCE_EXPONENTS) == 7 and 1.0 in PATIENCE_EXPONENTS, "keep the grid and event_counts.sql in step"
     others = iter(range(1, len(PATIENCE_EXPONENTS)))
     return ["expected_clicks" if e == 1.0 else f"expected_clicks_patience_{next(others)}" for e in PATIENCE_EXPONENTS]
 

@@ -9,8 +9,11 @@ SELECT pair_id,
        -- clicks where the curve gives no reference (past max_position) are not evidence: no clicks are expected there
        count(*) FILTER (WHERE event_type = 'click' AND (NOT after_click OR $after_click_evidence)
                         AND reference_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click)) > 0) AS evidence_clicks,
-       count(*) FILTER (WHERE event_type = 'add_to_cart') AS add_to_carts,
-       count(*) FILTER (WHERE event_type = 'purchase') AS purchases,
+       -- the grade model reads add-to-carts given clicks and purchases given add-to-carts: a log's extra ones (a
+       -- purchase logged without its add-to-cart, or from a session where the product was not shown) are capped
+       least(count(*) FILTER (WHERE event_type = 'add_to_cart'), count(*) FILTER (WHERE event_type = 'click')) AS add_to_carts,
+       least(count(*) FILTER (WHERE event_type = 'purchase'), count(*) FILTER (WHERE event_type = 'add_to_cart'),
+             count(*) FILTER (WHERE event_type = 'click')) AS purchases,
        coalesce(sum(reference_ctr(CAST($reference_ctr AS DOUBLE[]), curve_key(position, after_click)))
                 FILTER (WHERE event_type = 'impression'), 0) AS expected_clicks,
        -- the same with the curve's examination raised to each exponent of $patience_grid (a query whose

@@ -28,6 +28,8 @@ WITH typed AS (
 SELECT * EXCLUDE (given_position),
        coalesce(given_position,
                 CASE WHEN position_blank AND event_type <> 'impression'
-                     THEN min(given_position) FILTER (WHERE event_type = 'impression')
-                              OVER (PARTITION BY session_id, query_text, source_product_id) END) AS position
+                     -- the first impression's (insert_events.sql keeps that one of repeats), the query as ids see it
+                     THEN arg_min(given_position, ts) FILTER (WHERE event_type = 'impression' AND given_position IS NOT NULL)
+                              OVER (PARTITION BY session_id, trim(regexp_replace(lower(query_text), '\s+', ' ', 'g')),
+                                                 source_product_id) END) AS position
 FROM typed
