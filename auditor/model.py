@@ -391,7 +391,7 @@ def fit_query_patience(query_index: np.ndarray, clicks: np.ndarray, expected_by_
     alike gets s = 0 and nothing changes. Why: one position curve for all queries reads
     a query browsed deeper than average as holding better products, and flags its deeper labels as too low.
     """
-    n_pairs, n_exponents = expected_by_exponent.shape
+    n_exponents = expected_by_exponent.shape[1]
     known = query_index >= 0
     n_queries = int(query_index.max()) + 1 if known.any() else 0
     spreads = PATIENCE_SPREADS[PATIENCE_SPREADS <= max_spread + 1e-12]
