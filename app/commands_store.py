@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from app.context import console, get_store_path, open_store
+from app.context import console, err_console, get_store_path, open_store
 from labelstore.config import section
 from labelstore.errors import MnrError
 from labelstore.export import events_path, export_labels
@@ -53,6 +54,11 @@ def ingest(
     added = ", ".join(f"{n} {table}" for table, n in result.inserted.items())
     console.print(f"{path}: read {result.rows_read} rows ({result.encoding or 'binary'}), "
                   f"dataset '{result.dataset}', scheme '{result.scheme}': added {added}")
+    if result.title_conflicts:
+        n = len(result.title_conflicts)
+        err_console.print(f"[yellow]warning:[/] {n} {'row gives' if n == 1 else 'rows give'} a product id another title "
+                      "than its first row; the first title is kept: " + escape("; ".join(result.title_conflicts[:3]))
+                      + ("; ..." if n > 3 else ""))
     if not result.labelled:
         console.print(f"no label or rating column: the pairs are unlabelled; label them with "
                       f"`mnr label --select unlabeled --dataset {result.dataset}`")

@@ -9,13 +9,16 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from app.context import console, open_store
+from app.context import console, err_console, open_store
 from labelstore.config import section
 from labelstore.errors import MnrError
 
 train_app = typer.Typer(help="Train the two-tower retriever: stage1 (label-aware SupCon), stage2 (multi-class circle loss).",
                         no_args_is_help=True)
 
+# fewer held-out queries than this and `mnr bands` warns: one halving of 150 Home Depot queries already moved a
+# threshold's precision by up to 10 points (docs/trainer.md, Benchmarks)
+MIN_BAND_QUERIES = 20
 FIELDS_HELP = "Product fields the product text is built from (repeatable): title, description, brand, attributes."
 
 
@@ -194,11 +197,19 @@ def eval_retrieval(
     from trainer.data import load_labelled_pairs, load_products
     from trainer.evaluation import evaluate_systems, paired_p_values, reports_table
     from trainer.model import TwoTowerModel
-    from trainer.registry import record_metrics, resolve_model
+    from trainer.registry import record_metrics, resolve_model, split_mismatch
 
+    if hybrid and not bm25:
+        raise typer.BadParameter("--hybrid blends BM25 with a model: drop --no-bm25", param_hint="--no-bm25")
+    names = (["zero-shot"] if zero_shot else []) + [m for m in models if m != "zero-shot"]
+    if hybrid and not names:
+        raise typer.BadParameter("--hybrid blends BM25 with the last --model: give one, or drop --no-zero-shot",
+                                 param_hint="--model")
+    if not (bm25 or names):
+        raise typer.BadParameter("nothing to evaluate: give --model, or drop --no-bm25 / --no-zero-shot",
+                                 param_hint="--model")
     store = open_store()
     flagged = flagged_product_ids(store, threshold=flag_threshold)
-    names = (["zero-shot"] if zero_shot else []) + [m for m in models if m != "zero-shot"]
     loaded: dict[str, tuple[str | None, TwoTowerModel]] = {}
     for name in names:
         model_id, path = resolve_model(store, name)
@@ -206,14 +217,20 @@ def eval_retrieval(
     fields = next(iter(loaded.values()))[1].product_fields if loaded else ("title", "description")
     _, held_out = load_labelled_pairs(store, scheme, dataset, fields).split(holdout, seed)
     if held_out.frame.empty:
-        raise MnrError("no held-out queries: raise --holdout")
+        raise MnrError("no held-out queries: raise --holdout, or try another --seed")
+    leaks = {model_id: why for model_id, _ in loaded.values()
+             if (why := split_mismatch(store, model_id, holdout=holdout, seed=seed))}
+    for why in leaks.values():
+        err_console.print(f"[yellow]warning:[/] {why}" + ("; its held-out metrics are not recorded" if record and not hybrid
+                                                       else ""))
     products = load_products(store, dataset, fields)
     flagged = flagged & frozenset(products["product_id"])
     flag_options = {"flagged": flagged, "exclude_flagged": exclude_flagged}
     flag_params = {"exclude_flagged": exclude_flagged, "flag_threshold": flag_threshold, "n_flagged_products": len(flagged)}
     if hybrid:
-        name, (_, model) = next(reversed(loaded.items())) if loaded else ("zero-shot", (None, TwoTowerModel.from_pretrained()))
-        _eval_hybrid(store, name, model, held_out, products, seed, as_json, flag_options, flag_params)
+        name, (_, model) = next(reversed(loaded.items()))
+        split_params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed}
+        _eval_hybrid(store, name, model, held_out, products, split_params, as_json, flag_options, flag_params)
         return
     systems = ({"bm25": None} if bm25 else {}) | {name: model for name, (_, model) in loaded.items()}
     params = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "systems": list(systems),
@@ -224,7 +241,7 @@ def eval_retrieval(
     if record:
         for report in reports:
             model_id = loaded.get(report.system, (None, None))[0]
-            if model_id:
+            if model_id and model_id not in leaks:
                 record_metrics(store, model_id, {f"heldout_{k}": v for k, v in report.metrics.items()}
                                | {f"heldout_auc_{k}": v for k, v in report.adjacent_auc.items()})
     if as_json:
@@ -238,6 +255,7 @@ def eval_retrieval(
     for row in table_frame.itertuples(index=False):
         table.add_row(*(_cell(value) for value in row))
     console.print(table)
+    _print_left_out(int(reports[0].metrics["n_queries_left_out"]), scheme=held_out.scheme)
     if p_values is not None:
         console.print("lift and p: relative NDCG@10 over zero-shot MiniLM, and the two-sided paired t-test of "
                       "per-query NDCG@10 against it (ranx)")
@@ -251,15 +269,23 @@ def _print_flag_note(flag_params: dict) -> None:
                   + ("; '(flagged excluded)' rows rank with them filtered out" if flag_params["exclude_flagged"] else ""))
 
 
-def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json: bool, flag_options: dict,
+def _print_left_out(n_left_out: int, *, scheme) -> None:
+    if n_left_out:
+        lowest = scheme.label_for_grade(min(scheme.grades.values()))
+        console.print(f"{n_left_out:,} held-out {'query has' if n_left_out == 1 else 'queries have'} every pair "
+                      f"labelled '{lowest}': nothing to find, so left out of the metrics")
+
+
+def _eval_hybrid(store, name: str, model, held_out, products, split_params: dict, as_json: bool, flag_options: dict,
                  flag_params: dict) -> None:
     from trainer.evaluation import dev_test_split, evaluate_hybrid, reports_table
 
-    dev, test = dev_test_split(held_out, seed)
+    dev, test = dev_test_split(held_out, split_params["seed"])
     if dev.frame.empty or test.frame.empty:
-        raise MnrError(f"--hybrid splits the {held_out.frame['query_id'].nunique()} held-out queries into dev and test "
-                       "and one side is empty: raise --holdout")
-    with store.run("eval-hybrid", {"model": name, "seed": seed, **flag_params}) as run:
+        n_queries = held_out.frame["query_id"].nunique()
+        raise MnrError(f"--hybrid splits the {n_queries} held-out {'query' if n_queries == 1 else 'queries'} into dev "
+                       "and test, and one side is empty: raise --holdout, or try another --seed")
+    with store.run("eval-hybrid", {"model": name, **split_params, **flag_params}) as run:
         reports, info = evaluate_hybrid(model, dev, test, products, **flag_options)
         run.metrics.update({"systems": [r.as_dict() for r in reports], **info})
     if as_json:
@@ -272,8 +298,10 @@ def _eval_hybrid(store, name: str, model, held_out, products, seed: int, as_json
     for row in frame.itertuples(index=False):
         table.add_row(*(_cell(value) for value in row))
     console.print(table)
-    console.print(f"calibrated blend: {info['calibrated_weight']:.2f} x P(grade | similarity) from the dev bands + "
-                  f"{1 - info['calibrated_weight']:.2f} x BM25 (min-max); tuned min-max weight {info['minmax_weight']:.2f}")
+    _print_left_out(int(info["n_queries_left_out"]), scheme=held_out.scheme)
+    console.print(f"calibrated blend: {info['calibrated_weight']:.2f} x the expected grade given the similarity (dev "
+                  f"bands, scaled to [0, 1]) + {1 - info['calibrated_weight']:.2f} x BM25 (min-max); tuned min-max "
+                  f"weight {info['minmax_weight']:.2f}. --hybrid records no model metrics")
     _print_flag_note(flag_params)
 
 
@@ -289,17 +317,27 @@ def bands(
     from trainer.data import load_labelled_pairs
     from trainer.evaluation import model_bands
     from trainer.model import TwoTowerModel
-    from trainer.registry import save_bands, resolve_model
+    from trainer.registry import resolve_model, save_bands, split_mismatch
 
     store = open_store()
     model_id, path = resolve_model(store, model)
     retriever = TwoTowerModel.from_pretrained(path)
     _, held_out = load_labelled_pairs(store, scheme, dataset, retriever.product_fields).split(holdout, seed)
     if held_out.frame.empty:
-        raise MnrError("no held-out queries: raise --holdout")
-    with store.run("bands", {"model": model_id or str(path), "scheme": scheme, "dataset": dataset,
-                             "holdout": holdout, "seed": seed}) as run:
+        raise MnrError("no held-out queries: raise --holdout, or try another --seed")
+    if why := split_mismatch(store, model_id, holdout=holdout, seed=seed):
+        err_console.print(f"[yellow]warning:[/] {why}; bands fitted on training queries separate the grades better than "
+                      "on new ones")
+    n_queries = held_out.frame["query_id"].nunique()
+    if n_queries < MIN_BAND_QUERIES:
+        err_console.print(f"[yellow]warning:[/] bands fitted on {n_queries} held-out {'query' if n_queries == 1 else 'queries'} "
+                      f"({len(held_out.frame)} pairs): thresholds this close to the data do not carry over; hold out "
+                      f"at least {MIN_BAND_QUERIES} (--holdout)")
+    fitted_on = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "n_queries": n_queries,
+                 "n_pairs": len(held_out.frame)}
+    with store.run("bands", {"model": model_id or str(path), **fitted_on}) as run:
         fitted, report = model_bands(retriever, held_out, seed=seed)
+        report = {**report, "fitted_on": fitted_on}
         run.metrics.update(report)
     if model_id:
         save_bands(store, model_id, fitted, report)

@@ -95,6 +95,7 @@ class IngestResult:
     rows_read: int
     inserted: dict[str, int] = field(default_factory=dict)
     labelled: bool = True
+    title_conflicts: list[str] = field(default_factory=list)  # rows whose product id came with another title first
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -263,12 +264,16 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
                    flag_columns: dict[str, str] | None = None) -> pd.DataFrame:
     """Validate every row and return one normalised row per input row; raise on any problem.
 
+    A product id given two titles is not an error (catalog exports repeat a product with edited titles); the
+    first title is stored, and ``frame.attrs['title_conflicts']`` describes each later row that differs.
     Rows of an unlabelled mapping (no label or rating field) get label and grade None. `flag_columns`
     ({flag: column}) give each row's `flag_decisions` ({flag: bool}, None when the row has none)."""
     flag_columns = flag_columns or {}
     problems: list[tuple[int | None, str | None, str]] = []
     out = []
     first_seen: dict[str, tuple[int, str]] = {}
+    first_title: dict[str, tuple[int, str]] = {}
+    title_conflicts: list[str] = []
     for number, row in enumerate(rows, start=1):
         def get(name: str) -> Any:
             column = mapping.get(name)
@@ -297,6 +302,10 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
             continue
         description = _text(get("description")) or None
         source_product = _text(get("product_id")) or ids.stable_hash(title, description or "")
+        seen_at, seen_title = first_title.setdefault(source_product, (number, title))
+        if seen_title != title:
+            title_conflicts.append(f"row {number}: product '{source_product}' titled '{title}', row {seen_at} "
+                                   f"'{seen_title}'")
         qid = ids.query_id(dataset, query)
         pid = ids.product_id(dataset, source_product)
         pair = ids.pair_id(qid, pid)
@@ -321,7 +330,9 @@ def normalise_rows(path: Path, rows: list[dict[str, Any]], mapping: dict[str, st
         })
     if problems:
         raise IngestError(str(path), problems)
-    return pd.DataFrame(out)
+    frame = pd.DataFrame(out)
+    frame.attrs["title_conflicts"] = title_conflicts
+    return frame
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -444,10 +455,12 @@ def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, prese
               "labelled": labelled, "rating_map": used_map, "flags": flags or None}
     with store.run("ingest", params) as run:
         inserted = write_pairs(store, frame, scheme_obj.name, f"import:{path.name}", run.run_id)
-        run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()}})
+        run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()},
+                            "rows_with_conflicting_title": len(frame.attrs["title_conflicts"])})
         if flags:
             run.metrics["rows_with_flag_decisions"] = int(frame["flag_decisions"].notna().sum())
-    return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted, labelled)
+    return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted, labelled,
+                        frame.attrs["title_conflicts"])
 
 
 def _parse_rating_map(path: Path, text: str | None, scheme: LabelScheme) -> RatingRules | None:

@@ -165,3 +165,21 @@ def test_file_without_rows_or_missing_file(store: Store, tmp_path: Path) -> None
         ingest_file(store, empty)
     with pytest.raises(IngestError, match="no such file"):
         ingest_file(store, tmp_path / "nope.csv")
+
+
+def test_a_product_id_with_two_titles_keeps_the_first_and_says_so(store: Store, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    path = write_csv(tmp_path / "conflict.csv", ["query", "product_id", "title", "label"],
+                     [["drill", "p1", "Cordless Drill", "exact"], ["hose", "p1", "Garden Hose", "exact"],
+                      ["saw", "p2", "Hand Saw", "exact"], ["saw blade", "p2", "Hand Saw", "complement"]])
+    result = ingest_file(store, path)
+    assert result.title_conflicts == ["row 2: product 'p1' titled 'Garden Hose', row 1 'Cordless Drill'"]
+    assert store.df("SELECT title FROM products ORDER BY title")["title"].tolist() == ["Cordless Drill", "Hand Saw"]
+    metrics = json.loads(store.scalar("SELECT metrics FROM runs WHERE kind = 'ingest'"))
+    assert metrics["rows_with_conflicting_title"] == 1
+    cli = CliRunner().invoke(app, ["--store", str(tmp_path / "cli.duckdb"), "ingest", str(path)])
+    assert cli.exit_code == 0, cli.output
+    assert "1 row gives a product id another title" in " ".join(cli.output.split())

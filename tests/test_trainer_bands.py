@@ -122,8 +122,12 @@ def test_precision_and_stability_across_query_halves_and_groups(planted: dict) -
 def test_errors_and_round_trip(tmp_path, planted: dict) -> None:
     with pytest.raises(BandsError, match="at least two grades"):
         fit_bands(np.array([0.1, 0.2]), np.array([1, 1]))
-    with pytest.raises(BandsError, match="one side of the grade >= 3"):
+    with pytest.raises(BandsError, match="no pair labelled '3': the boundary between '2' and '3'"):
         fit_bands(np.array([0.1, 0.2, 0.3]), np.array([0, 1, 2]), grade_values=[0, 1, 2, 3])
+    with pytest.raises(BandsError, match="no pair labelled 'irrelevant': the boundary between 'irrelevant' and 'complement'"):
+        fit_bands(np.array([0.1, 0.2, 0.3]), np.array([1, 2, 3]), grade_values=[0, 1, 2, 3], names=NAMES)
+    with pytest.raises(BandsError, match="no pair labelled 'substitute' or above"):
+        fit_bands(np.array([0.1, 0.2, 0.3]), np.array([0, 1, 1]), grade_values=[0, 1, 2, 3], names=NAMES)
     with pytest.raises(BandsError, match="same length"):
         fit_bands(np.array([0.1, 0.2]), np.array([0]))
     with pytest.raises(BandsError, match="malformed"):
@@ -148,9 +152,17 @@ def test_cli_bands_fits_and_stores_them_with_the_zero_shot_model(tmp_path) -> No
     assert stored.names == ("irrelevant", "complement", "substitute", "exact")
     assert printed["report"]["adjacent_auc"]["exact>substitute"] > 0.5
     assert store.scalar("SELECT count(*) FROM runs WHERE kind = 'bands' AND status = 'ok'") == 1
+    assert printed["report"]["fitted_on"] == {"scheme": "esci", "dataset": "synthetic", "holdout": 0.5, "seed": 0,
+                                              "n_queries": printed["report"]["n_queries"],
+                                              "n_pairs": printed["report"]["n_pairs"]}
     result = CliRunner().invoke(app, ["--store", str(store.path), "bands", "--model", "zero-shot", "--dataset",
                                       "synthetic", "--holdout", "0.5"])
     assert result.exit_code == 0 and "prec B" in result.stdout, result.output
+    few = CliRunner().invoke(app, ["--store", str(store.path), "bands", "--model", "zero-shot", "--dataset",
+                                   "synthetic", "--holdout", "0.1", "--json"])
+    assert few.exit_code == 0, few.output
+    assert json.loads(few.stdout)["report"]["fitted_on"]["holdout"] == 0.1  # the warning went to stderr
+    assert "warning: bands fitted on" in " ".join(few.stderr.split())
 
 
 def test_load_bands_names_the_missing_model_fit(tmp_path) -> None:

@@ -16,11 +16,15 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from labelstore import Store
+from labelstore.errors import MnrError
 from labelstore.catalog import generate_catalog, write_catalog
 from trainer.bands import ScoreBands
+import numpy as np
 import pandas as pd
 
-from trainer.evaluation import best_weight_on, judged_only, judged_products, judged_share, retrieval_metrics
+from trainer.evaluation import (
+    best_weight_on, best_weight_per_query, judged_only, judged_products, judged_share, learned_fusion, retrieval_metrics,
+)
 from trainer.hybrid import calibrated, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax_blend, rrf
 
 BANDS = ScoreBands((0, 1, 2), ("irrelevant", "partial", "relevant"), (0.4, 0.6),
@@ -32,6 +36,7 @@ L2 = math.log2
 IDCG_Q1 = 2 / L2(2) + 1 / L2(3)
 NDCG_Q1_BAC = (2 / L2(3) + 1 / L2(4)) / IDCG_Q1  # ranking b, a, c
 NDCG_Q1_ABC = (2 / L2(2) + 1 / L2(4)) / IDCG_Q1  # ranking a, b, c
+NDCG_Q1_BCA = (1 / L2(3) + 2 / L2(4)) / IDCG_Q1  # ranking b, c, a
 NDCG_Q2_E_SECOND = (2 / L2(3)) / (2 / L2(2))
 
 
@@ -50,15 +55,28 @@ def test_calibrated_blend_matches_hand_computation() -> None:
     assert ndcg(blended) == pytest.approx((NDCG_Q1_BAC + 1.0) / 2)
 
 
+def test_calibrated_score_orders_a_calibration_step_by_similarity() -> None:
+    # one step: P(grade >= 1) = 1 and P(grade >= 2) = 0 for every similarity in [0.2, 0.8]
+    flat = ScoreBands((0, 1, 2), ("irrelevant", "partial", "relevant"), (0.1, 0.9),
+                      (((0.0, 0.2, 0.8, 1.0), (0.0, 1.0, 1.0, 1.0)), ((0.0, 0.8, 1.0), (0.0, 0.0, 1.0))))
+    scored = calibrated({"q": {"a": 0.3, "b": 0.7, "c": 0.5}}, flat)["q"]
+    assert scored == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.5})
+    assert sorted(scored, key=scored.get, reverse=True) == ["b", "c", "a"]
+
+
 def test_untuned_minmax_and_rrf_match_hand_computation() -> None:
     # q2: neural min-max d 1, e 0.5, f 0; with BM25 d 0.875, e 0.75: e drops to second
     fifty = minmax_blend(NEURAL, LEXICAL, weight=0.5)
     assert fifty["q2"] == pytest.approx({"d": 0.875, "e": 0.75, "f": 0.0})
     assert ndcg(fifty) == pytest.approx((NDCG_Q1_BAC + NDCG_Q2_E_SECOND) / 2)
-    # RRF (k = 60): q1 b 1/62 + 1/61 > a 1/61 + 1/63 > c; q2 d 1/61 + 1/62 = e 1/62 + 1/61, ties by id: d, e
+    # RRF (k = 60): BM25 scores q1's a 0, so a has no BM25 rank: q1 b 1/62 + 1/61 > c 1/63 + 1/62 > a 1/61;
+    # q2 d 1/61 + 1/62 = e 1/62 + 1/61, ties by id: d, e
     fused = rrf(NEURAL, LEXICAL)
-    assert fused["q1"]["b"] == pytest.approx(1 / 62 + 1 / 61) and fused["q1"]["a"] == pytest.approx(1 / 61 + 1 / 63)
-    assert ndcg(rrf(NEURAL, LEXICAL)) == pytest.approx((NDCG_Q1_BAC + NDCG_Q2_E_SECOND) / 2)
+    assert fused["q1"]["b"] == pytest.approx(1 / 62 + 1 / 61) and fused["q1"]["a"] == pytest.approx(1 / 61)
+    assert fused["q1"]["c"] == pytest.approx(1 / 63 + 1 / 62)
+    assert ndcg(rrf(NEURAL, LEXICAL)) == pytest.approx((NDCG_Q1_BCA + NDCG_Q2_E_SECOND) / 2)
+    # a query BM25 finds nothing for keeps the neural order, with no placeholder product in it
+    assert list(rrf({"q": {"x": 0.9, "y": 0.5}}, {"q": {"x": 0.0, "y": 0.0}})["q"]) == ["x", "y"]
 
 
 def test_weight_is_chosen_on_dev_and_applied_to_test() -> None:
@@ -84,6 +102,31 @@ def test_best_weight_on_the_test_queries_bounds_the_dev_choice() -> None:
     assert ceiling["minmax"]["ndcg@10"] == pytest.approx(((1 / L2(3) + 2 / L2(4)) / IDCG_Q1 + 1.0) / 2)
 
 
+def test_best_weight_per_query_takes_each_query_its_own_best_weight() -> None:
+    # min-max, grid 0 / 0.5 / 1. q1: w = 1 ranks a, b, c (its best), 0.5 b, a, c, 0 b, c, a.
+    # q2: w = 0 puts e first (its best), 0.5 and 1 rank d before e.
+    ceiling = best_weight_per_query(NEURAL, LEXICAL, QRELS, (0.0, 0.5, 1.0))
+    assert ceiling == {"ndcg@10": pytest.approx((NDCG_Q1_ABC + 1.0) / 2), "share_best_at_half": 0.0}
+
+
+def test_learned_fusion_learns_a_rule_that_needs_both_scores() -> None:
+    # grade 2 only where both systems score high: no single score ranks the graded products first on every query
+    rng = np.random.default_rng(0)
+    neural, lexical, qrels = {}, {}, {}
+    for part in ("dev", "test"):
+        neural[part], lexical[part], qrels[part] = {}, {}, {}
+        for q in range(60):
+            qid = f"{part}{q}"
+            similarity, bm25 = rng.uniform(0, 1, 12), rng.uniform(0, 10, 12)
+            neural[part][qid] = {f"p{i}": float(s) for i, s in enumerate(similarity)}
+            lexical[part][qid] = {f"p{i}": float(b) for i, b in enumerate(bm25)}
+            qrels[part][qid] = {f"p{i}": 2 for i in range(12) if similarity[i] > 0.5 and bm25[i] > 5} or {"p0": 1}
+    learned = learned_fusion(neural, lexical, qrels, 2)
+    fifty = retrieval_metrics(qrels["test"], minmax_blend(neural["test"], lexical["test"], weight=0.5), 2)["ndcg@10"]
+    assert learned["n_dev_rows"] == 60 * 12
+    assert learned["ndcg@10"] > max(fifty, 0.9)
+
+
 def test_complete_runs_score_every_candidate_with_both_systems() -> None:
     neural, lexical = complete_runs({"q": {"a": 0.9}}, {"q": {"b": 2.0}},
                                     lambda q, ids: [{"a": 0.9, "b": 0.1}[p] for p in ids],
@@ -100,6 +143,8 @@ def test_bm25_index_stems_and_scores_a_stopword_only_query_as_zero() -> None:
     assert list(index.run(pd.DataFrame({"query_id": ["q"], "query_text": ["drilling"]}))["q"]) == ["a"]  # stemmed
     assert index.scores("the of and").tolist() == [0.0, 0.0]
     assert index.scores("drill")[0] > 0 == index.scores("drill")[1]
+    with pytest.raises(MnrError, match="none of the 2 product texts has a word left"):
+        Bm25Index(pd.DataFrame({"product_id": ["a", "b"], "product_text": ["the", "???"]}))
 
 
 def test_cli_eval_retrieval_hybrid_on_the_catalog(tmp_path) -> None:
@@ -117,6 +162,54 @@ def test_cli_eval_retrieval_hybrid_on_the_catalog(tmp_path) -> None:
     assert len(curve) == 21 and curve[printed["calibrated_weight"]] == max(curve.values())
     assert printed["n_dev_queries"] > 0 and printed["n_test_queries"] > 0
     assert store.scalar("SELECT count(*) FROM runs WHERE kind = 'eval-hybrid' AND status = 'ok'") == 1
+    params = json.loads(store.scalar("SELECT params FROM runs WHERE kind = 'eval-hybrid'"))
+    assert {k: params[k] for k in ("scheme", "dataset", "holdout", "seed")} == {
+        "scheme": "esci", "dataset": "synthetic", "holdout": 0.6, "seed": 0}
+
+
+def said(result) -> str:
+    """The command's output and error as one line, without the boxes rich draws around usage errors."""
+    return " ".join(f"{result.output} {result.exception or ''}".replace("│", " ").split())
+
+
+def test_cli_eval_retrieval_refuses_what_it_cannot_evaluate(tmp_path) -> None:
+    store = Store(tmp_path / "store.duckdb")
+    base = ["--store", str(store.path), "eval-retrieval", "--no-record"]
+    runner = CliRunner()
+    refused = runner.invoke(app, base + ["--no-bm25", "--no-zero-shot"])
+    assert refused.exit_code == 2 and "nothing to evaluate" in said(refused)
+    refused = runner.invoke(app, base + ["--hybrid", "--no-bm25"])
+    assert refused.exit_code == 2 and "--hybrid blends BM25 with a model" in said(refused)
+    refused = runner.invoke(app, base + ["--hybrid", "--no-zero-shot"])
+    assert refused.exit_code == 2 and "give one, or drop --no-zero-shot" in said(refused)
+    assert store.scalar("SELECT count(*) FROM runs WHERE kind LIKE 'eval%'") == 0
+    # every held-out pair 'irrelevant': nothing to find, a clear error instead of BM25's crash
+    rows = "query,product_id,title,label\n" + "".join(f"query {q},p{q}{i},product {q} {i},irrelevant\n"
+                                                         for q in range(12) for i in range(2))
+    (tmp_path / "irrelevant.csv").write_text(rows)
+    assert runner.invoke(app, ["--store", str(store.path), "ingest", str(tmp_path / "irrelevant.csv")]).exit_code == 0
+    failed = runner.invoke(app, base + ["--dataset", "irrelevant", "--holdout", "0.5"])
+    assert isinstance(failed.exception, MnrError)
+    assert "held-out queries has a pair labelled above 'irrelevant'" in said(failed)
+
+
+def test_cli_eval_retrieval_says_which_queries_it_left_out(tmp_path) -> None:
+    store = Store(tmp_path / "store.duckdb")
+    write_catalog(store, generate_catalog(n_families=6, seed=0))
+    rows = "query,product_id,title,label\n" + "".join(f"lost query {q},x{q},unrelated thing {q},irrelevant\n"
+                                                         for q in range(40))
+    (tmp_path / "lost.csv").write_text(rows)
+    runner = CliRunner()
+    assert runner.invoke(app, ["--store", str(store.path), "ingest", str(tmp_path / "lost.csv"),
+                               "--dataset", "synthetic"]).exit_code == 0
+    result = runner.invoke(app, ["--store", str(store.path), "eval-retrieval", "--dataset", "synthetic",
+                                 "--holdout", "0.5", "--no-zero-shot", "--no-record", "--json"])
+    assert result.exit_code == 0, result.output
+    (bm25,) = json.loads(result.stdout)
+    assert bm25["n_queries_left_out"] > 0
+    shown = runner.invoke(app, ["--store", str(store.path), "eval-retrieval", "--dataset", "synthetic",
+                                "--holdout", "0.5", "--no-zero-shot", "--no-record"])
+    assert f"{int(bm25['n_queries_left_out'])} held-out queries have every pair labelled 'irrelevant'" in said(shown)
 
 
 def test_condensed_run_drops_unjudged_products_and_scores_by_hand() -> None:

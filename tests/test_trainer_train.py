@@ -124,6 +124,15 @@ def test_cli_eval_retrieval_mine_and_errors(trained: dict) -> None:
                                  "--holdout", "0.3", "--model", "latest-stage2", "--no-bm25", "--no-record"])
     assert result.exit_code == 0, result.output
     assert "lift" in result.output and "paired" in result.output
+    # a larger held-out share than training's takes in training queries: said, and not recorded as held-out
+    before = json.loads(store.scalar("SELECT metrics FROM models WHERE model_id = ?", [trained["stage2_id"]]))
+    result = runner.invoke(app, ["--store", str(store.path), "eval-retrieval", "--dataset", "synthetic",
+                                 "--holdout", "0.6", "--model", "latest-stage2", "--no-bm25", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)  # the warning goes to stderr
+    assert f"{trained['stage2_id']} held out 0.3 of the queries with seed 0 in training" in " ".join(result.stderr.split())
+    after = json.loads(store.scalar("SELECT metrics FROM models WHERE model_id = ?", [trained["stage2_id"]]))
+    assert after["heldout_ndcg@10"] == before["heldout_ndcg@10"]
     result = runner.invoke(app, ["--store", str(store.path), "mine", "--model", "latest-stage2", "--dataset",
                                  "synthetic", "--top-k", "20"])
     assert result.exit_code == 0, result.output

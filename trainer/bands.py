@@ -117,11 +117,16 @@ def fit_bands(scores: np.ndarray, grades: np.ndarray, *, grade_values: Sequence[
     if len(values) < 2:
         raise BandsError(f"score bands need at least two grades, got {values}")
     thresholds, knots = [], []
-    for upper in values[1:]:
+    for i, upper in enumerate(values[1:], start=1):
         positive = grades >= upper
         if positive.all() or not positive.any():
-            raise BandsError(f"no pairs on one side of the grade >= {upper} boundary "
-                             f"({int(positive.sum())} of {len(grades)} at or above it); label more pairs")
+            if positive.all():
+                side = f"'{labels[i - 1]}'" + (" or below" if i > 1 else "")
+            else:
+                side = f"'{labels[i]}'" + (" or above" if i < len(labels) - 1 else "")
+            raise BandsError(f"no pair labelled {side}: the boundary between '{labels[i - 1]}' and '{labels[i]}' needs "
+                             f"pairs on both sides ({int(positive.sum())} of {len(grades)} are '{labels[i]}' or "
+                             "above); label more pairs")
         fpr, tpr, cut = roc_curve(positive, scores)
         thresholds.append(float(cut[1:][np.argmax((tpr - fpr)[1:])]))  # cut[0] is +inf (nothing above)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(scores, positive.astype(float))

@@ -31,11 +31,13 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from labelstore.errors import MnrError
 from labelstore.schemes import LabelScheme
-from trainer.bands import ScoreBands, adjacent_aucs, band_report, fit_bands, grade_distributions
+from trainer.bands import BandsError, ScoreBands, adjacent_aucs, band_report, fit_bands, grade_distributions
 from trainer.data import LabelledPairs
 from trainer.hybrid import (
-    STEMMER, WEIGHT_GRID, Bm25Index, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax_blend,
+    PLACEHOLDER, STEMMER, WEIGHT_GRID, Bm25Index, calibrated_blend, choose_weight, complete_runs, hybrid_runs, minmax,
+    minmax_blend,
 )
 from trainer.model import TwoTowerModel
 
@@ -134,7 +136,7 @@ def ranx_run(qrels: dict[str, dict[str, int]], run: Run, name: str | None = None
     """`run` as a ranx Run over the queries of `qrels` (an empty ranking becomes a placeholder ranx accepts)."""
     from ranx import Run as RanxRun
 
-    return RanxRun({qid: (ranked or {"__none__": 0.0}) for qid, ranked in run.items() if qid in qrels}, name=name)
+    return RanxRun({qid: (ranked or {PLACEHOLDER: 0.0}) for qid, ranked in run.items() if qid in qrels}, name=name)
 
 
 def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run, top_grade: int) -> dict[str, float]:
@@ -218,6 +220,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         if flagged is not None:
             report.metrics.update(flagged_in_top(report.run, flagged_here))
         report.metrics["n_queries"] = float(len(queries))
+        report.metrics["n_queries_left_out"] = float(left_out_queries(held_out, qrels))
         report.metrics["n_queries_with_top_grade"] = float(sum(
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
         report.metrics["n_products"] = float(len(products))
@@ -226,9 +229,22 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
     return reports
 
 
-def _queries(pairs: LabelledPairs, qrels: dict[str, dict[str, int]]) -> pd.DataFrame:
+def _queries(pairs: LabelledPairs, qrels: dict[str, dict[str, int]], part: str = "held-out") -> pd.DataFrame:
+    """The queries of `pairs` that have a product to find (a pair above the lowest grade: `qrels_from_pairs`);
+    an error when none has."""
     queries = pairs.frame.drop_duplicates("query_id")[["query_id", "query_text"]]
-    return queries[queries["query_id"].isin(qrels)]
+    found = queries[queries["query_id"].isin(qrels)]
+    if found.empty:
+        lowest = pairs.scheme.label_for_grade(min(pairs.scheme.grades.values()))
+        which = f"the one {part} query has" if len(queries) == 1 else f"none of the {len(queries):,} {part} queries has"
+        raise MnrError(f"{which} a pair labelled above '{lowest}', so no ranking has anything to find; label such "
+                       "pairs, or hold out other queries (--holdout, --seed)")
+    return found
+
+
+def left_out_queries(pairs: LabelledPairs, qrels: dict[str, dict[str, int]]) -> int:
+    """How many queries of `pairs` have no pair above the lowest grade, so no metric is computed for them."""
+    return int(pairs.frame["query_id"].nunique() - len(qrels))
 
 
 def dev_test_split(held_out: LabelledPairs, seed: int = 0) -> tuple[LabelledPairs, LabelledPairs]:
@@ -260,12 +276,17 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
     qrels, deep, vectors, texts = {}, {}, {}, {}
     for part, pairs in (("dev", dev), ("test", test)):
         qrels[part] = qrels_from_pairs(pairs.frame)
-        queries = _queries(pairs, qrels[part])
+        queries = _queries(pairs, qrels[part], part)
         vectors |= dict(zip(queries["query_id"], model.encode_queries(queries["query_text"].tolist())))
         texts |= dict(zip(queries["query_id"], queries["query_text"]))
         deep[part] = (dense_run(model, queries, products, depth, product_vectors), index.run(queries, depth))
     scores, grades, _, options = _scored_arrays(model, dev)
-    bands = fit_bands(scores, grades, **options)
+    try:
+        bands = fit_bands(scores, grades, **options)
+    except BandsError as exc:
+        n_dev = dev.frame["query_id"].nunique()
+        raise BandsError(f"the dev half of the held-out queries ({n_dev:,} {'query' if n_dev == 1 else 'queries'}): {exc}; "
+                         "hold out more queries (--holdout) or split them differently (--seed)") from exc
     top_grade = test.scheme.max_grade
     filters = {"": lambda run: run}
     if exclude_flagged:
@@ -290,6 +311,9 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
             if test_ceiling:
                 info["test_ceiling"] = best_weight_on(neural["test"], lexical["test"], bands, qrels["test"], top_grade,
                                                       grid)
+                info["test_ceiling_per_query"] = best_weight_per_query(neural["test"], lexical["test"], qrels["test"],
+                                                                       grid)
+                info["learned_fusion"] = learned_fusion(neural, lexical, qrels, top_grade)
         else:
             info["excluded_weights"] = {"calibrated": blends.calibrated_weight, "minmax": blends.minmax_weight}
     reports = [RetrievalReport(name, retrieval_metrics(qrels["test"], run, top_grade), run=run)
@@ -299,7 +323,9 @@ def evaluate_hybrid(model: TwoTowerModel, dev: LabelledPairs, test: LabelledPair
             report.metrics.update(flagged_in_top(report.run, flagged_here))
         report.metrics["n_queries"] = float(len(qrels["test"]))
         report.metrics["n_products"] = float(len(products))
-    info |= {"n_dev_queries": len(qrels["dev"]), "n_test_queries": len(qrels["test"]), "bands": bands.to_dict()}
+    info |= {"n_dev_queries": len(qrels["dev"]), "n_test_queries": len(qrels["test"]),
+             "n_queries_left_out": left_out_queries(dev, qrels["dev"]) + left_out_queries(test, qrels["test"]),
+             "bands": bands.to_dict()}
     return reports, info
 
 
@@ -315,6 +341,55 @@ def best_weight_on(neural: Run, lexical: Run, bands: ScoreBands, qrels: dict[str
         weight, curve = choose_weight(score, blend, grid=grid)
         ceiling[name] = {"weight": weight, "ndcg@10": curve[weight]}
     return ceiling
+
+
+def per_query_ndcg(qrels: dict[str, dict[str, int]], run: Run) -> dict[str, float]:
+    """{query_id: NDCG@10} of `run` on each query of `qrels`."""
+    from ranx import Qrels, evaluate
+
+    ranked = ranx_run(qrels, run)
+    evaluate(Qrels(qrels), ranked, "ndcg@10", make_comparable=True)
+    return {qid: float(ranked.scores["ndcg@10"].get(qid, 0.0)) for qid in sorted(qrels)}
+
+
+def best_weight_per_query(neural: Run, lexical: Run, qrels: dict[str, dict[str, int]],
+                          grid: Sequence[float]) -> dict[str, float]:
+    """The min-max blend with, on every query of `qrels`, the weight of `grid` that scores best on that query
+    (analysis only: it reads the labels; no query-adaptive weight can beat it). {'ndcg@10', 'share_best_at_half':
+    the share of queries where 0.5 is already among the best weights}."""
+    curves = np.array([list(per_query_ndcg(qrels, minmax_blend(neural, lexical, weight=float(w))).values())
+                       for w in grid])
+    half = int(np.argmin(np.abs(np.asarray(grid) - 0.5)))
+    return {"ndcg@10": float(curves.max(axis=0).mean()),
+            "share_best_at_half": float(np.mean(curves[half] >= curves.max(axis=0) - 1e-12))}
+
+
+def learned_fusion(neural: dict[str, Run], lexical: dict[str, Run], qrels: dict[str, dict[str, dict[str, int]]],
+                   top_grade: int) -> dict[str, float]:
+    """A pointwise learned blend, for comparison with the single-weight blends: sklearn's
+    HistGradientBoostingRegressor maps (neural similarity, BM25 min-max) to the grade, fitted on every candidate
+    of the 'dev' queries (an unjudged candidate counts grade 0, as in NDCG), and ranks the 'test' candidates.
+    {'ndcg@10' on test, 'n_dev_rows'}."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    def rows(part: str) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray]:
+        keys, features, grades = [], [], []
+        lexical_mm = minmax(lexical[part])
+        for qid, ranked in neural[part].items():
+            for pid, similarity in ranked.items():
+                keys.append((qid, pid))
+                features.append((similarity, lexical_mm.get(qid, {}).get(pid, 0.0)))
+                grades.append(qrels[part].get(qid, {}).get(pid, 0))
+        return keys, np.asarray(features, dtype=float), np.asarray(grades, dtype=float)
+
+    _, dev_x, dev_y = rows("dev")
+    model = HistGradientBoostingRegressor(max_iter=200, learning_rate=0.05, max_leaf_nodes=15, random_state=0)
+    model.fit(dev_x, dev_y)
+    test_keys, test_x, _ = rows("test")
+    run: Run = {}
+    for (qid, pid), score in zip(test_keys, model.predict(test_x)):
+        run.setdefault(qid, {})[pid] = float(score)
+    return {"ndcg@10": retrieval_metrics(qrels["test"], run, top_grade)["ndcg@10"], "n_dev_rows": float(len(dev_y))}
 
 
 def paired_p_values(held_out: LabelledPairs, reports: Sequence[RetrievalReport], baseline: str,

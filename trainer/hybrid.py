@@ -7,8 +7,10 @@ other). Blends of the two runs:
 - calibrated: w x the band-calibrated neural probability (the expected grade given the similarity,
   `trainer.bands.ScoreBands.expected_grade`, scaled to [0, 1]) + (1 - w) x BM25 min-max-normalised
   per query; w chosen on dev queries by NDCG@10. The calibrated side is comparable across queries,
-  so a single w can hold for all of them.
-- rrf: reciprocal rank fusion (ranx `fuse`, method 'rrf', k = 60), the reference.
+  so a single w can hold for all of them. Isotonic calibration is a step function, so products on one
+  step keep the order of their similarity (`TIE_BREAK`), not of their ids.
+- rrf: reciprocal rank fusion (ranx `fuse`, method 'rrf', k = 60), the reference. A product BM25 scores 0
+  (no query word in its text) has no BM25 rank, so only its neural rank counts.
 - minmax 50/50: both min-max-normalised per query, averaged (ranx `fuse`, 'wsum'), untuned.
 - minmax tuned: the same with w chosen on dev, to separate what calibration adds from what tuning adds.
 """
@@ -20,10 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from labelstore.errors import MnrError
 from trainer.bands import ScoreBands
 
 Run = dict[str, dict[str, float]]
 WEIGHT_GRID = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
+# the calibrated score adds TIE_BREAK x the similarity: far below the smallest step of a calibration fitted on
+# fewer than a million pairs, so it only orders the products that share a step
+TIE_BREAK = 1e-7
 STEMMER = "english"
 
 
@@ -36,8 +42,12 @@ class Bm25Index:
         self._stemmer = _stemmer(stemmer)
         self.product_ids = products["product_id"].to_numpy()
         self.retriever = bm25s.BM25()
-        self.retriever.index(bm25s.tokenize(products["product_text"].tolist(), stopwords="en", stemmer=self._stemmer,
-                                            show_progress=False), show_progress=False)
+        corpus = bm25s.tokenize(products["product_text"].tolist(), stopwords="en", stemmer=self._stemmer,
+                                show_progress=False)
+        if not corpus.vocab:
+            raise MnrError(f"BM25: none of the {len(products):,} product texts has a word left after English "
+                           "stopwords and punctuation, so there is nothing to index; leave BM25 out (--no-bm25)")
+        self.retriever.index(corpus, show_progress=False)
 
     def tokens(self, texts: Sequence[str]) -> list[list[str]]:
         import bm25s
@@ -80,22 +90,30 @@ def complete_runs(neural: Run, lexical: Run, neural_scores, lexical_scores) -> t
     return full_neural, full_lexical
 
 
+PLACEHOLDER = "__none__"  # ranx needs every query to rank something; it stands in for an empty ranking
+
+
 def _ranx(run: Run, name: str):
     from ranx import Run as RanxRun
 
-    return RanxRun({qid: (ranked or {"__none__": 0.0}) for qid, ranked in run.items()}, name=name)
+    return RanxRun({qid: (ranked or {PLACEHOLDER: 0.0}) for qid, ranked in run.items()}, name=name)
 
 
 def _fuse(runs: Sequence[Run], *, norm: str | None, method: str, params: dict | None = None) -> Run:
     from ranx import fuse
 
-    return fuse([_ranx(run, f"run{i}") for i, run in enumerate(runs)], norm=norm, method=method, params=params).to_dict()
+    fused = fuse([_ranx(run, f"run{i}") for i, run in enumerate(runs)], norm=norm, method=method, params=params)
+    return {qid: {pid: score for pid, score in ranked.items() if pid != PLACEHOLDER}
+            for qid, ranked in fused.to_dict().items()}
 
 
 def calibrated(neural: Run, bands: ScoreBands) -> Run:
     """The neural run with each similarity replaced by its band-calibrated expected grade in [0, 1]."""
-    return {qid: dict(zip(ranked, bands.expected_grade(np.fromiter(ranked.values(), float), normalise=True).tolist()))
-            for qid, ranked in neural.items()}
+    out: Run = {}
+    for qid, ranked in neural.items():
+        similarity = np.fromiter(ranked.values(), float)
+        out[qid] = dict(zip(ranked, (bands.expected_grade(similarity, normalise=True) + TIE_BREAK * similarity).tolist()))
+    return out
 
 
 def minmax(run: Run) -> Run:
@@ -119,7 +137,9 @@ def minmax_blend(neural: Run, lexical: Run, *, weight: float = 0.5) -> Run:
 
 
 def rrf(neural: Run, lexical: Run, *, k: int = 60) -> Run:
-    return _fuse([neural, lexical], norm=None, method="rrf", params={"k": k})
+    """Reciprocal rank fusion; BM25's ranks are over the products it scores above 0 (the others it did not find)."""
+    found = {qid: {pid: score for pid, score in ranked.items() if score > 0} for qid, ranked in lexical.items()}
+    return _fuse([neural, found], norm=None, method="rrf", params={"k": k})
 
 
 def choose_weight(score, blend, *, grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, dict[float, float]]:

@@ -48,6 +48,31 @@ def resolve_model(store: Store, model: str) -> tuple[str | None, Path]:
     return model, Path(row["path"])
 
 
+def training_split(store: Store, model_id: str) -> dict | None:
+    """{'scheme', 'dataset', 'holdout', 'seed'} of the training run that made `model_id` (its held-out queries are
+    the ones `mnr eval-retrieval` and `mnr bands` should use); None for a model no `mnr train` run made."""
+    params = store.scalar("SELECT r.params FROM models m JOIN runs r ON r.run_id = m.run_id "
+                          "WHERE m.model_id = ? AND r.kind = 'train'", [model_id])
+    if not params:
+        return None
+    config = json.loads(params)
+    return {"scheme": config.get("scheme"), "dataset": config.get("dataset"),
+            "holdout": config.get("holdout_fraction"), "seed": config.get("seed")}
+
+
+def split_mismatch(store: Store, model_id: str | None, *, holdout: float, seed: int) -> str | None:
+    """Why held-out queries drawn with (holdout, seed) may include queries `model_id` trained on (a larger share, or
+    another seed, than its training run held out: `trainer.data.is_held_out`); None when they cannot, or when the
+    model has no training run."""
+    trained = training_split(store, model_id) if model_id else None
+    if trained is None or trained["holdout"] is None:
+        return None
+    if trained["seed"] == seed and holdout <= trained["holdout"]:
+        return None
+    return (f"{model_id} held out {trained['holdout']:g} of the queries with seed {trained['seed']} in training; "
+            f"--holdout {holdout:g} --seed {seed} takes in queries it trained on")
+
+
 def compare_models(store: Store, candidate_id: str, baseline_id: str, metric: str = DEFAULT_METRIC,
                    min_gain: float = 0.0) -> bool:
     """True when the candidate's `metric` (from models.metrics) beats the baseline's by more than `min_gain`."""
