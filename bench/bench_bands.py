@@ -33,6 +33,12 @@ OVERRIDES = {  # on top of bench_retrieval's quick / full settings
     False: {},
 }
 CALIBRATED, FIFTY, RRF = "hybrid: calibrated (dev weight)", "hybrid: min-max 50/50", "hybrid: RRF"
+NOTES = {  # what each figure measured against the untuned blend is
+    "calibrated blend with the best weight on the test queries": "a ceiling, reads the test labels",
+    "minmax blend with the best weight on the test queries": "a ceiling, reads the test labels",
+    "min-max blend with the best weight per test query": "a ceiling for any query-adaptive weight, reads the test labels",
+    "learned pointwise blend": "gradient boosting on both scores, fitted on dev",
+}
 
 
 def band_figures(reports: dict[str, dict]) -> list[dict]:
@@ -75,27 +81,22 @@ def hybrid_figures(reports: list, info: dict, p_calibrated_vs_fifty: float) -> l
     figures.append({"name": "calibrated blend over untuned 50/50 min-max blend (relative NDCG@10)",
                     "value": round(lift, 4), "unit": "relative", "target": ">= 0.03",
                     "anchor": f"paired p {p_calibrated_vs_fifty:.2g}; dev weight {info['calibrated_weight']:.2f}"})
+    fifty = by_name[FIFTY]["ndcg@10"]
+
+    def over_fifty(name: str, ndcg: float, anchor: str) -> dict:
+        return {"name": f"{name} over untuned 50/50 (relative NDCG@10; {NOTES[name]})",
+                "value": round(relative_lift(ndcg, fifty), 4), "unit": "relative", "target": "", "anchor": anchor}
+
     for blend, ceiling in info.get("test_ceiling", {}).items():
-        figures.append({"name": f"{blend} blend with the best weight on the test queries over untuned 50/50 "
-                                "(relative NDCG@10; a ceiling, reads the test labels)",
-                        "value": round(relative_lift(ceiling["ndcg@10"], by_name[FIFTY]["ndcg@10"]), 4),
-                        "unit": "relative", "target": "",
-                        "anchor": f"weight {ceiling['weight']:.2f}: no weight chosen on dev can do better"})
-    per_query = info.get("test_ceiling_per_query")
-    if per_query:
-        figures.append({"name": "min-max blend with the best weight per test query over untuned 50/50 (relative "
-                                "NDCG@10; a ceiling for any query-adaptive weight, reads the test labels)",
-                        "value": round(relative_lift(per_query["ndcg@10"], by_name[FIFTY]["ndcg@10"]), 4),
-                        "unit": "relative", "target": "",
-                        "anchor": f"0.5 already best on {per_query['share_best_at_half']:.0%} of the test queries"})
-    learned = info.get("learned_fusion")
-    if learned:
-        figures.append({"name": "learned pointwise blend over untuned 50/50 (relative NDCG@10; gradient boosting on "
-                                "both scores, fitted on dev)",
-                        "value": round(relative_lift(learned["ndcg@10"], by_name[FIFTY]["ndcg@10"]), 4),
-                        "unit": "relative", "target": "",
-                        "anchor": f"NDCG@10 {learned['ndcg@10']:.4f}; {int(learned['n_dev_rows'])} dev candidates, "
-                                  "unjudged counted grade 0"})
+        figures.append(over_fifty(f"{blend} blend with the best weight on the test queries", ceiling["ndcg@10"],
+                                  f"weight {ceiling['weight']:.2f}: no weight chosen on dev can do better"))
+    if per_query := info.get("test_ceiling_per_query"):
+        figures.append(over_fifty("min-max blend with the best weight per test query", per_query["ndcg@10"],
+                                  f"0.5 already best on {per_query['share_best_at_half']:.0%} of the test queries"))
+    if learned := info.get("learned_fusion"):
+        figures.append(over_fifty("learned pointwise blend", learned["ndcg@10"],
+                                  f"NDCG@10 {learned['ndcg@10']:.4f}; {int(learned['n_dev_rows'])} dev candidates, "
+                                  "unjudged counted grade 0"))
     best_single = max(by_name["neural"]["ndcg@10"], by_name["BM25 (bm25s, stemmed)"]["ndcg@10"])
     figures.append({"name": "calibrated blend beats BM25 and neural alone (NDCG@10)",
                     "value": bool(by_name[CALIBRATED]["ndcg@10"] > best_single), "unit": "bool", "target": "true",
