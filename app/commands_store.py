@@ -56,9 +56,9 @@ def ingest(
                   f"dataset '{result.dataset}', scheme '{result.scheme}': added {added}")
     if result.title_conflicts:
         n = len(result.title_conflicts)
-        err_console.print(f"[yellow]warning:[/] {n} {'row gives' if n == 1 else 'rows give'} a product id another title "
-                      "than its first row; the first title is kept: " + escape("; ".join(result.title_conflicts[:3]))
-                      + ("; ..." if n > 3 else ""))
+        err_console.print(f"[yellow]warning:[/] {n} {'title differs' if n == 1 else 'titles differ'} from the one kept "
+                          "for its product id (its first row's in this file, or the store's): "
+                          + escape("; ".join(result.title_conflicts[:3])) + ("; ..." if n > 3 else ""))
     if not result.labelled:
         console.print(f"no label or rating column: the pairs are unlabelled; label them with "
                       f"`mnr label --select unlabeled --dataset {result.dataset}`")

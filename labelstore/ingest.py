@@ -32,6 +32,7 @@ import pandas as pd
 from labelstore import ids
 from labelstore.errors import IngestError, SchemeError
 from labelstore.schemes import LabelScheme, RatingRules, load_scheme, parse_rating_map
+from labelstore.sqlfiles import sql
 from labelstore.store import (
     PAIR_COLUMNS, PRODUCT_COLUMNS, QUERY_COLUMNS, LabelRecord, Store, _insert_labels, flags_frame, insert_new,
     labels_frame,
@@ -95,7 +96,8 @@ class IngestResult:
     rows_read: int
     inserted: dict[str, int] = field(default_factory=dict)
     labelled: bool = True
-    title_conflicts: list[str] = field(default_factory=list)  # rows whose product id came with another title first
+    # products given a title other than the one kept: their first row's in this file, or the store's
+    title_conflicts: list[str] = field(default_factory=list)
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -453,14 +455,25 @@ def ingest_file(store: Store, path: str | Path, *, fmt: str | None = None, prese
     params = {"path": str(path), "format": fmt, "preset": preset, "scheme": scheme_obj.name,
               "dataset": dataset, "encoding": used_encoding, "file_sha256": ids.file_hash(str(path)),
               "labelled": labelled, "rating_map": used_map, "flags": flags or None}
+    title_conflicts = frame.attrs["title_conflicts"] + stored_title_conflicts(store, frame)
     with store.run("ingest", params) as run:
         inserted = write_pairs(store, frame, scheme_obj.name, f"import:{path.name}", run.run_id)
         run.metrics.update({"rows_read": len(rows), **{f"inserted_{k}": v for k, v in inserted.items()},
-                            "rows_with_conflicting_title": len(frame.attrs["title_conflicts"])})
+                            "rows_with_conflicting_title": len(title_conflicts)})
         if flags:
             run.metrics["rows_with_flag_decisions"] = int(frame["flag_decisions"].notna().sum())
     return IngestResult(str(path), dataset, scheme_obj.name, used_encoding, len(rows), inserted, labelled,
-                        frame.attrs["title_conflicts"])
+                        title_conflicts)
+
+
+def stored_title_conflicts(store: Store, frame: pd.DataFrame) -> list[str]:
+    """One line per product of `frame` (normalised rows) that the store already holds under another title: the
+    stored title stays (products are written once), so the file's is not kept."""
+    first = frame.drop_duplicates("product_id")
+    stored = store.df(sql("labelstore", "stored_titles"), {"product_ids": first["product_id"].tolist()})
+    joined = first.merge(stored, on="product_id", suffixes=("", "_stored"))
+    return [f"product '{r.source_id}' titled '{r.title}' is stored as '{r.title_stored}'"
+            for r in joined.itertuples() if r.title != r.title_stored]
 
 
 def _parse_rating_map(path: Path, text: str | None, scheme: LabelScheme) -> RatingRules | None:

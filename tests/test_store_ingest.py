@@ -182,4 +182,11 @@ def test_a_product_id_with_two_titles_keeps_the_first_and_says_so(store: Store, 
     assert metrics["rows_with_conflicting_title"] == 1
     cli = CliRunner().invoke(app, ["--store", str(tmp_path / "cli.duckdb"), "ingest", str(path)])
     assert cli.exit_code == 0, cli.output
-    assert "1 row gives a product id another title" in " ".join(cli.output.split())
+    assert "1 title differs from the one kept for its product id" in " ".join(cli.stderr.split())
+    # a later file that retitles a stored product: the stored title stays, and the file is told so
+    later = write_csv(tmp_path / "later.csv", ["query", "product_id", "title", "label"],
+                      [["handsaw", "p2", "Hand Saw 15 in.", "exact"], ["drill", "p1", "Cordless Drill", "exact"]])
+    result = ingest_file(store, later, dataset="conflict")
+    assert result.title_conflicts == ["product 'p2' titled 'Hand Saw 15 in.' is stored as 'Hand Saw'"]
+    assert ingest_file(store, path).title_conflicts == [  # re-ingest: only the conflict inside the file
+        "row 2: product 'p1' titled 'Garden Hose', row 1 'Cordless Drill'"]
