@@ -221,8 +221,8 @@ def eval_retrieval(
     leaks = {model_id: why for model_id, _ in loaded.values()
              if (why := split_mismatch(store, model_id, holdout=holdout, seed=seed))}
     for why in leaks.values():
-        err_console.print(f"[yellow]warning:[/] {why}" + ("; its held-out metrics are not recorded" if record and not hybrid
-                                                       else ""))
+        err_console.print(f"[yellow]warning:[/] {why}"
+                          + ("; its held-out metrics are not recorded" if record and not hybrid else ""))
     products = load_products(store, dataset, fields)
     flagged = flagged & frozenset(products["product_id"])
     flag_options = {"flagged": flagged, "exclude_flagged": exclude_flagged}
@@ -271,9 +271,8 @@ def _print_flag_note(flag_params: dict) -> None:
 
 def _print_left_out(n_left_out: int, *, scheme) -> None:
     if n_left_out:
-        lowest = scheme.label_for_grade(min(scheme.grades.values()))
         console.print(f"{n_left_out:,} held-out {'query has' if n_left_out == 1 else 'queries have'} every pair "
-                      f"labelled '{lowest}': nothing to find, so left out of the metrics")
+                      f"labelled '{scheme.lowest_label}': nothing to find, so left out of the metrics")
 
 
 def _eval_hybrid(store, name: str, model, held_out, products, split_params: dict, as_json: bool, flag_options: dict,
@@ -326,13 +325,13 @@ def bands(
     if held_out.frame.empty:
         raise MnrError("no held-out queries: raise --holdout, or try another --seed")
     if why := split_mismatch(store, model_id, holdout=holdout, seed=seed):
-        err_console.print(f"[yellow]warning:[/] {why}; bands fitted on training queries separate the grades better than "
-                      "on new ones")
+        err_console.print(f"[yellow]warning:[/] {why}; bands fitted on training queries separate the grades better "
+                          "than on new ones")
     n_queries = held_out.frame["query_id"].nunique()
     if n_queries < MIN_BAND_QUERIES:
-        err_console.print(f"[yellow]warning:[/] bands fitted on {n_queries} held-out {'query' if n_queries == 1 else 'queries'} "
-                      f"({len(held_out.frame)} pairs): thresholds this close to the data do not carry over; hold out "
-                      f"at least {MIN_BAND_QUERIES} (--holdout)")
+        err_console.print(f"[yellow]warning:[/] bands fitted on {n_queries} held-out "
+                          f"{'query' if n_queries == 1 else 'queries'} ({len(held_out.frame)} pairs): thresholds this "
+                          f"close to the data do not carry over; hold out at least {MIN_BAND_QUERIES} (--holdout)")
     fitted_on = {"scheme": scheme, "dataset": dataset, "holdout": holdout, "seed": seed, "n_queries": n_queries,
                  "n_pairs": len(held_out.frame)}
     with store.run("bands", {"model": model_id or str(path), **fitted_on}) as run:

@@ -55,6 +55,11 @@ class LabelScheme:
     def max_grade(self) -> int:
         return max(label.grade for label in self.labels)
 
+    @property
+    def lowest_label(self) -> str:
+        """The label of the lowest grade (e.g. 'irrelevant')."""
+        return min(self.labels, key=lambda label: label.grade).name
+
     def grade_of(self, label: str) -> int:
         return self.grades[self.normalize(label)]
 

@@ -200,6 +200,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
     flagged_here = frozenset(flagged or ()) & frozenset(products["product_id"])
     depth = k + (len(flagged_here) if exclude_flagged else 0)  # k products left after filtering
     judged_ids = judged_products(frame)
+    n_left_out = left_out_queries(held_out, qrels)
     reports = []
     for name, model in systems.items():
         bands, auc = {}, {}
@@ -220,7 +221,7 @@ def evaluate_systems(held_out: LabelledPairs, products: pd.DataFrame, systems: d
         if flagged is not None:
             report.metrics.update(flagged_in_top(report.run, flagged_here))
         report.metrics["n_queries"] = float(len(queries))
-        report.metrics["n_queries_left_out"] = float(left_out_queries(held_out, qrels))
+        report.metrics["n_queries_left_out"] = float(n_left_out)
         report.metrics["n_queries_with_top_grade"] = float(sum(
             any(g >= top_grade for g in judged.values()) for judged in qrels.values()))
         report.metrics["n_products"] = float(len(products))
@@ -235,9 +236,8 @@ def _queries(pairs: LabelledPairs, qrels: dict[str, dict[str, int]], part: str =
     queries = pairs.frame.drop_duplicates("query_id")[["query_id", "query_text"]]
     found = queries[queries["query_id"].isin(qrels)]
     if found.empty:
-        lowest = pairs.scheme.label_for_grade(min(pairs.scheme.grades.values()))
         which = f"the one {part} query has" if len(queries) == 1 else f"none of the {len(queries):,} {part} queries has"
-        raise MnrError(f"{which} a pair labelled above '{lowest}', so no ranking has anything to find; label such "
+        raise MnrError(f"{which} a pair labelled above '{pairs.scheme.lowest_label}', so no ranking has anything to find; label such "
                        "pairs, or hold out other queries (--holdout, --seed)")
     return found
 

@@ -49,15 +49,14 @@ def resolve_model(store: Store, model: str) -> tuple[str | None, Path]:
 
 
 def training_split(store: Store, model_id: str) -> dict | None:
-    """{'scheme', 'dataset', 'holdout', 'seed'} of the training run that made `model_id` (its held-out queries are
-    the ones `mnr eval-retrieval` and `mnr bands` should use); None for a model no `mnr train` run made."""
+    """{'holdout', 'seed'} of the training run that made `model_id` (its held-out queries are the ones
+    `mnr eval-retrieval` and `mnr bands` should use); None for a model no `mnr train` run made."""
     params = store.scalar("SELECT r.params FROM models m JOIN runs r ON r.run_id = m.run_id "
                           "WHERE m.model_id = ? AND r.kind = 'train'", [model_id])
     if not params:
         return None
     config = json.loads(params)
-    return {"scheme": config.get("scheme"), "dataset": config.get("dataset"),
-            "holdout": config.get("holdout_fraction"), "seed": config.get("seed")}
+    return {"holdout": config.get("holdout_fraction"), "seed": config.get("seed")}
 
 
 def split_mismatch(store: Store, model_id: str | None, *, holdout: float, seed: int) -> str | None:
