@@ -149,7 +149,15 @@ def with_judged_examples(store: Store, labeler: Labeler, pairs: list[PairText], 
     if settings is None or not pairs:
         return pairs
     pool = labelled_pairs(store, labeler.policy.scheme.name, list(settings.sources))
-    pool = pool[~pool["pair_id"].isin(set(hide))]
+    return judged_from_pool(labeler, pairs, pool[~pool["pair_id"].isin(set(hide))])
+
+
+def judged_from_pool(labeler: Labeler, pairs: list[PairText], pool: pd.DataFrame) -> list[PairText]:
+    """``pairs`` with their labeler's judged examples drawn from ``pool`` (columns pair_id, query, title, label:
+    labels among the labeler's); unchanged for an adapter without them."""
+    settings = labeler.judged
+    if settings is None or not pairs:
+        return pairs
     frame = pd.DataFrame({"pair_id": [p.pair_id for p in pairs], "query": [p.query for p in pairs],
                           "title": [p.title for p in pairs]})
     examples = judged_examples(frame, pool, labeler.label_names, k=settings.k, counts=settings.counts)

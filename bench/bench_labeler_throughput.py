@@ -17,12 +17,14 @@ on CPUs without native bf16, else the model's own); the naive loop is always flo
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from labelstore.runtime import apply_engine_env_defaults
 
 apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from bench.common import (  # noqa: E402
     adapter_labeler_args,
@@ -62,6 +64,23 @@ def naive_generate_loop(model_path: str, prompts: list[str], token_ids: list[int
     return len(prompts) / (time.perf_counter() - started), np.stack(rows)
 
 
+def with_judged_from(labeler: Any, pairs: list, rest: pd.DataFrame) -> list:
+    """``pairs`` as the labeler serves them: an adapter trained with judged examples (`annotator.judged`) sees
+    those of the other Home Depot pairs (``rest``), as `mnr label` shows those of the store, so the prompts have
+    the length they have in use."""
+    if labeler.judged is None:
+        return pairs
+    from annotator.batch import judged_from_pool
+
+    scheme = labeler.policy.scheme
+    if "homedepot" not in scheme.rating_maps:
+        raise SystemExit(f"the adapter's scheme {scheme.name} has no Home Depot rating map to label its judged "
+                         "examples with")
+    pool = rest.assign(pair_id=[f"rest{i}" for i in range(len(rest))],
+                       label=[scheme.map_rating("homedepot", rating) for rating in rest["rating"]])
+    return judged_from_pool(labeler, pairs, pool)
+
+
 def main() -> None:
     args = parse_args(__doc__, adapter=True, engine=True)
     frame = read_homedepot()
@@ -76,10 +95,10 @@ def main() -> None:
         f"_{args.dtype}" if args.dtype != "auto" else "")
     model_path = str(pull("smollm2"))
     n_vllm, n_naive = (60, 15) if args.quick else (200, 200)
-    sample, _ = split_sample(frame, n_vllm)
-    pairs = pair_texts(sample)
+    sample, rest = split_sample(frame, n_vllm)
     labeler = Labeler("smollm2", policy, backend="vllm", max_model_len=2048, max_num_seqs=64, **adapter_kwargs,
                       **engine_kwargs)
+    pairs = with_judged_from(labeler, pair_texts(sample), rest)
     labeler.score(pairs[:2])  # warm-up: first batch, fills the prefix cache
     started = time.perf_counter()
     vllm_probs = labeler.score(pairs)
@@ -112,7 +131,8 @@ def main() -> None:
                       "unit": "pairs/s"},
                  ], command=command, vllm_probs_include_stack=labeler.stack is not None,
                  vllm_dtype=served_dtype, vllm_dtype_option=vllm_dtype, naive_dtype="float32",
-                 mean_prompt_tokens=float(np.mean(token_counts)), policy_prefix_chars=len(labeler.policy.prefix()),
+                 mean_prompt_tokens=float(np.mean(token_counts)),
+                 judged_examples=labeler.judged.k if labeler.judged else 0, policy_prefix_chars=len(labeler.policy.prefix()),
                  top_label_agreement_vllm_vs_naive=same_top,
                  max_abs_prob_diff_vllm_vs_naive=float(np.abs(naive_probs - vllm_label_probs).max()),
                  vllm_output_label_share=np.bincount(vllm_probs.argmax(1), minlength=len(labeler.label_names)).tolist())
