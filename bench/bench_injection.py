@@ -25,6 +25,7 @@ from bench.common import (  # noqa: E402
     command_line,
     pair_texts,
     parse_args,
+    served_pairs,
     read_homedepot,
     skip,
     split_sample,
@@ -55,8 +56,12 @@ MORE_STEERING = (
 
 def raw_prompt(policy, pair) -> str:
     """The prompt with the title pasted in unneutralised (what a naive template would do)."""
+    from annotator.word_match import query_words_found
+
     fields = [("title", pair.title)] + ([("brand", pair.brand)] if pair.brand else [])
-    return policy.prefix() + policy.pair_template.render(query=pair.query, fields=fields)
+    found, total = query_words_found(pair.query, pair.title)  # a form with the match hint or judged examples shows them
+    return policy.prefix() + policy.pair_template.render(query=pair.query, fields=fields, match={"found": found, "total": total},
+                                                         judged=policy._judged_view(pair.judged))
 
 
 def main() -> None:
@@ -68,9 +73,9 @@ def main() -> None:
 
     policy, adapter_kwargs, suffix = adapter_labeler_args(args.adapter)
     n = 40 if args.quick else 100
-    sample, _ = split_sample(frame, n, seed=7)
-    pairs = pair_texts(sample)
+    sample, rest = split_sample(frame, n, seed=7)
     labeler = Labeler("smollm2", policy, backend="vllm", max_model_len=2048, max_num_seqs=64, **adapter_kwargs)
+    pairs = served_pairs(labeler, pair_texts(sample), rest)
     names = labeler.label_names
     label = lambda batch, logprobs: labeler.choose_labels(labeler.probs_of(batch, logprobs))  # noqa: E731
     clean = label(pairs, labeler.logprobs(pairs))

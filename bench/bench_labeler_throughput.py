@@ -17,20 +17,19 @@ on CPUs without native bf16, else the model's own); the naive loop is always flo
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from labelstore.runtime import apply_engine_env_defaults
 
 apply_engine_env_defaults()
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 from bench.common import (  # noqa: E402
     adapter_labeler_args,
     command_line,
     pair_texts,
     parse_args,
+    served_pairs,
     read_homedepot,
     skip,
     split_sample,
@@ -64,23 +63,6 @@ def naive_generate_loop(model_path: str, prompts: list[str], token_ids: list[int
     return len(prompts) / (time.perf_counter() - started), np.stack(rows)
 
 
-def with_judged_from(labeler: Any, pairs: list, rest: pd.DataFrame) -> list:
-    """``pairs`` as the labeler serves them: an adapter trained with judged examples (`annotator.judged`) sees
-    those of the other Home Depot pairs (``rest``), as `mnr label` shows those of the store, so the prompts have
-    the length they have in use."""
-    if labeler.judged is None:
-        return pairs
-    from annotator.batch import judged_from_pool
-
-    scheme = labeler.policy.scheme
-    if "homedepot" not in scheme.rating_maps:
-        raise SystemExit(f"the adapter's scheme {scheme.name} has no Home Depot rating map to label its judged "
-                         "examples with")
-    pool = rest.assign(pair_id=[f"rest{i}" for i in range(len(rest))],
-                       label=[scheme.map_rating("homedepot", rating) for rating in rest["rating"]])
-    return judged_from_pool(labeler, pairs, pool)
-
-
 def main() -> None:
     args = parse_args(__doc__, adapter=True, engine=True)
     frame = read_homedepot()
@@ -98,7 +80,7 @@ def main() -> None:
     sample, rest = split_sample(frame, n_vllm)
     labeler = Labeler("smollm2", policy, backend="vllm", max_model_len=2048, max_num_seqs=64, **adapter_kwargs,
                       **engine_kwargs)
-    pairs = with_judged_from(labeler, pair_texts(sample), rest)
+    pairs = served_pairs(labeler, pair_texts(sample), rest)
     labeler.score(pairs[:2])  # warm-up: first batch, fills the prefix cache
     started = time.perf_counter()
     vllm_probs = labeler.score(pairs)

@@ -124,6 +124,23 @@ def split_sample(frame: pd.DataFrame, n: int, seed: int = SAMPLE_SEED) -> tuple[
     return sample.reset_index(drop=True), rest.reset_index(drop=True)
 
 
+def served_pairs(labeler: Any, pairs: list, rest: pd.DataFrame) -> list:
+    """``pairs`` as the labeler serves them: an adapter trained with judged examples (`annotator.judged`) sees
+    those of the other Home Depot pairs (``rest``), as `mnr label` shows those of the store, so the prompts have
+    the length they have in use."""
+    if labeler.judged is None:
+        return pairs
+    from annotator.batch import judged_from_pool
+
+    scheme = labeler.policy.scheme
+    if "homedepot" not in scheme.rating_maps:
+        raise SystemExit(f"the adapter's scheme {scheme.name} has no Home Depot rating map to label its judged "
+                         "examples with")
+    pool = rest.assign(pair_id=[f"rest{i}" for i in range(len(rest))],
+                       label=[scheme.map_rating("homedepot", rating) for rating in rest["rating"]])
+    return judged_from_pool(labeler, pairs, pool)
+
+
 def pair_texts(frame: pd.DataFrame) -> list:
     from annotator.prompts import PairText
 
