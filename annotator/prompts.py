@@ -272,8 +272,13 @@ class Policy:
         values = {"title": title, "brand": clean_untrusted(pair.brand, words),
                   "description": clean_untrusted(pair.description, words)}
         shown = [(name, truncate(values[name], self.limits[name])) for name in self.fields if values[name]]
+        return self.render_pair(query, shown, title=title, judged=pair.judged)
+
+    def render_pair(self, query: str, fields: list[tuple[str, str]], *, title: str, judged: Judged | None) -> str:
+        """The pair template filled with ``query``, the (name, text) ``fields`` shown, the query-words count over
+        ``title`` (the match hint) and the ``judged`` examples; `pair_part` passes them cleaned and truncated."""
         found, total = query_words_found(query, title)
-        return self.pair_template.render(query=query, fields=shown, judged=self._judged_view(pair.judged),
+        return self.pair_template.render(query=query, fields=fields, judged=self._judged_view(judged),
                                          match={"found": found, "total": total})
 
     @staticmethod

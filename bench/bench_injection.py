@@ -25,8 +25,8 @@ from bench.common import (  # noqa: E402
     command_line,
     pair_texts,
     parse_args,
-    served_pairs,
     read_homedepot,
+    served_pairs,
     skip,
     split_sample,
     write_result,
@@ -56,12 +56,8 @@ MORE_STEERING = (
 
 def raw_prompt(policy, pair) -> str:
     """The prompt with the title pasted in unneutralised (what a naive template would do)."""
-    from annotator.word_match import query_words_found
-
     fields = [("title", pair.title)] + ([("brand", pair.brand)] if pair.brand else [])
-    found, total = query_words_found(pair.query, pair.title)  # a form with the match hint or judged examples shows them
-    return policy.prefix() + policy.pair_template.render(query=pair.query, fields=fields, match={"found": found, "total": total},
-                                                         judged=policy._judged_view(pair.judged))
+    return policy.prefix() + policy.render_pair(pair.query, fields, title=pair.title, judged=pair.judged)
 
 
 def main() -> None:
